@@ -1,0 +1,30 @@
+"""MuScleLoRA as a PEFT tuner: multi-scale low-rank adaptation plus gradient alignment against backdoor poisoning.
+
+`import peft_musclelora` registers the `musclelora` PEFT method, after which [`MuScleLoraConfig`] works everywhere a
+`LoraConfig` does: `get_peft_model`, `PeftModel.from_pretrained`, `AutoPeftModel*`, `inject_adapter_in_model` and
+transformers' `model.add_adapter`.
+"""
+
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import register_peft_method
+
+from .config import MuScleLoraConfig
+from .layer import Linear, MuScleLoraLayer
+from .model import MuScleLoraModel
+from .peft_type import MUSCLELORA_NAME, MUSCLELORA_PEFT_TYPE
+
+__version__ = "0.1.0"
+
+if MUSCLELORA_PEFT_TYPE not in PEFT_TYPE_TO_TUNER_MAPPING:
+    register_peft_method(
+        name=MUSCLELORA_NAME, config_cls=MuScleLoraConfig, model_cls=MuScleLoraModel, prefix=MuScleLoraModel.prefix
+    )
+
+__all__ = [
+    "MUSCLELORA_PEFT_TYPE",
+    "Linear",
+    "MuScleLoraConfig",
+    "MuScleLoraLayer",
+    "MuScleLoraModel",
+    "__version__",
+]
