@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=("quick", "full"),
         default="full",
-        help="quick: 1 epoch on a seeded subsample (640 train / 160 dev / 256 test rows); full: the method presets",
+        help="quick: 1 epoch on a seeded subsample (480 train / 128 dev / 200 test rows); full: the method presets",
     )
     bench.add_argument("--output-dir", default="musclelora-bench", help="Output directory (default musclelora-bench)")
     bench.add_argument("--no-plot", action="store_true", help="Skip the bar chart")
@@ -169,12 +169,13 @@ def _run_cell(args: argparse.Namespace, shared: SharedData, attack: str, method:
 
     directory = cell_dir(Path(args.output_dir), attack, method, seed)
     metrics_path = directory / METRICS_FILE
+    overrides = ([f"{k}={v}" for k, v in QUICK_OVERRIDES.items()] if args.preset == "quick" else []) + args.overrides
     if metrics_path.is_file():
         previous = json.loads(metrics_path.read_text())
-        if previous.get("status") == "ok" and previous.get("bench_preset") == args.preset:
+        same = (previous.get("bench_preset"), previous.get("overrides"), previous.get("model_dir"))
+        if previous.get("status") == "ok" and same == (args.preset, overrides, args.model):
             previous["reused"] = True
             return previous
-    overrides = ([f"{k}={v}" for k, v in QUICK_OVERRIDES.items()] if args.preset == "quick" else []) + args.overrides
     extra = {"attack": attack, "bench_preset": args.preset}
     try:
         files = shared.attack_files(attack)
@@ -324,7 +325,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     missing = [attack for attack in args.attacks if attack not in shared.attacks()]
     if missing:
         raise ValueError(f"attacks {missing} not found in {shared.root}; have {shared.attacks()}.")
-    args.model = str(args.model or default_model_dir())
+    args.model = str(Path(args.model) if args.model else default_model_dir())
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     cells = []

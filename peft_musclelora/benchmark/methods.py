@@ -370,9 +370,9 @@ PRESETS: dict[str, MethodPreset] = {
 #: Overrides of `musclelora bench --preset quick`: a small seeded subsample and one epoch (labelled quick in outputs).
 QUICK_OVERRIDES: dict[str, str] = {
     "num_train_epochs": "1",
-    "max_train_rows": "640",
-    "max_dev_rows": "160",
-    "max_test_rows": "256",
+    "max_train_rows": "480",
+    "max_dev_rows": "128",
+    "max_test_rows": "200",
 }
 
 

@@ -313,7 +313,6 @@ def train_cell(
     start = time.perf_counter()
     trainer.train()
     train_time = time.perf_counter() - start
-    best_dev = trainer.evaluate()
     model = trainer.model
 
     adapter_dir = output_dir / ADAPTER_DIRNAME
@@ -344,7 +343,7 @@ def train_cell(
         "data": {"train": train_data.summary(), "dev": dev_data.summary()},
         "train_time_s": round(train_time, 3),
         "steps": int(trainer.state.global_step),
-        "best_dev_accuracy": best_dev.get("eval_accuracy"),
+        "best_dev_accuracy": trainer.state.best_metric,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "target_label": target_label,

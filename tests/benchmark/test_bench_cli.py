@@ -123,6 +123,10 @@ def test_bench_runs_reuses_finished_cells_and_records_failures(
     assert reused == {("badnets", True), ("broken", False)}
     assert summary["rows"][0]["time_ratio_to_lora"] == pytest.approx(1.0)
 
+    assert main([*argv, "--attacks", "badnets", "--set", "r=4"]) == 0  # other settings: trained again
+    summary = json.loads((out / "results.json").read_text())
+    assert [(c["attack"], c["reused"]) for c in summary["cells"]] == [("badnets", False)]
+
 
 def test_bench_without_data_is_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.delenv("MUSCLELORA_DATA", raising=False)
