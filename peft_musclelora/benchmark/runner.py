@@ -281,6 +281,14 @@ def train_cell(
     training = preset.training
     if (test_clean is None) != (test_poison is None):
         raise ValueError("test_clean and test_poison must be given together (or neither).")
+    if training.gradient_alignment:
+        try:
+            from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
+        except ImportError:
+            raise ValueError(
+                f"method {preset.name!r} uses gradient alignment, which needs peft_musclelora.MuScleLoraTrainer; "
+                "this installation does not have it (or pass --set gradient_alignment=false)."
+            ) from None
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
@@ -303,8 +311,6 @@ def train_cell(
     arg_kwargs = training.training_arguments_kwargs(str(checkpoint_dir), seed)
     arg_kwargs["disable_tqdm"] = not progress
     if training.gradient_alignment:
-        from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
-
         arg_kwargs["reference_seed"] = seed
         trainer = MuScleLoraTrainer(args=MuScleLoraTrainingArguments(**arg_kwargs), **trainer_kwargs)
     else:
