@@ -1,0 +1,377 @@
+"""The `musclelora` command: `train`, `eval`, `bench` and `presets`.
+
+Run `musclelora <command> --help` for the options of each. Exit code 0 on success, 2 on a usage error, 1 on a
+data/model error (printed as one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+from .data import SharedData
+from .methods import PRESETS, QUICK_OVERRIDES, get_preset
+
+DEFAULT_ATTACKS = "badnets,addsent,stylebkd,synbkd"
+DEFAULT_METHODS = "lora,musclelora"
+BENCH_RESULTS_FILE = "results.json"
+BENCH_TABLE_FILE = "results.md"
+BENCH_PLOT_FILE = "results.png"
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds must name at least one seed")
+    return seeds
+
+
+def _name_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return names
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="Local model directory (default: MiniLM-L6 from the models extra)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of every random choice (default 0)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override a preset field, repeatable (see `musclelora presets`)",
+    )
+    parser.add_argument("--target-label", type=int, default=1, help="The backdoor's target label (default 1)")
+    parser.add_argument("--quiet", action="store_true", help="No progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `musclelora` command."""
+    parser = argparse.ArgumentParser(
+        prog="musclelora", description="MuScleLoRA backdoor benchmark: train, evaluate and compare methods."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="Train one method on one training file", description="Train one method.")
+    train.add_argument("--method", required=True, choices=list(PRESETS), help="Method preset")
+    train.add_argument("--train", required=True, help="Training file (OpenBackdoor CSV or TSV/CSV text,label)")
+    train.add_argument("--dev", required=True, help="Clean dev file for checkpoint selection")
+    train.add_argument("--test-clean", default=None, help="Clean test file (CACC, false-target rate)")
+    train.add_argument("--test-poison", default=None, help="Triggered test file (ASR)")
+    train.add_argument("--output-dir", default="musclelora-out", help="Output directory (default musclelora-out)")
+    train.add_argument("--print-preset", action="store_true", help="Print the preset with overrides and exit")
+    _add_common(train)
+
+    evaluate = sub.add_parser("eval", help="Evaluate a saved adapter", description="Evaluate a saved cell.")
+    evaluate.add_argument("--adapter", required=True, help="The adapter directory written by `train`")
+    evaluate.add_argument("--clean", required=True, help="Clean test file")
+    evaluate.add_argument("--poison", required=True, help="Triggered test file (non-target rows, trigger applied)")
+    evaluate.add_argument("--target-label", type=int, default=None, help="Default: the label the cell was trained for")
+    evaluate.add_argument("--output", default=None, help="Also write the metrics JSON here")
+    evaluate.add_argument("--quiet", action="store_true", help="No progress bars")
+
+    bench = sub.add_parser(
+        "bench",
+        help="Run attacks x methods x seeds on the shared data",
+        description="Train and evaluate every (attack, method, seed) cell; finished cells are reused on re-runs.",
+    )
+    bench.add_argument("--attacks", type=_name_list, default=_name_list(DEFAULT_ATTACKS), help="Comma-separated")
+    bench.add_argument("--methods", type=_name_list, default=_name_list(DEFAULT_METHODS), help="Comma-separated")
+    bench.add_argument("--seeds", type=_seed_list, default=[0], help="Comma-separated seeds (default 0)")
+    bench.add_argument("--data", default=None, help="Shared data dir (default: $MUSCLELORA_DATA, then ../shared/data)")
+    bench.add_argument(
+        "--preset",
+        choices=("quick", "full"),
+        default="full",
+        help="quick: 1 epoch on a seeded subsample (480 train / 128 dev / 200 test rows); full: the method presets",
+    )
+    bench.add_argument("--output-dir", default="musclelora-bench", help="Output directory (default musclelora-bench)")
+    bench.add_argument("--no-plot", action="store_true", help="Skip the bar chart")
+    _add_common(bench)
+    bench.set_defaults(seed=None)
+
+    presets = sub.add_parser("presets", help="Print the method presets", description="Print the method presets.")
+    presets.add_argument("names", nargs="*", help="Presets to print (default: all)")
+    presets.add_argument("--json", action="store_true", help="Print JSON")
+    presets.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    names = args.names or list(PRESETS)
+    chosen = [get_preset(name, args.overrides) for name in names]
+    if args.json:
+        print(json.dumps({preset.name: preset.to_dict() for preset in chosen}, indent=2))
+    else:
+        print("\n\n".join(preset.format() for preset in chosen))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    preset = get_preset(args.method, args.overrides)
+    if args.print_preset:
+        print(preset.format())
+        return 0
+    from .runner import train_cell
+
+    result = train_cell(
+        preset,
+        args.train,
+        args.dev,
+        args.output_dir,
+        model_dir=args.model,
+        seed=args.seed,
+        test_clean=args.test_clean,
+        test_poison=args.test_poison,
+        target_label=args.target_label,
+        progress=not args.quiet,
+    )
+    print(json.dumps(_headline(result), indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .runner import evaluate
+
+    result = evaluate(args.adapter, args.clean, args.poison, args.target_label, progress=not args.quiet)
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _headline(result: dict[str, Any]) -> dict[str, Any]:
+    keys = ("method", "seed", "cacc", "asr", "false_target_rate", "best_dev_accuracy", "train_time_s", "steps")
+    return {key: result[key] for key in keys if key in result} | {"adapter_dir": result.get("adapter_dir")}
+
+
+def cell_dir(output_dir: Path, attack: str, method: str, seed: int) -> Path:
+    """Directory of one bench cell."""
+    return output_dir / "cells" / attack / method / f"seed{seed}"
+
+
+def _run_cell(args: argparse.Namespace, shared: SharedData, attack: str, method: str, seed: int) -> dict[str, Any]:
+    from .runner import METRICS_FILE, train_cell
+
+    directory = cell_dir(Path(args.output_dir), attack, method, seed)
+    metrics_path = directory / METRICS_FILE
+    overrides = ([f"{k}={v}" for k, v in QUICK_OVERRIDES.items()] if args.preset == "quick" else []) + args.overrides
+    if metrics_path.is_file():
+        previous = json.loads(metrics_path.read_text())
+        same = (previous.get("bench_preset"), previous.get("overrides"), previous.get("model_dir"))
+        if previous.get("status") == "ok" and same == (args.preset, overrides, args.model):
+            previous["reused"] = True
+            return previous
+    extra = {"attack": attack, "bench_preset": args.preset}
+    try:
+        files = shared.attack_files(attack)
+        extra["data_paths"] = {
+            "train": str(files.train),
+            "dev": str(files.dev),
+            "test_clean": str(files.test_clean),
+            "test_poison": str(files.test_poison),
+        }
+        result = train_cell(
+            method,
+            files.train,
+            files.dev,
+            directory,
+            model_dir=args.model,
+            seed=seed,
+            overrides=overrides,
+            test_clean=files.test_clean,
+            test_poison=files.test_poison,
+            target_label=args.target_label,
+            progress=not args.quiet,
+            extra=extra,
+        )
+    except Exception as error:  # a failed cell is recorded and the bench goes on
+        logging.getLogger(__name__).error("cell %s/%s/seed%d failed: %s", attack, method, seed, error)
+        result = {
+            "status": "error",
+            "method": method,
+            "seed": seed,
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc(),
+            **extra,
+        }
+        directory.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text(json.dumps(result, indent=2) + "\n")
+    result["reused"] = False
+    return result
+
+
+def _mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (attack, method): mean (and std over seeds) of CACC, ASR, false-target rate, train time."""
+    rows: list[dict[str, Any]] = []
+    keys = sorted({(c["attack"], c["method"]) for c in cells}, key=lambda k: (k[0], k[1]))
+    order = {(c["attack"], c["method"]): i for i, c in enumerate(cells)}
+    keys.sort(key=lambda k: order[k])
+    for attack, method in keys:
+        group = [c for c in cells if c["attack"] == attack and c["method"] == method]
+        ok = [c for c in group if c.get("status") == "ok"]
+        row: dict[str, Any] = {"attack": attack, "method": method, "seeds": [c["seed"] for c in ok]}
+        row["errors"] = [c["error"] for c in group if c.get("status") != "ok"]
+        for metric in ("cacc", "asr", "false_target_rate", "train_time_s"):
+            row[metric], row[metric + "_std"] = _mean_std([c[metric] for c in ok if c.get(metric) is not None])
+        rows.append(row)
+    for row in rows:
+        lora = next((r for r in rows if r["attack"] == row["attack"] and r["method"] == "lora"), None)
+        ratio = None
+        if lora and lora["train_time_s"] and row["train_time_s"] is not None:
+            ratio = row["train_time_s"] / lora["train_time_s"]
+        row["time_ratio_to_lora"] = ratio
+    return rows
+
+
+def _pct(value: Optional[float], std: Optional[float] = None) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def markdown_table(rows: list[dict[str, Any]], preset: str, model: str) -> str:
+    """The attack x method table in Markdown; a quick run is labelled as such."""
+    title = "QUICK PRESET (subsampled, 1 epoch; not comparable to published numbers)" if preset == "quick" else "full"
+    lines = [
+        f"# MuScleLoRA backdoor benchmark ({title})",
+        "",
+        f"Model: `{model}`. CACC, ASR and false-target rate in %, mean ± std over seeds. "
+        "ASR should be read against the false-target rate (a model predicting the target often has a high ASR "
+        "without a backdoor).",
+        "",
+        "| attack | method | seeds | CACC | ASR | false-target rate | train time (s) | time / lora |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        seconds = "–" if row["train_time_s"] is None else f"{row['train_time_s']:.1f}"
+        ratio = "–" if row["time_ratio_to_lora"] is None else f"{row['time_ratio_to_lora']:.2f}"
+        seeds = ",".join(str(s) for s in row["seeds"]) or "–"
+        if row["errors"]:
+            seeds += f" ({len(row['errors'])} failed)"
+        lines.append(
+            f"| {row['attack']} | {row['method']} | {seeds} | {_pct(row['cacc'], row['cacc_std'])} | "
+            f"{_pct(row['asr'], row['asr_std'])} | {_pct(row['false_target_rate'], row['false_target_rate_std'])} | "
+            f"{seconds} | {ratio} |"
+        )
+    failures = [(row["attack"], row["method"], e) for row in rows for e in row["errors"]]
+    if failures:
+        lines += ["", "Failed cells:", ""] + [f"- {a} / {m}: {e.splitlines()[0]}" for a, m, e in failures]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path, preset: str) -> None:
+    """Grouped bar chart of CACC and ASR per attack and method (matplotlib, `plot` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError(
+            "the bar chart needs matplotlib: install peft-musclelora[plot] (or pass --no-plot)."
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = list(dict.fromkeys(row["attack"] for row in rows))
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    figure, axes = plt.subplots(1, 2, figsize=(max(6, 2.5 * len(attacks)) * 2, 4), squeeze=False)
+    width = 0.8 / max(1, len(methods))
+    for axis, metric, label in ((axes[0][0], "cacc", "CACC (%)"), (axes[0][1], "asr", "ASR (%)")):
+        for j, method in enumerate(methods):
+            values = []
+            for attack in attacks:
+                row = next((r for r in rows if r["attack"] == attack and r["method"] == method), None)
+                values.append(100 * row[metric] if row and row[metric] is not None else 0.0)
+            positions = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(attacks))]
+            axis.bar(positions, values, width, label=method)
+        axis.set_xticks(range(len(attacks)), attacks)
+        axis.set_ylabel(label)
+        axis.set_ylim(0, 100)
+        axis.legend(fontsize="small")
+    figure.suptitle("MuScleLoRA benchmark" + (" — QUICK preset (subsampled)" if preset == "quick" else ""))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .runner import default_model_dir
+
+    for method in args.methods:
+        get_preset(method, args.overrides)  # fail early on an unknown method or override
+    seeds = [args.seed] if args.seed is not None else args.seeds
+    shared = SharedData.resolve(args.data)
+    missing = [attack for attack in args.attacks if attack not in shared.attacks()]
+    if missing:
+        raise ValueError(f"attacks {missing} not found in {shared.root}; have {shared.attacks()}.")
+    args.model = str(Path(args.model) if args.model else default_model_dir())
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cells = []
+    plan = [(a, m, s) for a in args.attacks for m in args.methods for s in seeds]
+    for attack, method, seed in tqdm(plan, desc=f"bench ({args.preset})", disable=args.quiet):
+        cells.append(_run_cell(args, shared, attack, method, seed))
+    rows = aggregate(cells)
+    summary = {
+        "bench_preset": args.preset,
+        "model": args.model,
+        "data": str(shared.root),
+        "attacks": args.attacks,
+        "methods": args.methods,
+        "seeds": seeds,
+        "overrides": args.overrides,
+        "rows": rows,
+        "cells": [
+            {k: c.get(k) for k in ("attack", "method", "seed", "status", "reused", "error", "cacc", "asr")}
+            for c in cells
+        ],
+    }
+    (output_dir / BENCH_RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown_table(rows, args.preset, args.model)
+    (output_dir / BENCH_TABLE_FILE).write_text(table)
+    print(table)
+    if not args.no_plot:
+        plot(rows, output_dir / BENCH_PLOT_FILE, args.preset)
+    failed = sum(c.get("status") != "ok" for c in cells)
+    reused = sum(bool(c.get("reused")) for c in cells)
+    print(f"{len(cells)} cells ({reused} reused, {failed} failed); results in {output_dir}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "bench": _cmd_bench, "presets": _cmd_presets}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the `musclelora` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except ValueError as error:
+        print(f"musclelora {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

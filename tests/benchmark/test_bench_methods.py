@@ -1,0 +1,124 @@
+"""Specification of the method presets: contents, printing, `--set` overrides and the arguments they build."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peft_musclelora.benchmark.cli import main
+from peft_musclelora.benchmark.methods import PRESETS, get_preset
+
+
+def test_the_five_presets_exist_with_the_measured_defaults() -> None:
+    assert list(PRESETS) == ["full", "lora", "mslr", "musclelora", "ga-lora"]
+    for preset in PRESETS.values():
+        assert preset.training.max_length == 64 and preset.training.per_device_train_batch_size == 32
+        assert preset.training.num_train_epochs == 3 and preset.description
+    assert PRESETS["lora"].training.learning_rate == 2e-4
+
+
+def test_reference_choices_freeze_the_head_and_lora_trains_it() -> None:
+    assert not PRESETS["lora"].adapter.freeze_head
+    assert all(PRESETS[name].adapter.freeze_head for name in ("mslr", "musclelora", "ga-lora"))
+
+
+def test_musclelora_is_the_published_recipe() -> None:
+    preset = PRESETS["musclelora"]
+    assert (preset.adapter.r, preset.adapter.lora_alpha, preset.adapter.target_modules) == (8, 32, None)
+    assert preset.adapter.head_pattern == "pooler.dense" and preset.adapter.head_scales == list(range(1, 10))
+    assert (preset.adapter.head_r, preset.adapter.head_alpha, preset.adapter.head_init) == (1, 6, "kaiming")
+    assert preset.training.ga_kwargs() == {
+        "gradient_alignment": True,
+        "reference_split_size": 96,
+        "reference_batch_size": None,
+        "ga_warmup_epochs": 1.0,
+        "max_raw_grad_ratio": 0.1,
+        "min_ref_loss": 0.4,
+        "min_ref_grad_norm": 5e-7,
+        "ga_every_n_steps": 1,
+    }
+
+
+def test_ga_presets_build_ga_arguments_and_the_others_do_not() -> None:
+    for name, preset in PRESETS.items():
+        kwargs = preset.training.training_arguments_kwargs("out", seed=3)
+        assert (
+            kwargs["seed"] == 3 and kwargs["metric_for_best_model"] == "accuracy" and kwargs["load_best_model_at_end"]
+        )
+        assert kwargs.get("gradient_alignment", False) == (name in ("musclelora", "ga-lora"))
+
+
+def test_non_ga_arguments_are_valid_transformers_training_arguments(tmp_path) -> None:
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(**PRESETS["lora"].training.training_arguments_kwargs(str(tmp_path), seed=0))
+    assert args.learning_rate == 2e-4 and args.eval_strategy == "epoch"
+
+
+class TestOverrides:
+    def test_values_are_parsed_by_field_type(self) -> None:
+        preset = get_preset(
+            "musclelora",
+            [
+                "learning_rate=1e-4",
+                "num_train_epochs=2",
+                "freeze_head=false",
+                "head_scales=1,2,4",
+                'target_modules=["query", "key"]',
+                "reference_batch_size=16",
+                "adapter.r=4",
+                "max_train_rows=none",
+                "ga_warmup_epochs=0",
+            ],
+        )
+        assert preset.training.learning_rate == 1e-4 and preset.training.num_train_epochs == 2.0
+        assert preset.adapter.freeze_head is False and preset.adapter.head_scales == [1.0, 2.0, 4.0]
+        assert preset.adapter.target_modules == ["query", "key"] and preset.adapter.r == 4
+        assert preset.training.reference_batch_size == 16 and preset.training.max_train_rows is None
+        assert PRESETS["musclelora"].adapter.r == 8  # the registry is not mutated
+
+    @pytest.mark.parametrize(
+        ("item", "message"),
+        [
+            ("learning_rat=1", "unknown key 'learning_rat' \\(did you mean 'learning_rate'\\?\\)"),
+            ("training.r=1", "unknown key 'training.r'"),
+            ("r", "expected key=value, got 'r'"),
+            ("r=four", "--set r='four': expected int"),
+            ("freeze_head=maybe", "expected true or false"),
+            ("kind=qlora", "expected one of \\['full', 'lora', 'musclelora'\\]"),
+            ("head_scales=[]", "expected a non-empty list"),
+            ("head_init=xavier", "head_init must be one of"),
+            ("max_length=0", "max_length must be >= 1"),
+        ],
+    )
+    def test_errors(self, item: str, message: str) -> None:
+        with pytest.raises(ValueError, match=message):
+            get_preset("musclelora", [item])
+
+    def test_unknown_method(self) -> None:
+        with pytest.raises(ValueError, match="unknown method 'qlora'; available: full, lora"):
+            get_preset("qlora")
+
+
+class TestPrinting:
+    def test_format_lists_every_settable_key(self) -> None:
+        text = PRESETS["mslr"].format()
+        assert text.startswith("mslr: ") and '    head_pattern = "pooler.dense"' in text
+        assert "    gradient_alignment = false" in text
+
+    def test_presets_command_prints_all_and_json(self, capsys) -> None:
+        assert main(["presets"]) == 0
+        out = capsys.readouterr().out
+        assert all(f"{name}: " in out for name in PRESETS)
+        assert main(["presets", "lora", "--json", "--set", "r=2"]) == 0
+        assert json.loads(capsys.readouterr().out)["lora"]["adapter"]["r"] == 2
+
+    def test_print_preset_on_train_applies_overrides(self, capsys) -> None:
+        code = main(["train", "--method", "lora", "--train", "x", "--dev", "y", "--set", "r=2", "--print-preset"])
+        assert code == 0 and "    r = 2" in capsys.readouterr().out
+
+    def test_bad_override_exits_non_zero_with_one_line(self, capsys) -> None:
+        assert main(["presets", "--set", "nope=1"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("musclelora presets: error: --set: unknown key 'nope'") and "\n" not in err
