@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -110,6 +111,22 @@ class MuScleLoraModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # As LoraModel does: BaseTuner's version re-ties `new_module.weight = child.weight`, which fails when
+        # unloading a module to save that has no `weight` of its own (e.g. RoBERTa's classification head).
+        setattr(parent, child_name, new_module)
+        if hasattr(child, "base_layer"):
+            child = child.base_layer
+        weight = getattr(child, "weight", None)
+        if weight is None:
+            weight = next(child.parameters(), None)
+        if weight is None:
+            return
+        meta = torch.device("meta")
+        for name, module in new_module.named_modules():
+            if self.prefix in name and not any(p.device == meta for p in module.parameters()):
+                module.to(weight.device)
 
     @staticmethod
     def _create_new_module(
