@@ -6,9 +6,9 @@ import re
 import warnings
 from typing import Any, Optional
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
-import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -135,16 +135,22 @@ class MuScleLoraModel(BaseTuner):
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not _is_supported_base_layer(base_layer):
             raise TypeError(
-                f"Target module {module_name!r} is a {type(base_layer).__name__}; MuScleLoRA supports torch.nn.Linear, "
-                "transformers' Conv1D and bitsandbytes Linear4bit/Linear8bitLt. Adjust `target_modules`."
+                f"Target module {module_name!r} is a {type(base_layer).__name__}; MuScleLoRA supports "
+                "torch.nn.Linear, transformers' Conv1D and bitsandbytes Linear4bit/Linear8bitLt. "
+                "Adjust `target_modules`."
             )
         fan_in_fan_out = config.fan_in_fan_out
         is_conv1d = isinstance(base_layer, Conv1D)
         if is_conv1d and not fan_in_fan_out:
-            warnings.warn(f"{module_name!r} is a Conv1D but fan_in_fan_out is False; using fan_in_fan_out=True.")
+            warnings.warn(
+                f"{module_name!r} is a Conv1D but fan_in_fan_out is False; using fan_in_fan_out=True.", stacklevel=2
+            )
             fan_in_fan_out = True
         elif not is_conv1d and fan_in_fan_out:
-            warnings.warn(f"{module_name!r} is a linear layer but fan_in_fan_out is True; using fan_in_fan_out=False.")
+            warnings.warn(
+                f"{module_name!r} is a linear layer but fan_in_fan_out is True; using fan_in_fan_out=False.",
+                stacklevel=2,
+            )
             fan_in_fan_out = False
         return Linear(
             target,
