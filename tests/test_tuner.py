@@ -6,17 +6,15 @@ A new model or config is one line in `MODEL_CASES` (conftest.py) or `CONFIG_CASE
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-import peft_musclelora
 from peft_musclelora import MuScleLoraConfig, MuScleLoraLayer
 
 from .conftest import (
@@ -25,7 +23,6 @@ from .conftest import (
     SEED,
     TinyModelCase,
     make_inputs,
-    make_mlp,
     model_output,
 )
 
