@@ -13,6 +13,14 @@ from .peft_type import MUSCLELORA_PEFT_TYPE
 InitWeights = Union[bool, Literal["kaiming"]]
 
 
+class LoraOnlyFeatureError(AttributeError, ValueError):
+    """A LoRA-only PEFT utility asked a [`MuScleLoraConfig`] for a LoRA field it does not have.
+
+    It is a `ValueError` for the caller that hit it, and an `AttributeError` so that `getattr(config, name, default)`
+    and `hasattr` still see the field as absent.
+    """
+
+
 def _validate_scales(field_name: str, scales: object) -> list[float]:
     if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__"):
         raise TypeError(f"`{field_name}` must be a list of positive numbers, got {scales!r}.")
@@ -176,6 +184,16 @@ class MuScleLoraConfig(PeftConfig):
             )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
+
+    @property
+    def use_rslora(self) -> bool:
+        # PEFT's LoRA hot-swapping (`peft.utils.hotswap.hotswap_adapter_from_state_dict`) reads `config.use_rslora`
+        # without checking the PEFT type; answer with a clear refusal instead of a bare AttributeError.
+        raise LoraOnlyFeatureError(
+            "MuScleLoRA configs have no `use_rslora` (the scaling is always lora_alpha / r), so LoRA-only PEFT "
+            "utilities such as hot-swapping (peft.utils.hotswap) do not support MuScleLoRA adapters. Load the "
+            "adapters side by side with `load_adapter` and switch with `set_adapter` instead."
+        )
 
     @property
     def total_rank(self) -> int:
