@@ -22,7 +22,8 @@ class LoraOnlyFeatureError(AttributeError, ValueError):
 
 
 def _validate_scales(field_name: str, scales: object) -> list[float]:
-    if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__"):
+    # Sets and dicts are refused too: branch j of the stacked factors belongs to the j-th scale, so order matters.
+    if isinstance(scales, (str, bytes, set, frozenset, dict)) or not hasattr(scales, "__iter__"):
         raise TypeError(f"`{field_name}` must be a list of positive numbers, got {scales!r}.")
     values = list(scales)
     if not values:
@@ -169,6 +170,9 @@ class MuScleLoraConfig(PeftConfig):
         self.scale_pattern = {
             key: _validate_scales(f"scale_pattern[{key!r}]", value) for key, value in self.scale_pattern.items()
         }
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"`{name}` must be a dict of regex -> value, got {getattr(self, name)!r}.")
         for key, value in self.rank_pattern.items():
             _validate_positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
