@@ -1,12 +1,11 @@
 """Shared tiny models for the tuner tests.
 
 Every model is built from a config (hidden size 16, one layer) with a fixed seed, so two calls of the same factory
-give bit-identical weights and nothing is downloaded.
+give bit-identical weights, and nothing is ever downloaded (models that must be loaded are saved to `tmp_path` first).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +28,6 @@ from transformers import (
 
 import peft_musclelora  # noqa: F401  (registers the tuner with PEFT)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The models are tiny: with several test runs sharing two cores, intra-op threads only spin against each other
 # (a 16-wide forward measured 130 ms with two threads under load, 2 ms with one).
 torch.set_num_threads(1)
