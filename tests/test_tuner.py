@@ -128,6 +128,18 @@ def test_forward_equals_base_exactly_when_init_is_a_no_op(case: TinyModelCase, c
 
     assert output.shape == base_output.shape
     assert len(adapted_layers(model)) > 0
+    config = model.peft_config["default"]
+    for name, layer in model.named_modules():
+        if isinstance(layer, MuScleLoraLayer):
+            patterned = name.endswith(case.target_modules[0]) and bool(config.scale_pattern)
+            assert layer.scales("default") == (
+                config.scale_pattern[case.target_modules[0]] if patterned else config.scales
+            )
+            assert layer.r["default"] == (1 if patterned else config.r)
+            assert layer.musclelora_A["default"].weight.shape == (
+                len(layer.scales("default")) * layer.r["default"],
+                layer.in_features,
+            )
     if config_name in NO_OP_AT_INIT:
         assert torch.equal(output, base_output)
     else:
