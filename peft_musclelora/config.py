@@ -13,8 +13,17 @@ from .peft_type import MUSCLELORA_PEFT_TYPE
 InitWeights = Union[bool, Literal["kaiming"]]
 
 
+class LoraOnlyFeatureError(AttributeError, ValueError):
+    """A LoRA-only PEFT utility asked a [`MuScleLoraConfig`] for a LoRA field it does not have.
+
+    It is a `ValueError` for the caller that hit it, and an `AttributeError` so that `getattr(config, name, default)`
+    and `hasattr` still see the field as absent.
+    """
+
+
 def _validate_scales(field_name: str, scales: object) -> list[float]:
-    if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__"):
+    # Sets and dicts are refused too: branch j of the stacked factors belongs to the j-th scale, so order matters.
+    if isinstance(scales, (str, bytes, set, frozenset, dict)) or not hasattr(scales, "__iter__"):
         raise TypeError(f"`{field_name}` must be a list of positive numbers, got {scales!r}.")
     values = list(scales)
     if not values:
@@ -161,6 +170,9 @@ class MuScleLoraConfig(PeftConfig):
         self.scale_pattern = {
             key: _validate_scales(f"scale_pattern[{key!r}]", value) for key, value in self.scale_pattern.items()
         }
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"`{name}` must be a dict of regex -> value, got {getattr(self, name)!r}.")
         for key, value in self.rank_pattern.items():
             _validate_positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
@@ -172,11 +184,20 @@ class MuScleLoraConfig(PeftConfig):
             raise ValueError(f"`bias` must be 'none', 'all' or 'musclelora_only', got {self.bias!r}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(
-                f"`layers_pattern` is {self.layers_pattern!r} but `layers_to_transform` is None: "
-                "set both or neither."
+                f"`layers_pattern` is {self.layers_pattern!r} but `layers_to_transform` is None: set both or neither."
             )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
+
+    @property
+    def use_rslora(self) -> bool:
+        # PEFT's LoRA hot-swapping (`peft.utils.hotswap.hotswap_adapter_from_state_dict`) reads `config.use_rslora`
+        # without checking the PEFT type; answer with a clear refusal instead of a bare AttributeError.
+        raise LoraOnlyFeatureError(
+            "MuScleLoRA configs have no `use_rslora` (the scaling is always lora_alpha / r), so LoRA-only PEFT "
+            "utilities such as hot-swapping (peft.utils.hotswap) do not support MuScleLoRA adapters. Load the "
+            "adapters side by side with `load_adapter` and switch with `set_adapter` instead."
+        )
 
     @property
     def total_rank(self) -> int:

@@ -164,7 +164,7 @@ class Linear(nn.Module, MuScleLoraLayer):
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weight again."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
@@ -204,4 +204,3 @@ class Linear(nn.Module, MuScleLoraLayer):
 
     def extra_repr(self) -> str:
         return quantization_extra_repr(self)
-

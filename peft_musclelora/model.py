@@ -6,6 +6,7 @@ import re
 import warnings
 from typing import Any, Optional
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from torch import nn
@@ -111,6 +112,22 @@ class MuScleLoraModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # As LoraModel does: BaseTuner's version re-ties `new_module.weight = child.weight`, which fails when
+        # unloading a module to save that has no `weight` of its own (e.g. RoBERTa's classification head).
+        setattr(parent, child_name, new_module)
+        if hasattr(child, "base_layer"):
+            child = child.base_layer
+        weight = getattr(child, "weight", None)
+        if weight is None:
+            weight = next(child.parameters(), None)
+        if weight is None:
+            return
+        meta = torch.device("meta")
+        for name, module in new_module.named_modules():
+            if self.prefix in name and not any(p.device == meta for p in module.parameters()):
+                module.to(weight.device)
+
     @staticmethod
     def _create_new_module(
         config: MuScleLoraConfig, adapter_name: str, target: nn.Module, module_name: str, **kwargs: Any
@@ -118,16 +135,22 @@ class MuScleLoraModel(BaseTuner):
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not _is_supported_base_layer(base_layer):
             raise TypeError(
-                f"Target module {module_name!r} is a {type(base_layer).__name__}; MuScleLoRA supports torch.nn.Linear, "
-                "transformers' Conv1D and bitsandbytes Linear4bit/Linear8bitLt. Adjust `target_modules`."
+                f"Target module {module_name!r} is a {type(base_layer).__name__}; MuScleLoRA supports "
+                "torch.nn.Linear, transformers' Conv1D and bitsandbytes Linear4bit/Linear8bitLt. "
+                "Adjust `target_modules`."
             )
         fan_in_fan_out = config.fan_in_fan_out
         is_conv1d = isinstance(base_layer, Conv1D)
         if is_conv1d and not fan_in_fan_out:
-            warnings.warn(f"{module_name!r} is a Conv1D but fan_in_fan_out is False; using fan_in_fan_out=True.")
+            warnings.warn(
+                f"{module_name!r} is a Conv1D but fan_in_fan_out is False; using fan_in_fan_out=True.", stacklevel=2
+            )
             fan_in_fan_out = True
         elif not is_conv1d and fan_in_fan_out:
-            warnings.warn(f"{module_name!r} is a linear layer but fan_in_fan_out is True; using fan_in_fan_out=False.")
+            warnings.warn(
+                f"{module_name!r} is a linear layer but fan_in_fan_out is True; using fan_in_fan_out=False.",
+                stacklevel=2,
+            )
             fan_in_fan_out = False
         return Linear(
             target,
