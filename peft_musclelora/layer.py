@@ -204,4 +204,3 @@ class Linear(nn.Module, MuScleLoraLayer):
 
     def extra_repr(self) -> str:
         return quantization_extra_repr(self)
-
