@@ -5,10 +5,10 @@
 transformers' `model.add_adapter`.
 """
 
+from typing import Any
+
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
-
-from typing import Any
 
 from .config import MuScleLoraConfig
 from .gradient_alignment import AlignmentStats, GradientAlignmentArguments, align_gradients

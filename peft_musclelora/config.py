@@ -172,7 +172,8 @@ class MuScleLoraConfig(PeftConfig):
             raise ValueError(f"`bias` must be 'none', 'all' or 'musclelora_only', got {self.bias!r}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(
-                f"`layers_pattern` is {self.layers_pattern!r} but `layers_to_transform` is None: set both or neither."
+                f"`layers_pattern` is {self.layers_pattern!r} but `layers_to_transform` is None: "
+                "set both or neither."
             )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")

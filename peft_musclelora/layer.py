@@ -204,3 +204,4 @@ class Linear(nn.Module, MuScleLoraLayer):
 
     def extra_repr(self) -> str:
         return quantization_extra_repr(self)
+

@@ -1,4 +1,4 @@
-"""Gradient alignment for any `transformers.Trainer`: [`GradientAlignmentMixin`], [`MuScleLoraTrainer`] and arguments."""
+"""Gradient alignment for any `transformers.Trainer`: the mixin, [`MuScleLoraTrainer`] and its arguments."""
 
 from __future__ import annotations
 
