@@ -5,6 +5,7 @@
 transformers' `model.add_adapter`.
 """
 
+import importlib
 from typing import Any
 
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
@@ -30,9 +31,7 @@ _TRL_NAMES = ("MuScleLoraSFTConfig", "MuScleLoraSFTTrainer")
 def __getattr__(name: str) -> Any:
     """Import the TRL trainers lazily, so `trl` stays an optional dependency."""
     if name in _TRL_NAMES:
-        from . import sft
-
-        return getattr(sft, name)
+        return getattr(importlib.import_module(".sft", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
