@@ -302,6 +302,7 @@ class FrequencyAnalyzer:
             name: nn.functional.one_hot(value, num_labels).to(torch.float64) for name, value in labels.items()
         }
         self._kernels: Optional[dict[str, torch.Tensor]] = None
+        self.kernel_stats: dict[str, dict[str, Any]] = {}
 
     @staticmethod
     def _check_inputs(name: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -388,12 +389,21 @@ class FrequencyAnalyzer:
     def prepare(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Compute (once) and cache the kernels of both sets from `model`'s input embeddings."""
         if self._kernels is None:
-            self._kernels = {
-                name: gaussian_filter_kernels(
-                    self.input_embeddings(model, name), self.deltas, self.distance_scale, dtype=torch.float32
-                )
-                for name in ("clean", "backdoor")
-            }
+            kernels, stats = {}, {}
+            for name in ("clean", "backdoor"):
+                embeddings = self.input_embeddings(model, name)
+                kernels[name] = gaussian_filter_kernels(embeddings, self.deltas, self.distance_scale, torch.float32)
+                distances = pairwise_distances(embeddings, self.distance_scale)
+                n = distances.shape[0]
+                off_diagonal = distances[~torch.eye(n, dtype=torch.bool)]
+                stats[name] = {
+                    "mean_distance": float(off_diagonal.mean()) if n > 1 else 0.0,
+                    "min_distance": float(off_diagonal.min()) if n > 1 else 0.0,
+                    "max_distance": float(off_diagonal.max()) if n > 1 else 0.0,
+                    # How local the filter is: weight of a sample on itself (1/N means G is a plain average).
+                    "self_weight": [float(w) for w in kernels[name].diagonal(dim1=-2, dim2=-1).mean(dim=-1)],
+                }
+            self._kernels, self.kernel_stats = kernels, stats
         return self._kernels
 
     @torch.no_grad()
@@ -462,6 +472,7 @@ class FrequencyAnalyzer:
             "output": self.output,
             "num_samples": {name: self._num_samples(self.inputs[name]) for name in ("clean", "backdoor")},
             "num_labels": self.num_labels,
+            "kernel_stats": self.kernel_stats,
         }
 
 

@@ -193,6 +193,7 @@ def test_kernels_are_computed_once_not_per_evaluation(monkeypatch):
         analyzer.evaluate(model)
     assert len(calls) == 2  # one per sample set
     assert analyzer.kernels["clean"].shape == (3, 12, 12) and analyzer.kernels["backdoor"].shape == (3, 10, 10)
+    assert analyzer.metadata()["kernel_stats"]["clean"]["mean_distance"] > 0
 
 
 def test_evaluation_restores_train_mode_and_leaves_the_rng_alone():
