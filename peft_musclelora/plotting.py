@@ -105,10 +105,15 @@ def plot_frequency_heatmap(
     return path
 
 
-def _draw_curves(ax: Any, data: Mapping[str, Any], index: int, with_accuracy: bool = True) -> None:
+def _draw_curves(
+    ax: Any, data: Mapping[str, Any], index: int, relative_to_start: bool = False, with_accuracy: bool = True
+) -> None:
     steps = _steps(data)
     for name in ERROR_NAMES:
-        ax.plot(steps, _matrix(data, name)[:, index], label=PANEL_TITLES[name], marker=".", **CURVE_STYLES[name])
+        values = _matrix(data, name)[:, index]
+        if relative_to_start:
+            values = values / values[0] if values[0] != 0 else np.full_like(values, np.nan)
+        ax.plot(steps, values, label=PANEL_TITLES[name], marker=".", **CURVE_STYLES[name])
     if with_accuracy and all("clean_acc" in r and "backdoor_asr" in r for r in data["records"]):
         ax.plot(steps, [r["clean_acc"] for r in data["records"]], color="tab:blue", alpha=0.4, lw=3, label="clean acc")
         ax.plot(steps, [r["backdoor_asr"] for r in data["records"]], color="tab:red", alpha=0.4, lw=3, label="ASR")
@@ -121,17 +126,21 @@ def plot_error_curves(
     output_path: Union[str, os.PathLike],
     delta: Optional[float] = None,
     title: Optional[str] = None,
+    relative_to_start: bool = False,
     dpi: int = 110,
 ) -> Path:
     """The four relative errors over the steps at one delta (default: the log's summary delta), with the clean
-    accuracy and the attack success rate on the same samples drawn faintly for reference."""
+    accuracy and the attack success rate on the same samples drawn faintly for reference.
+
+    `relative_to_start=True` divides each error by its value at the first record, so curves that start at different
+    levels can be compared by how fast they fall (which mapping converges first)."""
     plt = _pyplot()
     data = load_frequency_log(log)
     path = _prepare(output_path)
     index = _delta_index(data, delta)
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    _draw_curves(ax, data, index)
-    ax.set_ylabel("relative error / accuracy")
+    _draw_curves(ax, data, index, relative_to_start)
+    ax.set_ylabel(("error / error at start" if relative_to_start else "relative error") + "; accuracy")
     ax.set_title(f"{title + ': ' if title else ''}delta = {data['deltas'][index]:.2f}")
     ax.legend(fontsize=8, ncol=2)
     fig.savefig(path, dpi=dpi)
@@ -146,19 +155,20 @@ def plot_comparison(
     labels: tuple[str, str] = ("LoRA", "MuScleLoRA"),
     delta: Optional[float] = None,
     title: Optional[str] = None,
+    relative_to_start: bool = False,
     dpi: int = 110,
 ) -> Path:
     """Two logs side by side (e.g. undefended LoRA vs MuScleLoRA on one attack): error curves at one delta, same
-    y-axis."""
+    y-axis; `relative_to_start` as in [`plot_error_curves`]."""
     plt = _pyplot()
     logs = (load_frequency_log(log), load_frequency_log(other_log))
     path = _prepare(output_path)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True, constrained_layout=True)
     for ax, data, label in zip(axes, logs, labels):
         index = _delta_index(data, delta)
-        _draw_curves(ax, data, index)
+        _draw_curves(ax, data, index, relative_to_start)
         ax.set_title(f"{label} (delta = {data['deltas'][index]:.2f})")
-    axes[0].set_ylabel("relative error / accuracy")
+    axes[0].set_ylabel(("error / error at start" if relative_to_start else "relative error") + "; accuracy")
     axes[1].legend(fontsize=8, ncol=2)
     if title:
         fig.suptitle(title)

@@ -304,6 +304,7 @@ def test_plots_render_png_files(tmp_path):
         plot_frequency_heatmap(synthetic_log(), tmp_path / "figs" / "heatmap.png", title="synthetic"),
         plot_error_curves(synthetic_log(), tmp_path / "curves.png", delta=8.0),
         plot_comparison(synthetic_log(), synthetic_log(0.05), tmp_path / "compare.png"),
+        plot_error_curves(synthetic_log(), tmp_path / "curves-relative.png", relative_to_start=True),
     ]
     for path in paths:
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -80,6 +80,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     render.add_argument("--label", help="Name of --log in the figures (default: its directory name).")
     render.add_argument("--compare-label", help="Name of --compare-log in the figures.")
     render.add_argument("--delta", type=float, default=None, help="Delta of the curves (default: the log's summary).")
+    render.add_argument(
+        "--relative-to-start", action="store_true", help="Also draw curves divided by their value at step 0."
+    )
     render.add_argument("--figures-dir", help="Where to write PNGs (default: the log's directory / --output-dir).")
 
     train = parser.add_argument_group("fine-tune and record")
@@ -231,6 +234,13 @@ def _render(log: str, args: argparse.Namespace, figures_dir: Optional[Path] = No
         plot_frequency_heatmap(data, out / f"{label}-heatmap.png", title=label),
         plot_error_curves(data, out / f"{label}-curves.png", delta=args.delta, title=label),
     ]
+    relative = getattr(args, "relative_to_start", False)
+    if relative:
+        paths.append(
+            plot_error_curves(
+                data, out / f"{label}-curves-relative.png", delta=args.delta, title=label, relative_to_start=True
+            )
+        )
     if args.compare_log:
         other = Path(args.compare_log)
         other_label = args.compare_label or (other if other.is_dir() else other.parent).name
@@ -243,6 +253,17 @@ def _render(log: str, args: argparse.Namespace, figures_dir: Optional[Path] = No
                 delta=args.delta,
             )
         )
+        if relative:
+            paths.append(
+                plot_comparison(
+                    data,
+                    load_frequency_log(other),
+                    out / f"{label}-vs-{other_label}-relative.png",
+                    labels=(label, other_label),
+                    delta=args.delta,
+                    relative_to_start=True,
+                )
+            )
     return paths
 
 
