@@ -74,12 +74,16 @@ def _delta_index(log: Mapping[str, Any], delta: Optional[float]) -> int:
 
 
 def plot_frequency_heatmap(
-    log: LogLike, output_path: Union[str, os.PathLike], title: Optional[str] = None, dpi: int = 110
+    log: LogLike,
+    output_path: Union[str, os.PathLike],
+    title: Optional[str] = None,
+    shared_scale: bool = False,
+    dpi: int = 110,
 ) -> Path:
     """Four panels (Backdoor Low, Clean Low, Backdoor High, Clean High): step x delta, colour = relative error.
 
-    All four panels share one colour scale, so a darker (smaller) low-frequency error in one panel than in another at
-    the same step means that mapping's low-frequency part is fitted better.
+    By default each panel has its own colour scale, so the change over the steps is visible even where one error
+    moves within a narrow band; `shared_scale=True` puts all four on one scale to compare their levels.
     """
     plt = _pyplot()
     data = load_frequency_log(log)
@@ -87,19 +91,22 @@ def plot_frequency_heatmap(
     steps, deltas = _steps(data), np.array(data["deltas"], dtype=float)
     matrices = {name: _matrix(data, name) for name in ERROR_NAMES}
     finite = np.concatenate([m[np.isfinite(m)] for m in matrices.values()])
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    limits = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), sharex=True, sharey=True, constrained_layout=True)
     image = None
     for ax, name in zip(axes.flat, ERROR_NAMES):
+        vmin, vmax = limits if shared_scale else (None, None)
         image = ax.pcolormesh(deltas, steps, matrices[name], shading="nearest", vmin=vmin, vmax=vmax, cmap="viridis")
         ax.set_title(PANEL_TITLES[name])
+        if not shared_scale:
+            fig.colorbar(image, ax=ax, format="%.3g")
     for ax in axes[1]:
         ax.set_xlabel("delta (kernel width)")
     for ax in axes[:, 0]:
         ax.set_ylabel("step")
-    fig.colorbar(image, ax=axes, label="relative error", shrink=0.9)
-    if title:
-        fig.suptitle(title)
+    if shared_scale:
+        fig.colorbar(image, ax=axes, label="relative error", shrink=0.9)
+    fig.suptitle(f"{title + ': ' if title else ''}relative error")
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
@@ -163,7 +170,7 @@ def plot_comparison(
     plt = _pyplot()
     logs = (load_frequency_log(log), load_frequency_log(other_log))
     path = _prepare(output_path)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True, constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=not relative_to_start, constrained_layout=True)
     for ax, data, label in zip(axes, logs, labels):
         index = _delta_index(data, delta)
         _draw_curves(ax, data, index, relative_to_start)

@@ -302,6 +302,7 @@ def test_plots_render_png_files(tmp_path):
 
     paths = [
         plot_frequency_heatmap(synthetic_log(), tmp_path / "figs" / "heatmap.png", title="synthetic"),
+        plot_frequency_heatmap(synthetic_log(), tmp_path / "shared.png", shared_scale=True),
         plot_error_curves(synthetic_log(), tmp_path / "curves.png", delta=8.0),
         plot_comparison(synthetic_log(), synthetic_log(0.05), tmp_path / "compare.png"),
         plot_error_curves(synthetic_log(), tmp_path / "curves-relative.png", relative_to_start=True),
