@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from ga_helpers import tiny_bert, token_dataset, trainable_state
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments, default_data_collator
 
@@ -26,6 +25,7 @@ from peft_musclelora import (
     align_gradients,
 )
 from peft_musclelora.gradient_alignment import select_branch
+from tests.ga_helpers import tiny_bert, token_dataset, trainable_state
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+from .analyze import add_analyze_parser, run_analyze
 from .data import SharedData
 from .methods import PRESETS, QUICK_OVERRIDES, get_preset
 
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", default="musclelora-out", help="Output directory (default musclelora-out)")
     train.add_argument("--print-preset", action="store_true", help="Print the preset with overrides and exit")
     _add_common(train)
+
+    add_analyze_parser(sub)
 
     evaluate = sub.add_parser("eval", help="Evaluate a saved adapter", description="Evaluate a saved cell.")
     evaluate.add_argument("--adapter", required=True, help="The adapter directory written by `train`")
@@ -359,7 +362,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "bench": _cmd_bench, "presets": _cmd_presets}
+COMMANDS = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "bench": _cmd_bench,
+    "presets": _cmd_presets,
+    "analyze": run_analyze,
+}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
