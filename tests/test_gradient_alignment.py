@@ -374,7 +374,10 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
 
     uninterrupted = run(None)
     checkpoint = tmp_path / "out" / "checkpoint-3"
-    assert (checkpoint / "gradient_alignment.pt").is_file()
+    # The resumable state is JSON plus safetensors: nothing that loading would unpickle.
+    assert (checkpoint / "gradient_alignment" / "state.json").is_file()
+    assert (checkpoint / "gradient_alignment" / "ref_grads.safetensors").is_file()
+    assert not list((checkpoint / "gradient_alignment").glob("*.pt"))
     resumed = run(str(checkpoint))
     for name in uninterrupted:
         assert torch.equal(uninterrupted[name], resumed[name]), name
