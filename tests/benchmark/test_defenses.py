@@ -360,3 +360,40 @@ def test_bench_runs_baselines_and_defenses_and_marks_what_the_data_lacks_na(tiny
     assert rows[("badnets", "lora")]["excess_asr"] == pytest.approx(
         rows[("badnets", "lora")]["asr"] - rows[("badnets", "oracle")]["asr"]
     )
+
+
+# ---- the trusted-data curve --------------------------------------------------------------------------------------
+
+
+def test_curve_runs_both_methods_per_trusted_size_and_marks_too_large_sizes_na(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    try:
+        from peft_musclelora import MuScleLoraTrainer  # noqa: F401
+
+        has_ga = True
+    except ImportError:
+        has_ga = False
+    data = tmp_path / "data"
+    write_attack(data / "sst-2" / "poison" / "addsent", seed=1)
+    out = tmp_path / "curve"
+    argv = ["curve", "--attacks", "addsent", "--sizes", "8,16,48", "--methods", "clean-only,musclelora"]
+    argv += ["--data", str(data), "--model", str(tiny_bert), "--preset", "quick", "--output-dir", str(out), "--quiet"]
+
+    assert main(argv) == (0 if has_ga else 1)  # without the GA trainer the musclelora points fail, the rest runs
+    rows = {(r["method"], r["trusted"]): r for r in json.loads((out / "curve.json").read_text())["rows"]}
+    assert sorted(rows) == [(m, n) for m in ("clean-only", "musclelora") for n in (8, 16, 48)]
+    for n in (8, 16):
+        point = json.loads(
+            (out / "cells" / "addsent" / "clean-only" / f"trusted{n}" / "seed0" / "metrics.json").read_text()
+        )
+        assert point["status"] == "ok" and point["trusted_rows"] == n and point["dev_rows_for_selection"] == 48 - n
+        assert 0.0 <= rows[("clean-only", n)]["cacc"] <= 1.0
+        assert rows[("musclelora", n)]["status"] == ("ok" if has_ga else "error")
+    for method in ("clean-only", "musclelora"):  # 48 trusted rows would leave no dev row for selection
+        assert (
+            rows[(method, 48)]["status"] == "n/a" and "needs more than 48 clean dev rows" in rows[(method, 48)]["note"]
+        )
+    table = (out / "curve.md").read_text()
+    assert "| addsent | 8 | clean-only | 0 |" in table and "| addsent | 48 | clean-only | n/a:" in table
+    assert (out / "curve.png").stat().st_size > 0
