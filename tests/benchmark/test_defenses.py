@@ -397,3 +397,10 @@ def test_curve_runs_both_methods_per_trusted_size_and_marks_too_large_sizes_na(
     table = (out / "curve.md").read_text()
     assert "| addsent | 8 | clean-only | 0 |" in table and "| addsent | 48 | clean-only | n/a:" in table
     assert (out / "curve.png").stat().st_size > 0
+
+
+def test_curve_has_help_and_lists_its_defaults(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["curve", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "usage: musclelora curve" in out and "--sizes" in out
