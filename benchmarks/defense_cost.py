@@ -59,9 +59,17 @@ def main() -> None:
     preset_overrides = [o for o in overrides if "." not in o.partition("=")[0]]
     start = time.perf_counter()
     lora = train_cell(
-        "lora", files.train, files.dev, out / "lora", model_dir=args.model, seed=args.seed,
-        overrides=preset_overrides, test_clean=files.test_clean, test_poison=files.test_poison, progress=False,
-    )  # fmt: skip
+        "lora",
+        files.train,
+        files.dev,
+        out / "lora",
+        model_dir=args.model,
+        seed=args.seed,
+        overrides=preset_overrides,
+        test_clean=files.test_clean,
+        test_poison=files.test_poison,
+        progress=False,
+    )
     lora_wall = time.perf_counter() - start
     base = float(lora["train_time_s"])
     rows: list[dict[str, Any]] = [
@@ -70,9 +78,15 @@ def main() -> None:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         try:
             metrics = run_method(
-                method, files, out / method, model_dir=args.model, seed=args.seed, overrides=overrides,
-                progress=False, undefended=lambda: lora,
-            )  # fmt: skip
+                method,
+                files,
+                out / method,
+                model_dir=args.model,
+                seed=args.seed,
+                overrides=overrides,
+                progress=False,
+                undefended=lambda: lora,
+            )
         except ValueError as error:
             rows.append({"method": method, "error": str(error)})
             continue

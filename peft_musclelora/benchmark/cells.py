@@ -161,8 +161,9 @@ def run_method(
 
     if method in PRESETS:
         if training.gradient_alignment:  # the same split GA makes, checked here so that a lack of rows reads as n/a
-            split_trusted(load_records(files.dev).subsample(training.max_dev_rows, seed),
-                          training.reference_split_size, seed)  # fmt: skip
+            split_trusted(
+                load_records(files.dev).subsample(training.max_dev_rows, seed), training.reference_split_size, seed
+            )
         return train_cell(method, files.train, files.dev, directory, overrides=preset_overrides, extra=extra, **common)
 
     if method == "oracle":
@@ -170,8 +171,9 @@ def run_method(
             raise NotApplicable(
                 f"attack {files.attack!r} has no train-clean.csv: the oracle needs the unpoisoned training set."
             )
-        return train_cell("lora", files.train_clean, files.dev, directory, overrides=preset_overrides, extra=extra,
-                          **common)  # fmt: skip
+        return train_cell(
+            "lora", files.train_clean, files.dev, directory, overrides=preset_overrides, extra=extra, **common
+        )
 
     dev = load_records(files.dev).subsample(training.max_dev_rows, seed)
     if method == "clean-only":
@@ -196,8 +198,9 @@ def run_method(
     base: Optional[dict[str, Any]] = None
     if kind == "detector" or method in _FILTER_NEEDS_MODEL:
         if undefended is None:
-            base = train_cell("lora", files.train, files.dev, directory / "undefended",
-                              overrides=preset_overrides, **common)  # fmt: skip
+            base = train_cell(
+                "lora", files.train, files.dev, directory / "undefended", overrides=preset_overrides, **common
+            )
         else:
             base = undefended()
         if base.get("status", "ok") != "ok":

@@ -276,8 +276,11 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[metric], row[metric + "_std"] = _mean_std([c[metric] for c in ok if c.get(metric) is not None])
         defense = {}
         for key in DEFENSE_FIELDS:
-            values = [c["defense"][key] for c in ok if isinstance(c.get("defense"), dict) and c["defense"].get(key)
-                      is not None]  # fmt: skip
+            values = [
+                c["defense"][key]
+                for c in ok
+                if isinstance(c.get("defense"), dict) and c["defense"].get(key) is not None
+            ]
             if values:
                 defense[key] = statistics.fmean(values)
         row["defense"] = defense

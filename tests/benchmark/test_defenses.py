@@ -142,8 +142,9 @@ def test_reference_split_matches_the_gradient_alignment_trainer() -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
     dev = datasets.Dataset.from_dict({"input_ids": [[2, i % 20 + 5, 3] for i in range(50)], "label": [0, 1] * 25})
-    model = BertForSequenceClassification(BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1,
-                                                     num_attention_heads=1, intermediate_size=8))  # fmt: skip
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
+    )
     args = MuScleLoraTrainingArguments(
         output_dir="unused", gradient_alignment=True, reference_split_size=12, seed=5, eval_strategy="epoch"
     )
@@ -350,8 +351,13 @@ def test_bench_runs_baselines_and_defenses_and_marks_what_the_data_lacks_na(tiny
     zdef = json.loads((cells / "badnets" / "zdefence" / "seed0" / "metrics.json").read_text())
     # 200 rows: "cf" has z 4.05, the strongest sentiment word 3.5
     assert zdef["defense"]["poisoned_recall"] == 1.0 and zdef["defense"]["clean_kept_rate"] == 1.0
-    assert zdef["data"]["train"] == {"source": zdef["data"]["train"]["source"], "rows": 180, "poisoned": 0,
-                                     "labels": {"0": 90, "1": 90}, "skipped": {}}  # fmt: skip
+    assert zdef["data"]["train"] == {
+        "source": zdef["data"]["train"]["source"],
+        "rows": 180,
+        "poisoned": 0,
+        "labels": {"0": 90, "1": 90},
+        "skipped": {},
+    }
     table = (out / "results.md").read_text()
     assert "| noclean | oracle | n/a | n/a: attack 'noclean' has no train-clean.csv" in table
     assert "| badnets | zdefence | 0 |" in table and "poison recall 100.0" in table
