@@ -133,7 +133,7 @@ def test_reference_split_is_seeded_disjoint_and_complete() -> None:
     assert set(reference_split(100, 5, seed=3)[0]) <= set(trusted)  # prefixes of one permutation
 
 
-def test_reference_split_matches_the_gradient_alignment_trainer() -> None:
+def test_reference_split_matches_the_gradient_alignment_trainer(tmp_path: Path) -> None:
     try:
         from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
     except ImportError:
@@ -146,7 +146,7 @@ def test_reference_split_matches_the_gradient_alignment_trainer() -> None:
         BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
     )
     args = MuScleLoraTrainingArguments(
-        output_dir="unused", gradient_alignment=True, reference_split_size=12, seed=5, eval_strategy="epoch"
+        output_dir=str(tmp_path), gradient_alignment=True, reference_split_size=12, seed=5, eval_strategy="epoch"
     )
     trainer = MuScleLoraTrainer(model=model, args=args, train_dataset=dev, eval_dataset=dev)
     chosen = [tuple(row["input_ids"]) for row in trainer.reference_dataset]
