@@ -192,7 +192,7 @@ def cell_dir(output_dir: Path, attack: str, method: str, seed: int, trusted: Opt
 def _run_cell(
     args: argparse.Namespace, shared: SharedData, attack: str, method: str, seed: int, trusted: Optional[int] = None
 ) -> dict[str, Any]:
-    from .cells import run_method
+    from .cells import run_method, split_overrides
     from .runner import METRICS_FILE
     from .splits import NotApplicable
 
@@ -201,6 +201,8 @@ def _run_cell(
     overrides = ([f"{k}={v}" for k, v in QUICK_OVERRIDES.items()] if args.preset == "quick" else []) + args.overrides
     if trusted is not None:
         overrides.append(f"reference_split_size={trusted}")
+    preset_overrides, options = split_overrides(overrides)  # other defenses' options do not change this cell
+    overrides = preset_overrides + [f"{method}.{key}={value}" for key, value in options.get(method, {}).items()]
     if metrics_path.is_file():
         previous = json.loads(metrics_path.read_text())
         same = (previous.get("bench_preset"), previous.get("bench_overrides"), previous.get("model_dir"))

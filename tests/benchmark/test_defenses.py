@@ -363,6 +363,10 @@ def test_bench_runs_baselines_and_defenses_and_marks_what_the_data_lacks_na(tiny
     assert "| badnets | zdefence | 0 |" in table and "poison recall 100.0" in table
     summary = json.loads((out / "results.json").read_text())
     rows = {(r["attack"], r["method"]): r for r in summary["rows"]}
+    # another defense's option does not invalidate finished cells: everything is reused
+    assert main([*argv, "--attacks", "badnets", "--set", "onion.frr=0.1"]) == 0
+    reused = {c["method"]: c["reused"] for c in json.loads((out / "results.json").read_text())["cells"]}
+    assert reused == {"lora": True, "oracle": True, "clean-only": True, "zdefence": True}
     assert rows[("badnets", "lora")]["excess_asr"] == pytest.approx(
         rows[("badnets", "lora")]["asr"] - rows[("badnets", "oracle")]["asr"]
     )
