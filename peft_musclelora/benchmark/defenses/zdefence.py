@@ -70,7 +70,7 @@ class ZDefence:
                 pair_count[(token, int(label))] += 1
         total = len(texts)
         scores: dict[tuple[str, int], float] = {}
-        for token, n in token_count.items():
+        for token, n in sorted(token_count.items()):  # sorted: sums do not depend on hash order
             if n < self.min_count:
                 continue
             for label, rows in label_count.items():
@@ -100,7 +100,7 @@ class ZDefence:
             row_z = [scores.get((t, int(label)), 0.0) for t in tokens]
             row_scores.append(max(row_z, default=0.0))
             keep.append(not any((t, int(label)) in outliers for t in tokens))
-        ranked = sorted(outliers.items(), key=lambda item: -item[1])
+        ranked = sorted(outliers.items(), key=lambda item: (-item[1], item[0]))  # ties by token: hash-order free
         details = {
             "threshold": threshold,
             "outlier_tokens": [{"token": t, "label": y, "z": round(z, 3)} for (t, y), z in ranked[:50]],
