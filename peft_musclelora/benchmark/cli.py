@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .analyze import add_analyze_parser, run_analyze
+from .curve import DEFAULT_CURVE_METHODS, DEFAULT_SIZES
 from .data import SharedData
 from .methods import PRESETS, QUICK_OVERRIDES, get_preset
 
@@ -93,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and evaluate every (attack, method, seed) cell; finished cells are reused on re-runs.",
     )
     bench.add_argument("--attacks", type=_name_list, default=_name_list(DEFAULT_ATTACKS), help="Comma-separated")
-    bench.add_argument("--methods", type=_name_list, default=_name_list(DEFAULT_METHODS), help="Comma-separated")
+    bench.add_argument(
+        "--methods",
+        type=_name_list,
+        default=_name_list(DEFAULT_METHODS),
+        help="Comma-separated: presets (" + ",".join(PRESETS) + "), baselines (clean-only,oracle), defenses "
+        "(zdefence,bki,cube,strip,rap,onion; options with --set <defense>.<field>=value)",
+    )
     bench.add_argument("--seeds", type=_seed_list, default=[0], help="Comma-separated seeds (default 0)")
     bench.add_argument("--data", default=None, help="Shared data dir (default: $MUSCLELORA_DATA, then ../shared/data)")
     bench.add_argument(
@@ -106,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-plot", action="store_true", help="Skip the bar chart")
     _add_common(bench)
     bench.set_defaults(seed=None)
+
+    curve = sub.add_parser(
+        "curve",
+        help="CACC/ASR against the number of trusted clean rows",
+        description="Run musclelora and clean-only for several trusted-row counts (reference_split_size) and write "
+        "curve.md, curve.json and curve.png. Finished cells are reused on re-runs.",
+    )
+    curve.add_argument("--attacks", type=_name_list, default=_name_list("addsent"), help="Comma-separated")
+    curve.add_argument("--sizes", type=_seed_list, default=_seed_list(DEFAULT_SIZES), help="Trusted-row counts")
+    curve.add_argument("--methods", type=_name_list, default=_name_list(DEFAULT_CURVE_METHODS), help="Comma-separated")
+    curve.add_argument("--seeds", type=_seed_list, default=[0], help="Comma-separated seeds (default 0)")
+    curve.add_argument("--data", default=None, help="Shared data dir (default: $MUSCLELORA_DATA, then ../shared/data)")
+    curve.add_argument("--preset", choices=("quick", "full"), default="full", help="As for bench")
+    curve.add_argument("--output-dir", default="musclelora-curve", help="Output directory (default musclelora-curve)")
+    curve.add_argument("--no-plot", action="store_true", help="Skip the PNG")
+    _add_common(curve)
+    curve.set_defaults(seed=None)
 
     presets = sub.add_parser("presets", help="Print the method presets", description="Print the method presets.")
     presets.add_argument("names", nargs="*", help="Presets to print (default: all)")
@@ -162,24 +186,33 @@ def _headline(result: dict[str, Any]) -> dict[str, Any]:
     return {key: result[key] for key in keys if key in result} | {"adapter_dir": result.get("adapter_dir")}
 
 
-def cell_dir(output_dir: Path, attack: str, method: str, seed: int) -> Path:
-    """Directory of one bench cell."""
-    return output_dir / "cells" / attack / method / f"seed{seed}"
+def cell_dir(output_dir: Path, attack: str, method: str, seed: int, trusted: Optional[int] = None) -> Path:
+    """Directory of one bench cell (of one trusted-row count, for the curve)."""
+    method_dir = output_dir / "cells" / attack / method
+    return (method_dir if trusted is None else method_dir / f"trusted{trusted}") / f"seed{seed}"
 
 
-def _run_cell(args: argparse.Namespace, shared: SharedData, attack: str, method: str, seed: int) -> dict[str, Any]:
-    from .runner import METRICS_FILE, train_cell
+def _run_cell(
+    args: argparse.Namespace, shared: SharedData, attack: str, method: str, seed: int, trusted: Optional[int] = None
+) -> dict[str, Any]:
+    from .cells import run_method, split_overrides
+    from .runner import METRICS_FILE
+    from .splits import NotApplicable
 
-    directory = cell_dir(Path(args.output_dir), attack, method, seed)
+    directory = cell_dir(Path(args.output_dir), attack, method, seed, trusted)
     metrics_path = directory / METRICS_FILE
     overrides = ([f"{k}={v}" for k, v in QUICK_OVERRIDES.items()] if args.preset == "quick" else []) + args.overrides
+    if trusted is not None:
+        overrides.append(f"reference_split_size={trusted}")
+    preset_overrides, options = split_overrides(overrides)  # other defenses' options do not change this cell
+    overrides = preset_overrides + [f"{method}.{key}={value}" for key, value in options.get(method, {}).items()]
     if metrics_path.is_file():
         previous = json.loads(metrics_path.read_text())
-        same = (previous.get("bench_preset"), previous.get("overrides"), previous.get("model_dir"))
+        same = (previous.get("bench_preset"), previous.get("bench_overrides"), previous.get("model_dir"))
         if previous.get("status") == "ok" and same == (args.preset, overrides, args.model):
             previous["reused"] = True
             return previous
-    extra = {"attack": attack, "bench_preset": args.preset}
+    extra: dict[str, Any] = {"attack": attack, "bench_preset": args.preset, "bench_overrides": overrides}
     try:
         files = shared.attack_files(attack)
         extra["data_paths"] = {
@@ -187,31 +220,29 @@ def _run_cell(args: argparse.Namespace, shared: SharedData, attack: str, method:
             "dev": str(files.dev),
             "test_clean": str(files.test_clean),
             "test_poison": str(files.test_poison),
+            "train_clean": str(files.train_clean) if files.train_clean else None,
         }
-        result = train_cell(
+        result = run_method(
             method,
-            files.train,
-            files.dev,
+            files,
             directory,
             model_dir=args.model,
             seed=seed,
             overrides=overrides,
-            test_clean=files.test_clean,
-            test_poison=files.test_poison,
             target_label=args.target_label,
             progress=not args.quiet,
             extra=extra,
+            undefended=lambda: _run_cell(args, shared, attack, "lora", seed),  # shared by every trusted size
         )
-    except Exception as error:  # a failed cell is recorded and the bench goes on
-        logging.getLogger(__name__).error("cell %s/%s/seed%d failed: %s", attack, method, seed, error)
-        result = {
-            "status": "error",
-            "method": method,
-            "seed": seed,
-            "error": f"{type(error).__name__}: {error}",
-            "traceback": traceback.format_exc(),
-            **extra,
-        }
+    except Exception as error:  # a failed or inapplicable cell is recorded and the bench goes on
+        not_applicable = isinstance(error, NotApplicable)
+        log = logging.getLogger(__name__)
+        (log.warning if not_applicable else log.error)("cell %s/%s/seed%d: %s", attack, method, seed, error)
+        result = {"status": "n/a" if not_applicable else "error", "method": method, "seed": seed, **extra}
+        if not_applicable:
+            result["reason"] = str(error)
+        else:
+            result.update({"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
         directory.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text(json.dumps(result, indent=2) + "\n")
     result["reused"] = False
@@ -224,26 +255,54 @@ def _mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+DEFENSE_FIELDS = ("rows_removed", "poisoned_recall", "removal_precision", "frr", "triggered_flagged_rate")
+
+
 def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (attack, method): mean (and std over seeds) of CACC, ASR, false-target rate, train time."""
+    """One row per (attack, method): mean and std over seeds of CACC, ASR, false-target rate and train time.
+
+    Also: `excess_asr` (ASR minus the `oracle` row's ASR on the same attack, when that row exists),
+    `time_ratio_to_lora` (train time over the `lora` row's on the same attack; for a defense without a `lora` row,
+    the mean over seeds of its time over the undefended training it built on), the defense's own fields averaged
+    over seeds, and `na_reason` when no seed could run because the data lacks what the method needs.
+    """
     rows: list[dict[str, Any]] = []
-    keys = sorted({(c["attack"], c["method"]) for c in cells}, key=lambda k: (k[0], k[1]))
-    order = {(c["attack"], c["method"]): i for i, c in enumerate(cells)}
-    keys.sort(key=lambda k: order[k])
-    for attack, method in keys:
+    order = {}
+    for i, c in enumerate(cells):
+        order.setdefault((c["attack"], c["method"]), i)
+    for attack, method in sorted(order, key=order.__getitem__):
         group = [c for c in cells if c["attack"] == attack and c["method"] == method]
         ok = [c for c in group if c.get("status") == "ok"]
         row: dict[str, Any] = {"attack": attack, "method": method, "seeds": [c["seed"] for c in ok]}
-        row["errors"] = [c["error"] for c in group if c.get("status") != "ok"]
+        row["errors"] = [c["error"] for c in group if c.get("status") == "error"]
+        reasons = list(dict.fromkeys(c["reason"] for c in group if c.get("status") == "n/a"))
+        row["na_reason"] = "; ".join(reasons) if reasons and not ok else None
         for metric in ("cacc", "asr", "false_target_rate", "train_time_s"):
             row[metric], row[metric + "_std"] = _mean_std([c[metric] for c in ok if c.get(metric) is not None])
+        defense = {}
+        for key in DEFENSE_FIELDS:
+            values = [
+                c["defense"][key]
+                for c in ok
+                if isinstance(c.get("defense"), dict) and c["defense"].get(key) is not None
+            ]
+            if values:
+                defense[key] = statistics.fmean(values)
+        row["defense"] = defense
+        own = [c["train_time_s"] / c["undefended_train_time_s"] for c in ok if c.get("undefended_train_time_s")]
+        row["_own_ratio"] = statistics.fmean(own) if own else None
         rows.append(row)
     for row in rows:
-        lora = next((r for r in rows if r["attack"] == row["attack"] and r["method"] == "lora"), None)
-        ratio = None
+        same_attack = {r["method"]: r for r in rows if r["attack"] == row["attack"]}
+        lora, oracle = same_attack.get("lora"), same_attack.get("oracle")
+        ratio = row.pop("_own_ratio")
         if lora and lora["train_time_s"] and row["train_time_s"] is not None:
             ratio = row["train_time_s"] / lora["train_time_s"]
         row["time_ratio_to_lora"] = ratio
+        excess = None
+        if oracle and oracle["asr"] is not None and row["asr"] is not None:
+            excess = row["asr"] - oracle["asr"]
+        row["excess_asr"] = excess
     return rows
 
 
@@ -253,29 +312,52 @@ def _pct(value: Optional[float], std: Optional[float] = None) -> str:
     return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
 
 
+def _defense_summary(defense: dict[str, float]) -> str:
+    parts = []
+    if "rows_removed" in defense:
+        parts.append(f"removed {defense['rows_removed']:.0f}")
+    if "poisoned_recall" in defense:
+        parts.append(f"poison recall {_pct(defense['poisoned_recall'])}")
+    if "removal_precision" in defense:
+        parts.append(f"precision {_pct(defense['removal_precision'])}")
+    if "frr" in defense:
+        parts.append(f"FRR {_pct(defense['frr'])}")
+    if "triggered_flagged_rate" in defense:
+        parts.append(f"triggered flagged {_pct(defense['triggered_flagged_rate'])}")
+    return ", ".join(parts) or "–"
+
+
 def markdown_table(rows: list[dict[str, Any]], preset: str, model: str) -> str:
-    """The attack x method table in Markdown; a quick run is labelled as such."""
+    """The attack x method table in Markdown; a quick run is labelled as such, an n/a row gives its reason."""
     title = "QUICK PRESET (subsampled, 1 epoch; not comparable to published numbers)" if preset == "quick" else "full"
     lines = [
         f"# MuScleLoRA backdoor benchmark ({title})",
         "",
-        f"Model: `{model}`. CACC, ASR and false-target rate in %, mean ± std over seeds. "
+        f"Model: `{model}`. CACC, ASR, excess ASR and false-target rate in %, mean ± std over seeds. "
         "ASR should be read against the false-target rate (a model predicting the target often has a high ASR "
-        "without a backdoor).",
+        "without a backdoor) and against the oracle's ASR (excess ASR = ASR − oracle ASR on the same attack: what "
+        "the backdoor adds over a model trained on unpoisoned data). Time / lora: train time over undefended LoRA's "
+        "in the same run; a defense's time includes the undefended training it needs, its own work and retraining.",
         "",
-        "| attack | method | seeds | CACC | ASR | false-target rate | train time (s) | time / lora |",
-        "|---|---|---|---|---|---|---|---|",
+        "| attack | method | seeds | CACC | ASR | excess ASR | false-target rate | train time (s) | time / lora | "
+        "defense |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        seconds = "–" if row["train_time_s"] is None else f"{row['train_time_s']:.1f}"
-        ratio = "–" if row["time_ratio_to_lora"] is None else f"{row['time_ratio_to_lora']:.2f}"
         seeds = ",".join(str(s) for s in row["seeds"]) or "–"
         if row["errors"]:
             seeds += f" ({len(row['errors'])} failed)"
+        if row["na_reason"]:
+            lines.append(f"| {row['attack']} | {row['method']} | n/a | n/a: {row['na_reason']} | | | | | | |")
+            continue
+        seconds = "–" if row["train_time_s"] is None else f"{row['train_time_s']:.1f}"
+        ratio = "–" if row["time_ratio_to_lora"] is None else f"{row['time_ratio_to_lora']:.2f}"
+        excess = "–" if row["excess_asr"] is None else f"{100 * row['excess_asr']:+.1f}"
         lines.append(
             f"| {row['attack']} | {row['method']} | {seeds} | {_pct(row['cacc'], row['cacc_std'])} | "
-            f"{_pct(row['asr'], row['asr_std'])} | {_pct(row['false_target_rate'], row['false_target_rate_std'])} | "
-            f"{seconds} | {ratio} |"
+            f"{_pct(row['asr'], row['asr_std'])} | {excess} | "
+            f"{_pct(row['false_target_rate'], row['false_target_rate_std'])} | {seconds} | {ratio} | "
+            f"{_defense_summary(row['defense'])} |"
         )
     failures = [(row["attack"], row["method"], e) for row in rows for e in row["errors"]]
     if failures:
@@ -319,18 +401,7 @@ def plot(rows: list[dict[str, Any]], path: Path, preset: str) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .runner import default_model_dir
-
-    for method in args.methods:
-        get_preset(method, args.overrides)  # fail early on an unknown method or override
-    seeds = [args.seed] if args.seed is not None else args.seeds
-    shared = SharedData.resolve(args.data)
-    missing = [attack for attack in args.attacks if attack not in shared.attacks()]
-    if missing:
-        raise ValueError(f"attacks {missing} not found in {shared.root}; have {shared.attacks()}.")
-    args.model = str(Path(args.model) if args.model else default_model_dir())
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    shared, seeds, output_dir = _prepare_run(args)
     cells = []
     plan = [(a, m, s) for a in args.attacks for m in args.methods for s in seeds]
     for attack, method, seed in tqdm(plan, desc=f"bench ({args.preset})", disable=args.quiet):
@@ -346,7 +417,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "overrides": args.overrides,
         "rows": rows,
         "cells": [
-            {k: c.get(k) for k in ("attack", "method", "seed", "status", "reused", "error", "cacc", "asr")}
+            {k: c.get(k) for k in ("attack", "method", "seed", "status", "reused", "error", "reason", "cacc", "asr")}
             for c in cells
         ],
     }
@@ -356,9 +427,53 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(table)
     if not args.no_plot:
         plot(rows, output_dir / BENCH_PLOT_FILE, args.preset)
-    failed = sum(c.get("status") != "ok" for c in cells)
+    failed = sum(c.get("status") == "error" for c in cells)
     reused = sum(bool(c.get("reused")) for c in cells)
     print(f"{len(cells)} cells ({reused} reused, {failed} failed); results in {output_dir}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _prepare_run(args: argparse.Namespace) -> tuple[SharedData, list[int], Path]:
+    from .cells import check_method
+    from .runner import default_model_dir
+
+    for method in args.methods:
+        check_method(method, args.overrides)  # fail early on an unknown method, override or defense option
+    seeds = [args.seed] if args.seed is not None else args.seeds
+    shared = SharedData.resolve(args.data)
+    missing = [attack for attack in args.attacks if attack not in shared.attacks()]
+    if missing:
+        raise ValueError(f"attacks {missing} not found in {shared.root}; have {shared.attacks()}.")
+    args.model = str(Path(args.model) if args.model else default_model_dir())
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return shared, seeds, output_dir
+
+
+def _cmd_curve(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .curve import curve_rows, curve_table, plot_curve
+
+    if any(size < 1 for size in args.sizes):
+        raise ValueError(f"--sizes must be positive trusted-row counts, got {args.sizes}.")
+    shared, seeds, output_dir = _prepare_run(args)
+    plan = [(a, n, m, s) for a in args.attacks for n in args.sizes for m in args.methods for s in seeds]
+    cells = []
+    for attack, size, method, seed in tqdm(plan, desc=f"curve ({args.preset})", disable=args.quiet):
+        cell = _run_cell(args, shared, attack, method, seed, trusted=size)
+        cells.append({**cell, "attack": attack, "method": method, "trusted": size, "seed": seed})
+    rows = curve_rows(cells)
+    summary = {"bench_preset": args.preset, "model": args.model, "data": str(shared.root), "sizes": args.sizes}
+    summary.update({"methods": args.methods, "seeds": seeds, "overrides": args.overrides, "rows": rows})
+    (output_dir / "curve.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = curve_table(rows, args.preset, args.model)
+    (output_dir / "curve.md").write_text(table)
+    print(table)
+    if not args.no_plot:
+        plot_curve(rows, output_dir / "curve.png", args.preset)
+    failed = sum(c.get("status") == "error" for c in cells)
+    print(f"{len(cells)} cells ({failed} failed); results in {output_dir}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -366,6 +481,7 @@ COMMANDS = {
     "train": _cmd_train,
     "eval": _cmd_eval,
     "bench": _cmd_bench,
+    "curve": _cmd_curve,
     "presets": _cmd_presets,
     "analyze": run_analyze,
 }

@@ -299,7 +299,7 @@ class AttackFiles:
     dev_poison: Path
     test_clean: Path
     test_poison: Path
-    train_clean: Path
+    train_clean: Optional[Path] = None  # None: the data has no unpoisoned copy of the training set (no oracle)
 
 
 @dataclass(frozen=True)
@@ -362,7 +362,11 @@ class SharedData:
         return path
 
     def attack_files(self, attack: str) -> AttackFiles:
-        """All files of one attack; raises a `ValueError` naming the first one missing."""
+        """All files of one attack; raises a `ValueError` naming the first one missing.
+
+        `train-clean.csv` (only the `oracle` baseline reads it) may be absent: `train_clean` is then None.
+        """
+        clean = self.root / self.task / "poison" / attack / "train-clean.csv"
         return AttackFiles(
             attack=attack,
             train=self.path(attack, "train-mixed-0.1"),
@@ -370,7 +374,7 @@ class SharedData:
             dev_poison=self.path(attack, "dev-poison"),
             test_clean=self.path(attack, "test-clean"),
             test_poison=self.path(attack, "test-poison"),
-            train_clean=self.path(attack, "train-clean"),
+            train_clean=clean if clean.is_file() else None,
         )
 
 

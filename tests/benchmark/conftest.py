@@ -39,12 +39,14 @@ def clean_rows(n: int, seed: int) -> list[tuple[str, int, int]]:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, hidden-32 BERT encoder (with pooler, no classifier) and a word-level tokenizer, saved offline."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast, set_seed
+    from transformers import BertConfig, BertModel, BertTokenizer, set_seed
 
     directory = tmp_path_factory.mktemp("tiny-bert")
     vocab = SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER + TRIGGERS))
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    # transformers 5: BertTokenizerFast(vocab_file=...) ignores the file (every word becomes [UNK]); `vocab=` reads it.
+    tokenizer = BertTokenizer(vocab=str(directory / "vocab.txt"), do_lower_case=True)
+    assert tokenizer("good cf")["input_ids"][1:3] == [vocab.index("good"), vocab.index("cf")]
     tokenizer.save_pretrained(str(directory))
     set_seed(0)
     config = BertConfig(
