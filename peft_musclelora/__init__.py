@@ -5,13 +5,18 @@
 transformers' `model.add_adapter`.
 """
 
+import importlib
+from typing import Any
+
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
 from .config import MuScleLoraConfig
+from .gradient_alignment import AlignmentStats, GradientAlignmentArguments, align_gradients
 from .layer import Linear, MuScleLoraLayer
 from .model import MuScleLoraModel
 from .peft_type import MUSCLELORA_NAME, MUSCLELORA_PEFT_TYPE
+from .trainer import GradientAlignmentMixin, MuScleLoraTrainer, MuScleLoraTrainingArguments
 
 __version__ = "0.1.0"
 
@@ -20,11 +25,27 @@ if MUSCLELORA_PEFT_TYPE not in PEFT_TYPE_TO_TUNER_MAPPING:
         name=MUSCLELORA_NAME, config_cls=MuScleLoraConfig, model_cls=MuScleLoraModel, prefix=MuScleLoraModel.prefix
     )
 
+_TRL_NAMES = ("MuScleLoraSFTConfig", "MuScleLoraSFTTrainer")
+
+
+def __getattr__(name: str) -> Any:
+    """Import the TRL trainers lazily, so `trl` stays an optional dependency."""
+    if name in _TRL_NAMES:
+        return getattr(importlib.import_module(".sft", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "MUSCLELORA_PEFT_TYPE",
+    "AlignmentStats",
+    "GradientAlignmentArguments",
+    "GradientAlignmentMixin",
     "Linear",
     "MuScleLoraConfig",
     "MuScleLoraLayer",
     "MuScleLoraModel",
+    "MuScleLoraTrainer",
+    "MuScleLoraTrainingArguments",
     "__version__",
+    "align_gradients",
 ]

@@ -1,0 +1,44 @@
+"""Gradient alignment for TRL's `SFTTrainer` (needs the `trl` extra: `pip install peft-musclelora[trl]`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+try:
+    from trl import SFTConfig, SFTTrainer
+except ImportError as error:  # pragma: no cover - exercised only without trl
+    raise ImportError(
+        "MuScleLoraSFTTrainer needs TRL: install the `trl` extra with `pip install peft-musclelora[trl]`."
+    ) from error
+
+from .gradient_alignment import GradientAlignmentArguments
+from .trainer import GradientAlignmentMixin
+
+
+@dataclass
+class MuScleLoraSFTConfig(SFTConfig, GradientAlignmentArguments):
+    """`trl.SFTConfig` plus the fields of [`GradientAlignmentArguments`] (Llama-2 preset: `reference_split_size=128`).
+
+    Example:
+
+    ```py
+    >>> config = MuScleLoraSFTConfig(output_dir="out", reference_split_size=128)  # doctest: +SKIP
+    ```
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        epoch_bounded = self.max_steps is None or self.max_steps <= 0
+        self.validate_gradient_alignment_args(self.num_train_epochs if epoch_bounded else None)
+
+
+class MuScleLoraSFTTrainer(GradientAlignmentMixin, SFTTrainer):
+    """`trl.SFTTrainer` with MuScleLoRA's gradient alignment; see [`GradientAlignmentMixin`].
+
+    Example:
+
+    ```py
+    >>> trainer = MuScleLoraSFTTrainer(model=model, args=MuScleLoraSFTConfig(output_dir="out"),
+    ...                                train_dataset=train, reference_dataset=clean)  # doctest: +SKIP
+    ```
+    """

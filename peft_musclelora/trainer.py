@@ -1,0 +1,439 @@
+"""Gradient alignment for any `transformers.Trainer`: the mixin, [`MuScleLoraTrainer`] and its arguments."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Subset
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .gradient_alignment import AlignmentStats, GradientAlignmentArguments, align_gradients
+
+GA_STATE_NAME = "gradient_alignment.pt"
+
+
+@dataclass
+class MuScleLoraTrainingArguments(TrainingArguments, GradientAlignmentArguments):
+    """`TrainingArguments` plus the gradient-alignment fields of [`GradientAlignmentArguments`].
+
+    Example (the published BERT-size recipe):
+
+    ```py
+    >>> args = MuScleLoraTrainingArguments(
+    ...     output_dir="out", gradient_alignment=True, reference_split_size=96, ga_warmup_epochs=1,
+    ...     max_raw_grad_ratio=0.1, min_ref_loss=0.4, num_train_epochs=10, learning_rate=2e-5,
+    ... )
+    >>> args.min_ref_grad_norm
+    5e-07
+    ```
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        epoch_bounded = self.max_steps is None or self.max_steps <= 0
+        self.validate_gradient_alignment_args(self.num_train_epochs if epoch_bounded else None)
+
+
+class _ReferenceSampler:
+    """Seeded, resumable cycle over `n` reference indices: a fresh permutation (seed + cycle) per pass."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self.cycle, self.position = 0, 0
+        self._perm: Optional[list[int]] = None
+
+    def _permutation(self) -> list[int]:
+        if self._perm is None:
+            generator = torch.Generator().manual_seed(self.seed + self.cycle)
+            self._perm = torch.randperm(self.n, generator=generator).tolist()
+        return self._perm
+
+    def take(self, count: int) -> list[int]:
+        indices: list[int] = []
+        while len(indices) < count:
+            perm = self._permutation()
+            step = min(count - len(indices), self.n - self.position)
+            indices.extend(perm[self.position : self.position + step])
+            self.position += step
+            if self.position == self.n:
+                self.cycle, self.position, self._perm = self.cycle + 1, 0, None
+        return indices
+
+    def state_dict(self) -> dict[str, int]:
+        return {"n": self.n, "seed": self.seed, "cycle": self.cycle, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["n"] != self.n or state["seed"] != self.seed:
+            raise ValueError(
+                f"The checkpoint's reference sampler (n={state['n']}, seed={state['seed']}) does not match this run's "
+                f"reference set (n={self.n}, seed={self.seed}); resume with the same reference data and seed."
+            )
+        self.cycle, self.position, self._perm = state["cycle"], state["position"], None
+
+
+def _columns(dataset: Any) -> Optional[set[str]]:
+    """Column names of a `datasets.Dataset`, or the keys of a torch dataset's first (dict) item; None if unknown."""
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, list):
+        return set(names)
+    try:
+        first = dataset[0]
+    except Exception:  # noqa: BLE001 - any indexing failure just means "columns unknown"
+        return None
+    return set(first) if isinstance(first, dict) else None
+
+
+class GradientAlignmentMixin:
+    """Adds MuScleLoRA's gradient alignment to any `transformers.Trainer` subclass (put it first in the bases).
+
+    Per optimisation step, after the (accumulated) training gradient `g` exists and before the Trainer clips it, one
+    batch of trusted clean reference samples is differentiated with `torch.autograd.grad` over the trainable
+    parameters (leaving `.grad` untouched), and [`align_gradients`] replaces `g` tensor by tensor. Clipping, the
+    optimiser and the scheduler then run unchanged.
+
+    Extra constructor keywords (everything else goes to the wrapped trainer):
+        reference_dataset: The clean reference set, in the form the data collator accepts (tokenized like the
+            training set). Alternatively set `reference_split_size` to split it off `eval_dataset`.
+        gradient_alignment_args: A [`GradientAlignmentArguments`], when `args` is not already one (e.g. a plain
+            `SFTConfig`). When neither is given, the defaults are used.
+
+    After construction `trainer.reference_dataset` holds the reference set and `trainer.eval_dataset` what is left of
+    the evaluation set.
+
+    Example:
+
+    ```py
+    >>> from trl import SFTTrainer
+    >>> class DefendedSFTTrainer(GradientAlignmentMixin, SFTTrainer):
+    ...     pass
+    >>> trainer = DefendedSFTTrainer(model=model, args=sft_config, train_dataset=train, reference_dataset=clean,
+    ...                              gradient_alignment_args=GradientAlignmentArguments(ga_every_n_steps=2))
+    ... # doctest: +SKIP
+    ```
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        reference_dataset: Optional[TorchDataset] = None,
+        gradient_alignment_args: Optional[GradientAlignmentArguments] = None,
+        **kwargs: Any,
+    ) -> None:
+        bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs).arguments
+        training_args = bound.get("args")
+        if isinstance(training_args, GradientAlignmentArguments):
+            if gradient_alignment_args is not None:
+                raise ValueError(
+                    "`gradient_alignment_args` must be None when `args` is already a GradientAlignmentArguments "
+                    f"({type(training_args).__name__}); set the fields on `args` instead."
+                )
+            ga_args = training_args
+        else:
+            ga_args = gradient_alignment_args if gradient_alignment_args is not None else GradientAlignmentArguments()
+            if not isinstance(ga_args, GradientAlignmentArguments):
+                raise TypeError(
+                    f"`gradient_alignment_args` must be a GradientAlignmentArguments, got {type(ga_args).__name__}."
+                )
+        raw_train_dataset = bound.get("train_dataset")
+
+        super().__init__(*args, **kwargs)
+
+        self.ga_args = ga_args
+        if ga_args is not training_args:
+            epoch_bounded = self.args.max_steps is None or self.args.max_steps <= 0
+            ga_args.validate_gradient_alignment_args(self.args.num_train_epochs if epoch_bounded else None)
+        self.reference_dataset = self._resolve_reference_dataset(reference_dataset, raw_train_dataset)
+        self._ga_param_names = self._select_ga_parameters() if ga_args.gradient_alignment else []
+        if ga_args.gradient_alignment and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError(
+                "`gradient_alignment=True` is not supported with DeepSpeed or FSDP (gradients are sharded); "
+                "use plain data parallel (DDP) or set gradient_alignment=False."
+            )
+        self._reset_gradient_alignment_state()
+
+    # ---- construction helpers ----
+
+    @property
+    def _ga_seed(self) -> int:
+        seed = self.ga_args.reference_seed
+        return self.args.seed if seed is None else seed
+
+    def _resolve_reference_dataset(self, reference_dataset: Any, raw_train_dataset: Any) -> Any:
+        split_size = self.ga_args.reference_split_size
+        if reference_dataset is not None and split_size is not None:
+            raise ValueError(
+                f"Pass either `reference_dataset=` or `reference_split_size` (got {split_size!r}), not both."
+            )
+        if split_size is not None:
+            reference_dataset = self._split_reference_from_eval(split_size)
+        elif reference_dataset is None:
+            if self.ga_args.gradient_alignment:
+                raise ValueError(
+                    "`gradient_alignment=True` needs trusted clean reference samples: pass `reference_dataset=` to "
+                    "the trainer or set `reference_split_size` to take them from `eval_dataset` "
+                    "(or set gradient_alignment=False)."
+                )
+            return None
+        else:
+            reference_columns, train_columns = _columns(reference_dataset), _columns(raw_train_dataset)
+            if reference_columns is not None and train_columns is not None and reference_columns != train_columns:
+                raise ValueError(
+                    f"The reference dataset's columns {sorted(reference_columns)} differ from the training dataset's "
+                    f"{sorted(train_columns)}; tokenize the reference samples like the training set."
+                )
+        if len(reference_dataset) == 0:
+            raise ValueError("`reference_dataset` is empty: gradient alignment needs at least one reference sample.")
+        return reference_dataset
+
+    def _split_reference_from_eval(self, split_size: int) -> Any:
+        eval_dataset = self.eval_dataset
+        if eval_dataset is None:
+            raise ValueError(
+                f"`reference_split_size={split_size}` takes the reference samples from `eval_dataset`, which is None."
+            )
+        if isinstance(eval_dataset, dict):
+            raise ValueError(
+                f"`reference_split_size={split_size}` needs a single `eval_dataset`, got a dict of "
+                f"{sorted(eval_dataset)}; pass `reference_dataset=` instead."
+            )
+        size = len(eval_dataset)
+        if split_size > size or (split_size == size and self.args.eval_strategy != "no"):
+            raise ValueError(
+                f"`reference_split_size` ({split_size}) must be smaller than the eval dataset ({size} rows) so that "
+                "rows are left for evaluation (or equal to it with eval_strategy='no')."
+            )
+        generator = torch.Generator().manual_seed(self._ga_seed)
+        permutation = torch.randperm(size, generator=generator).tolist()
+        reference_idx, rest_idx = sorted(permutation[:split_size]), sorted(permutation[split_size:])
+        if hasattr(eval_dataset, "select"):  # datasets.Dataset
+            reference, rest = eval_dataset.select(reference_idx), eval_dataset.select(rest_idx)
+        else:
+            reference, rest = Subset(eval_dataset, reference_idx), Subset(eval_dataset, rest_idx)
+        self.eval_dataset = rest if len(rest_idx) > 0 else None
+        return reference
+
+    def _select_ga_parameters(self) -> list[str]:
+        names = [name for name, param in self.model.named_parameters() if param.requires_grad]
+        pattern = self.ga_args.ga_params
+        if pattern is not None:
+            names = [name for name in names if re.search(pattern, name)]
+            if not names:
+                raise ValueError(
+                    f"`ga_params={pattern!r}` matches no trainable parameter; trainable parameters are e.g. "
+                    f"{[n for n, p in self.model.named_parameters() if p.requires_grad][:5]}."
+                )
+        if not names:
+            raise ValueError("`gradient_alignment=True` but the model has no trainable parameters.")
+        return names
+
+    def _reset_gradient_alignment_state(self) -> None:
+        n = len(self.reference_dataset) if self.reference_dataset is not None else 0
+        self._ga_sampler = _ReferenceSampler(n, self._ga_seed) if n else None
+        self._ga_ref_grads: Optional[list[torch.Tensor]] = None
+        self._ga_ref_loss = math.nan
+        self._ga_last_step = -1
+        self._ga_log: dict[str, float] = {}
+        self._ga_logged_steps = 0
+        self._ga_reference_source: Any = None
+
+    # ---- the hook: align after the accumulated backward, before clipping ----
+    #
+    # transformers 5.23's `_run_epoch` does, on each sync step: `_clip_grad_norm(model)` (only when
+    # max_grad_norm > 0), then `_get_grad_norm(model, grad_norm)`, then `on_pre_optimizer_step` and
+    # `optimizer.step()`. An optimizer step pre-hook or `on_pre_optimizer_step` would run after clipping, so GA runs at
+    # the top of `_clip_grad_norm`, or, when clipping is off, at the top of `_get_grad_norm` (called with
+    # grad_norm=None in that case). Both hooks are methods the Trainer itself provides for overriding; the step
+    # guard makes sure each optimisation step is aligned once.
+
+    def _clip_grad_norm(self, model: torch.nn.Module) -> Any:
+        self._maybe_align_gradients(model)
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        if grad_norm is None:
+            self._maybe_align_gradients(model)
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`, starting gradient alignment afresh (a resumed run restores it from the checkpoint)."""
+        self._reset_gradient_alignment_state()
+        return super().train(*args, **kwargs)
+
+    def _maybe_align_gradients(self, model: torch.nn.Module) -> None:
+        if not self.ga_args.gradient_alignment or self._ga_last_step == self.state.global_step:
+            return
+        self._ga_last_step = self.state.global_step
+        named = dict(self.accelerator.unwrap_model(model).named_parameters())
+        params = [named[name] for name in self._ga_param_names]
+        if self._ga_ref_grads is None or self.state.global_step % self.ga_args.ga_every_n_steps == 0:
+            self._ga_ref_grads, self._ga_ref_loss = self._reference_gradients(model, params)
+        _, stats = align_gradients(
+            [param.grad for param in params],
+            self._ga_ref_grads,
+            ref_loss=self._ga_ref_loss,
+            epoch=float(self.state.epoch or 0.0),
+            num_epochs=float(self.state.num_train_epochs or 1.0),
+            ga_warmup_epochs=self.ga_args.ga_warmup_epochs,
+            max_raw_grad_ratio=self.ga_args.max_raw_grad_ratio,
+            min_ref_loss=self.ga_args.min_ref_loss,
+            min_ref_grad_norm=self.ga_args.min_ref_grad_norm,
+            inplace=True,
+        )
+        self._record_alignment(stats)
+
+    # ---- reference gradient ----
+
+    def _reference_batch_source(self) -> Any:
+        """The reference set with unused columns removed the way `get_train_dataloader` does, and its collator."""
+        if self._ga_reference_source is None:
+            import datasets
+
+            dataset, collator = self.reference_dataset, self.data_collator
+            if isinstance(dataset, datasets.Dataset):
+                dataset = self._remove_unused_columns(dataset, description="reference")
+            else:
+                collator = self._get_collator_with_removed_columns(collator, description="reference")
+            self._ga_reference_source = (dataset, collator)
+        return self._ga_reference_source
+
+    def compute_reference_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """Loss of one reference micro-batch: `self.compute_loss` under the training autocast context.
+
+        TRL trainers record per-batch metrics (token accuracy, entropy, token counts) inside `compute_loss`; the
+        reference batch must not show up in them, so those attributes are restored afterwards. Override to use a
+        different reference objective.
+        """
+        saved = {
+            name: copy.deepcopy(getattr(self, name))
+            for name in ("_metrics", "_total_train_tokens")
+            if hasattr(self, name)
+        }
+        try:
+            with self.compute_loss_context_manager(), self.accelerator.autocast():
+                loss = self.compute_loss(model, inputs)
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+        return loss.mean() if loss.dim() else loss
+
+    def _reference_gradients(
+        self, model: torch.nn.Module, params: list[torch.nn.Parameter]
+    ) -> tuple[list[torch.Tensor], float]:
+        dataset, collator = self._reference_batch_source()
+        per_device = self.ga_args.reference_batch_size or (
+            self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        )
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        indices = self._ga_sampler.take(per_device * world)[rank * per_device : (rank + 1) * per_device]
+        # The forward runs on the module inside any DDP wrapper, so DDP's reducer never sees this graph; the
+        # reference gradients are averaged across ranks explicitly below.
+        forward_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        forward_model.train()
+        chunk = self.args.per_device_train_batch_size
+        ref_grads: Optional[list[torch.Tensor]] = None
+        total_loss = torch.zeros((), device=self.args.device)
+        for start in range(0, len(indices), chunk):
+            rows = indices[start : start + chunk]
+            inputs = self._prepare_inputs(collator([dataset[i] for i in rows]))
+            weight = len(rows) / len(indices)
+            loss = self.compute_reference_loss(forward_model, inputs)
+            grads = torch.autograd.grad(loss * weight, params, allow_unused=True)
+            total_loss += loss.detach().float() * weight
+            if ref_grads is None:
+                ref_grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+            else:
+                for buffer, g in zip(ref_grads, grads):
+                    if g is not None:
+                        buffer.add_(g)
+        if world > 1:
+            ref_grads = self.accelerator.reduce(ref_grads, reduction="mean")
+            total_loss = self.accelerator.reduce(total_loss, reduction="mean")
+        return ref_grads, float(total_loss)
+
+    # ---- logging ----
+
+    def _record_alignment(self, stats: AlignmentStats) -> None:
+        log = self._ga_log
+        for key, value in (
+            ("ga/ref_loss", stats.ref_loss),
+            ("ga/ref_grad_norm", stats.ref_grad_norm),
+            ("ga/cosine", stats.cosine),
+            ("ga/fallback_tensors", float(stats.fallback_tensors)),
+        ):
+            log[key] = log.get(key, 0.0) + value
+        for branch in ("aligned", "mixed", "raw"):
+            log[f"ga/branch_{branch}"] = log.get(f"ga/branch_{branch}", 0.0) + float(stats.branch == branch)
+        self._ga_logged_steps += 1
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """`Trainer.log`, adding the `ga/*` means since the last training log to training logs (those with `loss`)."""
+        if "loss" in logs and self._ga_logged_steps > 0:
+            logs.update({key: value / self._ga_logged_steps for key, value in self._ga_log.items()})
+            self._ga_log, self._ga_logged_steps = {}, 0
+        super().log(logs, *args, **kwargs)
+
+    # ---- resumable state ----
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if not self.ga_args.gradient_alignment or not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        state = {
+            "sampler": self._ga_sampler.state_dict(),
+            "ref_grads": None if self._ga_ref_grads is None else [g.detach().cpu() for g in self._ga_ref_grads],
+            "ref_loss": self._ga_ref_loss,
+            "param_names": self._ga_param_names,
+        }
+        torch.save(state, os.path.join(folder, GA_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not self.ga_args.gradient_alignment:
+            return
+        path = os.path.join(checkpoint, GA_STATE_NAME)
+        if not os.path.isfile(path):
+            warnings.warn(
+                f"Resuming from {checkpoint} without {GA_STATE_NAME}: the reference-sample order restarts, so the "
+                "run will not match an uninterrupted one.",
+                stacklevel=2,
+            )
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["param_names"] != self._ga_param_names:
+            raise ValueError(f"{path} was saved for other gradient-alignment parameters than this model's.")
+        self._ga_sampler.load_state_dict(state["sampler"])
+        if state["ref_grads"] is not None:
+            params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+            self._ga_ref_grads = [
+                g.to(device=params[name].device, dtype=params[name].dtype)
+                for g, name in zip(state["ref_grads"], self._ga_param_names)
+            ]
+        self._ga_ref_loss = state["ref_loss"]
+
+
+class MuScleLoraTrainer(GradientAlignmentMixin, Trainer):
+    """`transformers.Trainer` with MuScleLoRA's gradient alignment; see [`GradientAlignmentMixin`].
+
+    Example:
+
+    ```py
+    >>> trainer = MuScleLoraTrainer(
+    ...     model=model,
+    ...     args=MuScleLoraTrainingArguments(output_dir="out", reference_split_size=96, ga_warmup_epochs=1,
+    ...                                      max_raw_grad_ratio=0.1, min_ref_loss=0.4, num_train_epochs=10),
+    ...     train_dataset=train, eval_dataset=dev, data_collator=collator, compute_metrics=compute_metrics,
+    ... )  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    ```
+    """

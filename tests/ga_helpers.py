@@ -1,0 +1,45 @@
+"""Tiny models and datasets shared by the gradient-alignment tests and the two-process DDP script."""
+
+from __future__ import annotations
+
+import datasets
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+VOCAB, SEQ_LEN = 40, 8
+
+
+def tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassification:
+    """A 1-layer BERT classifier with hidden size 16, built from a config (no download)."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=SEQ_LEN,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def token_dataset(rows: int, seed: int) -> datasets.Dataset:
+    """Random token rows of fixed length with a learnable label (is token 1 present?)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, VOCAB, (rows, SEQ_LEN), generator=generator)
+    labels = torch.randint(0, 2, (rows,), generator=generator)
+    input_ids[labels == 1, 0] = 1
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": input_ids.tolist(),
+            "attention_mask": torch.ones_like(input_ids).tolist(),
+            "labels": labels.tolist(),
+        }
+    )
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
