@@ -202,6 +202,7 @@ class InstructSettings:
     max_length: int = 160
     gradient_alignment: Optional[bool] = None
     reference_rows: int = 128
+    reference_batch_size: Optional[int] = None
     ga_warmup_epochs: float = 0.0
     max_raw_grad_ratio: float = 0.0
     min_ref_loss: float = 0.0
@@ -277,6 +278,7 @@ def _sft_trainer(method: str, settings: InstructSettings) -> tuple[Any, Any, dic
     kwargs = {
         "gradient_alignment": True,
         "reference_split_size": settings.reference_rows,
+        "reference_batch_size": settings.reference_batch_size,
         "ga_warmup_epochs": settings.ga_warmup_epochs,
         "max_raw_grad_ratio": settings.max_raw_grad_ratio,
         "min_ref_loss": settings.min_ref_loss,
