@@ -15,6 +15,7 @@ import os
 import random
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -306,6 +307,19 @@ def test_cli_train_with_load_in_4bit_records_it_and_eval_reloads_the_same_model(
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
+@pytest.mark.bitsandbytes
+@needs_bnb
+def test_musclelora_llama_runs_gradient_alignment_on_a_4bit_classifier(
+    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
+) -> None:
+    args = ["train", "--method", "musclelora-llama", "--train", str(attack_files["train"])]
+    args += ["--dev", str(attack_files["dev"]), "--model", str(tiny_llama_dir), "--load-in-4bit", "--quiet"]
+    args += ["--output-dir", str(tmp_path / "cell"), "--set", "num_train_epochs=1", "--set", "reference_split_size=4"]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "cell" / "metrics.json").read_text())
+    assert metrics["reference_rows"] == 4 and metrics["dev_rows_for_selection"] == 8 and metrics["steps"] == 2
+
+
 def test_load_in_4bit_is_a_flag_of_train_and_bench() -> None:
     from peft_musclelora.benchmark.cli import build_parser
 
@@ -380,20 +394,33 @@ def test_multi_token_label_words_are_refused() -> None:
         label_token_ids(_tiny_tokenizer(), InstructTemplate(label_words=(" negative review", " positive")))
 
 
-def test_predictions_are_the_likelier_label_word_at_the_answer_position(tiny_llama_dir: Path) -> None:
+class _LabelWordLM(torch.nn.Module):
+    """Says " positive" at the last position of rows containing "good", " negative" otherwise; the opposite earlier."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        super().__init__()
+        self.good = tokenizer.convert_tokens_to_ids("good")
+        self.negative, self.positive = label_token_ids(tokenizer)
+        self.vocab = len(tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        good = (input_ids == self.good).any(dim=1)
+        last = torch.where(good, self.positive, self.negative)
+        logits[torch.arange(len(input_ids)), -1, last] = 1.0
+        logits[:, :-1, self.negative] = torch.where(good, 5.0, 0.0)[:, None]  # earlier positions must be ignored
+        return SimpleNamespace(logits=logits)
+
+
+def test_predictions_are_the_likelier_label_word_at_the_last_prompt_position_despite_padding() -> None:
     tokenizer = _tiny_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    negative, positive = label_token_ids(tokenizer)
-    with torch.no_grad():  # make " positive" always likelier than " negative"
-        model.lm_head.weight[positive] = model.lm_head.weight[negative] + 0.0
-        model.lm_head.bias = None
-    texts = ["the film was good", "a dull plot and weak cast"]
-    with torch.no_grad():
-        model.lm_head.weight[positive] += 10 * model.model.norm.weight.sign()
-    assert (
-        predict_labels(model, tokenizer, texts, progress=False)
-        == predict_labels(model, tokenizer, list(reversed(texts)), progress=False)[::-1]
-    )
+    texts = ["good", "a dull plot and a very weak cast", "the film was good and the cast was fun"]
+    assert predict_labels(_LabelWordLM(tokenizer), tokenizer, texts, batch_size=3, progress=False) == [1, 0, 1]
+    assert tokenizer.padding_side == "right"  # restored after left-padded scoring
 
 
 @pytest.mark.bitsandbytes
@@ -404,13 +431,8 @@ def test_instruct_sft_on_4bit_trains_scores_and_reloads(
     tmp_path: Path,
 ) -> None:
     settings = InstructSettings(
-        r=4, mslr_target="down_proj", per_device_train_batch_size=8, max_length=48, gradient_alignment=None
-    )
-    try:
-        from peft_musclelora import MuScleLoraSFTTrainer  # noqa: F401
-    except ImportError:
-        settings.gradient_alignment = False  # before the GA trainer exists: plain SFTTrainer
-    settings.reference_rows = 8
+        r=4, mslr_target="down_proj", per_device_train_batch_size=8, max_length=48, reference_rows=8
+    )  # musclelora: MuScleLoraSFTTrainer, GA on 8 clean dev prompts
     result = train_instruct(
         "musclelora",
         attack_files["train"],
@@ -424,7 +446,7 @@ def test_instruct_sft_on_4bit_trains_scores_and_reloads(
         progress=False,
     )
     assert result["steps"] == 3 and 0.0 <= result["cacc"] <= 1.0 and 0.0 <= result["asr"] <= 1.0
-    assert result["peak_rss_mb"] > 0 and result["gradient_alignment"] == (settings.gradient_alignment is not False)
+    assert result["peak_rss_mb"] > 0 and result["gradient_alignment"] is True
     model, tokenizer, info = load_instruct_cell(tmp_path / "cell" / "adapter")
     assert info["load_in_4bit"] is True
     clean = load_records(attack_files["test_clean"], num_labels=2)
