@@ -23,6 +23,7 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     BitsAndBytesConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -116,7 +117,71 @@ def attack_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def write_tiny_gguf(path: Path, hidden: int = 128, inter: int = 256, seed: int = 0) -> Path:
+    """A random one-layer Llama GGUF (float32 tensors, a toy byte-level BPE vocabulary) written with `gguf`."""
+    import numpy as np
+
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(seed)
+    tokens = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(97, 123)] + ["\u0120", "\u0120a", "ab"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(inter)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_rope_dimension_count(hidden // 2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges(["\u0120 a", "a b"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output.weight": (len(tokens), hidden)}
+    for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+        shapes[f"blk.0.{name}.weight"] = (hidden, hidden)
+    shapes |= {"blk.0.ffn_gate.weight": (inter, hidden), "blk.0.ffn_up.weight": (inter, hidden)}
+    shapes["blk.0.ffn_down.weight"] = (hidden, inter)
+    for name, shape in shapes.items():
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
+    for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
+        writer.add_tensor(name, np.ones(hidden, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 # ---- export ------------------------------------------------------------------------------------------------------
+
+
+def test_export_of_a_gguf_gives_the_same_model_as_loading_the_gguf_directly(tmp_path: Path) -> None:
+    gguf_file = write_tiny_gguf(tmp_path / "tiny.gguf")
+    direct = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_file.name)
+    out = export_gguf_to_hf(gguf_file, tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[3, 4, 5, 29]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, direct(input_ids=ids).logits)
+    assert json.loads((out / EXPORT_MARKER).read_text())["source"] == str(gguf_file.resolve())
+    assert AutoTokenizer.from_pretrained(out)("ab a")["input_ids"] == [31, 30]  # merges survive the export
+
+
+@pytest.mark.bitsandbytes
+@needs_bnb
+def test_an_exported_gguf_loads_in_4bit_and_as_a_sequence_classifier(tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+
+    out = export_gguf_to_hf(write_tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "export")
+    causal = AutoModelForCausalLM.from_pretrained(out, quantization_config=NF4)
+    assert isinstance(causal.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    classifier = AutoModelForSequenceClassification.from_pretrained(out, num_labels=2, quantization_config=NF4)
+    assert type(classifier).__name__ == "LlamaForSequenceClassification"
+    assert classifier(input_ids=torch.tensor([[3, 4, 5]])).logits.shape == (1, 2)
 
 
 def test_export_writes_a_complete_cached_directory_and_skips_the_second_time(
