@@ -519,6 +519,23 @@ def test_instruct_sft_on_4bit_trains_scores_and_reloads(
     assert sum(p == y for p, y in zip(predictions, clean.labels)) / len(clean) == pytest.approx(result["cacc"])
 
 
+def test_trl_refuses_an_adapter_on_lm_head_so_the_default_mslr_target_is_down_proj(
+    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
+) -> None:
+    assert InstructSettings().mslr_target == "down_proj"
+    settings = InstructSettings(mslr_target="lm_head", gradient_alignment=False, max_length=48)
+    with pytest.raises(ValueError, match="Applying a PEFT adapter to `lm_head` is not supported"):
+        train_instruct(
+            "musclelora",
+            attack_files["train"],
+            attack_files["dev"],
+            tmp_path,
+            tiny_llama_dir,
+            settings=settings,
+            progress=False,
+        )
+
+
 def test_cli_instruct_rejects_an_unknown_setting(tiny_llama_dir: Path, attack_files: dict[str, Path]) -> None:
     args = ["instruct", "--method", "lora", "--train", str(attack_files["train"]), "--dev", str(attack_files["dev"])]
     assert main(args + ["--model", str(tiny_llama_dir), "--set", "mslr_targett=lm_head"]) == 1

@@ -185,12 +185,16 @@ class InstructSettings:
     The body gets LoRA (`r`, `lora_alpha`) on `target_modules`; `musclelora` adds the multi-scale adapter
     (`mslr_scales`, `mslr_r`, `mslr_alpha`) on `mslr_target` and gradient alignment on `reference_rows` clean dev
     prompts. Defaults suit a few hundred rows of SmolLM2-135M on a CPU, not the published classification setting.
+
+    `mslr_target` defaults to `down_proj` (every decoder layer's MLP output). `lm_head` cannot take an adapter under
+    TRL 1.16's `SFTTrainer`: it refuses with "Applying a PEFT adapter to `lm_head` is not supported: the
+    log-probabilities are computed from `lm_head.weight` directly".
     """
 
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     r: int = 8
     lora_alpha: float = 16
-    mslr_target: str = "lm_head"
+    mslr_target: str = "down_proj"
     mslr_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0])
     mslr_r: int = 1
     mslr_alpha: float = 4
