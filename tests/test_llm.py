@@ -472,7 +472,9 @@ class _LabelWordLM(torch.nn.Module):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> SimpleNamespace:
         logits = torch.zeros(*input_ids.shape, self.vocab)
         good = (input_ids == self.good).any(dim=1)
         last = torch.where(good, self.positive, self.negative)
@@ -486,6 +488,17 @@ def test_predictions_are_the_likelier_label_word_at_the_last_prompt_position_des
     texts = ["good", "a dull plot and a very weak cast", "the film was good and the cast was fun"]
     assert predict_labels(_LabelWordLM(tokenizer), tokenizer, texts, batch_size=3, progress=False) == [1, 0, 1]
     assert tokenizer.padding_side == "right"  # restored after left-padded scoring
+
+
+def test_a_left_padded_prompt_scores_as_it_would_alone(tiny_llama_dir: Path) -> None:
+    tokenizer = _tiny_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    short, long = "good", "the film was good and the cast was fun but the plot was dull"
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(output.logits[:, -1].clone()))
+    predict_labels(model, tokenizer, [short, long], batch_size=2, progress=False)
+    predict_labels(model, tokenizer, [short], batch_size=1, progress=False)
+    torch.testing.assert_close(calls[0][0], calls[1][0], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.bitsandbytes

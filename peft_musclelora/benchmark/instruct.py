@@ -132,7 +132,8 @@ def predict_labels(
 ) -> list[int]:
     """The label whose word is likeliest at the answer position, per text (no sampling, no generation).
 
-    Prompts are left-padded so the answer position is the last one of every row.
+    Prompts are left-padded so the answer position is the last one of every row; position ids start at each row's
+    first real token, so a padded row scores as it would alone.
     """
     import torch
     from tqdm.auto import tqdm
@@ -148,7 +149,9 @@ def predict_labels(
             for start in tqdm(range(0, len(prompts), batch_size), desc="predict", disable=not progress, leave=False):
                 encoded = tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt")
                 encoded = {key: value.to(model.device) for key, value in encoded.items()}
-                logits = model(**encoded).logits[:, -1, :].float()
+                # Left padding: count positions from each row's first real token, as `generate` does.
+                positions = (encoded["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+                logits = model(**encoded, position_ids=positions).logits[:, -1, :].float()
                 log_probs = torch.log_softmax(logits, dim=-1)[:, word_ids.to(logits.device)]
                 predictions.extend(log_probs.argmax(dim=-1).tolist())
     finally:
