@@ -12,6 +12,7 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
 from .config import MuScleLoraConfig
+from .frequency import FrequencyAnalysisCallback, FrequencyAnalyzer
 from .gradient_alignment import AlignmentStats, GradientAlignmentArguments, align_gradients
 from .heads import MSLRClassificationHead, add_mslr_classification_head, head_state_dict, llama_musclelora_config
 from .layer import Linear, MuScleLoraLayer
@@ -40,6 +41,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "MUSCLELORA_PEFT_TYPE",
     "AlignmentStats",
+    "FrequencyAnalysisCallback",
+    "FrequencyAnalyzer",
     "GradientAlignmentArguments",
     "GradientAlignmentMixin",
     "Linear",

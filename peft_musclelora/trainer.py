@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import os
 import re
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Subset
 from transformers import Trainer, TrainingArguments
@@ -19,7 +21,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .gradient_alignment import AlignmentStats, GradientAlignmentArguments, align_gradients
 
-GA_STATE_NAME = "gradient_alignment.pt"
+# Resumable GA state, in a folder of its own inside each checkpoint so the Trainer's weight loading never sees it:
+# JSON for the sampler and scalars, safetensors for the cached reference gradient (nothing is pickled).
+GA_STATE_DIR = "gradient_alignment"
+GA_STATE_NAME = "state.json"
+GA_REF_GRADS_NAME = "ref_grads.safetensors"
 
 
 @dataclass
@@ -388,36 +394,50 @@ class GradientAlignmentMixin:
         super()._save_checkpoint(model, trial)
         if not self.ga_args.gradient_alignment or not self.args.should_save:
             return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        checkpoint = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        folder = os.path.join(checkpoint, GA_STATE_DIR)
+        os.makedirs(folder, exist_ok=True)
         state = {
             "sampler": self._ga_sampler.state_dict(),
-            "ref_grads": None if self._ga_ref_grads is None else [g.detach().cpu() for g in self._ga_ref_grads],
             "ref_loss": self._ga_ref_loss,
             "param_names": self._ga_param_names,
+            "has_ref_grads": self._ga_ref_grads is not None,
         }
-        torch.save(state, os.path.join(folder, GA_STATE_NAME))
+        with open(os.path.join(folder, GA_STATE_NAME), "w") as file:
+            json.dump(state, file, indent=2)
+        if self._ga_ref_grads is not None:
+            tensors = {
+                name: grad.detach().cpu().contiguous() for name, grad in zip(self._ga_param_names, self._ga_ref_grads)
+            }
+            save_file(tensors, os.path.join(folder, GA_REF_GRADS_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or not self.ga_args.gradient_alignment:
             return
-        path = os.path.join(checkpoint, GA_STATE_NAME)
+        folder = os.path.join(checkpoint, GA_STATE_DIR)
+        path = os.path.join(folder, GA_STATE_NAME)
         if not os.path.isfile(path):
             warnings.warn(
-                f"Resuming from {checkpoint} without {GA_STATE_NAME}: the reference-sample order restarts, so the "
-                "run will not match an uninterrupted one.",
+                f"Resuming from {checkpoint} without {GA_STATE_DIR}/{GA_STATE_NAME}: the reference-sample order "
+                "restarts, so the run will not match an uninterrupted one.",
                 stacklevel=2,
             )
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path) as file:
+            state = json.load(file)
         if state["param_names"] != self._ga_param_names:
             raise ValueError(f"{path} was saved for other gradient-alignment parameters than this model's.")
         self._ga_sampler.load_state_dict(state["sampler"])
-        if state["ref_grads"] is not None:
+        if state["has_ref_grads"]:
+            saved = load_file(os.path.join(folder, GA_REF_GRADS_NAME))
             params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
             self._ga_ref_grads = [
-                g.to(device=params[name].device, dtype=params[name].dtype)
-                for g, name in zip(state["ref_grads"], self._ga_param_names)
+                # clone: a fresh, aligned allocation; kernels on a mapped buffer may round the last bit differently.
+                saved[name].to(device=params[name].device, dtype=params[name].dtype).clone()
+                for name in self._ga_param_names
             ]
         self._ga_ref_loss = state["ref_loss"]
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from ga_helpers import tiny_bert, token_dataset, trainable_state
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments, default_data_collator
 
@@ -26,6 +25,7 @@ from peft_musclelora import (
     align_gradients,
 )
 from peft_musclelora.gradient_alignment import select_branch
+from tests.ga_helpers import tiny_bert, token_dataset, trainable_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -374,7 +374,10 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
 
     uninterrupted = run(None)
     checkpoint = tmp_path / "out" / "checkpoint-3"
-    assert (checkpoint / "gradient_alignment.pt").is_file()
+    # The resumable state is JSON plus safetensors: nothing that loading would unpickle.
+    assert (checkpoint / "gradient_alignment" / "state.json").is_file()
+    assert (checkpoint / "gradient_alignment" / "ref_grads.safetensors").is_file()
+    assert not list((checkpoint / "gradient_alignment").glob("*.pt"))
     resumed = run(str(checkpoint))
     for name in uninterrupted:
         assert torch.equal(uninterrupted[name], resumed[name]), name

@@ -1,4 +1,4 @@
-"""The `musclelora` command: `train`, `eval`, `bench`, `presets`, `instruct` and `export-model`.
+"""The `musclelora` command: `train`, `eval`, `bench`, `presets`, `analyze`, `instruct` and `export-model`.
 
 Run `musclelora <command> --help` for the options of each. Exit code 0 on success, 2 on a usage error, 1 on a
 data/model error (printed as one line).
@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+from .analyze import add_analyze_parser, run_analyze
 from .data import SharedData
 from .methods import PRESETS, QUICK_OVERRIDES, get_preset
 
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", default="musclelora-out", help="Output directory (default musclelora-out)")
     train.add_argument("--print-preset", action="store_true", help="Print the preset with overrides and exit")
     _add_common(train)
+
+    add_analyze_parser(sub)
 
     evaluate = sub.add_parser("eval", help="Evaluate a saved adapter", description="Evaluate a saved cell.")
     evaluate.add_argument("--adapter", required=True, help="The adapter directory written by `train`")
@@ -472,6 +475,7 @@ COMMANDS = {
     "presets": _cmd_presets,
     "instruct": _cmd_instruct,
     "export-model": _cmd_export,
+    "analyze": run_analyze,
 }
 
 
