@@ -50,6 +50,24 @@ class MuScleLoraTrainingArguments(TrainingArguments, GradientAlignmentArguments)
         self.validate_gradient_alignment_args(self.num_train_epochs if epoch_bounded else None)
 
 
+def reference_split_indices(num_rows: int, size: int, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of `num_rows` row indices into `size` reference rows and the rest, both sorted.
+
+    This is the split `reference_split_size` makes; the benchmark's baselines use it too, so that `clean-only`
+    trains on exactly the rows gradient alignment uses as references. With the same seed, a larger `size` contains
+    every row of a smaller one (both are prefixes of one permutation).
+
+    Example:
+
+    ```py
+    >>> reference_split_indices(6, 2, seed=0)
+    ([2, 5], [0, 1, 3, 4])
+    ```
+    """
+    permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(permutation[:size]), sorted(permutation[size:])
+
+
 class _ReferenceSampler:
     """Seeded, resumable cycle over `n` reference indices: a fresh permutation (seed + cycle) per pass."""
 
@@ -218,9 +236,7 @@ class GradientAlignmentMixin:
                 f"`reference_split_size` ({split_size}) must be smaller than the eval dataset ({size} rows) so that "
                 "rows are left for evaluation (or equal to it with eval_strategy='no')."
             )
-        generator = torch.Generator().manual_seed(self._ga_seed)
-        permutation = torch.randperm(size, generator=generator).tolist()
-        reference_idx, rest_idx = sorted(permutation[:split_size]), sorted(permutation[split_size:])
+        reference_idx, rest_idx = reference_split_indices(size, split_size, self._ga_seed)
         if hasattr(eval_dataset, "select"):  # datasets.Dataset
             reference, rest = eval_dataset.select(reference_idx), eval_dataset.select(rest_idx)
         else:

@@ -96,7 +96,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _split_trusted_rows(records: list[Any], size: int, seed: int) -> tuple[list[Any], list[Any]]:
-    """Seeded split of clean dev rows into GA references and the rest (which the analysis then uses)."""
+    """The trainer's seeded split of clean dev rows into GA references and the rest (which the analysis uses)."""
     if size >= len(records):
         raise ValueError(
             f"reference_split_size ({size}) must be smaller than the clean dev set ({len(records)} rows)."

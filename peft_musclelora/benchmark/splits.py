@@ -33,7 +33,7 @@ def reference_split(num_rows: int, size: int, seed: int) -> tuple[list[int], lis
     Raises:
         NotApplicable: `size` is not in `[1, num_rows)` (at least one row must be left for selection).
     """
-    import torch
+    from peft_musclelora.trainer import reference_split_indices
 
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise NotApplicable(f"reference_split_size must be an integer >= 1, got {size!r}.")
@@ -42,8 +42,7 @@ def reference_split(num_rows: int, size: int, seed: int) -> tuple[list[int], lis
             f"no trusted rows to spare: reference_split_size={size} needs more than {size} clean dev rows, "
             f"the dev set has {num_rows}."
         )
-    permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(permutation[:size]), sorted(permutation[size:])
+    return reference_split_indices(num_rows, size, seed)
 
 
 def split_trusted(dev: LoadedData, size: int, seed: int) -> tuple[LoadedData, LoadedData]:

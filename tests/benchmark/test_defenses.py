@@ -134,12 +134,10 @@ def test_reference_split_is_seeded_disjoint_and_complete() -> None:
 
 
 def test_reference_split_matches_the_gradient_alignment_trainer(tmp_path: Path) -> None:
-    try:
-        from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
-    except ImportError:
-        pytest.skip("MuScleLoraTrainer is not in this tree yet (the ga branch)")
     import datasets
     from transformers import BertConfig, BertForSequenceClassification
+
+    from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
 
     dev = datasets.Dataset.from_dict({"input_ids": [[2, i % 20 + 5, 3] for i in range(50)], "label": [0, 1] * 25})
     model = BertForSequenceClassification(
