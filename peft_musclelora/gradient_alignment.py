@@ -283,6 +283,14 @@ class GradientAlignmentArguments:
         default=None,
         metadata={"help": "Seed of the reference split and of the reference-sample order. Default: the run's seed."},
     )
+    reference_dropout: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep dropout active in the reference pass, as the reference implementation did. Default False: "
+            "the reference gradient is taken without dropout (a less noisy estimate of the clean direction, and a "
+            "cheaper pass); gradient checkpointing stays on either way."
+        },
+    )
     ga_params: Optional[str] = field(
         default=None,
         metadata={
@@ -313,6 +321,8 @@ class GradientAlignmentArguments:
             )
         _check_number("min_ref_loss", self.min_ref_loss, low=0.0, allowed=">= 0")
         _check_number("min_ref_grad_norm", self.min_ref_grad_norm, low=0.0, allowed=">= 0")
+        if not isinstance(self.reference_dropout, bool):
+            raise TypeError(f"`reference_dropout` must be True or False, got {self.reference_dropout!r}.")
         if isinstance(self.ga_every_n_steps, bool) or not isinstance(self.ga_every_n_steps, int):
             raise TypeError(f"`ga_every_n_steps` must be an integer >= 1, got {self.ga_every_n_steps!r}.")
         if self.ga_every_n_steps < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -48,6 +49,23 @@ class MuScleLoraTrainingArguments(TrainingArguments, GradientAlignmentArguments)
         super().__post_init__()
         epoch_bounded = self.max_steps is None or self.max_steps <= 0
         self.validate_gradient_alignment_args(self.num_train_epochs if epoch_bounded else None)
+
+
+@contextlib.contextmanager
+def _dropout_disabled(model: torch.nn.Module) -> Any:
+    """Every module in eval mode (dropout off) except those that hold `gradient_checkpointing`, restored on exit.
+
+    transformers checks `self.gradient_checkpointing and self.training` on the module that owns the flag, so keeping
+    only those modules in train mode keeps activation memory the same as in the training pass.
+    """
+    saved = [(module, module.training) for module in model.modules()]
+    try:
+        for module, _ in saved:
+            module.training = getattr(module, "gradient_checkpointing", False) is True
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
 
 
 def reference_split_indices(num_rows: int, size: int, seed: int) -> tuple[list[int], list[int]]:
@@ -361,22 +379,24 @@ class GradientAlignmentMixin:
         # reference gradients are averaged across ranks explicitly below.
         forward_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         forward_model.train()
+        mode = contextlib.nullcontext() if self.ga_args.reference_dropout else _dropout_disabled(forward_model)
         chunk = self.args.per_device_train_batch_size
         ref_grads: Optional[list[torch.Tensor]] = None
         total_loss = torch.zeros((), device=self.args.device)
-        for start in range(0, len(indices), chunk):
-            rows = indices[start : start + chunk]
-            inputs = self._prepare_inputs(collator([dataset[i] for i in rows]))
-            weight = len(rows) / len(indices)
-            loss = self.compute_reference_loss(forward_model, inputs)
-            grads = torch.autograd.grad(loss * weight, params, allow_unused=True)
-            total_loss += loss.detach().float() * weight
-            if ref_grads is None:
-                ref_grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-            else:
-                for buffer, g in zip(ref_grads, grads):
-                    if g is not None:
-                        buffer.add_(g)
+        with mode:
+            for start in range(0, len(indices), chunk):
+                rows = indices[start : start + chunk]
+                inputs = self._prepare_inputs(collator([dataset[i] for i in rows]))
+                weight = len(rows) / len(indices)
+                loss = self.compute_reference_loss(forward_model, inputs)
+                grads = torch.autograd.grad(loss * weight, params, allow_unused=True)
+                total_loss += loss.detach().float() * weight
+                if ref_grads is None:
+                    ref_grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+                else:
+                    for buffer, g in zip(ref_grads, grads):
+                        if g is not None:
+                            buffer.add_(g)
         if world > 1:
             ref_grads = self.accelerator.reduce(ref_grads, reduction="mean")
             total_loss = self.accelerator.reduce(total_loss, reduction="mean")

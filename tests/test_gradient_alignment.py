@@ -187,6 +187,7 @@ def test_published_bert_preset_is_expressible(tmp_path):
         ("reference_seed", "7", TypeError, r"reference_seed"),
         ("ga_params", "lora_(", ValueError, r"ga_params.*regex"),
         ("gradient_alignment", "yes", TypeError, r"gradient_alignment"),
+        ("reference_dropout", "no", TypeError, r"reference_dropout.*'no'"),
     ],
 )
 def test_invalid_arguments_are_rejected_naming_field_and_value(tmp_path, field, value, error, message):
@@ -390,6 +391,58 @@ def test_reference_gradient_is_reused_between_refreshes(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "_reference_gradients", lambda *a: calls.append(1) or original(*a))
     trainer.train()
     assert trainer.state.global_step == 8 and len(calls) == 3  # steps 0, 3, 6
+
+
+def _capture_reference_pass(trainer, monkeypatch) -> dict:
+    """Record the reference gradients handed to `align_gradients` and the module modes seen by the reference loss."""
+    seen: dict = {}
+    original_loss, original_align = trainer.compute_reference_loss, peft_musclelora.trainer.align_gradients
+
+    def reference_loss(model, inputs):
+        seen.setdefault("modes", {name: module.training for name, module in model.named_modules()})
+        return original_loss(model, inputs)
+
+    def align(grads, ref_grads, **kwargs):
+        seen.setdefault("ref_grads", [g.detach().clone() for g in ref_grads])
+        return original_align(grads, ref_grads, **kwargs)
+
+    monkeypatch.setattr(trainer, "compute_reference_loss", reference_loss)
+    monkeypatch.setattr(peft_musclelora.trainer, "align_gradients", align)
+    return seen
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_reference_gradient_is_taken_without_dropout_by_default(tmp_path, monkeypatch, checkpointing):
+    model = tiny_bert(dropout=0.5)
+    start = copy.deepcopy(model).eval()
+    args = make_args(
+        tmp_path, max_steps=1, per_device_train_batch_size=8, reference_batch_size=8,
+        gradient_checkpointing=checkpointing,
+    )  # fmt: skip
+    trainer = make_trainer(tmp_path, model=model, args=args, reference_rows=8)
+    seen = _capture_reference_pass(trainer, monkeypatch)
+    trainer.train()
+
+    batch = {k: torch.tensor(v) for k, v in token_dataset(8, seed=2).to_dict().items()}
+    params = [p for p in start.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(start(**batch).loss, params, allow_unused=True)
+    for got, want in zip(seen["ref_grads"], expected):
+        torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, atol=1e-6, rtol=1e-4)
+    modules = dict(trainer.model.named_modules())
+    dropout_modes = [seen["modes"][name] for name, m in modules.items() if isinstance(m, torch.nn.Dropout)]
+    assert dropout_modes and not any(dropout_modes)
+    checkpointed = [name for name, m in modules.items() if getattr(m, "gradient_checkpointing", None) is True]
+    assert bool(checkpointed) == checkpointing, "the tiny BERT must expose the checkpointing flag"
+    assert all(seen["modes"][name] for name in checkpointed), "checkpointing stays on in the reference pass"
+    assert all(module.training for module in trainer.model.modules()), "train mode is restored afterwards"
+
+
+def test_reference_dropout_keeps_the_reference_pass_in_train_mode(tmp_path, monkeypatch):
+    args = make_args(tmp_path, max_steps=1, reference_dropout=True)
+    trainer = make_trainer(tmp_path, model=tiny_bert(dropout=0.5), args=args)
+    seen = _capture_reference_pass(trainer, monkeypatch)
+    trainer.train()
+    assert all(seen["modes"].values())
 
 
 def test_load_best_model_at_end_with_evaluation_during_training(tmp_path):

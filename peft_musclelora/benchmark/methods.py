@@ -131,6 +131,12 @@ class TrainingSettings:
     min_ref_loss: float = field(default=0.4, metadata={"help": "GA gate: below this reference loss, no alignment."})
     min_ref_grad_norm: float = field(default=5e-7, metadata={"help": "GA gate: min mean reference-gradient norm."})
     ga_every_n_steps: int = field(default=1, metadata={"help": "Align the gradient every n-th step."})
+    reference_dropout: bool = field(
+        default=False, metadata={"help": "Keep dropout on in the GA reference pass (the reference implementation)."}
+    )
+    ga_params: Optional[str] = field(
+        default=None, metadata={"help": "Regex: align only matching trainable parameters (None: all)."}
+    )
     max_train_rows: Optional[int] = field(default=None, metadata={"help": "Seeded subsample of the training set."})
     max_dev_rows: Optional[int] = field(default=None, metadata={"help": "Seeded subsample of the dev set."})
     max_test_rows: Optional[int] = field(default=None, metadata={"help": "Seeded subsample of each test set."})
@@ -168,6 +174,8 @@ class TrainingSettings:
             "min_ref_loss": self.min_ref_loss,
             "min_ref_grad_norm": self.min_ref_grad_norm,
             "ga_every_n_steps": self.ga_every_n_steps,
+            "reference_dropout": self.reference_dropout,
+            "ga_params": self.ga_params,
         }
 
     def training_arguments_kwargs(self, output_dir: str, seed: int) -> dict[str, Any]:

@@ -37,6 +37,8 @@ def test_musclelora_is_the_published_recipe() -> None:
         "min_ref_loss": 0.4,
         "min_ref_grad_norm": 5e-7,
         "ga_every_n_steps": 1,
+        "reference_dropout": False,  # the library default; `--set reference_dropout=true` is the reference's pass
+        "ga_params": None,
     }
 
 
