@@ -1,4 +1,5 @@
-"""Named, documented method presets for the benchmark: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, and the
+"""Named, documented method presets for the benchmark: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`,
+`ga-lora-tuned` (this project's recipe), and the
 decoder-LLM presets `lora-llama` / `musclelora-llama` (the reference's Llama-2 hyper-parameters).
 
 A preset is a [`MethodPreset`]: a name, a description, [`AdapterSettings`] (what the PEFT config is built from) and
@@ -402,6 +403,20 @@ PRESETS: dict[str, MethodPreset] = {
             "classifier frozen at random init, no multi-scale adapter. " + _COMMON,
             adapter=AdapterSettings(kind="lora", freeze_head=True),
             training=TrainingSettings(gradient_alignment=True),
+        ),
+        MethodPreset(
+            name="ga-lora-tuned",
+            description="This project's gradient-alignment recipe for small encoders (docs/results.md): plain LoRA "
+            "r 8 / alpha 32 with a trainable classifier, GA on every step (warm-up 0, raw ratio 0, min reference loss "
+            "0) with 400 clean-dev references (removed from dev). " + _COMMON,
+            adapter=AdapterSettings(kind="lora"),
+            training=TrainingSettings(
+                gradient_alignment=True,
+                reference_split_size=400,
+                ga_warmup_epochs=0.0,
+                max_raw_grad_ratio=0.0,
+                min_ref_loss=0.0,
+            ),
         ),
         MethodPreset(
             name="lora-llama",

@@ -10,16 +10,17 @@ from peft_musclelora.benchmark.cli import main
 from peft_musclelora.benchmark.methods import PRESETS, get_preset
 
 
-def test_the_five_presets_exist_with_the_measured_defaults() -> None:
-    assert list(PRESETS) == ["full", "lora", "mslr", "musclelora", "ga-lora", "lora-llama", "musclelora-llama"]
-    for preset in (PRESETS[name] for name in ("full", "lora", "mslr", "musclelora", "ga-lora")):
+def test_the_encoder_presets_exist_with_the_measured_defaults() -> None:
+    encoder = ["full", "lora", "mslr", "musclelora", "ga-lora", "ga-lora-tuned"]
+    assert list(PRESETS) == encoder + ["lora-llama", "musclelora-llama"]
+    for preset in (PRESETS[name] for name in encoder):
         assert preset.training.max_length == 64 and preset.training.per_device_train_batch_size == 32
         assert preset.training.num_train_epochs == 3 and preset.description
     assert PRESETS["lora"].training.learning_rate == 2e-4
 
 
 def test_reference_choices_freeze_the_head_and_lora_trains_it() -> None:
-    assert not PRESETS["lora"].adapter.freeze_head
+    assert not PRESETS["lora"].adapter.freeze_head and not PRESETS["ga-lora-tuned"].adapter.freeze_head
     assert all(PRESETS[name].adapter.freeze_head for name in ("mslr", "musclelora", "ga-lora"))
 
 
@@ -42,13 +43,21 @@ def test_musclelora_is_the_published_recipe() -> None:
     }
 
 
+def test_tuned_recipe_aligns_every_step_on_400_references() -> None:
+    kwargs = PRESETS["ga-lora-tuned"].training.ga_kwargs()
+    assert kwargs["reference_split_size"] == 400
+    assert (kwargs["ga_warmup_epochs"], kwargs["max_raw_grad_ratio"], kwargs["min_ref_loss"]) == (0.0, 0.0, 0.0)
+
+
 def test_ga_presets_build_ga_arguments_and_the_others_do_not() -> None:
     for name, preset in PRESETS.items():
         kwargs = preset.training.training_arguments_kwargs("out", seed=3)
         assert (
             kwargs["seed"] == 3 and kwargs["metric_for_best_model"] == "accuracy" and kwargs["load_best_model_at_end"]
         )
-        assert kwargs.get("gradient_alignment", False) == (name in ("musclelora", "ga-lora", "musclelora-llama"))
+        assert kwargs.get("gradient_alignment", False) == (
+            name in ("musclelora", "ga-lora", "ga-lora-tuned", "musclelora-llama")
+        )
 
 
 def test_non_ga_arguments_are_valid_transformers_training_arguments(tmp_path) -> None:
