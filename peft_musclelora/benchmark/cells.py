@@ -3,9 +3,9 @@
 [`run_method`] is what `musclelora bench` runs per (attack, method, seed). Every cell writes the same
 `metrics.json` fields (status, CACC, ASR, false-target rate, train time) plus what the method adds:
 
-* `clean-only` — undefended LoRA (`lora` preset, 20 epochs by default) trained on the trusted rows alone: exactly
-  the `reference_split_size` rows gradient alignment would use as references (same seeded split,
-  [`split_trusted`]), removed from dev; the checkpoint is chosen on the rest of clean dev.
+* `clean-only` — undefended LoRA (`lora` preset, `clean_only_epochs` = 20 epochs by default) trained on the
+  trusted rows alone: exactly the `reference_split_size` rows gradient alignment would use as references (same
+  seeded split, [`split_trusted`]), removed from dev; the checkpoint is chosen on the rest of clean dev.
 * `oracle` — `lora` trained on the attack's `train-clean.csv` (the unpoisoned training set, which no defender has);
   its ASR is the floor a backdoor-free model reaches. n/a when the data has no such file.
 * filters (`zdefence`, `bki`, `cube`) — the filter sees the (subsampled) poisoned training set, `lora` is trained
@@ -35,7 +35,6 @@ from .methods import PRESETS, get_preset, parse_value
 from .splits import NotApplicable, split_trusted
 
 BASELINES = ("clean-only", "oracle")
-CLEAN_ONLY_EPOCHS = 20
 _FILTER_NEEDS_MODEL = ("bki", "cube")
 
 
@@ -187,7 +186,7 @@ def run_method(
             trusted,
             rest,
             directory,
-            overrides=[f"num_train_epochs={CLEAN_ONLY_EPOCHS}", *preset_overrides, *no_subsample],
+            overrides=[*preset_overrides, *no_subsample, f"num_train_epochs={training.clean_only_epochs}"],
             extra=extra,
             **common,
         )

@@ -138,6 +138,13 @@ class TrainingSettings:
     ga_params: Optional[str] = field(
         default=None, metadata={"help": "Regex: align only matching trainable parameters (None: all)."}
     )
+    clean_only_epochs: float = field(
+        default=20.0,
+        metadata={
+            "help": "Epochs of the clean-only baseline, which trains on the few trusted rows alone (num_train_epochs "
+            "does not apply to it)."
+        },
+    )
     max_train_rows: Optional[int] = field(default=None, metadata={"help": "Seeded subsample of the training set."})
     max_dev_rows: Optional[int] = field(default=None, metadata={"help": "Seeded subsample of the dev set."})
     max_test_rows: Optional[int] = field(default=None, metadata={"help": "Seeded subsample of each test set."})
@@ -156,10 +163,10 @@ class TrainingSettings:
                 raise ValueError(f"{name} must be >= 1 or None, got {value!r}.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
-        if self.learning_rate <= 0 or self.num_train_epochs <= 0:
+        if self.learning_rate <= 0 or self.num_train_epochs <= 0 or self.clean_only_epochs <= 0:
             raise ValueError(
-                "learning_rate and num_train_epochs must be > 0, "
-                f"got {self.learning_rate!r}, {self.num_train_epochs!r}."
+                "learning_rate, num_train_epochs and clean_only_epochs must be > 0, "
+                f"got {self.learning_rate!r}, {self.num_train_epochs!r}, {self.clean_only_epochs!r}."
             )
 
     def ga_kwargs(self) -> dict[str, Any]:
@@ -466,6 +473,7 @@ PRESETS: dict[str, MethodPreset] = {
 #: Overrides of `musclelora bench --preset quick`: a small seeded subsample and one epoch (labelled quick in outputs).
 QUICK_OVERRIDES: dict[str, str] = {
     "num_train_epochs": "1",
+    "clean_only_epochs": "5",
     "max_train_rows": "480",
     "max_dev_rows": "128",
     "max_test_rows": "200",

@@ -346,6 +346,7 @@ def test_bench_runs_baselines_and_defenses_and_marks_what_the_data_lacks_na(tiny
     trusted = json.loads((cells / "badnets" / "clean-only" / "seed0" / "metrics.json").read_text())
     assert trusted["status"] == "ok" and trusted["trusted_rows"] == 16 and trusted["dev_rows_for_selection"] == 32
     assert trusted["data"]["train"]["rows"] == 16 and trusted["data"]["train"]["poisoned"] == 0
+    assert trusted["preset"]["training"]["num_train_epochs"] == 5, "clean-only keeps its own epochs (quick: 5)"
     zdef = json.loads((cells / "badnets" / "zdefence" / "seed0" / "metrics.json").read_text())
     # 200 rows: "cf" has z 4.05, the strongest sentiment word 3.5
     assert zdef["defense"]["poisoned_recall"] == 1.0 and zdef["defense"]["clean_kept_rate"] == 1.0
