@@ -1,4 +1,4 @@
-"""The trusted-data curve: CACC and ASR of `musclelora` and `clean-only` against the number of trusted clean rows.
+"""The trusted-data curve: CACC and ASR of a GA method and `clean-only` against the number of trusted clean rows.
 
 METHOD.md found the size of the trusted clean set to be the strongest knob of gradient alignment, and LoRA trained
 on the trusted rows alone to be a strong baseline. `musclelora curve` runs both for several trusted-row counts
@@ -60,9 +60,9 @@ def curve_table(rows: list[dict[str, Any]], preset: str, model: str) -> str:
     lines = [
         f"# Trusted-data curve ({title})",
         "",
-        f"Model: `{model}`. For each trusted-row count N, `musclelora` uses N clean-dev rows as GA references and "
-        "`clean-only` trains LoRA on the same N rows alone; both remove them from dev. CACC, ASR, false-target "
-        "rate in %, mean ± std over seeds.",
+        f"Model: `{model}`. For each trusted-row count N, methods with gradient alignment use N clean-dev rows as "
+        "references and `clean-only` trains LoRA on the same N rows alone; all remove them from dev. CACC, ASR, "
+        "false-target rate in %, mean ± std over seeds.",
         "",
         "| attack | trusted rows | method | seeds | CACC | ASR | false-target rate | train time (s) |",
         "|---|---|---|---|---|---|---|---|",
