@@ -31,7 +31,15 @@ from typing import Any, Optional, Union
 
 from .data import LoadedData
 from .metrics import attack_success_rate, clean_accuracy, false_target_rate
-from .runner import DataSource, _as_data, _write_json, load_tokenizer, peak_rss_megabytes, versions
+from .runner import (
+    DataSource,
+    _as_data,
+    _write_json,
+    load_tokenizer,
+    peak_rss_megabytes,
+    reset_peak_rss,
+    versions,
+)
 
 INSTRUCT_METHODS = ("lora", "musclelora")
 ADAPTER_DIRNAME = "adapter"
@@ -338,6 +346,7 @@ def train_instruct(
     from transformers import set_seed
 
     settings = settings or InstructSettings()
+    reset_peak_rss()
     if (test_clean is None) != (test_poison is None):
         raise ValueError("test_clean and test_poison must be given together (or neither).")
     trainer_cls, config_cls, ga_kwargs = _sft_trainer(method, settings)

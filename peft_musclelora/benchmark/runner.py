@@ -270,8 +270,29 @@ def score(
     }
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-memory window for [`peak_rss_megabytes`] (Linux `/proc/self/clear_refs`); False if unsupported.
+
+    A bench runs many cells in one process; without the reset each cell's peak would include every earlier one.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_megabytes() -> Optional[float]:
-    """Peak resident memory of this process so far in MiB (`resource.getrusage`), None where unavailable."""
+    """Peak resident memory in MiB since the last [`reset_peak_rss`] (Linux `VmHWM`), else of the whole process so far
+    (`resource.getrusage`); None where neither is available."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows
@@ -340,6 +361,7 @@ def train_cell(
     preset = get_preset(method) if isinstance(method, str) else method
     preset = preset.with_overrides(overrides)
     training = preset.training
+    reset_peak_rss()
     if (test_clean is None) != (test_poison is None):
         raise ValueError("test_clean and test_poison must be given together (or neither).")
     if training.gradient_alignment:

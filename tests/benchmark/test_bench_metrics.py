@@ -42,3 +42,16 @@ def test_backdoor_metrics_bundles_the_three() -> None:
 def test_errors(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_peak_memory_window_restarts_per_cell() -> None:
+    from peft_musclelora.benchmark.runner import peak_rss_megabytes, reset_peak_rss
+
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs on this platform")
+    blob = bytearray(200 * 1024 * 1024)  # touch 200 MiB, then free it
+    blob[::4096] = b"x" * len(blob[::4096])
+    high = peak_rss_megabytes()
+    del blob
+    reset_peak_rss()
+    assert peak_rss_megabytes() < high - 150, "the peak of an earlier cell must not leak into the next one"
