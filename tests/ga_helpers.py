@@ -1,4 +1,4 @@
-"""Tiny models and datasets shared by the gradient-alignment tests and the two-process DDP script."""
+"""Tiny models and datasets shared by the gradient-alignment and frequency tests and the two-process DDP script."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import BertForSequenceClassification, Trainer, TrainingArguments
 
 import peft_musclelora.frequency as frequency
 from peft_musclelora.frequency import (
@@ -22,10 +22,7 @@ from peft_musclelora.frequency import (
     relative_errors,
     split_frequencies,
 )
-
-SEQ_LEN = 8
-VOCAB = 40
-
+from tests.ga_helpers import SEQ_LEN, VOCAB, tiny_bert
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The filter on hand-made data
@@ -134,19 +131,7 @@ def test_relative_errors_reject_mismatched_shapes():
 
 
 def tiny_model(seed: int = 0, dropout: float = 0.2) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=SEQ_LEN,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(config)
+    return tiny_bert(seed=seed, dropout=dropout)
 
 
 def token_batch(n: int, seed: int, trigger: bool = False) -> dict[str, torch.Tensor]:
