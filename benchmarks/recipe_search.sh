@@ -12,3 +12,7 @@ common=(--attacks addsent --seeds 0 --quiet --set max_train_rows=2000 --set num_
 musclelora bench "${common[@]}" --set freeze_head=false --set ga_params=lora_ --methods ga-lora --output-dir "$out/headraw"
 # trainable classifier, GA on every trainable tensor (what became ga-lora-tuned)
 musclelora bench "${common[@]}" --set freeze_head=false --methods ga-lora --output-dir "$out/headga"
+# the tuned recipe with subspace alignment: g projected onto the span of the last 8 reference gradients
+musclelora bench --attacks addsent --seeds 0 --quiet --set max_train_rows=2000 --set num_train_epochs=2 \
+    --set learning_rate=1e-3 --set reference_split_size=400 --no-plot --set ga_subspace_size=8 \
+    --methods ga-lora-tuned --output-dir "$out/subspace8"

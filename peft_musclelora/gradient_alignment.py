@@ -101,6 +101,7 @@ def align_gradients(
     min_ref_loss: float = 0.0,
     min_ref_grad_norm: float = 5e-7,
     inplace: bool = False,
+    ref_history: Optional[Sequence[Sequence[Optional[torch.Tensor]]]] = None,
 ) -> tuple[list[Optional[torch.Tensor]], AlignmentStats]:
     """Align training gradients with reference gradients, tensor by tensor.
 
@@ -118,6 +119,10 @@ def align_gradients(
         num_epochs: Total epochs of the run (for the mixing weight).
         ga_warmup_epochs, max_raw_grad_ratio, min_ref_loss, min_ref_grad_norm: See [`GradientAlignmentArguments`].
         inplace: Write the result into `grads` instead of allocating new tensors.
+        ref_history: Earlier reference gradients (each the same structure as `ref_grads`). When given, `g_a` is the
+            orthogonal projection of `g` onto the span of `g_c` and the earlier ones (per tensor), with its `g_c`
+            component reflected to the positive side when `<g, g_c> < 0`; with no history this is exactly the
+            formula above. Zero or non-finite earlier gradients are left out of the span.
 
     Returns:
         The new gradients and an [`AlignmentStats`].
@@ -177,12 +182,15 @@ def align_gradients(
             if not usable:
                 fallbacks += 1
                 continue
-            coefficient = abs(dot_l[k]) / c_sq_l[k]
-            c = c.to(device=g.device, dtype=g.dtype)
-            if branch == "aligned":
-                g.copy_(c).mul_(coefficient)
+            earlier = [h[i] for h in ref_history or () if h[i] is not None]
+            if earlier:
+                aligned = _subspace_projection(g, c, earlier, dot_l[k], c_sq_l[k])
             else:
-                g.mul_(mu).add_(c, alpha=(1.0 - mu) * coefficient)
+                aligned = c.to(device=g.device, dtype=g.dtype) * (abs(dot_l[k]) / c_sq_l[k])
+            if branch == "aligned":
+                g.copy_(aligned)
+            else:
+                g.mul_(mu).add_(aligned, alpha=1.0 - mu)
 
     stats = AlignmentStats(
         branch=branch,
@@ -194,6 +202,30 @@ def align_gradients(
         num_tensors=len(present),
     )
     return out, stats
+
+
+def _subspace_projection(
+    g: torch.Tensor, c: torch.Tensor, earlier: list[torch.Tensor], dot: float, c_sq: float
+) -> torch.Tensor:
+    """Projection of `g` onto span(c, *earlier), its `c` component made non-negative (the 1-D rule's absolute value).
+
+    Solved through the small Gram matrix in float64; directions with eigenvalue below 1e-10 of the largest are
+    dropped, so nearly parallel earlier gradients do not amplify noise.
+    """
+    flat = [c.reshape(-1).to(device=g.device, dtype=torch.float64)]
+    for e in earlier:
+        e64 = e.reshape(-1).to(device=g.device, dtype=torch.float64)
+        if bool(torch.isfinite(e64).all()) and bool(e64.any()):
+            flat.append(e64)
+    basis = torch.stack(flat)
+    gram = basis @ basis.T
+    values, vectors = torch.linalg.eigh(gram)
+    keep = values > values.max() * 1e-10
+    inverse = (vectors[:, keep] / values[keep]) @ vectors[:, keep].T
+    projection = basis.T @ (inverse @ (basis @ g.reshape(-1).to(torch.float64)))
+    if dot < 0:  # <P g, c> = <g, c>: reflect the c component so the update descends the reference loss
+        projection -= (2.0 * dot / c_sq) * flat[0]
+    return projection.reshape(g.shape).to(g.dtype)
 
 
 def _check_number(name: str, value: object, *, low: float, high: float = math.inf, allowed: str) -> None:
@@ -283,6 +315,14 @@ class GradientAlignmentArguments:
         default=None,
         metadata={"help": "Seed of the reference split and of the reference-sample order. Default: the run's seed."},
     )
+    ga_subspace_size: int = field(
+        default=1,
+        metadata={
+            "help": "Project g onto the span of the current and the n-1 previous reference gradients (per tensor) "
+            "instead of onto the current one alone. 1 is the published projection. A research knob: more of the "
+            "training gradient passes, still only inside directions the trusted data produced."
+        },
+    )
     reference_dropout: bool = field(
         default=False,
         metadata={
@@ -321,6 +361,10 @@ class GradientAlignmentArguments:
             )
         _check_number("min_ref_loss", self.min_ref_loss, low=0.0, allowed=">= 0")
         _check_number("min_ref_grad_norm", self.min_ref_grad_norm, low=0.0, allowed=">= 0")
+        if isinstance(self.ga_subspace_size, bool) or not isinstance(self.ga_subspace_size, int):
+            raise TypeError(f"`ga_subspace_size` must be an integer >= 1, got {self.ga_subspace_size!r}.")
+        if self.ga_subspace_size < 1:
+            raise ValueError(f"`ga_subspace_size` must be an integer >= 1, got {self.ga_subspace_size!r}.")
         if not isinstance(self.reference_dropout, bool):
             raise TypeError(f"`reference_dropout` must be True or False, got {self.reference_dropout!r}.")
         if isinstance(self.ga_every_n_steps, bool) or not isinstance(self.ga_every_n_steps, int):

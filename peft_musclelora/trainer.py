@@ -280,6 +280,7 @@ class GradientAlignmentMixin:
         n = len(self.reference_dataset) if self.reference_dataset is not None else 0
         self._ga_sampler = _ReferenceSampler(n, self._ga_seed) if n else None
         self._ga_ref_grads: Optional[list[torch.Tensor]] = None
+        self._ga_ref_history: list[list[torch.Tensor]] = []  # earlier reference gradients, newest first
         self._ga_ref_loss = math.nan
         self._ga_last_step = -1
         self._ga_log: dict[str, float] = {}
@@ -316,6 +317,8 @@ class GradientAlignmentMixin:
         named = dict(self.accelerator.unwrap_model(model).named_parameters())
         params = [named[name] for name in self._ga_param_names]
         if self._ga_ref_grads is None or self.state.global_step % self.ga_args.ga_every_n_steps == 0:
+            if self._ga_ref_grads is not None and self.ga_args.ga_subspace_size > 1:
+                self._ga_ref_history = [self._ga_ref_grads, *self._ga_ref_history][: self.ga_args.ga_subspace_size - 1]
             self._ga_ref_grads, self._ga_ref_loss = self._reference_gradients(model, params)
         _, stats = align_gradients(
             [param.grad for param in params],
@@ -328,6 +331,7 @@ class GradientAlignmentMixin:
             min_ref_loss=self.ga_args.min_ref_loss,
             min_ref_grad_norm=self.ga_args.min_ref_grad_norm,
             inplace=True,
+            ref_history=self._ga_ref_history or None,
         )
         self._record_alignment(stats)
 
@@ -440,13 +444,16 @@ class GradientAlignmentMixin:
             "ref_loss": self._ga_ref_loss,
             "param_names": self._ga_param_names,
             "has_ref_grads": self._ga_ref_grads is not None,
+            "ref_history_len": len(self._ga_ref_history),
         }
         with open(os.path.join(folder, GA_STATE_NAME), "w") as file:
             json.dump(state, file, indent=2)
         if self._ga_ref_grads is not None:
-            tensors = {
-                name: grad.detach().cpu().contiguous() for name, grad in zip(self._ga_param_names, self._ga_ref_grads)
-            }
+            tensors = {}
+            for age, grads in enumerate([self._ga_ref_grads, *self._ga_ref_history]):
+                suffix = "" if age == 0 else f"@{age}"  # "@k": the reference gradient k refreshes ago
+                for name, grad in zip(self._ga_param_names, grads):
+                    tensors[name + suffix] = grad.detach().cpu().contiguous()
             save_file(tensors, os.path.join(folder, GA_REF_GRADS_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
@@ -470,11 +477,15 @@ class GradientAlignmentMixin:
         if state["has_ref_grads"]:
             saved = load_file(os.path.join(folder, GA_REF_GRADS_NAME))
             params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-            self._ga_ref_grads = [
-                # clone: a fresh, aligned allocation; kernels on a mapped buffer may round the last bit differently.
-                saved[name].to(device=params[name].device, dtype=params[name].dtype).clone()
-                for name in self._ga_param_names
+            restored = [
+                [
+                    # clone: a fresh, aligned allocation; kernels on a mapped buffer may round the last bit differently
+                    saved[name + suffix].to(device=params[name].device, dtype=params[name].dtype).clone()
+                    for name in self._ga_param_names
+                ]
+                for suffix in ["", *(f"@{age}" for age in range(1, state.get("ref_history_len", 0) + 1))]
             ]
+            self._ga_ref_grads, self._ga_ref_history = restored[0], restored[1:]
         self._ga_ref_loss = state["ref_loss"]
 
 

@@ -135,6 +135,9 @@ class TrainingSettings:
     reference_dropout: bool = field(
         default=False, metadata={"help": "Keep dropout on in the GA reference pass (the reference implementation)."}
     )
+    ga_subspace_size: int = field(
+        default=1, metadata={"help": "Project onto the span of the last n reference gradients (1: published)."}
+    )
     ga_params: Optional[str] = field(
         default=None, metadata={"help": "Regex: align only matching trainable parameters (None: all)."}
     )
@@ -183,6 +186,7 @@ class TrainingSettings:
             "min_ref_grad_norm": self.min_ref_grad_norm,
             "ga_every_n_steps": self.ga_every_n_steps,
             "reference_dropout": self.reference_dropout,
+            "ga_subspace_size": self.ga_subspace_size,
             "ga_params": self.ga_params,
         }
 

@@ -39,6 +39,7 @@ def test_musclelora_is_the_published_recipe() -> None:
         "min_ref_grad_norm": 5e-7,
         "ga_every_n_steps": 1,
         "reference_dropout": False,  # the library default; `--set reference_dropout=true` is the reference's pass
+        "ga_subspace_size": 1,
         "ga_params": None,
     }
 
