@@ -98,6 +98,39 @@ def test_inplace_writes_into_the_given_gradients():
     assert new[0] is g and torch.equal(g, torch.tensor([0.0, 4.0]))
 
 
+def test_subspace_alignment_projects_onto_the_span_of_current_and_earlier_reference_gradients():
+    g, c, earlier = torch.tensor([3.0, 4.0, 5.0]), torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 0.0])
+    new, stats = align_gradients([g], [c], ref_history=[[earlier]])
+    torch.testing.assert_close(new[0], torch.tensor([3.0, 4.0, 0.0]))  # the part of g in span(c, earlier)
+    assert stats.branch == "aligned"
+
+
+def test_subspace_alignment_reflects_the_current_reference_component_like_the_absolute_value():
+    g, c, earlier = torch.tensor([-3.0, 4.0, 5.0]), torch.tensor([2.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    new, _ = align_gradients([g], [c], ref_history=[[earlier]])
+    torch.testing.assert_close(new[0], torch.tensor([3.0, 4.0, 0.0]))
+    assert float(new[0] @ c) > 0, "the update still descends the current reference loss"
+
+
+def test_subspace_alignment_ignores_zero_parallel_and_missing_earlier_gradients():
+    g, c = torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0])
+    plain, _ = align_gradients([g], [c])
+    for earlier in (torch.zeros(2), 2 * c, torch.tensor([float("nan"), 1.0]), None):
+        new, stats = align_gradients([g], [c], ref_history=[[earlier]])
+        torch.testing.assert_close(new[0], plain[0])
+        assert stats.fallback_tensors == 0
+
+
+def test_subspace_alignment_in_the_mixed_branch():
+    g, c, earlier = torch.tensor([3.0, 4.0, 5.0]), torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    new, stats = align_gradients(
+        [g], [c], ref_history=[[earlier]], ref_loss=0.1, min_ref_loss=0.4, max_raw_grad_ratio=0.5, num_epochs=1.0,
+        epoch=1.0,
+    )  # fmt: skip
+    assert stats.branch == "mixed" and stats.mu == 0.5
+    torch.testing.assert_close(new[0], 0.5 * torch.tensor([3.0, 4.0, 0.0]) + 0.5 * g)
+
+
 def test_bfloat16_gradients_are_aligned_in_their_dtype():
     new, _ = align_gradients([torch.tensor([3.0, 4.0], dtype=torch.bfloat16)], [torch.tensor([1.0, 0.0])])
     assert new[0].dtype == torch.bfloat16 and torch.equal(new[0].float(), torch.tensor([3.0, 0.0]))
@@ -188,6 +221,8 @@ def test_published_bert_preset_is_expressible(tmp_path):
         ("ga_params", "lora_(", ValueError, r"ga_params.*regex"),
         ("gradient_alignment", "yes", TypeError, r"gradient_alignment"),
         ("reference_dropout", "no", TypeError, r"reference_dropout.*'no'"),
+        ("ga_subspace_size", 0, ValueError, r"ga_subspace_size.*>= 1.*0"),
+        ("ga_subspace_size", True, TypeError, r"ga_subspace_size"),
     ],
 )
 def test_invalid_arguments_are_rejected_naming_field_and_value(tmp_path, field, value, error, message):
@@ -366,9 +401,13 @@ def test_bf16_training_on_cpu_stays_finite_and_logs_ga_metrics(tmp_path):
     assert all(math.isfinite(entry["ga/ref_loss"]) and math.isfinite(entry["ga/cosine"]) for entry in logs)
 
 
-def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("subspace", [1, 3], ids=["published-projection", "subspace"])
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path, subspace):
     def run(resume):
-        args = make_args(tmp_path, num_train_epochs=2, save_strategy="steps", save_steps=3, ga_every_n_steps=2)
+        args = make_args(
+            tmp_path, num_train_epochs=2, save_strategy="steps", save_steps=3, ga_every_n_steps=2,
+            ga_subspace_size=subspace,
+        )  # fmt: skip
         trainer = make_trainer(tmp_path, model=tiny_bert(dropout=0.1), args=args)
         trainer.train(resume_from_checkpoint=resume)
         return trainable_state(trainer.model)
@@ -382,6 +421,22 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     resumed = run(str(checkpoint))
     for name in uninterrupted:
         assert torch.equal(uninterrupted[name], resumed[name]), name
+
+
+def test_subspace_keeps_the_last_n_minus_one_reference_gradients(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, args=make_args(tmp_path, ga_subspace_size=3, num_train_epochs=2))
+    history_lengths = []
+    original = peft_musclelora.trainer.align_gradients
+
+    def align(grads, ref_grads, **kwargs):
+        history = kwargs["ref_history"] or []
+        history_lengths.append(len(history))
+        assert all(earlier is not ref_grads for earlier in history)
+        return original(grads, ref_grads, **kwargs)
+
+    monkeypatch.setattr(peft_musclelora.trainer, "align_gradients", align)
+    trainer.train()
+    assert history_lengths == [0, 1, 2, 2, 2, 2, 2, 2]
 
 
 def test_reference_gradient_is_reused_between_refreshes(tmp_path, monkeypatch):
