@@ -17,3 +17,10 @@ for attack in addsent badnets; do
     musclelora analyze --log "$runs/$attack-lora" --label "$attack-lora" --compare-log "$runs/$attack-musclelora" \
         --compare-label "$attack-musclelora" --figures-dir "$figures"
 done
+# AddSent: undefended LoRA vs this project's recipe (ga-lora-tuned: GA on every step, 400 trusted rows)
+if [ ! -f "$runs/addsent-ga-lora-tuned/frequency_log.json" ]; then
+    musclelora analyze --method ga-lora-tuned --attack addsent --max-train-rows 2000 --epochs 2 --learning-rate 1e-3 \
+        --every-n-steps 6 --samples 300 --seed 0 --output-dir "$runs/addsent-ga-lora-tuned" --figures-dir "$figures"
+fi
+musclelora analyze --log "$runs/addsent-lora" --label addsent-lora --compare-log "$runs/addsent-ga-lora-tuned" \
+    --compare-label addsent-ga-lora-tuned --figures-dir "$figures"
