@@ -433,12 +433,17 @@ def _defense_summary(defense: dict[str, float]) -> str:
     return ", ".join(parts) or "–"
 
 
-def markdown_table(rows: list[dict[str, Any]], preset: str, model: str) -> str:
-    """The attack x method table in Markdown; a quick run is labelled as such, an n/a row gives its reason."""
-    title = "QUICK PRESET (subsampled, 1 epoch; not comparable to published numbers)" if preset == "quick" else "full"
-    lines = [
-        f"# MuScleLoRA backdoor benchmark ({title})",
-        "",
+def markdown_table(rows: list[dict[str, Any]], preset: str, model: str, overrides: Optional[list[str]] = None) -> str:
+    """The attack x method table in Markdown; a quick run or `--set` overrides are labelled as such, an n/a row gives
+    its reason."""
+    if preset == "quick":
+        title = "QUICK PRESET (subsampled, 1 epoch; not comparable to published numbers)"
+    else:
+        title = "method presets with overrides" if overrides else "method presets as defined"
+    lines = [f"# MuScleLoRA backdoor benchmark ({title})", ""]
+    if overrides:
+        lines += ["Overrides (`--set`): " + ", ".join(f"`{item}`" for item in overrides) + ".", ""]
+    lines += [
         f"Model: `{model}`. CACC, ASR, excess ASR and false-target rate in %, mean ± std over seeds. "
         "ASR should be read against the false-target rate (a model predicting the target often has a high ASR "
         "without a backdoor) and against the oracle's ASR (excess ASR = ASR − oracle ASR on the same attack: what "
@@ -528,7 +533,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ],
     }
     (output_dir / BENCH_RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    table = markdown_table(rows, args.preset, args.model)
+    table = markdown_table(rows, args.preset, args.model, args.overrides)
     (output_dir / BENCH_TABLE_FILE).write_text(table)
     print(table)
     if not args.no_plot:

@@ -358,6 +358,7 @@ def test_bench_runs_baselines_and_defenses_and_marks_what_the_data_lacks_na(tiny
         "skipped": {},
     }
     table = (out / "results.md").read_text()
+    assert "QUICK PRESET" in table and "Overrides (`--set`): `reference_split_size=16`, " in table
     assert "| noclean | oracle | n/a | n/a: attack 'noclean' has no train-clean.csv" in table
     assert "| badnets | zdefence | 0 |" in table and "poison recall 100.0" in table
     summary = json.loads((out / "results.json").read_text())
