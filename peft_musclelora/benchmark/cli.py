@@ -578,7 +578,7 @@ def _cmd_curve(args: argparse.Namespace) -> int:
     summary = {"bench_preset": args.preset, "model": args.model, "data": str(shared.root), "sizes": args.sizes}
     summary.update({"methods": args.methods, "seeds": seeds, "overrides": args.overrides, "rows": rows})
     (output_dir / "curve.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = curve_table(rows, args.preset, args.model)
+    table = curve_table(rows, args.preset, args.model, args.overrides)
     (output_dir / "curve.md").write_text(table)
     print(table)
     if not args.no_plot:

@@ -54,12 +54,16 @@ def _pct(value: Optional[float], std: Optional[float]) -> str:
     return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
 
 
-def curve_table(rows: list[dict[str, Any]], preset: str, model: str) -> str:
-    """The curve as a Markdown table (n/a and failed points give their reason)."""
-    title = "QUICK PRESET (subsampled, 1 epoch)" if preset == "quick" else "full"
-    lines = [
-        f"# Trusted-data curve ({title})",
-        "",
+def curve_table(rows: list[dict[str, Any]], preset: str, model: str, overrides: Optional[list[str]] = None) -> str:
+    """The curve as a Markdown table (n/a and failed points give their reason; `--set` overrides are listed)."""
+    if preset == "quick":
+        title = "QUICK PRESET (subsampled, 1 epoch)"
+    else:
+        title = "method presets with overrides" if overrides else "method presets as defined"
+    lines = [f"# Trusted-data curve ({title})", ""]
+    if overrides:
+        lines += ["Overrides (`--set`): " + ", ".join(f"`{item}`" for item in overrides) + ".", ""]
+    lines += [
         f"Model: `{model}`. For each trusted-row count N, methods with gradient alignment use N clean-dev rows as "
         "references and `clean-only` trains LoRA on the same N rows alone; all remove them from dev. CACC, ASR, "
         "false-target rate in %, mean ± std over seeds.",
