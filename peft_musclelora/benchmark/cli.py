@@ -18,7 +18,7 @@ from typing import Any, Optional
 from .analyze import add_analyze_parser, run_analyze
 from .curve import DEFAULT_CURVE_METHODS, DEFAULT_SIZES
 from .data import SharedData
-from .methods import PRESETS, QUICK_OVERRIDES, get_preset
+from .methods import PRESETS, QUICK_OVERRIDES, get_preset, results_heading
 
 DEFAULT_ATTACKS = "badnets,addsent,stylebkd,synbkd"
 DEFAULT_METHODS = "lora,musclelora"
@@ -436,13 +436,9 @@ def _defense_summary(defense: dict[str, float]) -> str:
 def markdown_table(rows: list[dict[str, Any]], preset: str, model: str, overrides: Optional[list[str]] = None) -> str:
     """The attack x method table in Markdown; a quick run or `--set` overrides are labelled as such, an n/a row gives
     its reason."""
-    if preset == "quick":
-        title = "QUICK PRESET (subsampled, 1 epoch; not comparable to published numbers)"
-    else:
-        title = "method presets with overrides" if overrides else "method presets as defined"
-    lines = [f"# MuScleLoRA backdoor benchmark ({title})", ""]
-    if overrides:
-        lines += ["Overrides (`--set`): " + ", ".join(f"`{item}`" for item in overrides) + ".", ""]
+    lines = results_heading(
+        "MuScleLoRA backdoor benchmark", preset, overrides, "subsampled, 1 epoch; not comparable to published numbers"
+    )
     lines += [
         f"Model: `{model}`. CACC, ASR, excess ASR and false-target rate in %, mean ± std over seeds. "
         "ASR should be read against the false-target rate (a model predicting the target often has a high ASR "

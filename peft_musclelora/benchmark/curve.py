@@ -12,6 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
+from .methods import results_heading
+
 DEFAULT_SIZES = "32,96,200,400,800"
 DEFAULT_CURVE_METHODS = "musclelora,clean-only"
 
@@ -56,13 +58,7 @@ def _pct(value: Optional[float], std: Optional[float]) -> str:
 
 def curve_table(rows: list[dict[str, Any]], preset: str, model: str, overrides: Optional[list[str]] = None) -> str:
     """The curve as a Markdown table (n/a and failed points give their reason; `--set` overrides are listed)."""
-    if preset == "quick":
-        title = "QUICK PRESET (subsampled, 1 epoch)"
-    else:
-        title = "method presets with overrides" if overrides else "method presets as defined"
-    lines = [f"# Trusted-data curve ({title})", ""]
-    if overrides:
-        lines += ["Overrides (`--set`): " + ", ".join(f"`{item}`" for item in overrides) + ".", ""]
+    lines = results_heading("Trusted-data curve", preset, overrides, "subsampled, 1 epoch")
     lines += [
         f"Model: `{model}`. For each trusted-row count N, methods with gradient alignment use N clean-dev rows as "
         "references and `clean-only` trains LoRA on the same N rows alone; all remove them from dev. CACC, ASR, "

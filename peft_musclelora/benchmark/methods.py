@@ -368,6 +368,13 @@ def parse_value(key: str, raw: str, hint: Any) -> Any:
 
 
 _COMMON = "Checkpoint by clean-dev accuracy."
+#: Gradient alignment with its gates open: the aligned update on every step (warm-up 0, no raw mixing, no loss floor).
+_GA_EVERY_STEP: dict[str, Any] = {
+    "gradient_alignment": True,
+    "ga_warmup_epochs": 0.0,
+    "max_raw_grad_ratio": 0.0,
+    "min_ref_loss": 0.0,
+}
 _LLAMA_TRAINING = TrainingSettings(
     learning_rate=1e-5,
     num_train_epochs=5.0,
@@ -421,13 +428,7 @@ PRESETS: dict[str, MethodPreset] = {
             "r 8 / alpha 32 with a trainable classifier, GA on every step (warm-up 0, raw ratio 0, min reference loss "
             "0) with 400 clean-dev references (removed from dev). " + _COMMON,
             adapter=AdapterSettings(kind="lora"),
-            training=TrainingSettings(
-                gradient_alignment=True,
-                reference_split_size=400,
-                ga_warmup_epochs=0.0,
-                max_raw_grad_ratio=0.0,
-                min_ref_loss=0.0,
-            ),
+            training=TrainingSettings(reference_split_size=400, **_GA_EVERY_STEP),
         ),
         MethodPreset(
             name="lora-llama",
@@ -462,14 +463,7 @@ PRESETS: dict[str, MethodPreset] = {
                 head_r=1,
                 head_alpha=4,
             ),
-            training=dataclasses.replace(
-                _LLAMA_TRAINING,
-                gradient_alignment=True,
-                reference_split_size=128,
-                ga_warmup_epochs=0.0,
-                max_raw_grad_ratio=0.0,
-                min_ref_loss=0.0,
-            ),
+            training=dataclasses.replace(_LLAMA_TRAINING, reference_split_size=128, **_GA_EVERY_STEP),
         ),
     )
 }
@@ -482,6 +476,22 @@ QUICK_OVERRIDES: dict[str, str] = {
     "max_dev_rows": "128",
     "max_test_rows": "200",
 }
+
+
+def results_heading(kind: str, preset: str, overrides: Optional[list[str]], quick_note: str) -> list[str]:
+    """First lines of a results page: what produced it (`musclelora bench --preset`, and any `--set` overrides).
+
+    A quick run is labelled with `quick_note`; a run with overrides lists them, so a subsample is never shown as the
+    presets as defined.
+    """
+    if preset == "quick":
+        title = f"QUICK PRESET ({quick_note})"
+    else:
+        title = "method presets with overrides" if overrides else "method presets as defined"
+    lines = [f"# {kind} ({title})", ""]
+    if overrides:
+        lines += ["Overrides (`--set`): " + ", ".join(f"`{item}`" for item in overrides) + ".", ""]
+    return lines
 
 
 def get_preset(name: str, overrides: Union[dict[str, str], list[str], None] = None) -> MethodPreset:
