@@ -7,8 +7,9 @@ set -euo pipefail
 out="${1:-runs/subsample-bench}"
 export HF_HUB_OFFLINE=1
 attacks=badnets,addsent,stylebkd,synbkd
-# lr 1e-3: at the presets' 2e-4, 2000 rows x 2 epochs leave MiniLM near chance. Every method removes the same 400
-# seeded clean-dev rows (the trusted rows of ga-lora-tuned and clean-only) and selects checkpoints on the other 472.
+# lr 1e-3: at the presets' 2e-4, 2000 rows x 2 epochs leave MiniLM near chance. ga-lora-tuned and clean-only take the
+# same 400 seeded clean-dev rows as trusted rows and select checkpoints on the other 472; the methods without trusted
+# rows (lora, oracle, zdefence) select on all 872.
 common=(--attacks "$attacks" --seeds 0 --quiet --set max_train_rows=2000 --set learning_rate=1e-3
     --set reference_split_size=400)
 # undefended LoRA, the tuned GA recipe, the oracle (LoRA on the unpoisoned rows) and Z-defence, in one run
