@@ -51,13 +51,16 @@ def method_names() -> list[str]:
 
 
 def split_overrides(overrides: Optional[list[str]]) -> tuple[list[str], dict[str, dict[str, str]]]:
-    """Split `--set` items into preset overrides and per-defense options (`<defense>.<field>=value`).
+    """Split `--set` items into the items for every method and the per-method ones (`<method>.<field>=value`).
+
+    A per-method item is a defense option for a defense (`onion.frr=0.1`) and a preset override for any other
+    method (`full.learning_rate=5e-5`: only the `full` cells train at that rate); see [`method_overrides`].
 
     Example:
-        >>> split_overrides(["r=4", "onion.frr=0.1"])
-        (['r=4'], {'onion': {'frr': '0.1'}})
+        >>> split_overrides(["r=4", "onion.frr=0.1", "full.learning_rate=5e-5"])
+        (['r=4'], {'onion': {'frr': '0.1'}, 'full': {'learning_rate': '5e-5'}})
     """
-    names = set(defense_names())
+    names = set(method_names())
     preset: list[str] = []
     options: dict[str, dict[str, str]] = {}
     for item in overrides or []:
@@ -68,6 +71,23 @@ def split_overrides(overrides: Optional[list[str]]) -> tuple[list[str], dict[str
         else:
             preset.append(item)
     return preset, options
+
+
+def method_overrides(method: str, overrides: Optional[list[str]]) -> tuple[list[str], dict[str, str]]:
+    """The preset overrides a cell of `method` trains with, and its raw defense options.
+
+    Items for every method come first, then the method's own (`<method>.<field>=value`), so the method's own win.
+    Baselines and defenses train the `lora` preset with these overrides.
+
+    Example:
+        >>> method_overrides("full", ["learning_rate=1e-3", "full.learning_rate=5e-5", "onion.frr=0.1"])
+        (['learning_rate=1e-3', 'learning_rate=5e-5'], {})
+    """
+    common, options = split_overrides(overrides)
+    own = options.get(method, {})
+    if method in defense_names():
+        return common, own
+    return common + [f"{key}={value}" for key, value in own.items()], {}
 
 
 def defense_options(defense: str, raw: dict[str, str]) -> dict[str, Any]:
@@ -86,13 +106,36 @@ def defense_options(defense: str, raw: dict[str, str]) -> dict[str, Any]:
 
 
 def check_method(method: str, overrides: Optional[list[str]] = None) -> None:
-    """Raise a one-line `ValueError` for an unknown method, override or defense option."""
-    preset_overrides, options = split_overrides(overrides)
+    """Raise a one-line `ValueError` for an unknown method, override or per-method option."""
     if method not in method_names():
         raise ValueError(f"unknown method {method!r}; available: {', '.join(method_names())}.")
-    get_preset(method if method in PRESETS else "lora", preset_overrides)
-    for defense, raw in options.items():
-        defense_options(defense, raw)
+    for name in [method, *split_overrides(overrides)[1]]:
+        preset_overrides, options = method_overrides(name, overrides)
+        get_preset(name if name in PRESETS else "lora", preset_overrides)
+        if options:
+            defense_options(name, options)
+
+
+def cell_settings(method: str, overrides: Optional[list[str]] = None) -> dict[str, Any]:
+    """Everything a cell of `method` trains and defends with, resolved from its `--set` items.
+
+    Two override lists that resolve to the same settings give the same cell, whatever their order or the fields the
+    method ignores (`clean-only` trains for `clean_only_epochs`, so `num_train_epochs` does not change it; another
+    defense's options do not change this one's). The bench reuses a finished cell on that test.
+
+    Example:
+        >>> cell_settings("clean-only", ["num_train_epochs=2"]) == cell_settings("clean-only", [])
+        True
+    """
+    preset_overrides, options = method_overrides(method, overrides)
+    preset = get_preset(method if method in PRESETS else "lora", preset_overrides)
+    if method == "clean-only":
+        preset.training = dataclasses.replace(preset.training, num_train_epochs=preset.training.clean_only_epochs)
+    settings: dict[str, Any] = {"method": method, "preset": preset.to_dict()}
+    if method in defense_names():
+        settings["defense"] = defense_options(method, options)
+        settings["undefended"] = get_preset("lora", method_overrides("lora", overrides)[0]).to_dict()
+    return settings
 
 
 def _load_split(path: Optional[Path], max_rows: Optional[int], seed: int, what: str) -> LoadedData:
@@ -144,7 +187,7 @@ def run_method(
     from .runner import METRICS_FILE, _write_json, train_cell
 
     check_method(method, overrides)
-    preset_overrides, options = split_overrides(overrides)
+    preset_overrides, options = method_overrides(method, overrides)
     directory = Path(directory)
     training = get_preset(method if method in PRESETS else "lora", preset_overrides).training
     test_clean = _load_split(files.test_clean, training.max_test_rows, seed, "clean test set")
@@ -195,13 +238,18 @@ def run_method(
     from .runner import load_cell
 
     cls, kind = DEFENSES[method]
-    opts = {"seed": seed, **defense_options(method, options.get(method, {}))}
+    opts = {"seed": seed, **defense_options(method, options)}
     directory.mkdir(parents=True, exist_ok=True)
     base: Optional[dict[str, Any]] = None
     if kind == "detector" or method in _FILTER_NEEDS_MODEL:
         if undefended is None:
             base = train_cell(
-                "lora", files.train, files.dev, directory / "undefended", overrides=preset_overrides, **common
+                "lora",
+                files.train,
+                files.dev,
+                directory / "undefended",
+                overrides=method_overrides("lora", overrides)[0],
+                **common,
             )
         else:
             base = undefended()

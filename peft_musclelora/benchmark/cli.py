@@ -292,6 +292,19 @@ def cell_dir(output_dir: Path, attack: str, method: str, seed: int, trusted: Opt
     return (method_dir if trusted is None else method_dir / f"trusted{trusted}") / f"seed{seed}"
 
 
+def _same_cell(previous: dict[str, Any], method: str, args: argparse.Namespace, overrides: list[str]) -> bool:
+    """Whether a finished cell was trained with what this run asks for (same resolved settings, model and loading)."""
+    from .cells import cell_settings
+
+    context = (previous.get("bench_preset"), previous.get("model_dir"), previous.get("load_in_4bit", False))
+    if context != (args.preset, args.model, args.load_in_4bit):
+        return False
+    try:
+        return cell_settings(method, previous.get("bench_overrides")) == cell_settings(method, overrides)
+    except ValueError:  # written by a version whose overrides no longer parse: train again
+        return False
+
+
 def _run_cell(
     args: argparse.Namespace, shared: SharedData, attack: str, method: str, seed: int, trusted: Optional[int] = None
 ) -> dict[str, Any]:
@@ -308,13 +321,7 @@ def _run_cell(
     overrides = preset_overrides + [f"{method}.{key}={value}" for key, value in options.get(method, {}).items()]
     if metrics_path.is_file():
         previous = json.loads(metrics_path.read_text())
-        same = (
-            previous.get("bench_preset"),
-            previous.get("bench_overrides"),
-            previous.get("model_dir"),
-            previous.get("load_in_4bit", False),
-        )
-        if previous.get("status") == "ok" and same == (args.preset, overrides, args.model, args.load_in_4bit):
+        if previous.get("status") == "ok" and _same_cell(previous, method, args, overrides):
             previous["reused"] = True
             return previous
     extra: dict[str, Any] = {"attack": attack, "bench_preset": args.preset, "bench_overrides": overrides}

@@ -127,6 +127,18 @@ def test_bench_runs_reuses_finished_cells_and_records_failures(
     summary = json.loads((out / "results.json").read_text())
     assert [(c["attack"], c["reused"]) for c in summary["cells"]] == [("badnets", False)]
 
+    # the same settings spelled differently (order, a default written out) are the same cell
+    assert main([*argv, "--attacks", "badnets", "--set", "lora_dropout=0.0", "--set", "r=4"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert [(c["attack"], c["reused"]) for c in summary["cells"]] == [("badnets", True)]
+
+    # an override for one method only (`<method>.<field>`) reaches that method's cells
+    assert main([*argv, "--attacks", "badnets", "--set", "r=4", "--set", "lora.r=2"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert [(c["attack"], c["reused"]) for c in summary["cells"]] == [("badnets", False)]
+    good = json.loads((out / "cells" / "badnets" / "lora" / "seed0" / "metrics.json").read_text())
+    assert good["preset"]["adapter"]["r"] == 2 and good["bench_overrides"][-1] == "lora.r=2"
+
 
 def test_bench_without_data_is_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.delenv("MUSCLELORA_DATA", raising=False)

@@ -134,3 +134,35 @@ class TestPrinting:
         assert main(["presets", "--set", "nope=1"]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("musclelora presets: error: --set: unknown key 'nope'") and "\n" not in err
+
+
+def test_a_cell_is_identified_by_its_resolved_settings_not_by_how_they_were_spelled() -> None:
+    from peft_musclelora.benchmark.cells import cell_settings
+
+    reordered = cell_settings("lora", ["learning_rate=0.001", "r=4"])
+    assert cell_settings("lora", ["r=4", "learning_rate=1e-3"]) == reordered
+    assert cell_settings("lora", ["r=8"]) == cell_settings("lora", []), "a default written out changes nothing"
+    assert cell_settings("lora", ["num_train_epochs=2"]) != cell_settings("lora", [])
+    # clean-only trains for clean_only_epochs, so the others' epoch count does not change it; its own count does
+    assert cell_settings("clean-only", ["num_train_epochs=2"]) == cell_settings("clean-only", [])
+    assert cell_settings("clean-only", ["clean_only_epochs=5"]) != cell_settings("clean-only", [])
+    # a defense's own options change its cell, another defense's do not
+    assert cell_settings("bki", ["onion.frr=0.1"]) == cell_settings("bki", [])
+    assert cell_settings("bki", ["bki.num_keywords=4"]) != cell_settings("bki", [])
+    with pytest.raises(ValueError, match="unknown"):
+        cell_settings("lora", ["no_such_field=1"])
+
+
+def test_an_override_can_name_the_one_method_it_is_for() -> None:
+    from peft_musclelora.benchmark.cells import cell_settings, check_method, method_overrides
+
+    items = ["learning_rate=1e-3", "full.learning_rate=5e-5", "onion.frr=0.1"]
+    assert method_overrides("full", items) == (["learning_rate=1e-3", "learning_rate=5e-5"], {})
+    assert method_overrides("lora", items) == (["learning_rate=1e-3"], {})
+    assert method_overrides("onion", items) == (["learning_rate=1e-3"], {"frr": "0.1"})
+    assert cell_settings("full", items)["preset"]["training"]["learning_rate"] == 5e-5
+    assert cell_settings("lora", items)["preset"]["training"]["learning_rate"] == 1e-3
+    # a defense builds on the undefended lora cell, so lora's own overrides change the defense's cell too
+    assert cell_settings("strip", ["lora.r=2"]) != cell_settings("strip", [])
+    with pytest.raises(ValueError, match="no_such_field"):
+        check_method("lora", ["full.no_such_field=1"])  # checked even when another method is run
