@@ -4,8 +4,8 @@
 # Usage: bash benchmarks/trusted_curve.sh [OUTPUT_DIR] [ATTACKS] [SIZES]
 set -euo pipefail
 out="${1:-runs/trusted-curve}"
-attacks="${2:-addsent}"
-sizes="${3:-96,400}"
+attacks="${2:-addsent,badnets}"
+sizes="${3:-96,400,800}"
 export HF_HUB_OFFLINE=1
 musclelora curve --attacks "$attacks" --sizes "$sizes" --methods ga-lora-tuned,clean-only --seeds 0 --quiet \
     --set max_train_rows=2000 --set learning_rate=1e-3 --set num_train_epochs=2 --output-dir "$out"

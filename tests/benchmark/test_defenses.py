@@ -414,3 +414,13 @@ def test_curve_has_help_and_lists_its_defaults(capsys) -> None:
         main(["curve", "--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "usage: musclelora curve" in out and "--sizes" in out
+
+
+def test_onion_perplexities_do_not_depend_on_batching(tiny_lm: tuple) -> None:
+    """Length-sorted batches give each sentence the perplexity it has alone, in input order."""
+    lm, tokenizer = tiny_lm
+    sentences = ["a fine film", "the plot is thin and the acting is worse than bad", "ok", "", "a very long dull film"]
+    alone = [Onion(lm=lm, lm_tokenizer=tokenizer, batch_size=1).perplexities([s])[0] for s in sentences]
+    batched = Onion(lm=lm, lm_tokenizer=tokenizer, batch_size=3)
+    assert batched.perplexities(sentences) == pytest.approx(alone, rel=1e-4)
+    assert batched.forwards == 2

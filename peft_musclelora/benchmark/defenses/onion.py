@@ -95,29 +95,36 @@ class Onion:
         tokenizer.padding_side = "right"
 
     def perplexities(self, sentences: Sequence[str]) -> list[float]:
-        """LM perplexity of each sentence (BOS prepended when the tokenizer has one), `batch_size` per forward."""
+        """LM perplexity of each sentence (BOS prepended when the tokenizer has one), `batch_size` per forward.
+
+        Sentences are batched by token length (results come back in input order), so a forward pads little: the
+        candidates of a long review and of a short one do not share a batch.
+        """
         import torch
 
         self._ensure_lm()
         tokenizer, model = self.lm_tokenizer, self.lm
-        bos = tokenizer.bos_token_id
-        out: list[float] = []
-        for start in range(0, len(sentences), self.batch_size):
-            chunk = [s if s.strip() else "." for s in sentences[start : start + self.batch_size]]
-            encoded = tokenizer(chunk, add_special_tokens=False, truncation=True, max_length=self.max_length - 1)
-            ids = [([bos] if bos is not None else []) + seq for seq in encoded["input_ids"]]
-            width = max(len(seq) for seq in ids)
-            pad = tokenizer.pad_token_id
-            input_ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq in ids])
-            mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in ids])
-            with torch.no_grad():
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        texts = [s if s.strip() else "." for s in sentences]
+        encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length - 1)
+        ids = [bos + seq for seq in encoded["input_ids"]]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = [0.0] * len(ids)
+        pad = tokenizer.pad_token_id
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = max(len(ids[i]) for i in batch)
+            input_ids = torch.tensor([ids[i] + [pad] * (width - len(ids[i])) for i in batch])
+            mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in batch])
+            with torch.inference_mode():
                 logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)).logits
             self.forwards += 1
             logits = logits[:, :-1].float().cpu()
             targets, valid = input_ids[:, 1:], mask[:, 1:].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
             mean = (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
-            out.extend(torch.exp(mean).tolist())
+            for i, value in zip(batch, torch.exp(mean).tolist()):
+                out[i] = value
         return out
 
     def suspicion(self, texts: Sequence[str]) -> list[list[float]]:
