@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--output-dir", default="musclelora-bench", help="Output directory (default musclelora-bench)")
     bench.add_argument("--no-plot", action="store_true", help="Skip the bar chart")
+    bench.add_argument("--only-finished", action="store_true", help=ONLY_FINISHED_HELP)
     _add_common(bench)
     bench.set_defaults(seed=None)
 
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--preset", choices=("quick", "full"), default="full", help="As for bench")
     curve.add_argument("--output-dir", default="musclelora-curve", help="Output directory (default musclelora-curve)")
     curve.add_argument("--no-plot", action="store_true", help="Skip the PNG")
+    curve.add_argument("--only-finished", action="store_true", help=ONLY_FINISHED_HELP)
     _add_common(curve)
     curve.set_defaults(seed=None)
 
@@ -292,6 +294,10 @@ def cell_dir(output_dir: Path, attack: str, method: str, seed: int, trusted: Opt
     return (method_dir if trusted is None else method_dir / f"trusted{trusted}") / f"seed{seed}"
 
 
+ONLY_FINISHED_HELP = "Train nothing: build the tables from the finished cells; the others are listed as not run"
+NOT_RUN = "not run: no finished cell with these settings (--only-finished)."
+
+
 def _same_cell(previous: dict[str, Any], method: str, args: argparse.Namespace, overrides: list[str]) -> bool:
     """Whether a finished cell was trained with what this run asks for (same resolved settings, model and loading)."""
     from .cells import cell_settings
@@ -325,6 +331,8 @@ def _run_cell(
             previous["reused"] = True
             return previous
     extra: dict[str, Any] = {"attack": attack, "bench_preset": args.preset, "bench_overrides": overrides}
+    if args.only_finished:
+        return {"status": "n/a", "method": method, "seed": seed, "reason": NOT_RUN, "reused": False, **extra}
     try:
         files = shared.attack_files(attack)
         extra["data_paths"] = {

@@ -139,6 +139,17 @@ def test_bench_runs_reuses_finished_cells_and_records_failures(
     good = json.loads((out / "cells" / "badnets" / "lora" / "seed0" / "metrics.json").read_text())
     assert good["preset"]["adapter"]["r"] == 2 and good["bench_overrides"][-1] == "lora.r=2"
 
+    # --only-finished trains nothing: finished cells make the table, the others are listed as not run
+    finished = [*argv, "--attacks", "badnets", "--set", "r=4", "--set", "lora.r=2", "--methods", "lora,mslr"]
+    assert main([*finished, "--only-finished"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert [(c["method"], c["status"], c["reused"]) for c in summary["cells"]] == [
+        ("lora", "ok", True),
+        ("mslr", "n/a", False),
+    ]
+    assert "not run: no finished cell with these settings" in (out / "results.md").read_text()
+    assert not (out / "cells" / "badnets" / "mslr").exists()
+
 
 def test_bench_without_data_is_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.delenv("MUSCLELORA_DATA", raising=False)
