@@ -103,6 +103,9 @@ def plot_curve(rows: list[dict[str, Any]], path: Path, preset: str) -> None:
                 errors = [100 * (r[metric + "_std"] or 0.0) for r in points]
                 axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method)
             axis.set_xscale("log")
+            sizes = sorted({r["trusted"] for r in rows if r["attack"] == attack})
+            axis.set_xticks(sizes, [str(n) for n in sizes])  # the measured sizes, not log-scale decades
+            axis.minorticks_off()
             axis.set_xlabel("trusted clean rows")
             axis.set_ylabel(label)
             axis.set_ylim(0, 100)
