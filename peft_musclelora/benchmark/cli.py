@@ -106,19 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Comma-separated: presets (" + ",".join(PRESETS) + "), baselines (clean-only,oracle), defenses "
         "(zdefence,bki,cube,strip,rap,onion; options with --set <defense>.<field>=value)",
     )
-    bench.add_argument("--seeds", type=_seed_list, default=[0], help="Comma-separated seeds (default 0)")
-    bench.add_argument("--data", default=None, help="Shared data dir (default: $MUSCLELORA_DATA, then ../shared/data)")
-    bench.add_argument(
-        "--preset",
-        choices=("quick", "full"),
-        default="full",
-        help="quick: 1 epoch on a seeded subsample (480 train / 128 dev / 200 test rows); full: the method presets",
+    _add_run_options(
+        bench,
+        "musclelora-bench",
+        "quick: 1 epoch on a seeded subsample (480 train / 128 dev / 200 test rows); full: the method presets",
+        "Skip the bar chart",
     )
-    bench.add_argument("--output-dir", default="musclelora-bench", help="Output directory (default musclelora-bench)")
-    bench.add_argument("--no-plot", action="store_true", help="Skip the bar chart")
-    bench.add_argument("--only-finished", action="store_true", help=ONLY_FINISHED_HELP)
-    _add_common(bench)
-    bench.set_defaults(seed=None)
 
     curve = sub.add_parser(
         "curve",
@@ -129,14 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--attacks", type=_name_list, default=_name_list("addsent"), help="Comma-separated")
     curve.add_argument("--sizes", type=_seed_list, default=_seed_list(DEFAULT_SIZES), help="Trusted-row counts")
     curve.add_argument("--methods", type=_name_list, default=_name_list(DEFAULT_CURVE_METHODS), help="Comma-separated")
-    curve.add_argument("--seeds", type=_seed_list, default=[0], help="Comma-separated seeds (default 0)")
-    curve.add_argument("--data", default=None, help="Shared data dir (default: $MUSCLELORA_DATA, then ../shared/data)")
-    curve.add_argument("--preset", choices=("quick", "full"), default="full", help="As for bench")
-    curve.add_argument("--output-dir", default="musclelora-curve", help="Output directory (default musclelora-curve)")
-    curve.add_argument("--no-plot", action="store_true", help="Skip the PNG")
-    curve.add_argument("--only-finished", action="store_true", help=ONLY_FINISHED_HELP)
-    _add_common(curve)
-    curve.set_defaults(seed=None)
+    _add_run_options(curve, "musclelora-curve", "As for bench", "Skip the PNG")
 
     instruct = sub.add_parser(
         "instruct",
@@ -292,6 +278,19 @@ def cell_dir(output_dir: Path, attack: str, method: str, seed: int, trusted: Opt
     """Directory of one bench cell (of one trusted-row count, for the curve)."""
     method_dir = output_dir / "cells" / attack / method
     return (method_dir if trusted is None else method_dir / f"trusted{trusted}") / f"seed{seed}"
+
+
+def _add_run_options(parser: argparse.ArgumentParser, output_dir: str, preset_help: str, plot_help: str) -> None:
+    """The options `bench` and `curve` share: seeds, data, preset, output, plot, --only-finished, the common ones."""
+    parser.add_argument("--seeds", type=_seed_list, default=[0], help="Comma-separated seeds (default 0)")
+    data_help = "Shared data dir (default: $MUSCLELORA_DATA, then ../shared/data)"
+    parser.add_argument("--data", default=None, help=data_help)
+    parser.add_argument("--preset", choices=("quick", "full"), default="full", help=preset_help)
+    parser.add_argument("--output-dir", default=output_dir, help=f"Output directory (default {output_dir})")
+    parser.add_argument("--no-plot", action="store_true", help=plot_help)
+    parser.add_argument("--only-finished", action="store_true", help=ONLY_FINISHED_HELP)
+    _add_common(parser)
+    parser.set_defaults(seed=None)
 
 
 ONLY_FINISHED_HELP = "Train nothing: build the tables from the finished cells; the others are listed as not run"
