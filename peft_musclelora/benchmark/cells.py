@@ -129,9 +129,10 @@ def cell_settings(method: str, overrides: Optional[list[str]] = None) -> dict[st
     """
     preset_overrides, options = method_overrides(method, overrides)
     preset = get_preset(method if method in PRESETS else "lora", preset_overrides)
+    settings: dict[str, Any] = {"method": method, "preset": preset.to_dict()}  # a copy: the registry stays as is
     if method == "clean-only":
-        preset.training = dataclasses.replace(preset.training, num_train_epochs=preset.training.clean_only_epochs)
-    settings: dict[str, Any] = {"method": method, "preset": preset.to_dict()}
+        training = settings["preset"]["training"]
+        training["num_train_epochs"] = training["clean_only_epochs"]
     if method in defense_names():
         settings["defense"] = defense_options(method, options)
         settings["undefended"] = get_preset("lora", method_overrides("lora", overrides)[0]).to_dict()

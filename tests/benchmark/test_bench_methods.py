@@ -146,6 +146,7 @@ def test_a_cell_is_identified_by_its_resolved_settings_not_by_how_they_were_spel
     # clean-only trains for clean_only_epochs, so the others' epoch count does not change it; its own count does
     assert cell_settings("clean-only", ["num_train_epochs=2"]) == cell_settings("clean-only", [])
     assert cell_settings("clean-only", ["clean_only_epochs=5"]) != cell_settings("clean-only", [])
+    assert get_preset("lora").training.num_train_epochs == 3, "resolving clean-only leaves the lora preset alone"
     # a defense's own options change its cell, another defense's do not
     assert cell_settings("bki", ["onion.frr=0.1"]) == cell_settings("bki", [])
     assert cell_settings("bki", ["bki.num_keywords=4"]) != cell_settings("bki", [])
