@@ -335,6 +335,38 @@ def test_build_model_in_4bit_sets_pad_token_replaces_the_head_and_returns_its_we
 
 @pytest.mark.bitsandbytes
 @needs_bnb
+def test_mslr_on_score_itself_keeps_score_frozen_and_the_cell_reloads_to_the_same_scores(
+    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    on_score = ["classification_head=default", "head_pattern=score"]
+    preset = get_preset("musclelora-llama", ["gradient_alignment=false", *on_score])
+    model, _, initialized = build_model(preset, tiny_llama_dir, num_labels=2, seed=0, load_in_4bit=True)
+    assert model.peft_config["default"].task_type is None  # SEQ_CLS would wrap `score` and refuse to adapt it
+    assert sorted(initialized) == ["score.weight"]  # the random head is saved with the adapter
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if "score" in n} == {
+        "base_model.model.score.musclelora_A.default.weight",
+        "base_model.model.score.musclelora_B.default.weight",
+    }
+
+    out = tmp_path / "cell"
+    args = ["train", "--method", "musclelora-llama", "--train", str(attack_files["train"])]
+    args += ["--dev", str(attack_files["dev"]), "--test-clean", str(attack_files["test_clean"])]
+    args += ["--test-poison", str(attack_files["test_poison"]), "--model", str(tiny_llama_dir), "--load-in-4bit"]
+    args += ["--output-dir", str(out), "--quiet", "--set", "num_train_epochs=1", "--set", "reference_split_size=4"]
+    for item in on_score:
+        args += ["--set", item]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    evaluate = ["eval", "--adapter", str(out / "adapter"), "--clean", str(attack_files["test_clean"])]
+    assert main(evaluate + ["--poison", str(attack_files["test_poison"]), "--quiet"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert (evaluated["cacc"], evaluated["asr"]) == (metrics["cacc"], metrics["asr"])
+
+
+@pytest.mark.bitsandbytes
+@needs_bnb
 def test_cli_train_with_load_in_4bit_records_it_and_eval_reloads_the_same_model(
     tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path, capsys
 ) -> None:

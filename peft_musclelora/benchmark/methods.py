@@ -60,7 +60,8 @@ class AdapterSettings:
         default=None,
         metadata={
             "help": "Module (name suffix) that gets the multi-scale adapter: pooler.dense (BERT), classifier.dense "
-            "(RoBERTa), score (GPT-2/Llama). None: no MSLR."
+            "(RoBERTa), score (GPT-2/Llama). When it names the classifier itself (score, classifier), that layer "
+            "stays frozen at its init and only its MSLR branches train. None: no MSLR."
         },
     )
     head_scales: list[float] = field(

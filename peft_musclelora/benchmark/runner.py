@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 DataSource = Union[str, os.PathLike, LoadedData]
 ADAPTER_DIRNAME = "adapter"
+#: Names PEFT's sequence-classification task treats as the classifier (`PeftModelForSequenceClassification`).
+SEQ_CLS_CLASSIFIER_NAMES = ("classifier", "score")
 CELL_FILE = "cell.json"
 INIT_WEIGHTS_FILE = "initialized_weights.safetensors"
 METRICS_FILE = "metrics.json"
@@ -133,6 +135,14 @@ def _module_matches(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
+def _names_the_classifier(model: Any, pattern: str) -> bool:
+    """Whether `pattern` matches a classifier layer that PEFT's SEQ_CLS task would put in `modules_to_save`."""
+    return any(
+        _module_matches(name, pattern) and name.split(".")[-1] in SEQ_CLS_CLASSIFIER_NAMES
+        for name, _ in model.named_modules()
+    )
+
+
 def build_model(
     preset: MethodPreset,
     model_dir: Union[str, os.PathLike],
@@ -177,7 +187,10 @@ def build_model(
         return model, tokenizer, initialized
 
     targets = _default_targets(model, preset)
-    task_type = None if adapter.classification_head == "mslr" else "SEQ_CLS"
+    # With SEQ_CLS, PEFT saves and trains the classifier (`score`/`classifier`) as a whole and refuses to adapt a
+    # layer inside it; the reference's head is frozen anyway, so a head that carries the adapter gets no task type.
+    head_is_classifier = adapter.head_pattern is not None and _names_the_classifier(model, adapter.head_pattern)
+    task_type = None if adapter.classification_head == "mslr" or head_is_classifier else "SEQ_CLS"
     common = {"task_type": task_type, "r": adapter.r, "lora_alpha": adapter.lora_alpha}
     common["lora_dropout"] = adapter.lora_dropout
     if adapter.kind == "lora":
