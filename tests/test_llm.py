@@ -415,6 +415,9 @@ def test_musclelora_llama_runs_gradient_alignment_on_a_4bit_classifier(
     assert main(args) == 0
     metrics = json.loads((tmp_path / "cell" / "metrics.json").read_text())
     assert metrics["reference_rows"] == 4 and metrics["dev_rows_for_selection"] == 8 and metrics["steps"] == 2
+    history = json.loads((tmp_path / "cell" / "log_history.json").read_text())
+    trained = [entry for entry in history if "loss" in entry]
+    assert trained and all(entry["ga/branch_aligned"] == 1.0 for entry in trained)  # GA on every step, published
 
 
 def test_load_in_4bit_is_a_flag_of_train_and_bench() -> None:
@@ -557,6 +560,8 @@ def test_instruct_sft_on_4bit_trains_scores_and_reloads(
     )
     assert result["steps"] == 3 and 0.0 <= result["cacc"] <= 1.0 and 0.0 <= result["asr"] <= 1.0
     assert result["peak_rss_mb"] > 0 and result["gradient_alignment"] is True
+    history = json.loads((tmp_path / "cell" / "log_history.json").read_text())
+    assert history[-1]["train_loss"] == result["train_loss"]
     model, tokenizer, info = load_instruct_cell(tmp_path / "cell" / "adapter")
     assert info["load_in_4bit"] is True
     clean = load_records(attack_files["test_clean"], num_labels=2)

@@ -32,6 +32,8 @@ from typing import Any, Optional, Union
 from .data import LoadedData
 from .metrics import attack_success_rate, clean_accuracy, false_target_rate
 from .runner import (
+    LOG_HISTORY_FILE,
+    METRICS_FILE,
     DataSource,
     _as_data,
     _write_json,
@@ -412,6 +414,7 @@ def train_instruct(
         "template": asdict(template),
     }
     _write_json(adapter_dir / INSTRUCT_FILE, info)
+    _write_json(output_dir / LOG_HISTORY_FILE, trainer.state.log_history)
     result: dict[str, Any] = {
         "status": "ok",
         "task": "instruct",
@@ -438,7 +441,7 @@ def train_instruct(
         result.update(
             score_instruct(model, tokenizer, clean, poison, target_label, template, settings.eval_batch_size, progress)
         )
-    _write_json(output_dir / "metrics.json", result)
+    _write_json(output_dir / METRICS_FILE, result)
     return result
 
 

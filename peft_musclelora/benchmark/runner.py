@@ -34,6 +34,7 @@ SEQ_CLS_CLASSIFIER_NAMES = ("classifier", "score")
 CELL_FILE = "cell.json"
 INIT_WEIGHTS_FILE = "initialized_weights.safetensors"
 METRICS_FILE = "metrics.json"
+LOG_HISTORY_FILE = "log_history.json"
 
 
 def default_model_dir() -> Path:
@@ -437,6 +438,8 @@ def train_cell(
         "head_dropout": preset.adapter.head_dropout,
     }
     _write_json(adapter_dir / CELL_FILE, cell_info)
+    # The per-epoch losses, dev accuracies and, with GA, the `ga/*` means (branch shares, cosine) outlive checkpoints.
+    _write_json(output_dir / LOG_HISTORY_FILE, trainer.state.log_history)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     result: dict[str, Any] = {

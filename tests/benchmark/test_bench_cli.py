@@ -78,6 +78,8 @@ def test_train_then_eval_reproduces_the_test_metrics(
     assert metrics["data"]["train"]["poisoned"] == 4 and metrics["data"]["test_poison"]["rows"] == 10
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not (out / "checkpoints").exists()
+    history = json.loads((out / "log_history.json").read_text())  # kept after the checkpoints are gone
+    assert [entry["epoch"] for entry in history if "eval_accuracy" in entry] == [1.0]
     capsys.readouterr()
 
     report = tmp_path / "eval.json"
