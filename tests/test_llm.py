@@ -633,3 +633,8 @@ def test_smollm2_4bit_end_to_end_on_a_few_dozen_rows(smollm2_dir: Path, tmp_path
     assert main(args + [item for pair in (("--set", s) for s in small_instruct) for item in pair]) == 0
     metrics = json.loads((tmp_path / "sft" / "metrics.json").read_text())
     assert metrics["clean_rows"] == 16 and metrics["load_in_4bit"]
+
+
+def test_loading_a_directory_that_is_not_an_instruction_cell_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a saved instruction cell"):
+        load_instruct_cell(tmp_path)

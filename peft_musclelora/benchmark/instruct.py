@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from .runner import (
     _write_json,
     load_tokenizer,
     peak_rss_megabytes,
+    read_cell_info,
     reset_peak_rss,
     versions,
 )
@@ -451,11 +451,7 @@ def load_instruct_cell(adapter_dir: Union[str, os.PathLike]) -> tuple[Any, Any, 
 
     import peft_musclelora  # noqa: F401  (registers the musclelora PEFT type)
 
-    adapter_dir = Path(adapter_dir)
-    info_path = adapter_dir / INSTRUCT_FILE
-    if not info_path.is_file():
-        raise ValueError(f"{adapter_dir}: not a saved instruction cell ({INSTRUCT_FILE} is missing).")
-    info = json.loads(info_path.read_text())
+    info = read_cell_info(Path(adapter_dir), INSTRUCT_FILE, "instruction")
     tokenizer = load_tokenizer(info["model_dir"])
     base = load_causal_lm(info["model_dir"], info["load_in_4bit"])
     model = PeftModel.from_pretrained(base, str(adapter_dir))

@@ -486,15 +486,20 @@ def train_cell(
     return result
 
 
+def read_cell_info(adapter_dir: Path, filename: str, kind: str) -> dict[str, Any]:
+    """The JSON `filename` a saved cell keeps beside its adapter; a one-line error when it is not there."""
+    info_path = adapter_dir / filename
+    if not info_path.is_file():
+        raise ValueError(f"{adapter_dir}: not a saved {kind} cell ({filename} is missing).")
+    return json.loads(info_path.read_text())
+
+
 def load_cell(adapter_dir: Union[str, os.PathLike]) -> tuple[Any, Any, dict[str, Any]]:
     """Reload a cell saved by [`train_cell`]: `(model, tokenizer, cell_info)`."""
     import torch
 
     adapter_dir = Path(adapter_dir)
-    info_path = adapter_dir / CELL_FILE
-    if not info_path.is_file():
-        raise ValueError(f"{adapter_dir}: not a saved benchmark cell ({CELL_FILE} is missing).")
-    info = json.loads(info_path.read_text())
+    info = read_cell_info(adapter_dir, CELL_FILE, "benchmark")
     if info["kind"] == "full":
         tokenizer = load_tokenizer(info["model_dir"])
         model, _ = _load_base(adapter_dir, info["num_labels"], tokenizer)
