@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import random
 import warnings
@@ -20,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -561,7 +563,11 @@ def test_instruct_sft_on_4bit_trains_scores_and_reloads(
     assert result["steps"] == 3 and 0.0 <= result["cacc"] <= 1.0 and 0.0 <= result["asr"] <= 1.0
     assert result["peak_rss_mb"] > 0 and result["gradient_alignment"] is True
     history = json.loads((tmp_path / "cell" / "log_history.json").read_text())
-    assert history[-1]["train_loss"] == result["train_loss"]
+    assert history[-1]["train_loss"] == result["train_loss"] and math.isfinite(result["train_loss"])
+    # TRL casts the trainables of a quantized model to bf16 (QLoRA's recipe); MSLR and GA train in that dtype.
+    saved = load_file(str(tmp_path / "cell" / "adapter" / "adapter_model.safetensors"))
+    assert any("down_proj.musclelora_A" in name for name in saved)
+    assert {tensor.dtype for tensor in saved.values()} == {torch.bfloat16}
     model, tokenizer, info = load_instruct_cell(tmp_path / "cell" / "adapter")
     assert info["load_in_4bit"] is True
     clean = load_records(attack_files["test_clean"], num_labels=2)
