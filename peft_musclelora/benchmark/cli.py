@@ -130,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rows become 'Review: ... Is the sentiment ... ? Answer:' prompts answered ' positive' or "
         "' negative'; predictions compare the two label words' log-probabilities at the answer position.",
     )
-    instruct.add_argument("--method", required=True, choices=["lora", "musclelora"], help="Method")
+    instruct.add_argument(
+        "--method",
+        required=True,
+        choices=["lora", "musclelora"],
+        help="lora: undefended LoRA on the body; musclelora: plus MSLR on `mslr_target` and gradient alignment",
+    )
     instruct.add_argument("--train", required=True, help="Training file")
     instruct.add_argument("--dev", required=True, help="Clean dev file (GA references)")
     instruct.add_argument("--test-clean", default=None, help="Clean test file (CACC)")
