@@ -225,10 +225,37 @@ def test_strip_flags_triggered_inputs(poisoned_model: ModelScorer) -> None:
     assert Strip(poisoned_model, num_copies=8, seed=0).fit(clean_texts(60, seed=20)).threshold == strip.threshold
 
 
+def test_rap_flags_target_predictions_whose_drop_is_below_the_clean_rows(
+    poisoned_model: ModelScorer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RAP's decision rule, with the probability drops given: the real-data behaviour is in docs/results.md."""
+    import copy
+
+    import numpy as np
+
+    rap = Rap(copy.deepcopy(poisoned_model.model), poisoned_model.tokenizer, rap_word="tq", frr=0.05)
+    clean = [f"clean {i}" for i in range(20)]
+    clean_drops = [0.10 + 0.01 * i for i in range(20)]  # the trained rap word lowers clean target rows by 0.10-0.29
+    inputs = {"trig a": (0.01, 1), "trig b": (0.05, 1), "clean c": (0.25, 1), "non-target d": (0.0, 0)}
+    table = {**{t: (d, 1) for t, d in zip(clean, clean_drops)}, **inputs}
+    monkeypatch.setattr(rap, "_train_embedding", lambda texts: None)
+    monkeypatch.setattr(rap, "drops", lambda texts: ([table[t][0] for t in texts], [table[t][1] for t in texts]))
+    monkeypatch.setattr(rap._scorer, "predict_proba", lambda texts: np.array([[0.0, 1.0] for _ in texts]))
+    rap.fit(clean)
+    # flagged: score (minus the drop) above the threshold; at most 5 % (one) of the 20 clean rows, the drop-0.10 one
+    assert rap.threshold == pytest.approx(-0.11)
+    result = rap.detect(list(inputs))
+    # robust (small-drop) target predictions are flagged; a row the model does not predict as the target never is
+    assert result.flagged_mask == [True, True, False, False]
+    assert result.scores == [-0.01, -0.05, -0.25, -0.0]
+
+
 @pytest.mark.xfail(
-    reason="the tiny BERT is saturated (target probability ~1): no rap-word embedding lowers it by 0.1 "
-    "(measured drops <= 0.012 on clean rows vs 0.02-0.05 on triggered ones), so the detector cannot separate them",
-    strict=False,
+    reason="RAP's premise fails on this tiny set: the trigger is not more robust than the task. Measured on this "
+    "model and three retrained variants (full fine-tuning, LoRA): the trained rap word lowers triggered rows' target "
+    "probability as much as or more than clean target rows' (0.02-0.45 vs 0.00-0.16), so no threshold separates "
+    "them. The decision rule is pinned above; on real AddSent RAP flags 86.8 % of triggered inputs (results.md)",
+    strict=True,
 )
 def test_rap_flags_triggered_inputs(poisoned_model: ModelScorer) -> None:
     import copy
