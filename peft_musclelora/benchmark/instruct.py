@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .data import LoadedData
-from .metrics import attack_success_rate, clean_accuracy, false_target_rate
+from .metrics import backdoor_metrics
 from .runner import (
     LOG_HISTORY_FILE,
     METRICS_FILE,
@@ -182,13 +182,8 @@ def score_instruct(
     """CACC on `clean`, ASR on `poison` and the false-target rate on `clean`, from label-word log-probabilities."""
     clean_pred = predict_labels(model, tokenizer, clean.texts, template, batch_size, progress)
     poison_pred = predict_labels(model, tokenizer, poison.texts, template, batch_size, progress)
-    return {
-        "cacc": clean_accuracy(clean_pred, clean.labels),
-        "asr": attack_success_rate(poison_pred, target_label),
-        "false_target_rate": false_target_rate(clean_pred, clean.labels, target_label),
-        "clean_rows": len(clean),
-        "poison_rows": len(poison),
-    }
+    metrics: dict[str, Any] = backdoor_metrics(clean_pred, clean.labels, poison_pred, target_label)
+    return {**metrics, "clean_rows": len(clean), "poison_rows": len(poison)}
 
 
 @dataclass

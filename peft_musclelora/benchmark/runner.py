@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 
 from .data import LoadedData, load_records
 from .methods import HEAD_INITS, HEAD_PATTERN_HINTS, MethodPreset, get_preset
-from .metrics import attack_success_rate, clean_accuracy, false_target_rate
+from .metrics import backdoor_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -275,13 +275,8 @@ def score(
     """CACC on `clean`, ASR on `poison` (triggered non-target rows) and the false-target rate on `clean`."""
     clean_pred = predict(model, tokenizer, clean.texts, batch_size, max_length, progress)
     poison_pred = predict(model, tokenizer, poison.texts, batch_size, max_length, progress)
-    return {
-        "cacc": clean_accuracy(clean_pred, clean.labels),
-        "asr": attack_success_rate(poison_pred, target_label),
-        "false_target_rate": false_target_rate(clean_pred, clean.labels, target_label),
-        "clean_rows": len(clean),
-        "poison_rows": len(poison),
-    }
+    metrics: dict[str, Any] = backdoor_metrics(clean_pred, clean.labels, poison_pred, target_label)
+    return {**metrics, "clean_rows": len(clean), "poison_rows": len(poison)}
 
 
 def reset_peak_rss() -> bool:
