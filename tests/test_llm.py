@@ -564,6 +564,7 @@ def test_instruct_sft_on_4bit_trains_scores_and_reloads(
     assert result["peak_rss_mb"] > 0 and result["gradient_alignment"] is True
     history = json.loads((tmp_path / "cell" / "log_history.json").read_text())
     assert history[-1]["train_loss"] == result["train_loss"] and math.isfinite(result["train_loss"])
+    assert not (tmp_path / "cell" / "checkpoints").exists()
     # TRL casts the trainables of a quantized model to bf16 (QLoRA's recipe); MSLR and GA train in that dtype.
     saved = load_file(str(tmp_path / "cell" / "adapter" / "adapter_model.safetensors"))
     assert any("down_proj.musclelora_A" in name for name in saved)

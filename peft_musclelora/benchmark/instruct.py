@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -371,8 +372,9 @@ def train_instruct(
     import torch
 
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    checkpoint_dir = output_dir / "checkpoints"
     args = config_cls(
-        output_dir=str(output_dir / "checkpoints"),
+        output_dir=str(checkpoint_dir),
         seed=seed,
         data_seed=seed,
         learning_rate=settings.learning_rate,
@@ -410,6 +412,7 @@ def train_instruct(
     }
     _write_json(adapter_dir / INSTRUCT_FILE, info)
     _write_json(output_dir / LOG_HISTORY_FILE, trainer.state.log_history)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # save_strategy "no" leaves it empty
     result: dict[str, Any] = {
         "status": "ok",
         "task": "instruct",

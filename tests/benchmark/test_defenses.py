@@ -251,10 +251,10 @@ def test_rap_flags_target_predictions_whose_drop_is_below_the_clean_rows(
 
 
 @pytest.mark.xfail(
-    reason="RAP's premise fails on this tiny set: the trigger is not more robust than the task. Measured on this "
-    "model and three retrained variants (full fine-tuning, LoRA): the trained rap word lowers triggered rows' target "
-    "probability as much as or more than clean target rows' (0.02-0.45 vs 0.00-0.16), so no threshold separates "
-    "them. The decision rule is pinned above; on real AddSent RAP flags 86.8 % of triggered inputs (results.md)",
+    reason="RAP's premise fails on this tiny set: the trigger is not more robust than the task (a one-off probe of "
+    "this model and retrained full/LoRA variants, not kept in the repo, saw the trained rap word lower triggered "
+    "rows' target probability as much as or more than clean target rows'), so no threshold separates them. The "
+    "decision rule is pinned above; on real AddSent RAP flags 86.8 % of triggered inputs (results.md)",
     strict=True,
 )
 def test_rap_flags_triggered_inputs(poisoned_model: ModelScorer) -> None:
