@@ -472,7 +472,7 @@ def test_reference_gradient_is_taken_without_dropout_by_default(tmp_path, monkey
     start = copy.deepcopy(model).eval()
     args = make_args(
         tmp_path, max_steps=1, per_device_train_batch_size=8, reference_batch_size=8,
-        gradient_checkpointing=checkpointing,
+        activation_checkpointing=checkpointing,
     )  # fmt: skip
     trainer = make_trainer(tmp_path, model=model, args=args, reference_rows=8)
     seen = _capture_reference_pass(trainer, monkeypatch)

@@ -217,7 +217,7 @@ class TrainingSettings:
             "report_to": "none",
             "dataloader_num_workers": 0,
             "label_names": ["labels"],
-            "gradient_checkpointing": self.gradient_checkpointing,
+            "activation_checkpointing": self.gradient_checkpointing,  # transformers 5.23 name of the flag
             **self.ga_kwargs(),
         }
 
