@@ -20,7 +20,9 @@ from typing import Literal, Optional
 
 import torch
 
-Branch = Literal["aligned", "mixed", "raw"]
+Branch = Literal["aligned", "mixed", "raw", "zero"]
+Fallback = Literal["raw", "zero"]
+FALLBACKS: tuple[str, ...] = ("raw", "zero")
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,14 @@ class AlignmentStats:
     """What [`align_gradients`] did on one step.
 
     Attributes:
-        branch: `"aligned"` (every tensor replaced by `g_a`), `"mixed"` (`(1 - mu) g_a + mu g`) or `"raw"` (`g`).
-        mu: Weight of the raw gradient in the mixed branch; 0 for `"aligned"`, 1 for `"raw"`.
+        branch: `"aligned"` (every tensor replaced by `g_a`), `"mixed"` (`(1 - mu) g_a + mu g`), `"raw"` (`g`) or
+            `"zero"` (the raw branch under `fallback="zero"`: every gradient set to zero).
+        mu: Weight of the raw gradient in the mixed branch; 0 for `"aligned"` and `"zero"`, 1 for `"raw"`.
         ref_grad_norm: Mean over tensors of `||g_c||`, zero-norm and non-finite tensors excluded (the gate value).
         ref_loss: The reference loss passed in (`nan` when none was given).
         cosine: Cosine between `g` and `g_c` over all tensors with finite gradients, 0 when either is zero.
-        fallback_tensors: Tensors whose `g_c` (or `g`) was zero or non-finite and so kept `g` (aligned/mixed only).
+        fallback_tensors: Tensors whose `g_c` (or `g`) was zero or non-finite (aligned/mixed only); they kept `g`
+            under `fallback="raw"` and were set to zero under `fallback="zero"`.
         num_tensors: Tensors that had a training gradient.
     """
 
@@ -62,7 +66,7 @@ def select_branch(
     1. `ref_grad_norm > min_ref_grad_norm` and `ref_loss > min_ref_loss`: aligned (even during warm-up).
     2. else `max_raw_grad_ratio > 0` and `epoch >= ga_warmup_epochs`: mixed, with
        `mu = max_raw_grad_ratio * (epoch - ga_warmup_epochs) / (num_epochs - ga_warmup_epochs)`.
-    3. else: raw.
+    3. else: raw ([`align_gradients`] turns it into `"zero"` under `fallback="zero"`).
 
     Returns:
         The branch and `mu`, the weight of the raw gradient (0 aligned, 1 raw).
@@ -102,14 +106,17 @@ def align_gradients(
     min_ref_grad_norm: float = 5e-7,
     inplace: bool = False,
     ref_history: Optional[Sequence[Sequence[Optional[torch.Tensor]]]] = None,
+    fallback: Fallback = "raw",
 ) -> tuple[list[Optional[torch.Tensor]], AlignmentStats]:
     """Align training gradients with reference gradients, tensor by tensor.
 
     Works parameter-wise: per tensor it needs `<g, g_c>`, `||g||^2` and `||g_c||^2` (all reduced to one host sync),
     then one fused `g_a = c * g_c` (or `(1 - mu) c g_c + mu g`); the full-model gradient is never concatenated.
     A tensor whose `g_c` is zero or non-finite (or whose `g` is non-finite) keeps `g` and is counted in
-    `stats.fallback_tensors`; nothing here turns finite input into NaN. A `None` training gradient stays `None`; a
-    `None` reference gradient counts as zero. The branch is chosen by [`select_branch`].
+    `stats.fallback_tensors`; nothing here turns finite input into NaN. With `fallback="zero"` whatever would keep
+    the untrusted `g` gets a zero gradient instead: the raw branch (reported as `"zero"`) and those tensors. A `None`
+    training gradient stays `None`; a `None` reference gradient counts as zero. The branch is chosen by
+    [`select_branch`].
 
     Args:
         grads: Training gradients `g`, one per parameter tensor (`None` for tensors without gradient).
@@ -123,6 +130,9 @@ def align_gradients(
             orthogonal projection of `g` onto the span of `g_c` and the earlier ones (per tensor), with its `g_c`
             component reflected to the positive side when `<g, g_c> < 0`; with no history this is exactly the
             formula above. Zero or non-finite earlier gradients are left out of the span.
+        fallback: What a step (or tensor) without a usable reference signal gets: `"raw"` keeps the training
+            gradient (the reference implementation), `"zero"` sets it to zero (fail-closed: nothing moves in a
+            direction the trusted rows did not produce).
 
     Returns:
         The new gradients and an [`AlignmentStats`].
@@ -138,6 +148,8 @@ def align_gradients(
     """
     if len(grads) != len(ref_grads):
         raise ValueError(f"`grads` and `ref_grads` must have the same length, got {len(grads)} and {len(ref_grads)}.")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"`fallback` must be one of {', '.join(map(repr, FALLBACKS))}, got {fallback!r}.")
 
     present = [i for i, g in enumerate(grads) if g is not None]
     dots, g_sq, c_sq = [], [], []
@@ -172,15 +184,22 @@ def align_gradients(
         min_ref_loss=min_ref_loss,
         min_ref_grad_norm=min_ref_grad_norm,
     )
+    if branch == "raw" and fallback == "zero":
+        branch, mu = "zero", 0.0
 
     out: list[Optional[torch.Tensor]] = list(grads) if inplace else [None if g is None else g.clone() for g in grads]
     fallbacks = 0
-    if branch != "raw":
+    if branch == "zero":
+        for i in present:
+            out[i].zero_()
+    elif branch != "raw":
         for k, i in enumerate(present):
             g, c = out[i], ref_grads[i]
             usable = k in finite and c_sq_l[k] > 0 and math.isfinite(abs(dot_l[k]) / c_sq_l[k])
             if not usable:
                 fallbacks += 1
+                if fallback == "zero":
+                    g.zero_()
                 continue
             earlier = [h[i] for h in ref_history or () if h[i] is not None]
             if earlier:
@@ -338,6 +357,15 @@ class GradientAlignmentArguments:
             "their raw gradient. A research knob; default aligns every trainable parameter."
         },
     )
+    ga_fallback: str = field(
+        default="raw",
+        metadata={
+            "help": "What a step gets when the aligned branch is gated off and the mixed branch does not apply (and "
+            "what a tensor gets whose reference gradient is zero or non-finite): 'raw' keeps the training gradient, "
+            "as the reference implementation did; 'zero' sets it to zero (fail-closed: once the references are "
+            "fitted and their gradient vanishes, the untrusted gradient is not let through)."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.validate_gradient_alignment_args()
@@ -361,6 +389,10 @@ class GradientAlignmentArguments:
             )
         _check_number("min_ref_loss", self.min_ref_loss, low=0.0, allowed=">= 0")
         _check_number("min_ref_grad_norm", self.min_ref_grad_norm, low=0.0, allowed=">= 0")
+        if self.ga_fallback not in FALLBACKS:
+            raise ValueError(
+                f"`ga_fallback` must be one of {', '.join(map(repr, FALLBACKS))}, got {self.ga_fallback!r}."
+            )
         if isinstance(self.ga_subspace_size, bool) or not isinstance(self.ga_subspace_size, int):
             raise TypeError(f"`ga_subspace_size` must be an integer >= 1, got {self.ga_subspace_size!r}.")
         if self.ga_subspace_size < 1:

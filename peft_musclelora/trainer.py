@@ -11,7 +11,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,7 +20,7 @@ from torch.utils.data import Subset
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .gradient_alignment import AlignmentStats, GradientAlignmentArguments, align_gradients
+from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArguments, align_gradients
 
 # Resumable GA state, in a folder of its own inside each checkpoint so the Trainer's weight loading never sees it:
 # JSON for the sampler and scalars, safetensors for the cached reference gradient (nothing is pickled).
@@ -332,6 +332,7 @@ class GradientAlignmentMixin:
             min_ref_grad_norm=self.ga_args.min_ref_grad_norm,
             inplace=True,
             ref_history=self._ga_ref_history or None,
+            fallback=self.ga_args.ga_fallback,
         )
         self._record_alignment(stats)
 
@@ -417,7 +418,7 @@ class GradientAlignmentMixin:
             ("ga/fallback_tensors", float(stats.fallback_tensors)),
         ):
             log[key] = log.get(key, 0.0) + value
-        for branch in ("aligned", "mixed", "raw"):
+        for branch in get_args(Branch):
             log[f"ga/branch_{branch}"] = log.get(f"ga/branch_{branch}", 0.0) + float(stats.branch == branch)
         self._ga_logged_steps += 1
 

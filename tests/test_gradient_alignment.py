@@ -192,6 +192,37 @@ def test_raw_branch_returns_the_gradient_unchanged():
     assert stats.branch == "raw" and torch.equal(new[0], g)
 
 
+def test_zero_fallback_gives_a_zero_gradient_when_the_references_are_fitted():
+    g = torch.tensor([3.0, 4.0])
+    new, stats = align_gradients([g], [torch.tensor([1e-9, 0.0])], fallback="zero")
+    assert stats.branch == "zero" and stats.mu == 0.0
+    assert torch.equal(new[0], torch.zeros(2)) and torch.equal(g, torch.tensor([3.0, 4.0])), "not in place"
+
+
+def test_zero_fallback_zeroes_tensors_without_a_reference_signal_and_aligns_the_others():
+    grads = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.0]), None]
+    refs = [torch.zeros(2), torch.tensor([1.0, 0.0]), torch.tensor([1.0])]
+    new, stats = align_gradients(grads, refs, fallback="zero", inplace=True)
+    assert stats.branch == "aligned" and stats.fallback_tensors == 1
+    assert torch.equal(new[0], torch.zeros(2)) and torch.equal(new[1], torch.tensor([3.0, 0.0])) and new[2] is None
+    assert new[0] is grads[0]
+
+
+def test_zero_fallback_leaves_the_aligned_and_mixed_branches_as_they_are():
+    g, c = torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0])
+    gates = {"ref_loss": 0.1, "epoch": 5.5, "num_epochs": 10.0, "ga_warmup_epochs": 1.0, "max_raw_grad_ratio": 0.1,
+             "min_ref_loss": 0.4}  # fmt: skip
+    for kwargs in ({}, gates):
+        raw_rule, _ = align_gradients([g], [c], **kwargs)
+        zero_rule, _ = align_gradients([g], [c], fallback="zero", **kwargs)
+        assert torch.equal(raw_rule[0], zero_rule[0])
+
+
+def test_unknown_fallback_is_rejected():
+    with pytest.raises(ValueError, match=r"`fallback` must be one of 'raw', 'zero', got 'skip'"):
+        align_gradients([torch.ones(1)], [torch.ones(1)], fallback="skip")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------------------
@@ -222,6 +253,7 @@ def test_published_bert_preset_is_expressible(tmp_path):
         ("gradient_alignment", "yes", TypeError, r"gradient_alignment"),
         ("reference_dropout", "no", TypeError, r"reference_dropout.*'no'"),
         ("ga_subspace_size", 0, ValueError, r"ga_subspace_size.*>= 1.*0"),
+        ("ga_fallback", "skip", ValueError, r"ga_fallback.*'raw', 'zero'.*'skip'"),
         ("ga_subspace_size", True, TypeError, r"ga_subspace_size"),
     ],
 )
@@ -396,9 +428,24 @@ def test_bf16_training_on_cpu_stays_finite_and_logs_ga_metrics(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     expected = {"ga/ref_loss", "ga/ref_grad_norm", "ga/cosine", "ga/branch_aligned", "ga/branch_mixed",
-                "ga/branch_raw", "ga/fallback_tensors"}  # fmt: skip
+                "ga/branch_raw", "ga/branch_zero", "ga/fallback_tensors"}  # fmt: skip
     assert logs and all(expected <= entry.keys() for entry in logs)
     assert all(math.isfinite(entry["ga/ref_loss"]) and math.isfinite(entry["ga/cosine"]) for entry in logs)
+
+
+def test_zero_fallback_never_applies_the_untrusted_gradient_once_the_gate_closes(tmp_path):
+    # min_ref_loss above any loss keeps the aligned branch shut on every step: the raw rule would train on the
+    # (possibly poisoned) batches, the fail-closed rule must leave the weights where they started.
+    model = tiny_bert()
+    start = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    args = make_args(tmp_path, min_ref_loss=1e9, ga_fallback="zero", num_train_epochs=2)
+    trainer = make_trainer(tmp_path, model=model, args=args)
+    trainer.train()
+    for name, param in trainer.model.named_parameters():
+        if name in start:
+            torch.testing.assert_close(param.detach(), start[name], atol=0, rtol=0, msg=name)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs and all(entry["ga/branch_zero"] == 1.0 and entry["ga/branch_raw"] == 0.0 for entry in logs)
 
 
 @pytest.mark.parametrize("subspace", [1, 3], ids=["published-projection", "subspace"])

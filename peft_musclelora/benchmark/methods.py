@@ -26,6 +26,7 @@ from typing import Any, Literal, Optional, Union
 
 AdapterKind = Literal["full", "lora", "musclelora"]
 ClassificationHead = Literal["default", "mslr"]
+Fallback = Literal["raw", "zero"]  # gradient_alignment.Fallback, restated so that this module does not import torch
 HEAD_INITS = {"kaiming": "kaiming", "zero": True, "random": False}
 
 #: What the MSLR head pattern should name per architecture (documentation and error hints).
@@ -142,6 +143,10 @@ class TrainingSettings:
     ga_params: Optional[str] = field(
         default=None, metadata={"help": "Regex: align only matching trainable parameters (None: all)."}
     )
+    ga_fallback: Fallback = field(
+        default="raw",
+        metadata={"help": "GA step without a reference signal: 'raw' keeps the training gradient, 'zero' zeroes it."},
+    )
     clean_only_epochs: float = field(
         default=20.0,
         metadata={
@@ -189,6 +194,7 @@ class TrainingSettings:
             "reference_dropout": self.reference_dropout,
             "ga_subspace_size": self.ga_subspace_size,
             "ga_params": self.ga_params,
+            "ga_fallback": self.ga_fallback,
         }
 
     def training_arguments_kwargs(self, output_dir: str, seed: int) -> dict[str, Any]:

@@ -41,6 +41,7 @@ def test_musclelora_is_the_published_recipe() -> None:
         "reference_dropout": False,  # the library default; `--set reference_dropout=true` is the reference's pass
         "ga_subspace_size": 1,
         "ga_params": None,
+        "ga_fallback": "raw",
     }
 
 
@@ -48,6 +49,19 @@ def test_tuned_recipe_aligns_every_step_on_400_references() -> None:
     kwargs = PRESETS["ga-lora-tuned"].training.ga_kwargs()
     assert kwargs["reference_split_size"] == 400
     assert (kwargs["ga_warmup_epochs"], kwargs["max_raw_grad_ratio"], kwargs["min_ref_loss"]) == (0.0, 0.0, 0.0)
+
+
+def test_fail_closed_fallback_is_a_preset_field_restating_the_trainers_choices() -> None:
+    import typing
+
+    from peft_musclelora.benchmark.methods import Fallback
+    from peft_musclelora.gradient_alignment import FALLBACKS
+
+    assert typing.get_args(Fallback) == FALLBACKS
+    preset = get_preset("ga-lora-tuned", ["ga_fallback=zero"])
+    assert preset.training.ga_kwargs()["ga_fallback"] == "zero"
+    with pytest.raises(ValueError, match="ga_fallback"):
+        get_preset("ga-lora-tuned", ["ga_fallback=skip"])
 
 
 def test_ga_presets_build_ga_arguments_and_the_others_do_not() -> None:
