@@ -16,13 +16,13 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import torch
 
 Branch = Literal["aligned", "mixed", "raw", "zero"]
 Fallback = Literal["raw", "zero"]
-FALLBACKS: tuple[str, ...] = ("raw", "zero")
+FALLBACKS: tuple[str, ...] = get_args(Fallback)
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,11 @@ def select_branch(
     return "raw", 1.0
 
 
+def _check_fallback(name: str, value: object) -> None:
+    if value not in FALLBACKS:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, FALLBACKS))}, got {value!r}.")
+
+
 def _as_float(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
@@ -148,8 +153,7 @@ def align_gradients(
     """
     if len(grads) != len(ref_grads):
         raise ValueError(f"`grads` and `ref_grads` must have the same length, got {len(grads)} and {len(ref_grads)}.")
-    if fallback not in FALLBACKS:
-        raise ValueError(f"`fallback` must be one of {', '.join(map(repr, FALLBACKS))}, got {fallback!r}.")
+    _check_fallback("fallback", fallback)
 
     present = [i for i, g in enumerate(grads) if g is not None]
     dots, g_sq, c_sq = [], [], []
@@ -389,10 +393,7 @@ class GradientAlignmentArguments:
             )
         _check_number("min_ref_loss", self.min_ref_loss, low=0.0, allowed=">= 0")
         _check_number("min_ref_grad_norm", self.min_ref_grad_norm, low=0.0, allowed=">= 0")
-        if self.ga_fallback not in FALLBACKS:
-            raise ValueError(
-                f"`ga_fallback` must be one of {', '.join(map(repr, FALLBACKS))}, got {self.ga_fallback!r}."
-            )
+        _check_fallback("ga_fallback", self.ga_fallback)
         if isinstance(self.ga_subspace_size, bool) or not isinstance(self.ga_subspace_size, int):
             raise TypeError(f"`ga_subspace_size` must be an integer >= 1, got {self.ga_subspace_size!r}.")
         if self.ga_subspace_size < 1:

@@ -593,6 +593,19 @@ def test_trl_refuses_an_adapter_on_lm_head_so_the_default_mslr_target_is_down_pr
         )
 
 
+def test_instruct_passes_the_fail_closed_fallback_to_the_sft_trainer(
+    tmp_path: Path, tiny_llama_dir: Path, attack_files: dict[str, Path]
+) -> None:
+    from peft_musclelora.benchmark.instruct import _sft_trainer
+
+    _, config_cls, ga_kwargs = _sft_trainer("musclelora", InstructSettings(ga_fallback="zero"))
+    config = config_cls(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, **ga_kwargs)
+    assert config.ga_fallback == "zero"
+    args = ["instruct", "--method", "musclelora", "--train", str(attack_files["train"])]
+    args += ["--dev", str(attack_files["dev"]), "--model", str(tiny_llama_dir), "--set", "ga_fallback=skip"]
+    assert main(args) == 1
+
+
 def test_cli_instruct_rejects_an_unknown_setting(tiny_llama_dir: Path, attack_files: dict[str, Path]) -> None:
     args = ["instruct", "--method", "lora", "--train", str(attack_files["train"]), "--dev", str(attack_files["dev"])]
     assert main(args + ["--model", str(tiny_llama_dir), "--set", "mslr_targett=lm_head"]) == 1

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .data import LoadedData
+from .methods import Fallback
 from .metrics import backdoor_metrics
 from .runner import (
     LOG_HISTORY_FILE,
@@ -219,6 +220,7 @@ class InstructSettings:
     ga_warmup_epochs: float = 0.0
     max_raw_grad_ratio: float = 0.0
     min_ref_loss: float = 0.0
+    ga_fallback: Fallback = "raw"
     max_train_rows: Optional[int] = None
     max_test_rows: Optional[int] = None
 
@@ -295,6 +297,7 @@ def _sft_trainer(method: str, settings: InstructSettings) -> tuple[Any, Any, dic
         "ga_warmup_epochs": settings.ga_warmup_epochs,
         "max_raw_grad_ratio": settings.max_raw_grad_ratio,
         "min_ref_loss": settings.min_ref_loss,
+        "ga_fallback": settings.ga_fallback,
     }
     return MuScleLoraSFTTrainer, MuScleLoraSFTConfig, kwargs
 
