@@ -1,0 +1,433 @@
+"""Fit-gap row filtering: find the training rows that a short probe fits unlike any trusted clean row, and drop them.
+
+MuScleLoRA's premise is that a backdoor is learned at another pace than the clean task: an insertion trigger
+(rare tokens, a fixed sentence) is a shortcut the model picks up within a few dozen steps, so a triggered row is
+fitted *better* than any clean row; a dirty-label row (relabelled to the target) is fitted *worse*, because the
+clean mapping the model learns first contradicts its label. Gradient alignment uses the trusted rows as the only
+direction to move in, and so cannot learn more than they say. This module uses them instead as a *ruler*:
+
+1. The training rows are split into `folds` seeded folds. For each fold, a probe (the model being trained, with the
+   adapter as initialised) trains a few dozen steps on the *other* folds, and at each step in `probe_steps` every
+   row of the held-out fold and every trusted row is scored by its loss. Held-out training rows and trusted rows are
+   then alike in every way but their origin: neither was seen by that probe.
+2. Each row's loss is turned into its percentile among the trusted rows of the same label at the same step. A clean
+   row's percentile is uniform; a shortcut row sits at 0 (fitted better than every trusted row), a contradicted row
+   near 1. Per row, `low = min` and `high = max` of its percentiles over the probe steps.
+3. The cut-offs come from the trusted rows themselves (leave-one-out percentiles, scored the same way): the largest
+   `low` cut-off and smallest `high` cut-off that flag at most `max_clean_drop / 2` of the trusted rows each. So
+   the share of clean rows dropped is bounded by the trusted rows' behaviour, not by a guess of the poison rate.
+4. Training then starts from the same initial adapter on the kept rows.
+
+The pure functions here ([`percentile_ranks`], [`choose_cutoffs`], [`decide_rows`]) take losses and labels and
+know nothing about models; [`GradientAlignmentMixin`] runs the probes (`row_filter=True`) and writes the per-row
+decisions to `row_filter.json` in the output directory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+ROW_FILTER_FILE = "row_filter.json"
+
+
+def _check_int_list(name: str, value: object) -> None:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise TypeError(f"`{name}` must be a non-empty list of integers >= 1, got {value!r}.")
+    for step in value:
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"`{name}` must be a non-empty list of integers >= 1, got {value!r}.")
+        if step < 1:
+            raise ValueError(f"`{name}` must be a non-empty list of integers >= 1, got {value!r}.")
+
+
+@dataclass
+class RowFilterArguments:
+    """Knobs of fit-gap row filtering, as typed dataclass fields (usable with `HfArgumentParser`).
+
+    Mixed into [`MuScleLoraTrainingArguments`]; a trainer built with [`GradientAlignmentMixin`] also takes them as
+    `row_filter_args=`. The trusted rows are the gradient-alignment reference set (`reference_dataset=` or
+    `reference_split_size`), so row filtering needs one even when `gradient_alignment=False`.
+
+    Example:
+        >>> args = RowFilterArguments(row_filter=True)
+        >>> args.row_filter_probe_steps, args.row_filter_folds, args.row_filter_max_clean_drop
+        ([16, 32, 64], 2, 0.04)
+    """
+
+    row_filter: bool = field(
+        default=False,
+        metadata={"help": "Before training, drop the rows a short probe fits unlike any trusted clean row."},
+    )
+    row_filter_probe_steps: list[int] = field(
+        default_factory=lambda: [16, 32, 64],
+        metadata={"help": "Probe optimisation steps at which every held-out row and trusted row is scored."},
+    )
+    row_filter_folds: int = field(
+        default=2,
+        metadata={"help": "Folds of the training set: each fold is scored by a probe trained on the others (>= 2)."},
+    )
+    row_filter_max_clean_drop: float = field(
+        default=0.04,
+        metadata={
+            "help": "At most this share of the trusted rows may be flagged by the rule (half per tail); it bounds "
+            "the share of clean training rows dropped. In (0, 0.5)."
+        },
+    )
+    row_filter_probe_learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "The probes' AdamW learning rate; None: the run's learning_rate."}
+    )
+
+    def __post_init__(self) -> None:
+        self.validate_row_filter_args()
+
+    def validate_row_filter_args(self) -> None:
+        """Check every row-filter field; raises `TypeError`/`ValueError` naming the field and the value."""
+        if not isinstance(self.row_filter, bool):
+            raise TypeError(f"`row_filter` must be True or False, got {self.row_filter!r}.")
+        _check_int_list("row_filter_probe_steps", self.row_filter_probe_steps)
+        self.row_filter_probe_steps = sorted(set(self.row_filter_probe_steps))
+        folds = self.row_filter_folds
+        if isinstance(folds, bool) or not isinstance(folds, int):
+            raise TypeError(f"`row_filter_folds` must be an integer >= 2, got {folds!r}.")
+        if folds < 2:
+            raise ValueError(f"`row_filter_folds` must be an integer >= 2, got {folds!r}.")
+        drop = self.row_filter_max_clean_drop
+        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not math.isfinite(drop):
+            raise TypeError(f"`row_filter_max_clean_drop` must be a number in (0, 0.5), got {drop!r}.")
+        if not 0.0 < drop < 0.5:
+            raise ValueError(f"`row_filter_max_clean_drop` must be in (0, 0.5), got {drop!r}.")
+        lr = self.row_filter_probe_learning_rate
+        if lr is not None:
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+                raise TypeError(f"`row_filter_probe_learning_rate` must be None or a number > 0, got {lr!r}.")
+            if lr <= 0:
+                raise ValueError(f"`row_filter_probe_learning_rate` must be None or a number > 0, got {lr!r}.")
+
+
+def fold_assignment(num_rows: int, folds: int, seed: int) -> list[int]:
+    """The fold of each of `num_rows` rows: a seeded permutation dealt round-robin, so folds differ by at most one.
+
+    Example:
+        >>> fold_assignment(5, 2, seed=0)
+        [1, 0, 0, 1, 0]
+    """
+    if num_rows < folds:
+        raise ValueError(f"row filtering needs at least `row_filter_folds` ({folds}) training rows, got {num_rows}.")
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    assignment = [0] * num_rows
+    for position, row in enumerate(order):
+        assignment[row] = position % folds
+    return assignment
+
+
+def percentile_ranks(losses: torch.Tensor, reference: torch.Tensor, leave_one_out: bool = False) -> torch.Tensor:
+    """Each loss's mid-rank percentile in `reference`: (#below + #equal / 2) / len(reference), in [0, 1].
+
+    With `leave_one_out`, `losses` is `reference` itself and each row is ranked among the others.
+
+    Example:
+        >>> percentile_ranks(torch.tensor([0.0, 2.0, 9.0]), torch.tensor([1.0, 2.0, 3.0])).tolist()
+        [0.0, 0.5, 1.0]
+    """
+    below = (reference.unsqueeze(0) < losses.unsqueeze(1)).sum(1).double()
+    equal = (reference.unsqueeze(0) == losses.unsqueeze(1)).sum(1).double()
+    size = reference.numel()
+    if leave_one_out:
+        equal, size = equal - 1, size - 1
+    if size < 1:
+        raise ValueError("percentile ranks need at least one other trusted row per label.")
+    return (below + equal / 2) / size
+
+
+def choose_cutoffs(reference_low: torch.Tensor, reference_high: torch.Tensor, max_clean_drop: float) -> tuple:
+    """`(low_cut, high_cut)`: a row is flagged when `low < low_cut` or `high > high_cut`.
+
+    Each cut-off is the extreme one that flags at most `max_clean_drop / 2` of the trusted rows (`reference_low`,
+    `reference_high`: their own leave-one-out scores), so together they flag at most `max_clean_drop` of them.
+
+    Example:
+        >>> low = torch.arange(10, dtype=torch.float64) / 20  # 0.0, 0.05, ..., 0.45
+        >>> high = 1 - low
+        >>> choose_cutoffs(low, high, max_clean_drop=0.4)  # two rows per tail: low < 0.1, high > 0.9
+        (0.1, 0.9)
+    """
+    allowed = int(math.floor(max_clean_drop / 2 * reference_low.numel()))
+    low_sorted = reference_low.double().sort().values
+    high_sorted = reference_high.double().sort(descending=True).values
+    # flag `low < cut`: the cut may be at most the (allowed)-th smallest score (0-based), which flags `allowed` rows
+    # when it is strictly larger than those below it; ties make it flag fewer, never more.
+    low_cut = float(low_sorted[allowed]) if allowed < low_sorted.numel() else float(low_sorted[-1])
+    high_cut = float(high_sorted[allowed]) if allowed < high_sorted.numel() else float(high_sorted[-1])
+    return low_cut, high_cut
+
+
+@dataclass
+class RowDecisions:
+    """What [`decide_rows`] decided: per training row `low`/`high` scores and a reason (`keep`, `fit-early`,
+    `contradicted`), the cut-offs and the share of trusted rows the same rule flags."""
+
+    low: list[float]
+    high: list[float]
+    reasons: list[str]
+    low_cut: float
+    high_cut: float
+    reference_flagged: float
+
+    @property
+    def kept(self) -> list[int]:
+        """Indices of the rows kept for training."""
+        return [i for i, reason in enumerate(self.reasons) if reason == "keep"]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per reason, cut-offs and the trusted-row flag rate (JSON-able)."""
+        counts: dict[str, int] = {}
+        for reason in self.reasons:
+            counts[reason] = counts.get(reason, 0) + 1
+        return {
+            "rows": len(self.reasons),
+            "kept": counts.get("keep", 0),
+            "fit_early": counts.get("fit-early", 0),
+            "contradicted": counts.get("contradicted", 0),
+            "low_cut": self.low_cut,
+            "high_cut": self.high_cut,
+            "reference_flagged": self.reference_flagged,
+        }
+
+
+def decide_rows(
+    train_losses: torch.Tensor,
+    train_groups: Sequence[int],
+    train_folds: Sequence[int],
+    reference_losses: torch.Tensor,
+    reference_groups: Sequence[int],
+    max_clean_drop: float,
+) -> RowDecisions:
+    """Per-row keep/drop decisions from probe losses.
+
+    Args:
+        train_losses: `(folds, steps, rows)`: loss of each training row under each fold's probe at each step (only
+            the entries of a row's own fold, `train_losses[train_folds[i], :, i]`, are read).
+        train_groups: Each training row's group (its label; one group for generation tasks).
+        train_folds: Each training row's fold.
+        reference_losses: `(folds, steps, refs)`: the trusted rows' losses under each fold's probe.
+        reference_groups: Each trusted row's group.
+        max_clean_drop: Share of trusted rows the rule may flag (see [`choose_cutoffs`]).
+
+    Example:
+        >>> ref = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 1.5, 2.5, 3.5, 4.5]]])  # one fold, one step, 8 trusted rows
+        >>> train = torch.tensor([[[0.01, 2.2, 99.0]]])  # a shortcut, a typical row, a contradicted row
+        >>> decide_rows(train, [0, 0, 0], [0, 0, 0], ref, [0] * 8, max_clean_drop=0.3).reasons
+        ['fit-early', 'keep', 'contradicted']
+    """
+    folds, steps, rows = train_losses.shape
+    groups = sorted(set(reference_groups))
+    missing = sorted(set(train_groups) - set(groups))
+    if missing:
+        raise ValueError(f"row filtering: labels {missing} occur in the training set but in no trusted row.")
+    low, high = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
+    ref_low, ref_high = [], []
+    train_groups_t, folds_t = torch.tensor(list(train_groups)), torch.tensor(list(train_folds))
+    ref_groups_t = torch.tensor(list(reference_groups))
+    for group in groups:
+        ref_mask = ref_groups_t == group
+        if int(ref_mask.sum()) < 2:
+            raise ValueError(
+                f"row filtering needs at least 2 trusted rows of label {group}, got {int(ref_mask.sum())}."
+            )
+        per_fold_low, per_fold_high = [], []
+        for fold in range(folds):
+            ref = reference_losses[fold][:, ref_mask]  # (steps, refs of the group)
+            ref_pct = torch.stack([percentile_ranks(ref[s], ref[s], leave_one_out=True) for s in range(steps)])
+            per_fold_low.append(ref_pct.min(0).values)
+            per_fold_high.append(ref_pct.max(0).values)
+            row_mask = (train_groups_t == group) & (folds_t == fold)
+            if not bool(row_mask.any()):
+                continue
+            losses = train_losses[fold][:, row_mask]
+            pct = torch.stack([percentile_ranks(losses[s], ref[s]) for s in range(steps)])
+            low[row_mask], high[row_mask] = pct.min(0).values, pct.max(0).values
+        # A trusted row's score under every probe counts: the cut-offs must hold whichever probe scored a row.
+        ref_low.append(torch.cat(per_fold_low))
+        ref_high.append(torch.cat(per_fold_high))
+    all_low, all_high = torch.cat(ref_low), torch.cat(ref_high)
+    low_cut, high_cut = choose_cutoffs(all_low, all_high, max_clean_drop)
+    reasons = []
+    for row in range(rows):
+        if float(low[row]) < low_cut:
+            reasons.append("fit-early")
+        elif float(high[row]) > high_cut:
+            reasons.append("contradicted")
+        else:
+            reasons.append("keep")
+    flagged = float(((all_low < low_cut) | (all_high > high_cut)).double().mean())
+    return RowDecisions(low.tolist(), high.tolist(), reasons, low_cut, high_cut, flagged)
+
+
+def per_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Loss of each row of a batch: cross-entropy for classification logits `(batch, classes)`, the mean next-token
+    cross-entropy over the labelled (not -100) positions for causal-LM logits `(batch, seq, vocab)`.
+
+    Example:
+        >>> [round(x, 3) for x in per_row_loss(torch.tensor([[0.0, 0.0], [10.0, 0.0]]), torch.tensor([1, 0])).tolist()]
+        [0.693, 0.0]
+    """
+    logits = logits.float()
+    if logits.dim() == 2:
+        return torch.nn.functional.cross_entropy(logits, labels.long(), reduction="none")
+    if logits.dim() != 3:
+        raise ValueError(f"per-row loss needs logits of 2 or 3 dims, got shape {tuple(logits.shape)}.")
+    shifted, targets = logits[:, :-1], labels[:, 1:].long()
+    token = torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), reduction="none", ignore_index=-100
+    ).view(targets.shape)
+    mask = (targets != -100).float()
+    return (token * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def row_groups(labels: torch.Tensor) -> list[int]:
+    """The calibration group of each row: its class for classification labels `(batch,)`, 0 for token labels."""
+    return labels.long().tolist() if labels.dim() == 1 else [0] * labels.size(0)
+
+
+def subset_rows(dataset: Any, indices: list[int]) -> Any:
+    """The rows `indices` of a `datasets.Dataset` (`select`) or any map-style dataset (`Subset`)."""
+    return dataset.select(indices) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, indices)
+
+
+def _loader(trainer: Any, dataset: Any, batch_size: int) -> torch.utils.data.DataLoader:
+    """A plain, ordered loader with the trainer's collator and column handling (no sampler, no accelerate prepare:
+    the probes run in one process and are thrown away)."""
+    try:
+        import datasets
+
+        if isinstance(dataset, datasets.Dataset):
+            dataset = trainer._remove_unused_columns(dataset, description="row filter")
+    except ImportError:  # pragma: no cover - datasets is a dependency of transformers' Trainer
+        pass
+    collator = trainer._get_collator_with_removed_columns(trainer.data_collator, description="row filter")
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+
+
+@torch.no_grad()
+def _score(trainer: Any, model: torch.nn.Module, dataset: Any) -> tuple[torch.Tensor, list[int]]:
+    losses, groups = [], []
+    model.eval()
+    try:
+        for batch in _loader(trainer, dataset, trainer.args.per_device_eval_batch_size):
+            inputs = trainer._prepare_inputs(batch)
+            if "labels" not in inputs:
+                raise ValueError(
+                    "row filtering scores each row by its loss and needs a `labels` column (or a collator that "
+                    f"makes one); the batch has {sorted(inputs)}."
+                )
+            with trainer.autocast_smart_context_manager():
+                logits = model(**inputs).logits
+            losses.append(per_row_loss(logits, inputs["labels"]).cpu())
+            groups.extend(row_groups(inputs["labels"]))
+    finally:
+        model.train()
+    return torch.cat(losses).double(), groups
+
+
+def run_row_filter(
+    trainer: Any, args: RowFilterArguments, reference_dataset: Any, seed: int, progress: bool = True
+) -> dict[str, Any]:
+    """Run the fold probes of `trainer` on its training set and decide which rows to keep.
+
+    Every trainable parameter is restored to its value before the call, and so is torch's random state, so the run
+    that follows is the one `trainer` would make on the kept rows alone.
+
+    Returns:
+        The report written to `row_filter.json`: `summary` (counts, cut-offs, trusted-row flag rate, probe steps),
+        `kept` (row indices) and `rows` (per row: fold, loss at each probe step, `low`, `high`, `reason`).
+    """
+    from tqdm.auto import tqdm
+
+    train_dataset = trainer.train_dataset
+    num_rows = len(train_dataset)
+    folds = fold_assignment(num_rows, args.row_filter_folds, seed)
+    model = trainer.model
+    params = [param for param in model.parameters() if param.requires_grad]
+    if not params:
+        raise ValueError("`row_filter=True` but the model has no trainable parameters.")
+    initial = [param.detach().clone() for param in params]
+    steps = args.row_filter_probe_steps
+    lr = args.row_filter_probe_learning_rate or trainer.args.learning_rate
+    batch_size = trainer.args.per_device_train_batch_size
+    train_losses = torch.zeros(args.row_filter_folds, len(steps), num_rows, dtype=torch.float64)
+    reference_losses: list[torch.Tensor] = []
+    train_groups: list[int] = [0] * num_rows
+    reference_groups: list[int] = []
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    bar = tqdm(total=args.row_filter_folds * steps[-1], desc="row filter probes", disable=not progress)
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for fold in range(args.row_filter_folds):
+            held_out = [row for row in range(num_rows) if folds[row] == fold]
+            others = [row for row in range(num_rows) if folds[row] != fold]
+            order = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed + fold)).tolist()
+            probe_rows = [others[i] for i in order]
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=trainer.args.weight_decay)
+            step, fold_reference = 0, []
+            while step < steps[-1]:
+                for batch in _loader(trainer, subset_rows(train_dataset, probe_rows), batch_size):
+                    inputs = trainer._prepare_inputs(batch)
+                    with trainer.compute_loss_context_manager():
+                        loss = trainer.compute_loss(model, inputs)
+                    loss.backward()
+                    if trainer.args.max_grad_norm and trainer.args.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, trainer.args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    bar.update(1)
+                    if step in steps:
+                        index = steps.index(step)
+                        held_losses, held_groups = _score(trainer, model, subset_rows(train_dataset, held_out))
+                        train_losses[fold, index, held_out] = held_losses
+                        for row, group in zip(held_out, held_groups):
+                            train_groups[row] = group
+                        ref_losses, reference_groups = _score(trainer, model, reference_dataset)
+                        fold_reference.append(ref_losses)
+                    if step >= steps[-1]:
+                        break
+            reference_losses.append(torch.stack(fold_reference))
+            with torch.no_grad():
+                for param, value in zip(params, initial):
+                    param.copy_(value)
+            del optimizer
+    bar.close()
+    for param in params:
+        param.grad = None
+    decisions = decide_rows(
+        train_losses,
+        train_groups,
+        folds,
+        torch.stack(reference_losses),
+        reference_groups,
+        args.row_filter_max_clean_drop,
+    )
+    own = [train_losses[folds[row], :, row].tolist() for row in range(num_rows)]
+    rows = [
+        {
+            "fold": folds[row],
+            "losses": own[row],
+            "low": decisions.low[row],
+            "high": decisions.high[row],
+            "reason": decisions.reasons[row],
+        }
+        for row in range(num_rows)
+    ]
+    summary = {
+        **decisions.summary(),
+        "probe_steps": list(steps),
+        "folds": args.row_filter_folds,
+        "max_clean_drop": args.row_filter_max_clean_drop,
+        "probe_learning_rate": lr,
+    }
+    return {"summary": summary, "kept": decisions.kept, "rows": rows}

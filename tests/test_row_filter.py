@@ -1,0 +1,209 @@
+"""Fit-gap row filtering: the pure decision rule, and the trainer that probes, filters and trains on the kept rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
+from peft_musclelora.row_filter import (
+    ROW_FILTER_FILE,
+    RowFilterArguments,
+    choose_cutoffs,
+    decide_rows,
+    fold_assignment,
+    per_row_loss,
+    percentile_ranks,
+    run_row_filter,
+)
+
+from .ga_helpers import tiny_bert, token_dataset, trainable_state
+
+# ---- the decision rule ----
+
+
+def test_percentiles_are_mid_ranks_and_leave_one_out_excludes_the_row_itself():
+    reference = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert percentile_ranks(torch.tensor([0.5, 2.0, 5.0]), reference).tolist() == [0.0, 0.375, 1.0]
+    assert percentile_ranks(reference, reference, leave_one_out=True).tolist() == [0.0, 1 / 3, 2 / 3, 1.0]
+
+
+@pytest.mark.parametrize("refs", [50, 200, 999])
+@pytest.mark.parametrize("max_clean_drop", [0.01, 0.04, 0.2])
+def test_cutoffs_flag_at_most_the_allowed_share_of_trusted_rows(refs, max_clean_drop):
+    generator = torch.Generator().manual_seed(refs)
+    low, high = torch.rand(refs, generator=generator), torch.rand(refs, generator=generator)
+    low_cut, high_cut = choose_cutoffs(low, high, max_clean_drop)
+    assert int((low < low_cut).sum()) <= max_clean_drop / 2 * refs
+    assert int((high > high_cut).sum()) <= max_clean_drop / 2 * refs
+
+
+def test_ties_never_make_a_cutoff_flag_more_rows():
+    low = torch.zeros(100)  # every trusted row is fitted better than every other: nothing can be cut below
+    high = torch.ones(100)
+    low_cut, high_cut = choose_cutoffs(low, high, 0.2)
+    assert not bool((low < low_cut).any()) and not bool((high > high_cut).any())
+
+
+def test_rows_fitted_better_or_worse_than_every_trusted_row_are_dropped_typical_rows_kept():
+    refs = torch.linspace(1.0, 2.0, 100).view(1, 1, -1)  # one fold, one probe step
+    train = torch.tensor([[[0.001, 1.5, 1.2, 50.0]]])
+    decisions = decide_rows(train, [0, 0, 0, 0], [0] * 4, refs, [0] * 100, max_clean_drop=0.04)
+    assert decisions.reasons == ["fit-early", "keep", "keep", "contradicted"]
+    assert decisions.kept == [1, 2]
+    assert decisions.reference_flagged <= 0.04
+    assert decisions.summary()["fit_early"] == 1 and decisions.summary()["contradicted"] == 1
+
+
+def test_percentiles_are_taken_within_each_label():
+    # label 0's trusted losses are small, label 1's large: a loss of 1.0 is typical for 0 and early-fit for 1
+    refs = torch.cat([torch.linspace(0.5, 1.5, 50), torch.linspace(5.0, 6.0, 50)]).view(1, 1, -1)
+    groups = [0] * 50 + [1] * 50
+    train = torch.tensor([[[1.0, 1.0]]])
+    decisions = decide_rows(train, [0, 1], [0, 0], refs, groups, max_clean_drop=0.04)
+    assert decisions.reasons == ["keep", "fit-early"]
+
+
+def test_a_label_without_trusted_rows_is_an_error_naming_it():
+    refs = torch.ones(1, 1, 4)
+    with pytest.raises(ValueError, match=r"labels \[2\]"):
+        decide_rows(torch.ones(1, 1, 1), [2], [0], refs, [0, 0, 1, 1], max_clean_drop=0.04)
+
+
+def test_folds_are_balanced_and_seeded():
+    folds = fold_assignment(101, 3, seed=5)
+    assert sorted(folds.count(f) for f in range(3)) == [33, 34, 34]
+    assert folds == fold_assignment(101, 3, seed=5) != fold_assignment(101, 3, seed=6)
+
+
+def test_per_row_loss_of_a_causal_lm_averages_the_labelled_next_tokens():
+    logits = torch.zeros(2, 3, 5)  # uniform: every labelled token costs log 5
+    labels = torch.tensor([[-100, 1, 2], [-100, -100, 4]])
+    assert torch.allclose(per_row_loss(logits, labels), torch.full((2,), torch.log(torch.tensor(5.0))))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("row_filter", "yes", TypeError),
+        ("row_filter_probe_steps", [], TypeError),
+        ("row_filter_probe_steps", [0, 8], ValueError),
+        ("row_filter_probe_steps", [8.5], TypeError),
+        ("row_filter_folds", 1, ValueError),
+        ("row_filter_folds", 2.0, TypeError),
+        ("row_filter_max_clean_drop", 0.0, ValueError),
+        ("row_filter_max_clean_drop", 0.5, ValueError),
+        ("row_filter_max_clean_drop", float("nan"), TypeError),
+        ("row_filter_probe_learning_rate", -1e-3, ValueError),
+    ],
+)
+def test_invalid_settings_name_the_field_and_the_value(field, value, error):
+    with pytest.raises(error, match=rf"`{field}`.*{repr(value)[:4].replace('[', '')}"):
+        RowFilterArguments(**{field: value})
+
+
+def test_probe_steps_are_sorted_and_deduplicated():
+    assert RowFilterArguments(row_filter_probe_steps=[32, 8, 8]).row_filter_probe_steps == [8, 32]
+
+
+# ---- the trainer ----
+
+
+def _args(tmp_path, **overrides):
+    settings = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16,
+        "num_train_epochs": 1,
+        "learning_rate": 1e-2,
+        "report_to": "none",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "gradient_alignment": False,
+        "row_filter": True,
+        "row_filter_probe_steps": [2, 4],
+        "row_filter_max_clean_drop": 0.2,
+        "seed": 0,
+    }
+    settings.update(overrides)
+    return MuScleLoraTrainingArguments(**settings)
+
+
+def _trainer(tmp_path, train=None, **overrides):
+    train = token_dataset(48, seed=1) if train is None else train
+    return MuScleLoraTrainer(
+        model=tiny_bert(seed=0),
+        args=_args(tmp_path, **overrides),
+        train_dataset=train,
+        reference_dataset=token_dataset(40, seed=2),
+    )
+
+
+def test_probes_leave_the_weights_and_the_random_state_as_they_found_them(tmp_path):
+    trainer = _trainer(tmp_path)
+    before, rng = trainable_state(trainer.model), torch.random.get_rng_state()
+    report = run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
+    after = trainable_state(trainer.model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert len(report["rows"]) == 48 and len(report["rows"][0]["losses"]) == 2
+
+
+def test_training_with_the_filter_is_training_on_the_kept_rows(tmp_path):
+    filtered = _trainer(tmp_path / "a")
+    filtered.train()
+    report = json.loads((tmp_path / "a" / "out" / ROW_FILTER_FILE).read_text())
+    assert report["kept"] == [i for i, row in enumerate(report["rows"]) if row["reason"] == "keep"]
+    assert report["summary"]["rows"] == 48 and report["summary"]["reference_flagged"] <= 0.2
+    assert len(filtered.train_dataset) == len(report["kept"])
+
+    plain = _trainer(tmp_path / "b", train=token_dataset(48, seed=1).select(report["kept"]), row_filter=False)
+    plain.train()
+    a, b = trainable_state(filtered.model), trainable_state(plain.model)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_the_first_training_log_reports_what_the_filter_did(tmp_path):
+    trainer = _trainer(tmp_path, logging_steps=1)
+    trainer.train()
+    first = next(log for log in trainer.state.log_history if "loss" in log)
+    assert first["row_filter/kept"] == len(trainer.row_filter_report["kept"])
+    assert "row_filter/low_cut" in first and "row_filter/reference_flagged" in first
+    assert not any("row_filter/kept" in log for log in trainer.state.log_history if log is not first)
+
+
+def test_a_resumed_run_reads_the_saved_decisions_instead_of_probing_again(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    kept = trainer.row_filter_report["kept"]
+    again = _trainer(tmp_path)
+    monkeypatch.setattr("peft_musclelora.trainer.run_row_filter", lambda *a, **k: pytest.fail("probed again"))
+    again._filter_training_rows(resuming=True)
+    assert again.row_filter_report["kept"] == kept and len(again.train_dataset) == len(kept)
+
+
+def test_a_saved_decision_file_for_another_training_set_is_refused(tmp_path):
+    _trainer(tmp_path).train()
+    other = _trainer(tmp_path, train=token_dataset(30, seed=1))
+    with pytest.raises(ValueError, match="decisions for 48 rows, the training set has 30"):
+        other._filter_training_rows(resuming=True)
+
+
+def test_the_filter_needs_trusted_rows(tmp_path):
+    with pytest.raises(ValueError, match="`row_filter=True` calibrates"):
+        MuScleLoraTrainer(model=tiny_bert(), args=_args(tmp_path), train_dataset=token_dataset(8, seed=1))
+
+
+def test_row_filter_args_are_refused_next_to_arguments_that_already_hold_them(tmp_path):
+    with pytest.raises(ValueError, match="`row_filter_args` must be None"):
+        MuScleLoraTrainer(
+            model=tiny_bert(),
+            args=_args(tmp_path),
+            train_dataset=token_dataset(8, seed=1),
+            reference_dataset=token_dataset(8, seed=2),
+            row_filter_args=RowFilterArguments(),
+        )
