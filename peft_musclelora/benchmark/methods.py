@@ -147,6 +147,23 @@ class TrainingSettings:
         default="raw",
         metadata={"help": "GA step without a reference signal: 'raw' keeps the training gradient, 'zero' zeroes it."},
     )
+    row_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Fit-gap row filtering before training (peft_musclelora.row_filter): drop the rows that fold "
+            "probes fit better or worse than any trusted row; its trusted rows are the reference_split_size rows."
+        },
+    )
+    row_filter_probe_steps: list[int] = field(
+        default_factory=lambda: [16, 32, 64], metadata={"help": "Row filter: probe steps at which rows are scored."}
+    )
+    row_filter_folds: int = field(default=2, metadata={"help": "Row filter: folds of the training set (>= 2)."})
+    row_filter_max_clean_drop: float = field(
+        default=0.04, metadata={"help": "Row filter: at most this share of trusted rows may be flagged, in (0, 0.5)."}
+    )
+    row_filter_probe_learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "Row filter: the probes' learning rate (None: learning_rate)."}
+    )
     clean_only_epochs: float = field(
         default=20.0,
         metadata={
@@ -197,6 +214,24 @@ class TrainingSettings:
             "ga_fallback": self.ga_fallback,
         }
 
+    def row_filter_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `MuScleLoraTrainingArguments` for row filtering (empty when it is off).
+
+        The `row_filter*` fields are named as in `peft_musclelora.RowFilterArguments` and passed by name; the trusted
+        rows are the gradient-alignment reference split, so it is passed too (with GA off when GA is off).
+        """
+        if not self.row_filter:
+            return {}
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith("row_filter")}
+        if not self.gradient_alignment:
+            kwargs.update(gradient_alignment=False, reference_split_size=self.reference_split_size)
+        return kwargs
+
+    @property
+    def needs_defended_trainer(self) -> bool:
+        """Whether `MuScleLoraTrainer` (gradient alignment or row filtering) must run this method."""
+        return self.gradient_alignment or self.row_filter
+
     def training_arguments_kwargs(self, output_dir: str, seed: int) -> dict[str, Any]:
         """Keyword arguments of `TrainingArguments`: checkpoint each epoch, keep the best by clean-dev accuracy."""
         return {
@@ -225,6 +260,7 @@ class TrainingSettings:
             "label_names": ["labels"],
             "activation_checkpointing": self.gradient_checkpointing,  # transformers 5.23 name of the flag
             **self.ga_kwargs(),
+            **self.row_filter_kwargs(),
         }
 
 
@@ -390,6 +426,19 @@ _LLAMA_TRAINING = TrainingSettings(
     max_length=128,
 )
 
+_FIT_GAP_TEXT = (
+    "Plain LoRA r 8 / alpha 32 with a trainable classifier, trained on the rows fit-gap filtering keeps: two fold "
+    "probes (lr 1e-3) score every training row at steps 16, 32, 64 against 400 trusted clean-dev rows (removed from "
+    "dev); a row fitted better (shortcut) or worse (contradicted label) than the trusted rows allow is dropped, "
+    "with cut-offs that flag at most 4% of the trusted rows. Per-row decisions in the cell's row_filter.json. "
+)
+_FIT_GAP = MethodPreset(
+    name="fit-gap",
+    description=_FIT_GAP_TEXT + _COMMON,
+    adapter=AdapterSettings(kind="lora"),
+    training=TrainingSettings(reference_split_size=400, row_filter=True, row_filter_probe_learning_rate=1e-3),
+)
+
 PRESETS: dict[str, MethodPreset] = {
     preset.name: preset
     for preset in (
@@ -436,6 +485,12 @@ PRESETS: dict[str, MethodPreset] = {
             "0) with 400 clean-dev references (removed from dev). " + _COMMON,
             adapter=AdapterSettings(kind="lora"),
             training=TrainingSettings(reference_split_size=400, **_GA_EVERY_STEP),
+        ),
+        _FIT_GAP,
+        dataclasses.replace(
+            _FIT_GAP,
+            name="recommended",
+            description="Alias of fit-gap, the project's recommended defense (docs/results.md). " + _FIT_GAP_TEXT,
         ),
         MethodPreset(
             name="lora-llama",

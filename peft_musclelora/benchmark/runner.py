@@ -35,6 +35,7 @@ CELL_FILE = "cell.json"
 INIT_WEIGHTS_FILE = "initialized_weights.safetensors"
 METRICS_FILE = "metrics.json"
 LOG_HISTORY_FILE = "log_history.json"
+ROW_FILTER_FILE = "row_filter.json"
 
 
 def default_model_dir() -> Path:
@@ -327,6 +328,24 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: Path) -> dict[str, Any]:
+    """Write the per-row decisions, with each row's text and label, to the cell's `row_filter.json`; return the
+    summary plus what the poison flags say of it (flags are read for this report only, never by the filter)."""
+    rows = [
+        {"index": index, "text": record.text, "label": record.label, **decision}
+        for index, (record, decision) in enumerate(zip(train_data.records, report["rows"]))
+    ]
+    _write_json(output_dir / ROW_FILTER_FILE, {"summary": report["summary"], "rows": rows})
+    dropped = [decision["reason"] != "keep" for decision in report["rows"]]
+    poisoned = [record.poisoned for record in train_data.records]
+    clean_rows, poisoned_rows = poisoned.count(False), poisoned.count(True)
+    return {
+        **report["summary"],
+        "clean_dropped": sum(d and not p for d, p in zip(dropped, poisoned)) / max(clean_rows, 1),
+        "poisoned_recall": sum(d and p for d, p in zip(dropped, poisoned)) / poisoned_rows if poisoned_rows else None,
+    }
+
+
 def train_cell(
     method: Union[str, MethodPreset],
     train: DataSource,
@@ -373,7 +392,7 @@ def train_cell(
     reset_peak_rss()
     if (test_clean is None) != (test_poison is None):
         raise ValueError("test_clean and test_poison must be given together (or neither).")
-    if training.gradient_alignment:
+    if training.needs_defended_trainer:
         try:
             from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
         except ImportError:
@@ -402,7 +421,7 @@ def train_cell(
     }
     arg_kwargs = training.training_arguments_kwargs(str(checkpoint_dir), seed)
     arg_kwargs["disable_tqdm"] = not progress
-    if training.gradient_alignment:
+    if training.needs_defended_trainer:
         arg_kwargs["reference_seed"] = seed
         trainer = MuScleLoraTrainer(args=MuScleLoraTrainingArguments(**arg_kwargs), **trainer_kwargs)
     else:
@@ -456,9 +475,11 @@ def train_cell(
         "target_label": target_label,
         "versions": versions(),
     }
-    if training.gradient_alignment:
+    if training.needs_defended_trainer:
         result["reference_rows"] = len(getattr(trainer, "reference_dataset", None) or [])
         result["dev_rows_for_selection"] = len(trainer.eval_dataset)
+    if training.row_filter:
+        result["row_filter"] = _save_row_filter(trainer.row_filter_report, train_data, output_dir)
     if test_clean is not None and test_poison is not None:
         clean = _as_data(test_clean, num_labels).subsample(training.max_test_rows, seed)
         poison = _as_data(test_poison, num_labels).subsample(training.max_test_rows, seed)

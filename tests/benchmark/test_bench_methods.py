@@ -12,8 +12,8 @@ from peft_musclelora.benchmark.methods import PRESETS, get_preset
 
 def test_the_encoder_presets_exist_with_the_measured_defaults() -> None:
     encoder = ["full", "lora", "mslr", "musclelora", "ga-lora", "ga-lora-tuned"]
-    assert list(PRESETS) == encoder + ["lora-llama", "musclelora-llama"]
-    for preset in (PRESETS[name] for name in encoder):
+    assert list(PRESETS) == encoder + ["fit-gap", "recommended", "lora-llama", "musclelora-llama"]
+    for preset in (PRESETS[name] for name in [*encoder, "fit-gap", "recommended"]):
         assert preset.training.max_length == 64 and preset.training.per_device_train_batch_size == 32
         assert preset.training.num_train_epochs == 3 and preset.description
     assert PRESETS["lora"].training.learning_rate == 2e-4
@@ -181,3 +181,42 @@ def test_an_override_can_name_the_one_method_it_is_for() -> None:
     assert cell_settings("strip", ["lora.r=2"]) != cell_settings("strip", [])
     with pytest.raises(ValueError, match="no_such_field"):
         check_method("lora", ["full.no_such_field=1"])  # checked even when another method is run
+
+
+def test_fit_gap_is_lora_on_the_rows_its_row_filter_keeps_and_recommended_is_its_alias() -> None:
+    fit_gap, recommended, lora = PRESETS["fit-gap"], PRESETS["recommended"], PRESETS["lora"]
+    assert fit_gap.adapter == lora.adapter and not fit_gap.training.gradient_alignment
+    assert (recommended.adapter, recommended.training) == (fit_gap.adapter, fit_gap.training)
+    assert "Alias of fit-gap" in recommended.description
+    kwargs = fit_gap.training.row_filter_kwargs()
+    assert kwargs == {
+        "row_filter": True,
+        "row_filter_probe_steps": [16, 32, 64],
+        "row_filter_folds": 2,
+        "row_filter_max_clean_drop": 0.04,
+        "row_filter_probe_learning_rate": 1e-3,
+        "gradient_alignment": False,
+        "reference_split_size": 400,
+    }
+    assert lora.training.row_filter_kwargs() == {}
+
+
+def test_row_filter_fields_are_the_trainers_own_names() -> None:
+    import dataclasses
+
+    from peft_musclelora.benchmark.methods import TrainingSettings
+    from peft_musclelora.row_filter import RowFilterArguments
+
+    bench = {f.name: f.default for f in dataclasses.fields(TrainingSettings) if f.name.startswith("row_filter")}
+    library = {f.name: f.default for f in dataclasses.fields(RowFilterArguments)}
+    assert bench == library
+
+
+def test_fit_gap_arguments_build_the_defended_trainers_arguments(tmp_path) -> None:
+    from peft_musclelora import MuScleLoraTrainingArguments
+
+    kwargs = PRESETS["fit-gap"].training.training_arguments_kwargs(str(tmp_path), seed=0)
+    args = MuScleLoraTrainingArguments(**kwargs)
+    assert args.row_filter and not args.gradient_alignment and args.reference_split_size == 400
+    with pytest.raises(ValueError, match="row_filter_max_clean_drop"):
+        MuScleLoraTrainingArguments(**{**kwargs, "row_filter_max_clean_drop": 0.7})

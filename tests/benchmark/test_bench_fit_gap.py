@@ -1,0 +1,36 @@
+"""The recommended defense as a bench cell: `fit-gap` trains LoRA on the rows its row filter keeps and saves why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peft_musclelora.benchmark.cli import main
+
+
+def test_a_fit_gap_cell_saves_every_rows_decision_and_reports_recall_from_the_flags(
+    tiny_bert: Path, attack_dir: Path, tmp_path: Path
+) -> None:
+    files = attack_dir / "sst-2" / "poison" / "badnets"
+    out = tmp_path / "cell"
+    code = main(
+        ["train", "--method", "recommended", "--train", str(files / "train-mixed-0.1.csv")]
+        + ["--dev", str(files / "dev-clean.csv"), "--test-clean", str(files / "test-clean.csv")]
+        + ["--test-poison", str(files / "test-poison.csv"), "--model", str(tiny_bert), "--output-dir", str(out)]
+        + ["--set", "num_train_epochs=1", "--set", "reference_split_size=12", "--set", "row_filter_probe_steps=2,4"]
+        + ["--set", "row_filter_max_clean_drop=0.2", "--quiet"]
+    )
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    decisions = json.loads((out / "row_filter.json").read_text())
+    report = metrics["row_filter"]
+    assert len(decisions["rows"]) == report["rows"] == 44  # 40 clean + 4 poisoned rows
+    assert report["kept"] + report["fit_early"] + report["contradicted"] == 44
+    assert {"index", "text", "label", "fold", "losses", "low", "high", "reason"} <= set(decisions["rows"][0])
+    assert all(len(row["losses"]) == 2 for row in decisions["rows"])
+    dropped = [row["reason"] != "keep" for row in decisions["rows"]]
+    assert report["clean_dropped"] == sum(dropped[:40]) / 40 and report["poisoned_recall"] == sum(dropped[40:]) / 4
+    assert metrics["reference_rows"] == 12 and metrics["dev_rows_for_selection"] == 12
+    assert metrics["data"]["train"]["rows"] == 44  # the cell reports the data it was given, not the kept rows
+    history = json.loads((out / "log_history.json").read_text())
+    assert next(entry for entry in history if "loss" in entry)["row_filter/kept"] == report["kept"]
