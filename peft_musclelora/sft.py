@@ -12,12 +12,14 @@ except ImportError as error:  # pragma: no cover - exercised only without trl
     ) from error
 
 from .gradient_alignment import GradientAlignmentArguments
+from .row_filter import RowFilterArguments
 from .trainer import GradientAlignmentMixin
 
 
 @dataclass
-class MuScleLoraSFTConfig(SFTConfig, GradientAlignmentArguments):
-    """`trl.SFTConfig` plus the fields of [`GradientAlignmentArguments`] (Llama-2 preset: `reference_split_size=128`).
+class MuScleLoraSFTConfig(SFTConfig, GradientAlignmentArguments, RowFilterArguments):
+    """`trl.SFTConfig` plus the fields of [`GradientAlignmentArguments`] (Llama-2 preset: `reference_split_size=128`)
+    and of [`RowFilterArguments`] (`row_filter=True`: fit-gap row filtering on each row's completion loss).
 
     Example:
 
@@ -30,6 +32,7 @@ class MuScleLoraSFTConfig(SFTConfig, GradientAlignmentArguments):
         super().__post_init__()
         epoch_bounded = self.max_steps is None or self.max_steps <= 0
         self.validate_gradient_alignment_args(self.num_train_epochs if epoch_bounded else None)
+        self.validate_row_filter_args()
 
 
 class MuScleLoraSFTTrainer(GradientAlignmentMixin, SFTTrainer):

@@ -658,3 +658,35 @@ def test_smollm2_4bit_end_to_end_on_a_few_dozen_rows(smollm2_dir: Path, tmp_path
 def test_loading_a_directory_that_is_not_an_instruction_cell_says_so(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a saved instruction cell"):
         load_instruct_cell(tmp_path)
+
+
+def test_instruct_fit_gap_filters_rows_by_their_completion_loss_and_saves_the_decisions(
+    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = InstructSettings(
+        r=4,
+        per_device_train_batch_size=4,
+        max_length=48,
+        reference_rows=8,
+        row_filter_probe_steps=[1, 2],
+        row_filter_max_clean_drop=0.3,
+    )
+    result = train_instruct(
+        "recommended",
+        attack_files["train"],
+        attack_files["dev"],
+        tmp_path / "cell",
+        tiny_llama_dir,
+        settings=settings,
+        test_clean=attack_files["test_clean"],
+        test_poison=attack_files["test_poison"],
+        progress=False,
+    )
+    report = result["row_filter"]
+    rows = result["data"]["train"]["rows"]
+    assert result["gradient_alignment"] is False and report["rows"] == rows
+    assert report["kept"] + report["fit_early"] + report["contradicted"] == rows
+    decisions = json.loads((tmp_path / "cell" / "row_filter.json").read_text())
+    assert len(decisions["rows"]) == rows and all(len(row["losses"]) == 2 for row in decisions["rows"])
+    assert all(math.isfinite(loss) for row in decisions["rows"] for loss in row["losses"])
+    assert result["steps"] == math.ceil(report["kept"] / 4)  # one epoch over the kept rows only

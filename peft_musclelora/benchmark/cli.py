@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     instruct.add_argument(
         "--method",
         required=True,
-        choices=["lora", "musclelora"],
-        help="lora: undefended LoRA on the body; musclelora: plus MSLR on `mslr_target` and gradient alignment",
+        choices=["lora", "musclelora", "fit-gap", "recommended"],
+        help="lora: undefended LoRA on the body; musclelora: plus MSLR on `mslr_target` and gradient alignment; "
+        "fit-gap (alias recommended): LoRA on the rows fit-gap row filtering keeps (trusted rows: reference_rows)",
     )
     instruct.add_argument("--train", required=True, help="Training file")
     instruct.add_argument("--dev", required=True, help="Clean dev file (GA references)")

@@ -42,10 +42,13 @@ from .runner import (
     peak_rss_megabytes,
     read_cell_info,
     reset_peak_rss,
+    save_row_filter,
     versions,
 )
 
-INSTRUCT_METHODS = ("lora", "musclelora")
+#: `fit-gap` (alias `recommended`): LoRA on the rows fit-gap row filtering keeps, calibrated on `reference_rows`.
+INSTRUCT_METHODS = ("lora", "musclelora", "fit-gap", "recommended")
+_ROW_FILTER_METHODS = ("fit-gap", "recommended")
 ADAPTER_DIRNAME = "adapter"
 INSTRUCT_FILE = "instruct.json"
 
@@ -221,6 +224,8 @@ class InstructSettings:
     max_raw_grad_ratio: float = 0.0
     min_ref_loss: float = 0.0
     ga_fallback: Fallback = "raw"
+    row_filter_probe_steps: list[int] = field(default_factory=lambda: [16, 32, 64])
+    row_filter_max_clean_drop: float = 0.04
     max_train_rows: Optional[int] = None
     max_test_rows: Optional[int] = None
 
@@ -247,7 +252,7 @@ def instruct_peft_config(method: str, settings: InstructSettings) -> Any:
     if method not in INSTRUCT_METHODS:
         raise ValueError(f"method must be one of {list(INSTRUCT_METHODS)}, got {method!r}.")
     common = {"task_type": "CAUSAL_LM", "r": settings.r, "lora_alpha": settings.lora_alpha, "lora_dropout": 0.0}
-    if method == "lora":
+    if method not in ("musclelora",):
         return LoraConfig(target_modules=list(settings.target_modules), **common)
     head = settings.mslr_target
     return MuScleLoraConfig(
@@ -281,7 +286,8 @@ def _sft_trainer(method: str, settings: InstructSettings) -> tuple[Any, Any, dic
     from trl import SFTConfig, SFTTrainer
 
     ga = settings.gradient_alignment if settings.gradient_alignment is not None else method == "musclelora"
-    if not ga:
+    row_filter = method in _ROW_FILTER_METHODS
+    if not ga and not row_filter:
         return SFTTrainer, SFTConfig, {}
     try:
         from peft_musclelora import MuScleLoraSFTConfig, MuScleLoraSFTTrainer
@@ -290,8 +296,21 @@ def _sft_trainer(method: str, settings: InstructSettings) -> tuple[Any, Any, dic
             "gradient alignment for SFT needs peft_musclelora.MuScleLoraSFTTrainer, which this installation does "
             "not have; pass gradient_alignment=False."
         ) from None
+    if not ga:  # the row filter alone: its trusted rows are the same `reference_rows` dev prompts
+        return (
+            MuScleLoraSFTTrainer,
+            MuScleLoraSFTConfig,
+            {
+                "gradient_alignment": False,
+                "reference_split_size": settings.reference_rows,
+                "row_filter": True,
+                "row_filter_probe_steps": list(settings.row_filter_probe_steps),
+                "row_filter_max_clean_drop": settings.row_filter_max_clean_drop,
+            },
+        )
     kwargs = {
         "gradient_alignment": True,
+        "row_filter": row_filter,
         "reference_split_size": settings.reference_rows,
         "reference_batch_size": settings.reference_batch_size,
         "ga_warmup_epochs": settings.ga_warmup_epochs,
@@ -398,7 +417,8 @@ def train_instruct(
     train_set = to_instruction_dataset(train_data, tokenizer, template)
     extra: dict[str, Any] = {}
     if ga_kwargs:
-        extra["eval_dataset"] = to_instruction_dataset(dev_data.subsample(settings.reference_rows, seed), tokenizer)
+        references = dev_data.subsample(settings.reference_rows, seed)
+        extra["eval_dataset"] = to_instruction_dataset(references, tokenizer, template)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_set, processing_class=tokenizer, **extra)
     start = time.perf_counter()
     trainer.train()
@@ -420,7 +440,7 @@ def train_instruct(
         "status": "ok",
         "task": "instruct",
         "method": method,
-        "gradient_alignment": bool(ga_kwargs),
+        "gradient_alignment": bool(ga_kwargs.get("gradient_alignment", False)),
         "settings": asdict(settings),
         "seed": seed,
         "model_dir": str(model_dir),
@@ -435,6 +455,8 @@ def train_instruct(
         "target_label": target_label,
         "versions": versions(),
     }
+    if ga_kwargs.get("row_filter"):
+        result["row_filter"] = save_row_filter(trainer.row_filter_report, train_data, output_dir)
     if test_clean is not None and test_poison is not None:
         clean = _as_data(test_clean, len(template.label_words)).subsample(settings.max_test_rows, seed)
         poison = _as_data(test_poison, len(template.label_words)).subsample(settings.max_test_rows, seed)

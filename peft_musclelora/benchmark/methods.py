@@ -427,7 +427,8 @@ _LLAMA_TRAINING = TrainingSettings(
 )
 
 _FIT_GAP_TEXT = (
-    "Plain LoRA r 8 / alpha 32 with a trainable classifier, trained on the rows fit-gap filtering keeps: two fold "
+    "Plain LoRA r 8 / alpha 32 with a trainable classifier, lr 1e-3 (the rate at which LoRA reached the oracle's "
+    "clean accuracy at full size), trained on the rows fit-gap filtering keeps: two fold "
     "probes (lr 1e-3) score every training row at steps 16, 32, 64 against 400 trusted clean-dev rows (removed from "
     "dev); a row fitted better (shortcut) or worse (contradicted label) than the trusted rows allow is dropped, "
     "with cut-offs that flag at most 4% of the trusted rows. Per-row decisions in the cell's row_filter.json. "
@@ -436,7 +437,9 @@ _FIT_GAP = MethodPreset(
     name="fit-gap",
     description=_FIT_GAP_TEXT + _COMMON,
     adapter=AdapterSettings(kind="lora"),
-    training=TrainingSettings(reference_split_size=400, row_filter=True, row_filter_probe_learning_rate=1e-3),
+    training=TrainingSettings(
+        learning_rate=1e-3, reference_split_size=400, row_filter=True, row_filter_probe_learning_rate=1e-3
+    ),
 )
 
 PRESETS: dict[str, MethodPreset] = {

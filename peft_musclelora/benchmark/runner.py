@@ -328,7 +328,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: Path) -> dict[str, Any]:
+def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: Path) -> dict[str, Any]:
     """Write the per-row decisions, with each row's text and label, to the cell's `row_filter.json`; return the
     summary plus what the poison flags say of it (flags are read for this report only, never by the filter)."""
     rows = [
@@ -479,7 +479,7 @@ def train_cell(
         result["reference_rows"] = len(getattr(trainer, "reference_dataset", None) or [])
         result["dev_rows_for_selection"] = len(trainer.eval_dataset)
     if training.row_filter:
-        result["row_filter"] = _save_row_filter(trainer.row_filter_report, train_data, output_dir)
+        result["row_filter"] = save_row_filter(trainer.row_filter_report, train_data, output_dir)
     if test_clean is not None and test_poison is not None:
         clean = _as_data(test_clean, num_labels).subsample(training.max_test_rows, seed)
         poison = _as_data(test_poison, num_labels).subsample(training.max_test_rows, seed)
