@@ -16,9 +16,14 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Optional, get_args
+from typing import Any, Literal, Optional, get_args
 
 import torch
+
+try:  # torch built without distributed support has no DTensor; nothing can be sharded there
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - every wheel this project tests ships torch.distributed
+    _DTensor = None
 
 Branch = Literal["aligned", "mixed", "raw", "zero"]
 Fallback = Literal["raw", "zero"]
@@ -97,6 +102,80 @@ def _as_float(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
+def _is_dtensor(tensor: Optional[torch.Tensor]) -> bool:
+    return _DTensor is not None and isinstance(tensor, _DTensor)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writing into it writes into the DTensor), or the tensor itself."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def _sharded_mesh_dims(tensor: torch.Tensor, what: str) -> tuple[int, ...]:
+    """Mesh dimensions over which a DTensor's local sums are partial sums (every placement but `Replicate`)."""
+    dims = []
+    for dim, placement in enumerate(tensor.placements):
+        if placement.is_partial():
+            raise ValueError(
+                f"{what} is a DTensor with placements {tuple(tensor.placements)}: a `Partial` gradient has not been "
+                "reduced across ranks yet; align after the synchronising backward (FSDP2 reduce-scatters into "
+                "`Shard` gradients)."
+            )
+        if not placement.is_replicate():
+            dims.append(dim)
+    return tuple(dims)
+
+
+def _reduction_groups(
+    grads: Sequence[Optional[torch.Tensor]],
+    ref_grads: Sequence[Optional[torch.Tensor]],
+    ref_history: Optional[Sequence[Sequence[Optional[torch.Tensor]]]],
+    present: list[int],
+) -> list[Any]:
+    """Process groups over which the local per-tensor sums are added ([] when nothing is sharded).
+
+    Every sum is taken over this rank's shard, so for DTensor gradients (FSDP2: `Shard(0)` on a 1-D mesh, or
+    `(Replicate, Shard(0))` under HSDP) they must be all-reduced over the sharded mesh dimensions; one vector holds
+    all of them, so that is one collective per sharded mesh dimension (one for FSDP2) whatever the number of tensors.
+    This needs every gradient on the same mesh with the same sharded dimensions.
+    """
+    if not any(_is_dtensor(grads[i]) for i in present):
+        for name, tensors in (("ref_grads", ref_grads), *(("ref_history", h) for h in ref_history or ())):
+            for i in present:
+                if _is_dtensor(tensors[i]):
+                    raise ValueError(
+                        f"Gradient {i} is a plain tensor but its entry in `{name}` is a DTensor; pass both sharded "
+                        "(FSDP2) or both unsharded."
+                    )
+        return []
+    first = grads[present[0]]
+    mesh, dims = first.device_mesh, _sharded_mesh_dims(first, f"Gradient {present[0]}")
+    for i in present:
+        g = grads[i]
+        if not _is_dtensor(g):
+            raise ValueError(
+                f"Gradient {i} is a plain tensor while gradient {present[0]} is a DTensor: under FSDP2 every aligned "
+                "parameter must be sharded by `fully_shard` (apply it to the root module too)."
+            )
+        if g.device_mesh != mesh or _sharded_mesh_dims(g, f"Gradient {i}") != dims:
+            raise ValueError(
+                f"Gradient {i} is sharded as {tuple(g.placements)} on {g.device_mesh}, gradient {present[0]} as "
+                f"{tuple(first.placements)} on {mesh}: gradient alignment needs one mesh and the same sharded mesh "
+                "dimensions for every aligned parameter (one all-reduce for all of them)."
+            )
+        for name, tensors in (("ref_grads", ref_grads), *(("ref_history", h) for h in ref_history or ())):
+            c = tensors[i]
+            if c is not None and (
+                not _is_dtensor(c) or c.device_mesh != g.device_mesh or tuple(c.placements) != tuple(g.placements)
+            ):
+                placements = tuple(c.placements) if _is_dtensor(c) else "a plain tensor"
+                raise ValueError(
+                    f"Gradient {i} is a DTensor with placements {tuple(g.placements)} but its entry in `{name}` is "
+                    f"{placements}; reference gradients must be sharded like the training gradients."
+                )
+    return [mesh.get_group(dim) for dim in dims]
+
+
 @torch.no_grad()
 def align_gradients(
     grads: Sequence[Optional[torch.Tensor]],
@@ -122,6 +201,12 @@ def align_gradients(
     the untrusted `g` gets a zero gradient instead: the raw branch (reported as `"zero"`) and those tensors. A `None`
     training gradient stays `None`; a `None` reference gradient counts as zero. The branch is chosen by
     [`select_branch`].
+
+    Sharded gradients (FSDP2): when the gradients are DTensors (`fully_shard` shards them on dim 0), every sum above
+    (and the small Gram matrices of `ref_history`) is taken over this rank's shard, all of them are stacked into one
+    vector and all-reduced once over the mesh, and the rescale is applied to the local shard; no full gradient is
+    gathered, and the branch and statistics come out identical on every rank. It is then a collective: every rank
+    must call it with the same tensors present. Reference gradients (and `ref_history`) must be sharded like `grads`.
 
     Args:
         grads: Training gradients `g`, one per parameter tensor (`None` for tensors without gradient).
@@ -153,24 +238,52 @@ def align_gradients(
     """
     if len(grads) != len(ref_grads):
         raise ValueError(f"`grads` and `ref_grads` must have the same length, got {len(grads)} and {len(ref_grads)}.")
+    for age, earlier_grads in enumerate(ref_history or ()):
+        if len(earlier_grads) != len(grads):
+            raise ValueError(
+                f"`ref_history[{age}]` must have the length of `grads` ({len(grads)}), got {len(earlier_grads)}."
+            )
     _check_fallback("fallback", fallback)
 
     present = [i for i, g in enumerate(grads) if g is not None]
-    dots, g_sq, c_sq = [], [], []
+    groups = _reduction_groups(grads, ref_grads, ref_history, present)
+    # One float64 vector of every per-tensor sum: [<g,c>, |g|^2, |c|^2] per tensor, then for tensors with earlier
+    # reference gradients the Gram matrix of (c, earlier...) and its products with g. On sharded gradients these are
+    # partial sums, so a single all-reduce of this vector makes them global.
+    sums: list[torch.Tensor] = []
+    earlier_of: dict[int, list[torch.Tensor]] = {}
     for i in present:
         g, c = grads[i], ref_grads[i]
         if c is None:
             c = torch.zeros_like(g)
         elif c.shape != g.shape:
             raise ValueError(f"Gradient {i} has shape {tuple(g.shape)} but its reference gradient {tuple(c.shape)}.")
-        g32, c32 = _as_float(g).reshape(-1), _as_float(c).reshape(-1).to(g.device)
-        dots.append(torch.dot(g32, c32))
-        g_sq.append(torch.dot(g32, g32))
-        c_sq.append(torch.dot(c32, c32))
-    if present:
-        dot_l, g_sq_l, c_sq_l = torch.stack([torch.stack(dots), torch.stack(g_sq), torch.stack(c_sq)]).cpu().tolist()
-    else:
-        dot_l, g_sq_l, c_sq_l = [], [], []
+        g_local, c_local = _local(g), _local(c)
+        g32, c32 = _as_float(g_local).reshape(-1), _as_float(c_local).reshape(-1).to(g_local.device)
+        sums.append(torch.stack([torch.dot(g32, c32), torch.dot(g32, g32), torch.dot(c32, c32)]).double())
+        earlier = [h[i] for h in ref_history or () if h[i] is not None]
+        if earlier:
+            earlier_of[i] = earlier
+            basis = _basis(g_local, c_local, earlier)
+            sums.append((basis @ basis.T).reshape(-1))
+            sums.append(basis @ g_local.reshape(-1).to(torch.float64))
+    values: list[float] = []
+    if sums:
+        vector = torch.cat([s.to(sums[0].device) for s in sums])
+        for group in groups:
+            torch.distributed.all_reduce(vector, group=group)
+        values = vector.cpu().tolist()
+    dot_l, g_sq_l, c_sq_l, subspace = [], [], [], {}
+    offset = 0
+    for i in present:
+        dot_l.append(values[offset])
+        g_sq_l.append(values[offset + 1])
+        c_sq_l.append(values[offset + 2])
+        offset += 3
+        if i in earlier_of:
+            m = 1 + len(earlier_of[i])
+            subspace[i] = (values[offset : offset + m * m], values[offset + m * m : offset + m * m + m])
+            offset += m * m + m
 
     ref_norms = [math.sqrt(c) for c in c_sq_l if math.isfinite(c) and c > 0]
     mean_ref_norm = sum(ref_norms) / len(ref_norms) if ref_norms else 0.0
@@ -195,21 +308,21 @@ def align_gradients(
     fallbacks = 0
     if branch == "zero":
         for i in present:
-            out[i].zero_()
+            _local(out[i]).zero_()
     elif branch != "raw":
         for k, i in enumerate(present):
-            g, c = out[i], ref_grads[i]
+            g, c = _local(out[i]), ref_grads[i]
             usable = k in finite and c_sq_l[k] > 0 and math.isfinite(abs(dot_l[k]) / c_sq_l[k])
             if not usable:
                 fallbacks += 1
                 if fallback == "zero":
                     g.zero_()
                 continue
-            earlier = [h[i] for h in ref_history or () if h[i] is not None]
-            if earlier:
-                aligned = _subspace_projection(g, c, earlier, dot_l[k], c_sq_l[k])
+            if i in earlier_of:
+                gram, products = subspace[i]
+                aligned = _subspace_projection(g, _local(c), earlier_of[i], gram, products, dot_l[k], c_sq_l[k])
             else:
-                aligned = c.to(device=g.device, dtype=g.dtype) * (abs(dot_l[k]) / c_sq_l[k])
+                aligned = _local(c).to(device=g.device, dtype=g.dtype) * (abs(dot_l[k]) / c_sq_l[k])
             if branch == "aligned":
                 g.copy_(aligned)
             else:
@@ -227,28 +340,39 @@ def align_gradients(
     return out, stats
 
 
+def _basis(g: torch.Tensor, c: torch.Tensor, earlier: list[torch.Tensor]) -> torch.Tensor:
+    """Rows `c, *earlier` (this rank's shards) flattened, in float64 on `g`'s device."""
+    return torch.stack([t.reshape(-1).to(device=g.device, dtype=torch.float64) for t in (c, *map(_local, earlier))])
+
+
 def _subspace_projection(
-    g: torch.Tensor, c: torch.Tensor, earlier: list[torch.Tensor], dot: float, c_sq: float
+    g: torch.Tensor,
+    c: torch.Tensor,
+    earlier: list[torch.Tensor],
+    gram: list[float],
+    products: list[float],
+    dot: float,
+    c_sq: float,
 ) -> torch.Tensor:
     """Projection of `g` onto span(c, *earlier), its `c` component made non-negative (the 1-D rule's absolute value).
 
-    Solved through the small Gram matrix in float64; directions with eigenvalue below 1e-10 of the largest are
-    dropped, so nearly parallel earlier gradients do not amplify noise.
+    `gram` (the Gram matrix of `c, *earlier`, row-major) and `products` (each of them dotted with `g`) are global
+    sums, so the small solve in float64 is the same on every rank and only the final combination touches the
+    (local) tensors. Zero or non-finite earlier gradients are left out (read off the Gram diagonal); directions with
+    eigenvalue below 1e-10 of the largest are dropped, so nearly parallel earlier gradients do not amplify noise.
     """
-    flat = [c.reshape(-1).to(device=g.device, dtype=torch.float64)]
-    for e in earlier:
-        e64 = e.reshape(-1).to(device=g.device, dtype=torch.float64)
-        if bool(torch.isfinite(e64).all()) and bool(e64.any()):
-            flat.append(e64)
-    basis = torch.stack(flat)
-    gram = basis @ basis.T
-    values, vectors = torch.linalg.eigh(gram)
-    keep = values > values.max() * 1e-10
-    inverse = (vectors[:, keep] / values[keep]) @ vectors[:, keep].T
-    projection = basis.T @ (inverse @ (basis @ g.reshape(-1).to(torch.float64)))
+    m = 1 + len(earlier)
+    full = torch.tensor(gram, dtype=torch.float64).reshape(m, m)
+    keep = [0] + [j for j in range(1, m) if math.isfinite(full[j, j].item()) and full[j, j].item() > 0]
+    sub = full[keep][:, keep]
+    values, vectors = torch.linalg.eigh(sub)
+    kept = values > values.max() * 1e-10
+    inverse = (vectors[:, kept] / values[kept]) @ vectors[:, kept].T
+    coefficients = inverse @ torch.tensor(products, dtype=torch.float64)[keep]
     if dot < 0:  # <P g, c> = <g, c>: reflect the c component so the update descends the reference loss
-        projection -= (2.0 * dot / c_sq) * flat[0]
-    return projection.reshape(g.shape).to(g.dtype)
+        coefficients[0] -= 2.0 * dot / c_sq
+    basis = _basis(g, c, [earlier[j - 1] for j in keep[1:]])
+    return (basis.T @ coefficients.to(basis.device)).reshape(g.shape).to(g.dtype)
 
 
 def _check_number(name: str, value: object, *, low: float, high: float = math.inf, allowed: str) -> None:

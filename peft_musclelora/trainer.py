@@ -20,13 +20,15 @@ from torch.utils.data import Subset
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArguments, align_gradients
+from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArguments, _is_dtensor, align_gradients
 
 # Resumable GA state, in a folder of its own inside each checkpoint so the Trainer's weight loading never sees it:
-# JSON for the sampler and scalars, safetensors for the cached reference gradient (nothing is pickled).
+# JSON for the sampler and scalars, safetensors for the cached reference gradient (nothing is pickled); under FSDP2 the
+# sharded reference gradient is a torch.distributed.checkpoint folder instead (each rank writes its shard).
 GA_STATE_DIR = "gradient_alignment"
 GA_STATE_NAME = "state.json"
 GA_REF_GRADS_NAME = "ref_grads.safetensors"
+GA_REF_GRADS_DCP_DIR = "ref_grads_dcp"  # FSDP2: sharded reference gradients, one torch.distributed.checkpoint folder
 
 
 @dataclass
@@ -135,6 +137,48 @@ def _columns(dataset: Any) -> Optional[set[str]]:
     return set(first) if isinstance(first, dict) else None
 
 
+SUPPORTED_ENGINES = (
+    "single device, DDP, or FSDP2 (`torch.distributed.fsdp.fully_shard`; in accelerate `fsdp_version: 2`, "
+    "see docs/distributed.md)"
+)
+
+
+def _check_distributed_engine(trainer: Any) -> None:
+    """Refuse the engines whose gradients gradient alignment cannot project: DeepSpeed and FSDP1.
+
+    FSDP1 flattens every wrapped module's parameters into one `FlatParameter` and shards that, so a shard mixes
+    pieces of several tensors and the per-tensor sums cannot be formed; DeepSpeed's ZeRO partitions and reduces
+    gradients inside its own engine, out of the Trainer's reach. FSDP2 keeps one DTensor per parameter.
+    """
+    if trainer.is_deepspeed_enabled:
+        raise ValueError(
+            "`gradient_alignment=True` is not supported with DeepSpeed (its ZeRO engine partitions and reduces the "
+            f"gradients out of reach of a per-tensor projection); supported: {SUPPORTED_ENGINES}."
+        )
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if trainer.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) != 2:
+        raise ValueError(
+            f"`gradient_alignment=True` is not supported with FSDP1 (fsdp_version="
+            f"{getattr(plugin, 'fsdp_version', 1)!r}: flattened, sharded parameters mix several tensors); use FSDP2 "
+            f"(`fsdp_version: 2` in the accelerate config, or `fsdp_config={{'fsdp_version': 2}}`); supported: "
+            f"{SUPPORTED_ENGINES}."
+        )
+
+
+def _check_not_fsdp1(model: torch.nn.Module) -> None:
+    """Refuse a model wrapped by hand in FSDP1's `FullyShardedDataParallel` (see [`_check_distributed_engine`])."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        raise ValueError(
+            "Gradient alignment is not supported on a model wrapped in FSDP1's `FullyShardedDataParallel` (its "
+            f"flattened parameter shards mix several tensors); shard it with FSDP2's `fully_shard` instead. "
+            f"Supported: {SUPPORTED_ENGINES}."
+        )
+
+
 class GradientAlignmentMixin:
     """Adds MuScleLoRA's gradient alignment to any `transformers.Trainer` subclass (put it first in the bases).
 
@@ -196,11 +240,8 @@ class GradientAlignmentMixin:
             ga_args.validate_gradient_alignment_args(self.args.num_train_epochs if epoch_bounded else None)
         self.reference_dataset = self._resolve_reference_dataset(reference_dataset, raw_train_dataset)
         self._ga_param_names = self._select_ga_parameters() if ga_args.gradient_alignment else []
-        if ga_args.gradient_alignment and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            raise ValueError(
-                "`gradient_alignment=True` is not supported with DeepSpeed or FSDP (gradients are sharded); "
-                "use plain data parallel (DDP) or set gradient_alignment=False."
-            )
+        if ga_args.gradient_alignment:
+            _check_distributed_engine(self)
         self._reset_gradient_alignment_state()
 
     # ---- construction helpers ----
@@ -286,6 +327,7 @@ class GradientAlignmentMixin:
         self._ga_log: dict[str, float] = {}
         self._ga_logged_steps = 0
         self._ga_reference_source: Any = None
+        self._ga_engine_checked = False
 
     # ---- the hook: align after the accumulated backward, before clipping ----
     #
@@ -314,6 +356,9 @@ class GradientAlignmentMixin:
         if not self.ga_args.gradient_alignment or self._ga_last_step == self.state.global_step:
             return
         self._ga_last_step = self.state.global_step
+        if not self._ga_engine_checked:
+            _check_not_fsdp1(model)
+            self._ga_engine_checked = True
         named = dict(self.accelerator.unwrap_model(model).named_parameters())
         params = [named[name] for name in self._ga_param_names]
         if self._ga_ref_grads is None or self.state.global_step % self.ga_args.ga_every_n_steps == 0:
@@ -380,6 +425,8 @@ class GradientAlignmentMixin:
         )
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         indices = self._ga_sampler.take(per_device * world)[rank * per_device : (rank + 1) * per_device]
+        if any(_is_dtensor(param) for param in params):
+            return self._sharded_reference_gradients(model, params, dataset, collator, indices)
         # The forward runs on the module inside any DDP wrapper, so DDP's reducer never sees this graph; the
         # reference gradients are averaged across ranks explicitly below.
         forward_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -404,6 +451,42 @@ class GradientAlignmentMixin:
                             buffer.add_(g)
         if world > 1:
             ref_grads = self.accelerator.reduce(ref_grads, reduction="mean")
+            total_loss = self.accelerator.reduce(total_loss, reduction="mean")
+        return ref_grads, float(total_loss)
+
+    def _sharded_reference_gradients(
+        self, model: torch.nn.Module, params: list[torch.nn.Parameter], dataset: Any, collator: Any, indices: list[int]
+    ) -> tuple[list[torch.Tensor], float]:
+        """The reference gradient under FSDP2: a real backward into `.grad`, with the training gradient set aside.
+
+        `torch.autograd.grad` cannot be used here: FSDP2 runs the forward on unsharded parameters all-gathered from
+        the sharded DTensors, so the sharded parameters are not in the graph (their gradients come back None). A
+        backward lets FSDP2's own hooks reduce-scatter the reference gradient, which leaves on each rank its shard
+        of the mean over ranks (what DDP's all-reduce gives, sharded). Only local shards are stashed and restored.
+        """
+        trainable = [param for param in model.parameters() if param.requires_grad]
+        stash = [param.grad for param in trainable]
+        mode = contextlib.nullcontext() if self.ga_args.reference_dropout else _dropout_disabled(model)
+        chunk = self.args.per_device_train_batch_size
+        total_loss = torch.zeros((), device=self.args.device)
+        model.train()
+        try:
+            for param in trainable:
+                param.grad = None
+            with mode:
+                for start in range(0, len(indices), chunk):
+                    rows = indices[start : start + chunk]
+                    inputs = self._prepare_inputs(collator([dataset[i] for i in rows]))
+                    weight = len(rows) / len(indices)
+                    loss = self.compute_reference_loss(model, inputs)
+                    # plain backward, not accelerator.backward: no gradient-accumulation division of the loss
+                    (loss * weight).backward()
+                    total_loss += loss.detach().float() * weight
+            ref_grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
+        finally:
+            for param, grad in zip(trainable, stash):
+                param.grad = grad
+        if self.accelerator.num_processes > 1:
             total_loss = self.accelerator.reduce(total_loss, reduction="mean")
         return ref_grads, float(total_loss)
 
@@ -433,39 +516,68 @@ class GradientAlignmentMixin:
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
-        if not self.ga_args.gradient_alignment or not self.args.should_save:
+        if self.ga_args.gradient_alignment:
+            output_dir = self._get_output_dir(trial=trial)
+            self.save_gradient_alignment_state(
+                os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            )
+
+    def save_gradient_alignment_state(self, checkpoint_dir: str) -> None:
+        """Write the resumable GA state (reference order, cached reference gradients) into `checkpoint_dir`.
+
+        The Trainer calls it from `_save_checkpoint`; a custom loop calls it beside its own model/optimizer save.
+        The scalars go to `gradient_alignment/state.json` (main process). Unsharded reference gradients go to
+        `ref_grads.safetensors` (main process); sharded ones (FSDP2 DTensors) are saved by every rank as a
+        `torch.distributed.checkpoint` directory, each rank writing its own shard: under FSDP2 this is a collective
+        and every rank must call it.
+        """
+        sharded = self._ga_ref_grads is not None and any(_is_dtensor(grad) for grad in self._ga_ref_grads)
+        if not sharded and not self.args.should_save:
             return
-        checkpoint = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
-        folder = os.path.join(checkpoint, GA_STATE_DIR)
+        folder = os.path.join(checkpoint_dir, GA_STATE_DIR)
         os.makedirs(folder, exist_ok=True)
-        state = {
-            "sampler": self._ga_sampler.state_dict(),
-            "ref_loss": self._ga_ref_loss,
-            "param_names": self._ga_param_names,
-            "has_ref_grads": self._ga_ref_grads is not None,
-            "ref_history_len": len(self._ga_ref_history),
-        }
-        with open(os.path.join(folder, GA_STATE_NAME), "w") as file:
-            json.dump(state, file, indent=2)
-        if self._ga_ref_grads is not None:
-            tensors = {}
-            for age, grads in enumerate([self._ga_ref_grads, *self._ga_ref_history]):
-                suffix = "" if age == 0 else f"@{age}"  # "@k": the reference gradient k refreshes ago
-                for name, grad in zip(self._ga_param_names, grads):
-                    tensors[name + suffix] = grad.detach().cpu().contiguous()
+        if self.args.should_save:
+            state = {
+                "sampler": self._ga_sampler.state_dict(),
+                "ref_loss": self._ga_ref_loss,
+                "param_names": self._ga_param_names,
+                "has_ref_grads": self._ga_ref_grads is not None,
+                "ref_history_len": len(self._ga_ref_history),
+                "ref_grads_format": "dcp" if sharded else "safetensors",
+            }
+            with open(os.path.join(folder, GA_STATE_NAME), "w") as file:
+                json.dump(state, file, indent=2)
+        if self._ga_ref_grads is None:
+            return
+        tensors = {}
+        for age, grads in enumerate([self._ga_ref_grads, *self._ga_ref_history]):
+            suffix = "" if age == 0 else f"@{age}"  # "@k": the reference gradient k refreshes ago
+            for name, grad in zip(self._ga_param_names, grads):
+                tensors[name + suffix] = grad.detach() if sharded else grad.detach().cpu().contiguous()
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(tensors, checkpoint_id=os.path.join(folder, GA_REF_GRADS_DCP_DIR))
+        else:
             save_file(tensors, os.path.join(folder, GA_REF_GRADS_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or not self.ga_args.gradient_alignment:
-            return
-        folder = os.path.join(checkpoint, GA_STATE_DIR)
+        if checkpoint is not None and self.ga_args.gradient_alignment:
+            self.load_gradient_alignment_state(checkpoint)
+
+    def load_gradient_alignment_state(self, checkpoint_dir: str) -> None:
+        """Restore what [`save_gradient_alignment_state`] wrote, onto this trainer's (possibly sharded) parameters.
+
+        Reference gradients saved sharded are loaded through `torch.distributed.checkpoint` into tensors laid out
+        like the parameters now are (so a run may resume on another world size); saved unsharded, each rank cuts
+        its own shard locally. Under FSDP2 every rank must call it, after `fully_shard`.
+        """
+        folder = os.path.join(checkpoint_dir, GA_STATE_DIR)
         path = os.path.join(folder, GA_STATE_NAME)
         if not os.path.isfile(path):
             warnings.warn(
-                f"Resuming from {checkpoint} without {GA_STATE_DIR}/{GA_STATE_NAME}: the reference-sample order "
+                f"Resuming from {checkpoint_dir} without {GA_STATE_DIR}/{GA_STATE_NAME}: the reference-sample order "
                 "restarts, so the run will not match an uninterrupted one.",
                 stacklevel=2,
             )
@@ -476,18 +588,38 @@ class GradientAlignmentMixin:
             raise ValueError(f"{path} was saved for other gradient-alignment parameters than this model's.")
         self._ga_sampler.load_state_dict(state["sampler"])
         if state["has_ref_grads"]:
-            saved = load_file(os.path.join(folder, GA_REF_GRADS_NAME))
             params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-            restored = [
-                [
-                    # clone: a fresh, aligned allocation; kernels on a mapped buffer may round the last bit differently
-                    saved[name + suffix].to(device=params[name].device, dtype=params[name].dtype).clone()
+            suffixes = ["", *(f"@{age}" for age in range(1, state.get("ref_history_len", 0) + 1))]
+            if state.get("ref_grads_format", "safetensors") == "dcp":
+                import torch.distributed.checkpoint as dcp
+
+                targets = {
+                    name + suffix: torch.zeros_like(params[name].detach())
+                    for suffix in suffixes
                     for name in self._ga_param_names
+                }
+                dcp.load(targets, checkpoint_id=os.path.join(folder, GA_REF_GRADS_DCP_DIR))
+                restored = [[targets[name + suffix] for name in self._ga_param_names] for suffix in suffixes]
+            else:
+                saved = load_file(os.path.join(folder, GA_REF_GRADS_NAME))
+                restored = [
+                    [_like_parameter(saved[name + suffix], params[name]) for name in self._ga_param_names]
+                    for suffix in suffixes
                 ]
-                for suffix in ["", *(f"@{age}" for age in range(1, state.get("ref_history_len", 0) + 1))]
-            ]
             self._ga_ref_grads, self._ga_ref_history = restored[0], restored[1:]
         self._ga_ref_loss = state["ref_loss"]
+
+
+def _like_parameter(tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """A saved full tensor on the parameter's device and dtype; for a DTensor parameter, this rank's shard of it."""
+    if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        # src_data_rank=None: every rank holds the full tensor, so each cuts its shard locally (no communication)
+        full = tensor.to(device=param.to_local().device, dtype=param.dtype)
+        return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    # clone: a fresh, aligned allocation; kernels on a mapped buffer may round the last bit differently
+    return tensor.to(device=param.device, dtype=param.dtype).clone()
 
 
 class MuScleLoraTrainer(GradientAlignmentMixin, Trainer):
