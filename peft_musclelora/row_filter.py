@@ -168,11 +168,13 @@ def choose_cutoffs(reference_low: torch.Tensor, reference_high: torch.Tensor, ma
 
 @dataclass
 class RowDecisions:
-    """What [`decide_rows`] decided: per training row `low`/`high` scores and a reason (`keep`, `fit-early`,
-    `contradicted`), the cut-offs and the share of trusted rows the same rule flags."""
+    """What [`decide_rows`] decided: per training row its percentile at each probe step, `low`/`high` (their min and
+    max) and a reason (`keep`, `fit-early`, `contradicted`), the cut-offs and the share of trusted rows the same rule
+    flags."""
 
     low: list[float]
     high: list[float]
+    percentiles: list[list[float]]
     reasons: list[str]
     low_cut: float
     high_cut: float
@@ -229,7 +231,7 @@ def decide_rows(
     missing = sorted(set(train_groups) - set(groups))
     if missing:
         raise ValueError(f"row filtering: labels {missing} occur in the training set but in no trusted row.")
-    low, high = torch.empty(rows, dtype=torch.float64), torch.empty(rows, dtype=torch.float64)
+    percentiles = torch.empty(steps, rows, dtype=torch.float64)
     ref_low, ref_high = [], []
     train_groups_t, folds_t = torch.tensor(list(train_groups)), torch.tensor(list(train_folds))
     ref_groups_t = torch.tensor(list(reference_groups))
@@ -249,11 +251,11 @@ def decide_rows(
             if not bool(row_mask.any()):
                 continue
             losses = train_losses[fold][:, row_mask]
-            pct = torch.stack([percentile_ranks(losses[s], ref[s]) for s in range(steps)])
-            low[row_mask], high[row_mask] = pct.min(0).values, pct.max(0).values
+            percentiles[:, row_mask] = torch.stack([percentile_ranks(losses[s], ref[s]) for s in range(steps)])
         # A trusted row's score under every probe counts: the cut-offs must hold whichever probe scored a row.
         ref_low.append(torch.cat(per_fold_low))
         ref_high.append(torch.cat(per_fold_high))
+    low, high = percentiles.min(0).values, percentiles.max(0).values
     all_low, all_high = torch.cat(ref_low), torch.cat(ref_high)
     low_cut, high_cut = choose_cutoffs(all_low, all_high, max_clean_drop)
     reasons = []
@@ -265,7 +267,7 @@ def decide_rows(
         else:
             reasons.append("keep")
     flagged = float(((all_low < low_cut) | (all_high > high_cut)).double().mean())
-    return RowDecisions(low.tolist(), high.tolist(), reasons, low_cut, high_cut, flagged)
+    return RowDecisions(low.tolist(), high.tolist(), percentiles.T.tolist(), reasons, low_cut, high_cut, flagged)
 
 
 def per_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -417,6 +419,7 @@ def run_row_filter(
         {
             "fold": folds[row],
             "losses": own[row],
+            "percentiles": decisions.percentiles[row],
             "low": decisions.low[row],
             "high": decisions.high[row],
             "reason": decisions.reasons[row],

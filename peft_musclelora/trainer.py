@@ -21,6 +21,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArguments, _is_dtensor, align_gradients
+from .row_filter import ROW_FILTER_FILE, RowFilterArguments, run_row_filter, subset_rows
 
 # Resumable GA state, in a folder of its own inside each checkpoint so the Trainer's weight loading never sees it:
 # JSON for the sampler and scalars, safetensors for the cached reference gradient (nothing is pickled); under FSDP2 the
@@ -32,8 +33,9 @@ GA_REF_GRADS_DCP_DIR = "ref_grads_dcp"  # FSDP2: sharded reference gradients, on
 
 
 @dataclass
-class MuScleLoraTrainingArguments(TrainingArguments, GradientAlignmentArguments):
-    """`TrainingArguments` plus the gradient-alignment fields of [`GradientAlignmentArguments`].
+class MuScleLoraTrainingArguments(TrainingArguments, GradientAlignmentArguments, RowFilterArguments):
+    """`TrainingArguments` plus the gradient-alignment fields of [`GradientAlignmentArguments`] and the row-filter
+    fields of [`RowFilterArguments`].
 
     Example (the published BERT-size recipe):
 
@@ -51,6 +53,7 @@ class MuScleLoraTrainingArguments(TrainingArguments, GradientAlignmentArguments)
         super().__post_init__()
         epoch_bounded = self.max_steps is None or self.max_steps <= 0
         self.validate_gradient_alignment_args(self.num_train_epochs if epoch_bounded else None)
+        self.validate_row_filter_args()
 
 
 @contextlib.contextmanager
@@ -192,6 +195,8 @@ class GradientAlignmentMixin:
             training set). Alternatively set `reference_split_size` to split it off `eval_dataset`.
         gradient_alignment_args: A [`GradientAlignmentArguments`], when `args` is not already one (e.g. a plain
             `SFTConfig`). When neither is given, the defaults are used.
+        row_filter_args: A [`RowFilterArguments`], when `args` is not already one: fit-gap row filtering before
+            training (`row_filter=True`), calibrated on the same reference set.
 
     After construction `trainer.reference_dataset` holds the reference set and `trainer.eval_dataset` what is left of
     the evaluation set.
@@ -213,10 +218,12 @@ class GradientAlignmentMixin:
         *args: Any,
         reference_dataset: Optional[TorchDataset] = None,
         gradient_alignment_args: Optional[GradientAlignmentArguments] = None,
+        row_filter_args: Optional[RowFilterArguments] = None,
         **kwargs: Any,
     ) -> None:
         bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs).arguments
         training_args = bound.get("args")
+        self.row_filter_args = _row_filter_args(training_args, row_filter_args)
         if isinstance(training_args, GradientAlignmentArguments):
             if gradient_alignment_args is not None:
                 raise ValueError(
@@ -235,6 +242,8 @@ class GradientAlignmentMixin:
         super().__init__(*args, **kwargs)
 
         self.ga_args = ga_args
+        self._row_filter_source: Any = None  # the unfiltered training set, once train() has filtered it
+        self.row_filter_report: Optional[dict[str, Any]] = None
         if ga_args is not training_args:
             epoch_bounded = self.args.max_steps is None or self.args.max_steps <= 0
             ga_args.validate_gradient_alignment_args(self.args.num_train_epochs if epoch_bounded else None)
@@ -260,6 +269,12 @@ class GradientAlignmentMixin:
         if split_size is not None:
             reference_dataset = self._split_reference_from_eval(split_size)
         elif reference_dataset is None:
+            if self.row_filter_args.row_filter:
+                raise ValueError(
+                    "`row_filter=True` calibrates its cut-offs on trusted clean rows: pass `reference_dataset=` to "
+                    "the trainer or set `reference_split_size` to take them from `eval_dataset` (or set "
+                    "row_filter=False)."
+                )
             if self.ga_args.gradient_alignment:
                 raise ValueError(
                     "`gradient_alignment=True` needs trusted clean reference samples: pass `reference_dataset=` to "
@@ -348,9 +363,53 @@ class GradientAlignmentMixin:
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.train`, starting gradient alignment afresh (a resumed run restores it from the checkpoint)."""
+        """`Trainer.train`, starting gradient alignment afresh (a resumed run restores it from the checkpoint).
+
+        With `row_filter=True` the fold probes run first (see [`run_row_filter`]) and training sees the kept rows
+        only; the decisions are written to `<output_dir>/row_filter.json`. A resumed run
+        (`resume_from_checkpoint`) reads that file instead of probing again, so it trains on the same rows.
+        """
         self._reset_gradient_alignment_state()
+        if self.row_filter_args.row_filter:
+            self._filter_training_rows(resuming=bool(kwargs.get("resume_from_checkpoint") or (args and args[0])))
         return super().train(*args, **kwargs)
+
+    def _filter_training_rows(self, resuming: bool) -> None:
+        if self.args.world_size > 1:
+            raise ValueError(
+                "`row_filter=True` runs its probes in one process and is not supported in distributed training "
+                f"(world_size={self.args.world_size}); filter once on one process and train on the kept rows."
+            )
+        if self._row_filter_source is None:
+            self._row_filter_source = self.train_dataset
+        self.train_dataset = self._row_filter_source
+        path = os.path.join(self.args.output_dir, ROW_FILTER_FILE)
+        report = None
+        if resuming and os.path.isfile(path):
+            with open(path) as file:
+                report = json.load(file)
+            if report.get("summary", {}).get("rows") != len(self.train_dataset):
+                raise ValueError(
+                    f"{path} holds decisions for {report.get('summary', {}).get('rows')!r} rows, the training set has "
+                    f"{len(self.train_dataset)}: resume with the training set it was made for."
+                )
+        if report is None:
+            report = run_row_filter(
+                self, self.row_filter_args, self.reference_dataset, self._ga_seed, progress=not self.args.disable_tqdm
+            )
+            if self.args.should_save:
+                os.makedirs(self.args.output_dir, exist_ok=True)
+                tmp = path + ".tmp"
+                with open(tmp, "w") as file:
+                    json.dump(report, file)
+                os.replace(tmp, path)
+        self.row_filter_report = report
+        self._row_filter_log = {
+            f"row_filter/{key}": float(value)
+            for key, value in report["summary"].items()
+            if key in ("kept", "fit_early", "contradicted", "low_cut", "high_cut", "reference_flagged")
+        }
+        self.train_dataset = subset_rows(self.train_dataset, report["kept"])
 
     def _maybe_align_gradients(self, model: torch.nn.Module) -> None:
         if not self.ga_args.gradient_alignment or self._ga_last_step == self.state.global_step:
@@ -507,6 +566,9 @@ class GradientAlignmentMixin:
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """`Trainer.log`, adding the `ga/*` means since the last training log to training logs (those with `loss`)."""
+        if "loss" in logs and getattr(self, "_row_filter_log", None):
+            logs.update(self._row_filter_log)  # once, with the first training log
+            self._row_filter_log = {}
         if "loss" in logs and self._ga_logged_steps > 0:
             logs.update({key: value / self._ga_logged_steps for key, value in self._ga_log.items()})
             self._ga_log, self._ga_logged_steps = {}, 0
@@ -608,6 +670,21 @@ class GradientAlignmentMixin:
                 ]
             self._ga_ref_grads, self._ga_ref_history = restored[0], restored[1:]
         self._ga_ref_loss = state["ref_loss"]
+
+
+def _row_filter_args(training_args: Any, row_filter_args: Optional[RowFilterArguments]) -> RowFilterArguments:
+    if isinstance(training_args, RowFilterArguments):
+        if row_filter_args is not None:
+            raise ValueError(
+                "`row_filter_args` must be None when `args` is already a RowFilterArguments "
+                f"({type(training_args).__name__}); set the fields on `args` instead."
+            )
+        return training_args
+    if row_filter_args is None:
+        return RowFilterArguments()
+    if not isinstance(row_filter_args, RowFilterArguments):
+        raise TypeError(f"`row_filter_args` must be a RowFilterArguments, got {type(row_filter_args).__name__}.")
+    return row_filter_args
 
 
 def _like_parameter(tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
