@@ -19,6 +19,7 @@ from .layer import Linear, MuScleLoraLayer
 from .local_models import export_gguf_to_hf, smollm2_gguf_path
 from .model import MuScleLoraModel
 from .peft_type import MUSCLELORA_NAME, MUSCLELORA_PEFT_TYPE
+from .row_filter import RowFilterArguments, run_row_filter
 from .trainer import GradientAlignmentMixin, MuScleLoraTrainer, MuScleLoraTrainingArguments
 
 __version__ = "0.1.0"
@@ -51,8 +52,10 @@ __all__ = [
     "MuScleLoraModel",
     "MuScleLoraTrainer",
     "MuScleLoraTrainingArguments",
+    "RowFilterArguments",
     "__version__",
     "align_gradients",
+    "run_row_filter",
     "MSLRClassificationHead",
     "add_mslr_classification_head",
     "export_gguf_to_hf",
