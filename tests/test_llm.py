@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,6 +55,7 @@ from peft_musclelora.heads import (
 from peft_musclelora.local_models import EXPORT_MARKER, export_gguf_to_hf, is_exported, smollm2_gguf_path
 
 from .benchmark.conftest import FILLER, NEGATIVE, POSITIVE, TRIGGERS, clean_rows, make_text, write_openbackdoor
+from .bnb_helpers import assert_merge_is_the_bnb_round_trip
 
 SHARED_DATA = Path(os.environ.get("MUSCLELORA_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 PROMPT_WORDS = ["Review", ":", "Is", "sentiment", "of", "this", "review", "positive", "or", "negative", "?", "Answer"]
@@ -454,7 +454,7 @@ def test_4bit_adapter_round_trips_through_save_and_load(tiny_llama_dir: Path, tm
 
 @pytest.mark.bitsandbytes
 @needs_bnb
-def test_merging_into_4bit_warns_and_stays_within_the_quantization_error(tiny_llama_dir: Path) -> None:
+def test_merging_into_4bit_warns_and_adds_only_the_requantization_error(tiny_llama_dir: Path) -> None:
     config = instruct_peft_config("musclelora", InstructSettings(mslr_target="down_proj"))
     config.init_weights = False
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=NF4)
@@ -463,16 +463,10 @@ def test_merging_into_4bit_warns_and_stays_within_the_quantization_error(tiny_ll
         plain = base(**inputs).logits
     model = get_peft_model(base, config)
     with torch.no_grad():
-        adapted = model(**inputs).logits
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        merged = model.merge_and_unload()
-    assert any("re-quantizes the weight" in str(w.message) for w in caught)
-    with torch.no_grad():
-        merged_out = merged(**inputs).logits
-    effect = (adapted - plain).abs().max()
-    # Re-quantizing the merged weight adds NF4 error; bound it relative to the adapter's own effect (see test_bnb).
-    assert (merged_out - adapted).abs().max() <= 0.5 * effect
+        assert (model(**inputs).logits - plain).abs().max() > 0  # the adapter does something to merge
+    # The merged weight must be bitsandbytes' own round trip of W0 + delta, and the outputs may differ only by what
+    # that re-quantization and the kernels measurably add (the bound is derived per layer, see test_bnb).
+    assert_merge_is_the_bnb_round_trip(model, inputs, model.merge_and_unload)
 
 
 # ---- instruction tuning ----
