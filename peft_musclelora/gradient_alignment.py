@@ -131,8 +131,9 @@ def _reduction_groups(
     ref_grads: Sequence[Optional[torch.Tensor]],
     ref_history: Optional[Sequence[Sequence[Optional[torch.Tensor]]]],
     present: list[int],
-) -> list[Any]:
-    """Process groups over which the local per-tensor sums are added ([] when nothing is sharded).
+) -> tuple[list[Any], Optional[torch.device]]:
+    """Process groups over which the local per-tensor sums are added ([] when nothing is sharded), and the device
+    their collective needs (the mesh's: with CPU offload the shards live on the CPU while NCCL wants CUDA tensors).
 
     Every sum is taken over this rank's shard, so for DTensor gradients (FSDP2: `Shard(0)` on a 1-D mesh, or
     `(Replicate, Shard(0))` under HSDP) they must be all-reduced over the sharded mesh dimensions; one vector holds
@@ -147,7 +148,7 @@ def _reduction_groups(
                         f"Gradient {i} is a plain tensor but its entry in `{name}` is a DTensor; pass both sharded "
                         "(FSDP2) or both unsharded."
                     )
-        return []
+        return [], None
     first = grads[present[0]]
     mesh, dims = first.device_mesh, _sharded_mesh_dims(first, f"Gradient {present[0]}")
     for i in present:
@@ -173,7 +174,7 @@ def _reduction_groups(
                     f"Gradient {i} is a DTensor with placements {tuple(g.placements)} but its entry in `{name}` is "
                     f"{placements}; reference gradients must be sharded like the training gradients."
                 )
-    return [mesh.get_group(dim) for dim in dims]
+    return [mesh.get_group(dim) for dim in dims], torch.device(mesh.device_type)
 
 
 @torch.no_grad()
@@ -246,7 +247,7 @@ def align_gradients(
     _check_fallback("fallback", fallback)
 
     present = [i for i, g in enumerate(grads) if g is not None]
-    groups = _reduction_groups(grads, ref_grads, ref_history, present)
+    groups, mesh_device = _reduction_groups(grads, ref_grads, ref_history, present)
     # One float64 vector of every per-tensor sum: [<g,c>, |g|^2, |c|^2] per tensor, then for tensors with earlier
     # reference gradients the Gram matrix of (c, earlier...) and its products with g. On sharded gradients these are
     # partial sums, so a single all-reduce of this vector makes them global.
@@ -270,6 +271,8 @@ def align_gradients(
     values: list[float] = []
     if sums:
         vector = torch.cat([s.to(sums[0].device) for s in sums])
+        if groups:
+            vector = vector.to(mesh_device)
         for group in groups:
             torch.distributed.all_reduce(vector, group=group)
         values = vector.cpu().tolist()

@@ -188,7 +188,9 @@ class GradientAlignmentMixin:
     Per optimisation step, after the (accumulated) training gradient `g` exists and before the Trainer clips it, one
     batch of trusted clean reference samples is differentiated with `torch.autograd.grad` over the trainable
     parameters (leaving `.grad` untouched), and [`align_gradients`] replaces `g` tensor by tensor. Clipping, the
-    optimiser and the scheduler then run unchanged.
+    optimiser and the scheduler then run unchanged. Under DDP the reference gradient is all-reduced; under FSDP2
+    (DTensor parameters) it comes from a backward into `.grad` with the training shards set aside, and alignment
+    works on the local shards with one all-reduce of its sums (docs/distributed.md). FSDP1 and DeepSpeed are refused.
 
     Extra constructor keywords (everything else goes to the wrapped trainer):
         reference_dataset: The clean reference set, in the form the data collator accepts (tokenized like the
