@@ -8,6 +8,10 @@ transformers' `model.add_adapter`.
 import importlib
 from typing import Any
 
+from . import _noise  # noqa: F401  (first: PEFT imports bitsandbytes, whose import-time message it filters)
+
+# isort: split
+
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
@@ -20,6 +24,7 @@ from .local_models import export_gguf_to_hf, smollm2_gguf_path
 from .model import MuScleLoraModel
 from .peft_type import MUSCLELORA_NAME, MUSCLELORA_PEFT_TYPE
 from .row_filter import RowFilterArguments, run_row_filter
+from .safe_loading import check_adapter_dir, load_adapter_safely
 from .trainer import GradientAlignmentMixin, MuScleLoraTrainer, MuScleLoraTrainingArguments
 
 __version__ = "0.1.0"
@@ -55,6 +60,8 @@ __all__ = [
     "RowFilterArguments",
     "__version__",
     "align_gradients",
+    "check_adapter_dir",
+    "load_adapter_safely",
     "run_row_filter",
     "MSLRClassificationHead",
     "add_mslr_classification_head",
