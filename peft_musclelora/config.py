@@ -48,6 +48,13 @@ def _validate_number(field_name: str, value: object) -> None:
         raise TypeError(f"`{field_name}` must be a finite number, got {value!r}.")
 
 
+def _validate_positive_number(field_name: str, value: object) -> None:
+    # lora_alpha scales the adapter's output: 0 trains an adapter that changes nothing, a negative value flips it.
+    _validate_number(field_name, value)
+    if value <= 0:
+        raise ValueError(f"`{field_name}` must be a finite number > 0, got {value!r}.")
+
+
 @dataclass
 class MuScleLoraConfig(PeftConfig):
     """Configuration of a MuScleLoRA (multi-scale low-rank) adapter.
@@ -159,7 +166,7 @@ class MuScleLoraConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
 
         _validate_positive_int("r", self.r)
-        _validate_number("lora_alpha", self.lora_alpha)
+        _validate_positive_number("lora_alpha", self.lora_alpha)
         _validate_number("lora_dropout", self.lora_dropout)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
@@ -176,7 +183,7 @@ class MuScleLoraConfig(PeftConfig):
         for key, value in self.rank_pattern.items():
             _validate_positive_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
-            _validate_number(f"alpha_pattern[{key!r}]", value)
+            _validate_positive_number(f"alpha_pattern[{key!r}]", value)
 
         if self.init_weights not in (True, False, "kaiming"):
             raise ValueError(f"`init_weights` must be True, False or 'kaiming', got {self.init_weights!r}.")

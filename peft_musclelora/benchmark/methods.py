@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -107,6 +108,10 @@ class AdapterSettings:
                 raise ValueError(f"{name} must be >= 1, got {value!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        for name in ("lora_alpha", "head_alpha"):  # 0 gives an adapter that changes nothing, < 0 flips it
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
 
 @dataclass
