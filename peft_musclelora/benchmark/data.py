@@ -16,6 +16,7 @@ counted in `LoadedData.skipped` and logged.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import random
@@ -153,6 +154,43 @@ def _parse_flag(value: object, where: str, column: str) -> bool:
     raise ValueError(f"{where}: field {column!r} must be a poison flag 0 or 1, got {value!r}.")
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text; a `ValueError` naming the file, line and byte when it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path} line {line}: not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start}); "
+            "re-encode the file as UTF-8."
+        ) from None
+
+
+def _rows(reader: Any, path: Path) -> Iterable[list[str]]:
+    """The reader's rows, with the csv module's errors (a field over the size limit, a NUL byte) naming the line."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            detail = str(error)
+            if "field larger than field limit" in detail:
+                detail = f"a field is longer than the CSV field limit of {csv.field_size_limit()} characters"
+            raise ValueError(f"{path} line {reader.line_num}: malformed CSV row: {detail}.") from None
+        yield row
+
+
+def _check_text(text: str, where: str, column: str) -> str:
+    # A NUL byte is never part of a review: it marks a binary or corrupted file, and tokenizers drop it silently.
+    if "\x00" in text:
+        raise ValueError(
+            f"{where}: field {column!r} holds a NUL byte (\\x00): {text[:60]!r}; the file looks corrupted."
+        )
+    return text
+
+
 def _check_num_labels(num_labels: int) -> None:
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
         raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}.")
@@ -180,14 +218,15 @@ def load_records(path: PathLike, num_labels: int = 2, text_column: Optional[str]
     if not path.is_file():
         raise ValueError(f"{path}: no such data file.")
     is_tsv = path.suffix.lower() == ".tsv"
-    with path.open(newline="", encoding="utf-8") as handle:
+    with io.StringIO(_read_utf8(path), newline="") as handle:
         if is_tsv:
             reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         else:
             reader = csv.reader(handle)
-        header = next(reader, None)
+        rows = _rows(reader, path)
+        header = next(rows, None)
         while header is not None and not any(cell.strip() for cell in header):
-            header = next(reader, None)
+            header = next(rows, None)
         if header is None:
             raise ValueError(f"{path}: file is empty, expected a header row and data rows.")
         header = [cell.strip() for cell in header]
@@ -211,7 +250,7 @@ def load_records(path: PathLike, num_labels: int = 2, text_column: Optional[str]
 
         records: list[Record] = []
         skipped: list[Skipped] = []
-        for row in reader:
+        for row in rows:
             line = reader.line_num
             where = f"{path} line {line}"
             if not any(cell.strip() for cell in row):
@@ -219,7 +258,7 @@ def load_records(path: PathLike, num_labels: int = 2, text_column: Optional[str]
                 continue
             if len(row) < needed:
                 raise ValueError(f"{where}: expected {needed} fields ({header}), got {len(row)}: {row!r}.")
-            text = row[text_idx].strip()
+            text = _check_text(row[text_idx].strip(), where, names[0])
             label = _parse_label(row[label_idx], num_labels, where, names[1])
             poisoned = _parse_flag(row[flag_idx], where, names[2]) if flag_idx is not None else False
             if not text:
@@ -270,6 +309,7 @@ def load_dataset_records(
         text = row[text_column]
         if not isinstance(text, str):
             raise ValueError(f"{where}: field {text_column!r} must be a string, got {text!r}.")
+        _check_text(text, where, text_column)
         label = _parse_label(row[label_column], num_labels, where, label_column)
         poisoned = _parse_flag(row[poisoned_column], where, poisoned_column) if poisoned_column else False
         if not text.strip():
