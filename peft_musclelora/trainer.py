@@ -140,6 +140,39 @@ def _columns(dataset: Any) -> Optional[set[str]]:
     return set(first) if isinstance(first, dict) else None
 
 
+def _check_reference_labels(dataset: Any, model: torch.nn.Module) -> None:
+    """Refuse reference labels outside `[0, num_labels)` of a sequence classifier when the trainer is built.
+
+    Otherwise the first reference pass fails deep inside torch's cross-entropy (an IndexError many frames down, or a
+    device-side assert on GPU). Only classifiers are checked: a causal LM's `labels` are token ids.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    num_labels = getattr(config, "num_labels", None)
+    if not type(inner).__name__.endswith("ForSequenceClassification") or not num_labels or num_labels < 2:
+        return
+    if getattr(config, "problem_type", None) in ("regression", "multi_label_classification"):
+        return
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, list):
+        column = next((c for c in ("labels", "label") if c in names), None)
+        values = list(dataset[column]) if column else []
+    else:
+        first = dataset[0]
+        column = next((c for c in ("labels", "label") if c in first), None) if isinstance(first, dict) else None
+        values = [dataset[i][column] for i in range(len(dataset))] if column else []
+    for row, value in enumerate(values):
+        try:
+            label = int(value.item() if isinstance(value, torch.Tensor) else value)
+        except (TypeError, ValueError, RuntimeError):  # not one class index per row (e.g. token ids): not checked
+            return
+        if not 0 <= label < num_labels:
+            raise ValueError(
+                f"reference_dataset row {row}: field {column!r} = {label} is out of range for the model's "
+                f"num_labels={num_labels} (expected 0..{num_labels - 1})."
+            )
+
+
 SUPPORTED_ENGINES = (
     "single device, DDP, or FSDP2 (`torch.distributed.fsdp.fully_shard`; in accelerate `fsdp_version: 2`, "
     "see docs/distributed.md)"
@@ -268,6 +301,15 @@ class GradientAlignmentMixin:
             raise ValueError(
                 f"Pass either `reference_dataset=` or `reference_split_size` (got {split_size!r}), not both."
             )
+        if split_size is not None and not (self.ga_args.gradient_alignment or self.row_filter_args.row_filter):
+            # Nothing would use the reference rows, so taking them out of eval_dataset would only shrink it.
+            warnings.warn(
+                f"`reference_split_size={split_size}` is ignored: gradient_alignment and row_filter are off, so no "
+                "reference rows are taken out of eval_dataset.",
+                UserWarning,
+                stacklevel=3,
+            )
+            split_size = None
         if split_size is not None:
             reference_dataset = self._split_reference_from_eval(split_size)
         elif reference_dataset is None:
@@ -293,6 +335,7 @@ class GradientAlignmentMixin:
                 )
         if len(reference_dataset) == 0:
             raise ValueError("`reference_dataset` is empty: gradient alignment needs at least one reference sample.")
+        _check_reference_labels(reference_dataset, self.model)
         return reference_dataset
 
     def _split_reference_from_eval(self, split_size: int) -> Any:
