@@ -7,11 +7,13 @@ data/model error (printed as one line).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,6 +29,20 @@ BENCH_TABLE_FILE = "results.md"
 BENCH_PLOT_FILE = "results.png"
 
 
+MAX_SEED = 2**32 - 1  # numpy's limit; transformers' set_seed seeds numpy with it
+
+
+def _seed(text: str) -> int:
+    """One seed, parsed at the command line: an integer in [0, 2**32 - 1]."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed must be in [0, {MAX_SEED}], got {seed}")
+    return seed
+
+
 def _seed_list(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",") if part.strip()]
@@ -34,7 +50,20 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers, got {text!r}") from None
     if not seeds:
         raise argparse.ArgumentTypeError("--seeds must name at least one seed")
+    bad = [seed for seed in seeds if not 0 <= seed <= MAX_SEED]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--seeds must be in [0, {MAX_SEED}], got {bad[0]} in {text!r}")
     return seeds
+
+
+def _size_list(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes:
+        raise argparse.ArgumentTypeError("--sizes must name at least one size")
+    return sizes
 
 
 def _name_list(text: str) -> list[str]:
@@ -48,7 +77,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="Local model directory (default: MiniLM-L6 from the models extra)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of every random choice (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="Seed of every random choice (default 0)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -90,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--clean", required=True, help="Clean test file")
     evaluate.add_argument("--poison", required=True, help="Triggered test file (non-target rows, trigger applied)")
     evaluate.add_argument("--target-label", type=int, default=None, help="Default: the label the cell was trained for")
-    evaluate.add_argument("--output", default=None, help="Also write the metrics JSON here")
+    evaluate.add_argument("--output", default=None, help="Also write the metrics JSON here (refused if it exists)")
+    evaluate.add_argument("--overwrite", action="store_true", help="Let --output replace an existing file")
     evaluate.add_argument("--quiet", action="store_true", help="No progress bars")
 
     bench = sub.add_parser(
@@ -120,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "curve.md, curve.json and curve.png. Finished cells are reused on re-runs.",
     )
     curve.add_argument("--attacks", type=_name_list, default=_name_list("addsent"), help="Comma-separated")
-    curve.add_argument("--sizes", type=_seed_list, default=_seed_list(DEFAULT_SIZES), help="Trusted-row counts")
+    curve.add_argument("--sizes", type=_size_list, default=_size_list(DEFAULT_SIZES), help="Trusted-row counts")
     curve.add_argument("--methods", type=_name_list, default=_name_list(DEFAULT_CURVE_METHODS), help="Comma-separated")
     _add_run_options(curve, "musclelora-curve", "As for bench", "Skip the PNG")
 
@@ -143,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     instruct.add_argument("--test-poison", default=None, help="Triggered test file (ASR)")
     instruct.add_argument("--output-dir", default="musclelora-instruct", help="Output directory")
     instruct.add_argument("--model", required=True, help="Local causal-LM directory (see `musclelora export-model`)")
-    instruct.add_argument("--seed", type=int, default=0, help="Seed (default 0)")
+    instruct.add_argument("--seed", type=_seed, default=0, help="Seed (default 0)")
     instruct.add_argument("--target-label", type=int, default=1, help="The backdoor's target label (default 1)")
     instruct.add_argument("--load-in-4bit", action="store_true", help="NF4 4-bit base (QLoRA)")
     instruct.add_argument("--quiet", action="store_true", help="No progress bars")
@@ -256,11 +286,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .runner import evaluate
+    from .runner import _write_json, evaluate
 
+    output = Path(args.output) if args.output else None
+    if output is not None:  # checked before the model is loaded, so a refusal costs nothing
+        if output.is_dir():
+            raise ValueError(f"--output {output}: is a directory, expected a file path.")
+        if output.exists() and not args.overwrite:
+            raise ValueError(f"--output {output}: file exists; pass --overwrite to replace it.")
+        if not output.parent.is_dir():
+            raise ValueError(f"--output {output}: directory {output.parent} does not exist.")
     result = evaluate(args.adapter, args.clean, args.poison, args.target_label, progress=not args.quiet)
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    if output is not None:
+        _write_json(output, result)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -295,6 +333,11 @@ def _add_run_options(parser: argparse.ArgumentParser, output_dir: str, preset_he
     parser.add_argument("--output-dir", default=output_dir, help=f"Output directory (default {output_dir})")
     parser.add_argument("--no-plot", action="store_true", help=plot_help)
     parser.add_argument("--only-finished", action="store_true", help=ONLY_FINISHED_HELP)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Retrain and replace finished cells whose settings differ from this run's (refused without it)",
+    )
     _add_common(parser)
     parser.set_defaults(seed=None)
 
@@ -305,36 +348,94 @@ NOT_RUN = "not run: no finished cell with these settings (--only-finished)."
 
 def _same_cell(previous: dict[str, Any], method: str, args: argparse.Namespace, overrides: list[str]) -> bool:
     """Whether a finished cell was trained with what this run asks for (same resolved settings, model and loading)."""
+    return not _settings_diff(previous, method, args, overrides)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def _settings_diff(previous: dict[str, Any], method: str, args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """What differs between a finished cell's resolved settings and this run's, as `key: old -> new` items."""
     from .cells import cell_settings
 
-    context = (previous.get("bench_preset"), previous.get("model_dir"), previous.get("load_in_4bit", False))
-    if context != (args.preset, args.model, args.load_in_4bit):
-        return False
+    old = {"bench_preset": previous.get("bench_preset"), "model_dir": previous.get("model_dir")}
+    old["load_in_4bit"] = previous.get("load_in_4bit", False)
+    new = {"bench_preset": args.preset, "model_dir": args.model, "load_in_4bit": args.load_in_4bit}
     try:
-        return cell_settings(method, previous.get("bench_overrides")) == cell_settings(method, overrides)
-    except ValueError:  # written by a version whose overrides no longer parse: train again
-        return False
+        old.update(_flatten(cell_settings(method, previous.get("bench_overrides"))))
+    except ValueError:  # written by a version whose overrides no longer parse
+        old["bench_overrides"] = previous.get("bench_overrides")
+    new.update(_flatten(cell_settings(method, overrides)))
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in {**old, **new} if old.get(key) != new.get(key)]
+
+
+def _cell_overrides(args: argparse.Namespace, method: str, trusted: Optional[int] = None) -> list[str]:
+    """The `--set` items one cell of `method` is resolved from: the quick preset's, the run's, the trusted size."""
+    from .cells import split_overrides
+
+    overrides = ([f"{k}={v}" for k, v in QUICK_OVERRIDES.items()] if args.preset == "quick" else []) + args.overrides
+    if trusted is not None:
+        overrides.append(f"reference_split_size={trusted}")
+    preset_overrides, options = split_overrides(overrides)  # other defenses' options do not change this cell
+    return preset_overrides + [f"{method}.{key}={value}" for key, value in options.get(method, {}).items()]
+
+
+def _finished_cell(path: Path) -> Optional[dict[str, Any]]:
+    """The metrics of a finished (`status: ok`) cell at `path`, else None (missing, failed or unreadable)."""
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return previous if isinstance(previous, dict) and previous.get("status") == "ok" else None
+
+
+CellKey = tuple[str, str, int, Optional[int]]  # attack, method, seed, trusted-row count (curve only)
+
+
+def _refuse_replacing_finished_cells(args: argparse.Namespace, cells: list[CellKey]) -> None:
+    """Before anything trains: refuse a plan that would retrain a finished cell with different settings.
+
+    Such a cell is a result someone kept; replacing it silently loses it. `--overwrite` allows it; another
+    `--output-dir` keeps both.
+    """
+    from .runner import METRICS_FILE
+
+    if args.overwrite or args.only_finished:
+        return
+    for attack, method, seed, trusted in cells:
+        directory = cell_dir(Path(args.output_dir), attack, method, seed, trusted)
+        previous = _finished_cell(directory / METRICS_FILE)
+        if previous is None:
+            continue
+        diff = _settings_diff(previous, method, args, _cell_overrides(args, method, trusted))
+        if diff:
+            shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+            raise ValueError(
+                f"{directory}: a finished {method} cell was trained with other settings ({shown}); pass --overwrite "
+                "to retrain and replace it, or use another --output-dir to keep both."
+            )
 
 
 def _run_cell(
     args: argparse.Namespace, shared: SharedData, attack: str, method: str, seed: int, trusted: Optional[int] = None
 ) -> dict[str, Any]:
-    from .cells import run_method, split_overrides
+    from .cells import run_method
     from .runner import METRICS_FILE
     from .splits import NotApplicable
 
     directory = cell_dir(Path(args.output_dir), attack, method, seed, trusted)
     metrics_path = directory / METRICS_FILE
-    overrides = ([f"{k}={v}" for k, v in QUICK_OVERRIDES.items()] if args.preset == "quick" else []) + args.overrides
-    if trusted is not None:
-        overrides.append(f"reference_split_size={trusted}")
-    preset_overrides, options = split_overrides(overrides)  # other defenses' options do not change this cell
-    overrides = preset_overrides + [f"{method}.{key}={value}" for key, value in options.get(method, {}).items()]
-    if metrics_path.is_file():
-        previous = json.loads(metrics_path.read_text())
-        if previous.get("status") == "ok" and _same_cell(previous, method, args, overrides):
-            previous["reused"] = True
-            return previous
+    overrides = _cell_overrides(args, method, trusted)
+    previous = _finished_cell(metrics_path)
+    if previous is not None and _same_cell(previous, method, args, overrides):
+        previous["reused"] = True
+        return previous
     extra: dict[str, Any] = {"attack": attack, "bench_preset": args.preset, "bench_overrides": overrides}
     if args.only_finished:
         return {"status": "n/a", "method": method, "seed": seed, "reason": NOT_RUN, "reused": False, **extra}
@@ -529,10 +630,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     shared, seeds, output_dir = _prepare_run(args)
-    cells = []
+    cells: list[dict[str, Any]] = []
     plan = [(a, m, s) for a in args.attacks for m in args.methods for s in seeds]
-    for attack, method, seed in tqdm(plan, desc=f"bench ({args.preset})", disable=args.quiet):
-        cells.append(_run_cell(args, shared, attack, method, seed))
+    _refuse_replacing_finished_cells(args, _with_undefended([(a, m, s, None) for a, m, s in plan]))
+    with _interruption_report(cells, len(plan), "bench"):
+        for attack, method, seed in tqdm(plan, desc=f"bench ({args.preset})", disable=args.quiet):
+            cells.append(_run_cell(args, shared, attack, method, seed))
     rows = aggregate(cells)
     summary = {
         "bench_preset": args.preset,
@@ -560,9 +663,39 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _with_undefended(cells: list[CellKey]) -> list[CellKey]:
+    """The plan's cells plus the undefended `lora` cells that defenses build on (trained on demand by `_run_cell`)."""
+    from .cells import defense_names
+
+    defenses = set(defense_names())
+    extra = [(a, "lora", s, None) for a, m, s, _ in cells if m in defenses]
+    return list(dict.fromkeys(cells + extra))
+
+
+class BenchInterrupted(Exception):
+    """Ctrl-C during a bench or curve; the message says what finished and that re-running resumes."""
+
+
+@contextlib.contextmanager
+def _interruption_report(cells: list[dict[str, Any]], planned: int, command: str) -> Iterator[None]:
+    # A KeyboardInterrupt would print a traceback of a hundred lines from inside torch; what the user needs is which
+    # cells are safe (finished cells are kept, the interrupted one left no files) and how to go on.
+    try:
+        yield
+    except KeyboardInterrupt:
+        done = [c for c in cells if c.get("status") == "ok"]
+        names = ", ".join(f"{c.get('attack')}/{c.get('method')}/seed{c.get('seed')}" for c in done[:6])
+        more = f" and {len(done) - 6} more" if len(done) > 6 else ""
+        finished = f" ({names}{more})" if done else ""
+        raise BenchInterrupted(
+            f"interrupted after {len(cells)} of {planned} cells, {len(done)} finished{finished}; the interrupted "
+            "cell left no files. Re-running the same command resumes from the finished cells."
+        ) from None
+
+
 def _prepare_run(args: argparse.Namespace) -> tuple[SharedData, list[int], Path]:
     from .cells import check_method
-    from .runner import default_model_dir
+    from .runner import default_model_dir, prepare_output_dir
 
     for method in args.methods:
         check_method(method, args.overrides)  # fail early on an unknown method, override or defense option
@@ -572,9 +705,7 @@ def _prepare_run(args: argparse.Namespace) -> tuple[SharedData, list[int], Path]
     if missing:
         raise ValueError(f"attacks {missing} not found in {shared.root}; have {shared.attacks()}.")
     args.model = str(Path(args.model) if args.model else default_model_dir())
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return shared, seeds, output_dir
+    return shared, seeds, prepare_output_dir(args.output_dir)
 
 
 def _cmd_curve(args: argparse.Namespace) -> int:
@@ -586,10 +717,12 @@ def _cmd_curve(args: argparse.Namespace) -> int:
         raise ValueError(f"--sizes must be positive trusted-row counts, got {args.sizes}.")
     shared, seeds, output_dir = _prepare_run(args)
     plan = [(a, n, m, s) for a in args.attacks for n in args.sizes for m in args.methods for s in seeds]
-    cells = []
-    for attack, size, method, seed in tqdm(plan, desc=f"curve ({args.preset})", disable=args.quiet):
-        cell = _run_cell(args, shared, attack, method, seed, trusted=size)
-        cells.append({**cell, "attack": attack, "method": method, "trusted": size, "seed": seed})
+    _refuse_replacing_finished_cells(args, _with_undefended([(a, m, s, n) for a, n, m, s in plan]))
+    cells: list[dict[str, Any]] = []
+    with _interruption_report(cells, len(plan), "curve"):
+        for attack, size, method, seed in tqdm(plan, desc=f"curve ({args.preset})", disable=args.quiet):
+            cell = _run_cell(args, shared, attack, method, seed, trusted=size)
+            cells.append({**cell, "attack": attack, "method": method, "trusted": size, "seed": seed})
     rows = curve_rows(cells)
     summary = {"bench_preset": args.preset, "model": args.model, "data": str(shared.root), "sizes": args.sizes}
     summary.update({"methods": args.methods, "seeds": seeds, "overrides": args.overrides, "rows": rows})
@@ -620,11 +753,32 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the `musclelora` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "quiet", False):
+        _disable_progress_bars()
     try:
         return COMMANDS[args.command](args)
+    except BenchInterrupted as error:
+        print(f"musclelora {args.command}: {error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"musclelora {args.command}: interrupted; nothing was written for the unfinished run.", file=sys.stderr)
+        return 130
     except ValueError as error:
         print(f"musclelora {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # the file system refused (disk full, permissions): name the path, not a traceback
+        where = f" {error.filename}" if error.filename else ""
+        print(f"musclelora {args.command}: error:{where}: {error.strerror or error}", file=sys.stderr)
+        return 1
+
+
+def _disable_progress_bars() -> None:
+    """`--quiet`: no progress bars from datasets (tokenizing) and transformers (weight loading) either."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

