@@ -131,8 +131,8 @@ def main() -> None:
         bnb_4bit_compute_dtype=compute_dtype,
     )
     model = AutoModelForSequenceClassification.from_pretrained(
-        args.model, num_labels=2, quantization_config=quant, dtype=compute_dtype
-    )
+        args.model, num_labels=2, quantization_config=quant, dtype=compute_dtype, use_safetensors=True
+    )  # use_safetensors: never unpickle a pytorch_model.bin
     model.config.pad_token_id = tokenizer.pad_token_id
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     add_mslr_classification_head(model, hidden_to=16, dropout=0.1, seed=args.seed)

@@ -60,7 +60,9 @@ def main() -> None:
         parser.error(f"no poisoned data at {attack_dir}; pass --data or set MUSCLELORA_DATA")
     model_dir = args.model or default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    # use_safetensors=True: never unpickle a pytorch_model.bin; reload the adapter saved below with
+    # peft_musclelora.load_adapter_safely(base_model, output_dir), which refuses pickles (PEFT itself does not).
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2, use_safetensors=True)
 
     if args.adapter == "lora":
         config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=32, target_modules=["query", "value"])
