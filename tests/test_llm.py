@@ -666,7 +666,7 @@ def test_instruct_fit_gap_filters_rows_by_their_completion_loss_and_saves_the_de
         row_filter_max_clean_drop=0.3,
     )
     result = train_instruct(
-        "recommended",
+        "fit-gap",
         attack_files["train"],
         attack_files["dev"],
         tmp_path / "cell",
@@ -684,3 +684,10 @@ def test_instruct_fit_gap_filters_rows_by_their_completion_loss_and_saves_the_de
     assert len(decisions["rows"]) == rows and all(len(row["losses"]) == 2 for row in decisions["rows"])
     assert all(math.isfinite(loss) for row in decisions["rows"] for loss in row["losses"])
     assert result["steps"] == math.ceil(report["kept"] / 4)  # one epoch over the kept rows only
+
+
+def test_instruct_recommended_is_the_musclelora_recipe() -> None:
+    from peft_musclelora.benchmark.instruct import INSTRUCT_ALIASES, _sft_trainer
+
+    assert INSTRUCT_ALIASES["recommended"] == "musclelora"
+    assert _sft_trainer("musclelora", InstructSettings())[2]["gradient_alignment"] is True

@@ -12,6 +12,7 @@ import json
 import logging
 import statistics
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         choices=["lora", "musclelora", "fit-gap", "recommended"],
         help="lora: undefended LoRA on the body; musclelora: plus MSLR on `mslr_target` and gradient alignment; "
-        "fit-gap (alias recommended): LoRA on the rows fit-gap row filtering keeps (trusted rows: reference_rows)",
+        "fit-gap: LoRA on the rows fit-gap row filtering keeps (trusted rows: reference_rows; experimental); "
+        "recommended: the best measured, musclelora",
     )
     instruct.add_argument("--train", required=True, help="Training file")
     instruct.add_argument("--dev", required=True, help="Clean dev file (GA references)")
@@ -558,7 +560,10 @@ def markdown_table(rows: list[dict[str, Any]], preset: str, model: str, override
     """The attack x method table in Markdown; a quick run or `--set` overrides are labelled as such, an n/a row gives
     its reason."""
     lines = results_heading(
-        "MuScleLoRA backdoor benchmark", preset, overrides, "subsampled, 1 epoch; not comparable to published numbers"
+        "MuScleLoRA backdoor benchmark",
+        preset,
+        overrides,
+        "2000-row subsample, 2 epochs; not comparable to published numbers",
     )
     lines += [
         f"Model: `{model}`. CACC, ASR, excess ASR and false-target rate in %, mean ± std over seeds. "
@@ -594,7 +599,8 @@ def markdown_table(rows: list[dict[str, Any]], preset: str, model: str, override
 
 
 def plot(rows: list[dict[str, Any]], path: Path, preset: str) -> None:
-    """Grouped bar chart of CACC and ASR per attack and method (matplotlib, `plot` extra)."""
+    """Grouped bar chart of CACC, ASR and false-target rate per attack and method, each bar labelled with its value
+    (matplotlib, `plot` extra)."""
     try:
         import matplotlib
     except ImportError:
@@ -606,19 +612,21 @@ def plot(rows: list[dict[str, Any]], path: Path, preset: str) -> None:
 
     attacks = list(dict.fromkeys(row["attack"] for row in rows))
     methods = list(dict.fromkeys(row["method"] for row in rows))
-    figure, axes = plt.subplots(1, 2, figsize=(max(6, 2.5 * len(attacks)) * 2, 4), squeeze=False)
+    panels = (("cacc", "CACC (%)"), ("asr", "ASR (%)"), ("false_target_rate", "false-target rate (%)"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(max(5, 2.2 * len(attacks)) * len(panels), 4), squeeze=False)
     width = 0.8 / max(1, len(methods))
-    for axis, metric, label in ((axes[0][0], "cacc", "CACC (%)"), (axes[0][1], "asr", "ASR (%)")):
+    for axis, (metric, label) in zip(axes[0], panels):
         for j, method in enumerate(methods):
             values = []
             for attack in attacks:
                 row = next((r for r in rows if r["attack"] == attack and r["method"] == method), None)
-                values.append(100 * row[metric] if row and row[metric] is not None else 0.0)
+                values.append(100 * row[metric] if row and row.get(metric) is not None else 0.0)
             positions = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(attacks))]
-            axis.bar(positions, values, width, label=method)
+            bars = axis.bar(positions, values, width, label=method)
+            axis.bar_label(bars, fmt="%.1f", fontsize="x-small", padding=1)
         axis.set_xticks(range(len(attacks)), attacks)
         axis.set_ylabel(label)
-        axis.set_ylim(0, 100)
+        axis.set_ylim(0, 105)
         axis.legend(fontsize="small")
     figure.suptitle("MuScleLoRA benchmark" + (" — QUICK preset (subsampled)" if preset == "quick" else ""))
     figure.tight_layout()
@@ -629,6 +637,7 @@ def plot(rows: list[dict[str, Any]], path: Path, preset: str) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    started = time.perf_counter()
     shared, seeds, output_dir = _prepare_run(args)
     cells: list[dict[str, Any]] = []
     plan = [(a, m, s) for a in args.attacks for m in args.methods for s in seeds]
@@ -659,7 +668,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         plot(rows, output_dir / BENCH_PLOT_FILE, args.preset)
     failed = sum(c.get("status") == "error" for c in cells)
     reused = sum(bool(c.get("reused")) for c in cells)
-    print(f"{len(cells)} cells ({reused} reused, {failed} failed); results in {output_dir}", file=sys.stderr)
+    wall = time.perf_counter() - started
+    print(
+        f"{len(cells)} cells ({reused} reused, {failed} failed) in {wall / 60:.1f} min wall time; results in "
+        f"{output_dir}",
+        file=sys.stderr,
+    )
     return 1 if failed else 0
 
 

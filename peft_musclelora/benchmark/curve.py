@@ -58,7 +58,7 @@ def _pct(value: Optional[float], std: Optional[float]) -> str:
 
 def curve_table(rows: list[dict[str, Any]], preset: str, model: str, overrides: Optional[list[str]] = None) -> str:
     """The curve as a Markdown table (n/a and failed points give their reason; `--set` overrides are listed)."""
-    lines = results_heading("Trusted-data curve", preset, overrides, "subsampled, 1 epoch")
+    lines = results_heading("Trusted-data curve", preset, overrides, "2000-row subsample, 2 epochs")
     lines += [
         f"Model: `{model}`. For each trusted-row count N, methods with gradient alignment use N clean-dev rows as "
         "references and `clean-only` trains LoRA on the same N rows alone; all remove them from dev. CACC, ASR, "

@@ -46,9 +46,11 @@ from .runner import (
     versions,
 )
 
-#: `fit-gap` (alias `recommended`): LoRA on the rows fit-gap row filtering keeps, calibrated on `reference_rows`.
+#: `fit-gap`: LoRA on the rows fit-gap row filtering keeps, calibrated on `reference_rows` (experimental);
+#: `recommended`: the best measured instruction-tuning defense, `musclelora` (docs/llm.md).
 INSTRUCT_METHODS = ("lora", "musclelora", "fit-gap", "recommended")
-_ROW_FILTER_METHODS = ("fit-gap", "recommended")
+INSTRUCT_ALIASES = {"recommended": "musclelora"}
+_ROW_FILTER_METHODS = ("fit-gap",)
 ADAPTER_DIRNAME = "adapter"
 INSTRUCT_FILE = "instruct.json"
 
@@ -368,6 +370,7 @@ def train_instruct(
     from transformers import set_seed
 
     settings = settings or InstructSettings()
+    method = INSTRUCT_ALIASES.get(method, method)
     reset_peak_rss()
     if (test_clean is None) != (test_poison is None):
         raise ValueError("test_clean and test_poison must be given together (or neither).")

@@ -437,6 +437,7 @@ _FIT_GAP_TEXT = (
     "probes (lr 1e-3) score every training row at steps 16, 32, 64 against 400 trusted clean-dev rows (removed from "
     "dev); a row fitted better (shortcut) or worse (contradicted label) than the trusted rows allow is dropped, "
     "with cut-offs that flag at most 4% of the trusted rows. Per-row decisions in the cell's row_filter.json. "
+    "Experimental: at full size it finds too few poisoned rows to defend (docs/row_filter.md). "
 )
 _FIT_GAP = MethodPreset(
     name="fit-gap",
@@ -495,10 +496,15 @@ PRESETS: dict[str, MethodPreset] = {
             training=TrainingSettings(reference_split_size=400, **_GA_EVERY_STEP),
         ),
         _FIT_GAP,
-        dataclasses.replace(
-            _FIT_GAP,
+        MethodPreset(
             name="recommended",
-            description="Alias of fit-gap, the project's recommended defense (docs/results.md). " + _FIT_GAP_TEXT,
+            description="The project's recommended defense, the best measured so far (docs/results.md): "
+            "ga-lora-tuned with the fail-closed fallback (ga_fallback=zero: a step without a reference signal is not "
+            "let through raw). GA on every step with 400 clean-dev references (removed from dev), plain LoRA r 8 / "
+            "alpha 32 with a trainable classifier. At full size it ties training on the trusted rows alone; fit-gap, "
+            "the experimental row filter, does not defend yet. " + _COMMON,
+            adapter=AdapterSettings(kind="lora"),
+            training=TrainingSettings(reference_split_size=400, ga_fallback="zero", **_GA_EVERY_STEP),
         ),
         MethodPreset(
             name="lora-llama",
@@ -538,13 +544,16 @@ PRESETS: dict[str, MethodPreset] = {
     )
 }
 
-#: Overrides of `musclelora bench --preset quick`: a small seeded subsample and one epoch (labelled quick in outputs).
+#: Overrides of `musclelora bench --preset quick` (labelled quick in outputs): a seeded 2000-row subsample trained
+#: 2 epochs at lr 1e-3, the smallest run in which undefended LoRA both learns the task and the backdoor (the 480-row,
+#: one-epoch run it replaces left LoRA at chance, predicting the target for everything), and 300 rows of each test
+#: set. Dev stays whole: the recommended defense takes its 400 trusted rows from it.
 QUICK_OVERRIDES: dict[str, str] = {
-    "num_train_epochs": "1",
+    "num_train_epochs": "2",
+    "learning_rate": "1e-3",
     "clean_only_epochs": "5",
-    "max_train_rows": "480",
-    "max_dev_rows": "128",
-    "max_test_rows": "200",
+    "max_train_rows": "2000",
+    "max_test_rows": "300",
 }
 
 

@@ -1,4 +1,4 @@
-"""The recommended defense as a bench cell: `fit-gap` trains LoRA on the rows its row filter keeps and saves why."""
+"""The row filter as a bench cell: `fit-gap` trains LoRA on the rows its row filter keeps and saves why."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def test_a_fit_gap_cell_saves_every_rows_decision_and_reports_recall_from_the_fl
     files = attack_dir / "sst-2" / "poison" / "badnets"
     out = tmp_path / "cell"
     code = main(
-        ["train", "--method", "recommended", "--train", str(files / "train-mixed-0.1.csv")]
+        ["train", "--method", "fit-gap", "--train", str(files / "train-mixed-0.1.csv")]
         + ["--dev", str(files / "dev-clean.csv"), "--test-clean", str(files / "test-clean.csv")]
         + ["--test-poison", str(files / "test-poison.csv"), "--model", str(tiny_bert), "--output-dir", str(out)]
         + ["--set", "num_train_epochs=1", "--set", "reference_split_size=12", "--set", "row_filter_probe_steps=2,4"]

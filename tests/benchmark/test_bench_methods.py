@@ -71,7 +71,7 @@ def test_ga_presets_build_ga_arguments_and_the_others_do_not() -> None:
             kwargs["seed"] == 3 and kwargs["metric_for_best_model"] == "accuracy" and kwargs["load_best_model_at_end"]
         )
         assert kwargs.get("gradient_alignment", False) == (
-            name in ("musclelora", "ga-lora", "ga-lora-tuned", "musclelora-llama")
+            name in ("musclelora", "ga-lora", "ga-lora-tuned", "recommended", "musclelora-llama")
         )
 
 
@@ -183,11 +183,9 @@ def test_an_override_can_name_the_one_method_it_is_for() -> None:
         check_method("lora", ["full.no_such_field=1"])  # checked even when another method is run
 
 
-def test_fit_gap_is_lora_on_the_rows_its_row_filter_keeps_and_recommended_is_its_alias() -> None:
-    fit_gap, recommended, lora = PRESETS["fit-gap"], PRESETS["recommended"], PRESETS["lora"]
+def test_fit_gap_is_lora_on_the_rows_its_row_filter_keeps() -> None:
+    fit_gap, lora = PRESETS["fit-gap"], PRESETS["lora"]
     assert fit_gap.adapter == lora.adapter and not fit_gap.training.gradient_alignment
-    assert (recommended.adapter, recommended.training) == (fit_gap.adapter, fit_gap.training)
-    assert "Alias of fit-gap" in recommended.description
     kwargs = fit_gap.training.row_filter_kwargs()
     assert kwargs == {
         "row_filter": True,
@@ -220,3 +218,12 @@ def test_fit_gap_arguments_build_the_defended_trainers_arguments(tmp_path) -> No
     assert args.row_filter and not args.gradient_alignment and args.reference_split_size == 400
     with pytest.raises(ValueError, match="row_filter_max_clean_drop"):
         MuScleLoraTrainingArguments(**{**kwargs, "row_filter_max_clean_drop": 0.7})
+
+
+def test_recommended_is_the_tuned_recipe_failing_closed() -> None:
+    import dataclasses
+
+    recommended, tuned = PRESETS["recommended"], PRESETS["ga-lora-tuned"]
+    assert recommended.adapter == tuned.adapter
+    assert recommended.training == dataclasses.replace(tuned.training, ga_fallback="zero")
+    assert recommended.training.ga_kwargs()["ga_fallback"] == "zero" and tuned.training.ga_fallback == "raw"
