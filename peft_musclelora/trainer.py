@@ -10,6 +10,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional, get_args
 
@@ -536,15 +537,10 @@ class GradientAlignmentMixin:
         forward_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         forward_model.train()
         mode = contextlib.nullcontext() if self.ga_args.reference_dropout else _dropout_disabled(forward_model)
-        chunk = self.args.per_device_train_batch_size
         ref_grads: Optional[list[torch.Tensor]] = None
         total_loss = torch.zeros((), device=self.args.device)
         with mode:
-            for start in range(0, len(indices), chunk):
-                rows = indices[start : start + chunk]
-                inputs = self._prepare_inputs(collator([dataset[i] for i in rows]))
-                weight = len(rows) / len(indices)
-                loss = self.compute_reference_loss(forward_model, inputs)
+            for loss, weight in self._reference_chunk_losses(forward_model, dataset, collator, indices):
                 grads = torch.autograd.grad(loss * weight, params, allow_unused=True)
                 total_loss += loss.detach().float() * weight
                 if ref_grads is None:
@@ -557,6 +553,17 @@ class GradientAlignmentMixin:
             ref_grads = self.accelerator.reduce(ref_grads, reduction="mean")
             total_loss = self.accelerator.reduce(total_loss, reduction="mean")
         return ref_grads, float(total_loss)
+
+    def _reference_chunk_losses(
+        self, model: torch.nn.Module, dataset: Any, collator: Any, indices: list[int]
+    ) -> Iterator[tuple[torch.Tensor, float]]:
+        """`(loss, weight)` per chunk of the reference rows `indices`: chunks of the training batch size (the memory a
+        training micro-batch needs), weights summing to 1 so the weighted losses make the mean over all rows."""
+        chunk = self.args.per_device_train_batch_size
+        for start in range(0, len(indices), chunk):
+            rows = indices[start : start + chunk]
+            inputs = self._prepare_inputs(collator([dataset[i] for i in rows]))
+            yield self.compute_reference_loss(model, inputs), len(rows) / len(indices)
 
     def _sharded_reference_gradients(
         self, model: torch.nn.Module, params: list[torch.nn.Parameter], dataset: Any, collator: Any, indices: list[int]
@@ -571,18 +578,13 @@ class GradientAlignmentMixin:
         trainable = [param for param in model.parameters() if param.requires_grad]
         stash = [param.grad for param in trainable]
         mode = contextlib.nullcontext() if self.ga_args.reference_dropout else _dropout_disabled(model)
-        chunk = self.args.per_device_train_batch_size
         total_loss = torch.zeros((), device=self.args.device)
         model.train()
         try:
             for param in trainable:
                 param.grad = None
             with mode:
-                for start in range(0, len(indices), chunk):
-                    rows = indices[start : start + chunk]
-                    inputs = self._prepare_inputs(collator([dataset[i] for i in rows]))
-                    weight = len(rows) / len(indices)
-                    loss = self.compute_reference_loss(model, inputs)
+                for loss, weight in self._reference_chunk_losses(model, dataset, collator, indices):
                     # plain backward, not accelerator.backward: no gradient-accumulation division of the loss
                     (loss * weight).backward()
                     total_loss += loss.detach().float() * weight
