@@ -1,0 +1,74 @@
+"""What the poison flags say of a finished `fit-gap` cell's per-row signal (issue 20's analysis; flags read here only).
+
+Prints, from the cell's `row_filter.json` and its training file: the AUROC of each probe step's held-out loss and of
+`low` / `high` (how well they separate poisoned from clean rows; 0.5 = chance), the share of poisoned rows a cut at a
+5 % clean-row false-positive rate would catch at each step (label-1 rows, where the poisoned rows are), the share of
+poisoned and of clean rows with `low` below 0.025, and how many of the `fit-early` rows are poisoned.
+
+    python benchmarks/row_filter_report.py runs/full-size-fitgap/cells/badnets/fit-gap/seed0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from peft_musclelora.benchmark.data import load_records
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(a positive row scores above a negative row), ties counted half (the Mann-Whitney statistic)."""
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.bincount(inverse, weights=ranks) / counts)[inverse]  # mid-ranks over ties
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cell", help="A finished fit-gap cell directory")
+    cell = Path(parser.parse_args().cell)
+    decisions = json.loads((cell / "row_filter.json").read_text())
+    metrics = json.loads((cell / "metrics.json").read_text())
+    train = load_records(metrics["data"]["train"]["source"])
+    poisoned = np.array([record.poisoned for record in train.records])
+    labels = np.array(train.labels)
+    rows = decisions["rows"]
+    losses = np.array([row["losses"] for row in rows])
+    low, high = np.array([row["low"] for row in rows]), np.array([row["high"] for row in rows])
+    reasons = np.array([row["reason"] for row in rows])
+    report: dict = {"cell": str(cell), "rows": len(rows), "poisoned": int(poisoned.sum())}
+    if not poisoned.any():
+        print(json.dumps({**report, "note": "no poisoned rows"}))
+        return
+    target = labels == 1
+    for step, column in zip(decisions["summary"]["probe_steps"], losses.T):
+        fitted = -column  # a low loss is a well-fitted row
+        cut = np.quantile(fitted[target & ~poisoned], 0.95)
+        report[f"step {step}"] = {
+            "auroc": round(auroc(fitted, poisoned), 3),
+            "poisoned caught at 5% clean FPR (label 1)": round(float((fitted[target & poisoned] > cut).mean()), 3),
+        }
+    report["auroc low (small = poisoned)"] = round(auroc(-low, poisoned), 3)
+    report["auroc high (large = poisoned)"] = round(auroc(high, poisoned), 3)
+    report["low < 0.025: poisoned, clean"] = [
+        round(float((low[poisoned] < 0.025).mean()), 3),
+        round(float((low[~poisoned] < 0.025).mean()), 3),
+    ]
+    early = reasons == "fit-early"
+    report["fit-early rows, poisoned share"] = [int(early.sum()), round(float(poisoned[early].mean()), 3)]
+    report["dropped: clean share, poisoned recall"] = [
+        round(float((reasons[~poisoned] != "keep").mean()), 3),
+        round(float((reasons[poisoned] != "keep").mean()), 3),
+    ]
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
