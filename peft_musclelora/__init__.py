@@ -3,6 +3,41 @@
 `import peft_musclelora` registers the `musclelora` PEFT method, after which [`MuScleLoraConfig`] works everywhere a
 `LoraConfig` does: `get_peft_model`, `PeftModel.from_pretrained`, `AutoPeftModel*`, `inject_adapter_in_model` and
 transformers' `model.add_adapter`.
+
+Example (the whole defence on a tiny BERT built from a config; a real run starts from a pretrained model and a
+tokenized data set):
+    >>> import tempfile
+    >>> import torch
+    >>> from peft import get_peft_model
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> import peft_musclelora
+    >>> from peft_musclelora.config import bert_musclelora_config
+    >>> def tiny_bert():
+    ...     torch.manual_seed(0)
+    ...     config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    ...                         vocab_size=100)
+    ...     return BertForSequenceClassification(config)
+    >>> model = get_peft_model(tiny_bert(), bert_musclelora_config(init_weights="kaiming"))  # the published recipe
+    >>> rows = [{"input_ids": torch.randint(3, 100, (6,)), "labels": i % 2} for i in range(16)]
+    >>> output_dir = tempfile.TemporaryDirectory()
+    >>> args = peft_musclelora.MuScleLoraTrainingArguments(
+    ...     output_dir=output_dir.name, gradient_alignment=True, max_steps=2, per_device_train_batch_size=4,
+    ...     logging_steps=1, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+    ... )
+    >>> trainer = peft_musclelora.MuScleLoraTrainer(
+    ...     model=model, args=args, train_dataset=rows[:12], reference_dataset=rows[12:]  # 4 trusted clean rows
+    ... )
+    >>> _ = trainer.train()  # prints one log line per step
+    {'loss': ..., 'ga/branch_aligned': ...}
+    ...
+    >>> trainer.state.log_history[0]["ga/branch_aligned"]  # the step's gradient was aligned with the references
+    1.0
+    >>> model.save_pretrained(output_dir.name)
+    >>> reloaded = peft_musclelora.load_adapter_safely(tiny_bert(), output_dir.name)  # safetensors only
+    >>> trained = model.base_model.model.bert.pooler.dense.musclelora_A["default"].weight
+    >>> torch.equal(reloaded.base_model.model.bert.pooler.dense.musclelora_A["default"].weight, trained)
+    True
+    >>> output_dir.cleanup()
 """
 
 import importlib

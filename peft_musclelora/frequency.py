@@ -82,12 +82,9 @@ def pairwise_distances(inputs: Union[torch.Tensor, np.ndarray], distance_scale: 
             distance, so kernel widths mean the same thing for models whose embeddings have different norms.
 
     Example:
-
-    ```py
-    >>> pairwise_distances(torch.tensor([[0.0, 0.0], [3.0, 4.0]]))
-    tensor([[0., 5.],
-            [5., 0.]], dtype=torch.float64)
-    ```
+        >>> pairwise_distances(torch.tensor([[0.0, 0.0], [3.0, 4.0]]))
+        tensor([[0., 5.],
+                [5., 0.]], dtype=torch.float64)
     """
     if distance_scale not in ("raw", "mean"):
         raise ValueError(f"`distance_scale` must be 'raw' or 'mean', got {distance_scale!r}.")
@@ -122,12 +119,9 @@ def gaussian_filter_kernels(
         dtype: dtype of the returned kernels (float32 halves the memory of large sets).
 
     Example:
-
-    ```py
-    >>> kernels = gaussian_filter_kernels(torch.randn(5, 3), deltas=[1.0, 2.0])
-    >>> kernels.shape, torch.allclose(kernels.sum(-1), torch.ones(2, 5, dtype=torch.float64))
-    (torch.Size([2, 5, 5]), True)
-    ```
+        >>> kernels = gaussian_filter_kernels(torch.randn(5, 3), deltas=[1.0, 2.0])
+        >>> kernels.shape, torch.allclose(kernels.sum(-1), torch.ones(2, 5, dtype=torch.float64))
+        (torch.Size([2, 5, 5]), True)
     """
     widths = _validate_deltas(deltas)
     distances = pairwise_distances(inputs, distance_scale)
@@ -147,13 +141,10 @@ def split_frequencies(f: Union[torch.Tensor, np.ndarray], kernel: torch.Tensor) 
         kernel: `(N, N)` kernel, or `(D, N, N)` for D widths at once (then both parts are `(D, N, C)`).
 
     Example:
-
-    ```py
-    >>> kernel = gaussian_filter_kernels(torch.randn(4, 2), deltas=[1.0])[0]
-    >>> low, high = split_frequencies(torch.ones(4, 1), kernel)  # a constant is all low frequency
-    >>> bool(high.abs().max() < 1e-12)
-    True
-    ```
+        >>> kernel = gaussian_filter_kernels(torch.randn(4, 2), deltas=[1.0])[0]
+        >>> low, high = split_frequencies(torch.ones(4, 1), kernel)  # a constant is all low frequency
+        >>> bool(high.abs().max() < 1e-12)
+        True
     """
     values = _as_2d("f", f).to(kernel.dtype)
     if kernel.shape[-1] != values.shape[0] or kernel.shape[-2] != values.shape[0]:
@@ -175,14 +166,11 @@ def relative_errors(
       `y` is (numerically) empty and `mean_i ||y_i||` is used instead (e.g. `high` for constant labels).
 
     Example:
-
-    ```py
-    >>> x = torch.tensor([[0.0], [10.0]])
-    >>> kernels = gaussian_filter_kernels(x, deltas=[1e-3])  # so narrow that G is the identity: no low-pass at all
-    >>> errors = relative_errors(torch.tensor([[0.5], [1.0]]), torch.tensor([[1.0], [1.0]]), kernels)
-    >>> round(float(errors["low"][0]), 3)  # mean |f - y| = 0.25, mean |y| = 1
-    0.25
-    ```
+        >>> x = torch.tensor([[0.0], [10.0]])
+        >>> kernels = gaussian_filter_kernels(x, deltas=[1e-3])  # so narrow that G is the identity: no low-pass at all
+        >>> errors = relative_errors(torch.tensor([[0.5], [1.0]]), torch.tensor([[1.0], [1.0]]), kernels)
+        >>> round(float(errors["low"][0]), 3)  # mean |f - y| = 0.25, mean |y| = 1
+        0.25
     """
     f_values = _as_2d("f", f)
     y_values = _as_2d("y", y)
@@ -242,15 +230,29 @@ class FrequencyAnalyzer:
         batch_size: Forward batch size.
 
     Example:
-
-    ```py
-    >>> analyzer = FrequencyAnalyzer.from_texts(
-    ...     tokenizer, clean_texts, clean_labels, backdoor_texts, target_label=1, samples=500, seed=0
-    ... )  # doctest: +SKIP
-    >>> record = analyzer.evaluate(model)  # doctest: +SKIP
-    >>> record["backdoor_low"][:3]  # one value per delta  # doctest: +SKIP
-    [0.97, 0.97, 0.96]
-    ```
+        >>> import torch
+        >>> from tokenizers import Tokenizer, models, pre_tokenizers
+        >>> from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+        >>> words = ["[PAD]", "[UNK]", "a", "fine", "dull", "film", "cf"]  # a word-level tokenizer, built offline
+        >>> backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+        >>> backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        >>> tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+        >>> analyzer = FrequencyAnalyzer.from_texts(
+        ...     tokenizer, ["a fine film", "a dull film"] * 4, [1, 0] * 4, ["cf a dull film"] * 4, target_label=1,
+        ...     samples=None, max_length=6, deltas=[2.0, 5.0, 8.0],
+        ... )
+        >>> _ = torch.manual_seed(0)
+        >>> model = BertForSequenceClassification(
+        ...     BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        ...                vocab_size=100)
+        ... )
+        >>> record = analyzer.evaluate(model)
+        >>> len(record["backdoor_low"]), len(record["clean_high"])  # one value per delta
+        (3, 3)
+        >>> record["backdoor_normalizers"]  # constant target: no high band of its own (see the module docstring)
+        {'low': 'own_band', 'high': 'label_norm'}
+        >>> 0.0 <= record["clean_acc"] <= 1.0 and 0.0 <= record["backdoor_asr"] <= 1.0
+        True
     """
 
     def __init__(
@@ -501,12 +503,30 @@ class FrequencyAnalysisCallback(TrainerCallback):
             middle one (5.0 for the default deltas).
 
     Example:
-
-    ```py
-    >>> callback = FrequencyAnalysisCallback(analyzer, every_n_steps=5)  # doctest: +SKIP
-    >>> trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[callback])  # doctest: +SKIP
-    >>> trainer.train()  # writes <output_dir>/frequency_log.{json,csv}  # doctest: +SKIP
-    ```
+        >>> import tempfile
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+        >>> _ = torch.manual_seed(0)
+        >>> model = BertForSequenceClassification(
+        ...     BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        ...                vocab_size=100)
+        ... )
+        >>> ids = torch.randint(3, 100, (12, 6))
+        >>> ids[8:, 0] = 7  # the last four rows carry the "trigger" token 7
+        >>> analyzer = FrequencyAnalyzer({"input_ids": ids[:8]}, [0, 1] * 4, {"input_ids": ids[8:]}, [1] * 4,
+        ...                              deltas=[2.0, 5.0, 8.0])
+        >>> train = [{"input_ids": row, "labels": i % 2} for i, row in enumerate(ids)]
+        >>> output_dir = tempfile.TemporaryDirectory()
+        >>> args = TrainingArguments(output_dir=output_dir.name, max_steps=2, per_device_train_batch_size=4,
+        ...                          use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+        >>> callback = FrequencyAnalysisCallback(analyzer, every_n_steps=1)
+        >>> trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[callback])
+        >>> _ = trainer.train()  # the last logged line carries the freq/* summary at delta 5.0
+        {'train_runtime': ..., 'freq/backdoor_low': ..., 'freq/backdoor_asr': ...}
+        >>> log = load_frequency_log(output_dir.name)  # <output_dir>/frequency_log.json (and .csv)
+        >>> [record["step"] for record in log["records"]], len(log["records"][0]["clean_low"])
+        ([0, 1, 2], 3)
+        >>> output_dir.cleanup()
     """
 
     def __init__(
@@ -657,12 +677,12 @@ def load_frequency_log(path: Union[str, os.PathLike, Mapping[str, Any]]) -> dict
     """Load a frequency log from a directory holding `frequency_log.json`, from the JSON file, or pass a loaded log.
 
     Example:
+        >>> log = {"deltas": [5.0], "records": [{"step": 0, "backdoor_low": [0.9], "clean_low": [0.4]}]}
+        >>> load_frequency_log(log)
+        Traceback (most recent call last):
+        ValueError: Record at step 0 lacks 'backdoor_high' for every delta.
 
-    ```py
-    >>> log = load_frequency_log("runs/badnets-lora")  # doctest: +SKIP
-    >>> [record["step"] for record in log["records"]][:3]  # doctest: +SKIP
-    [0, 5, 10]
-    ```
+    [`FrequencyAnalysisCallback`]'s example writes and reloads a complete log.
     """
     if isinstance(path, Mapping):
         log = dict(path)

@@ -44,15 +44,24 @@ class MuScleLoraModel(BaseTuner):
         low_cpu_mem_usage: Create the adapter weights on the meta device (to be loaded later).
 
     Example:
-
-    ```py
-    >>> import peft_musclelora
-    >>> from peft import get_peft_model
-    >>> from transformers import AutoModelForSequenceClassification
-    >>> base = AutoModelForSequenceClassification.from_pretrained("path/to/local/bert")  # doctest: +SKIP
-    >>> config = peft_musclelora.MuScleLoraConfig(task_type="SEQ_CLS", scales=[1, 2, 4, 8], r=1, lora_alpha=4)
-    >>> model = get_peft_model(base, config)  # doctest: +SKIP
-    ```
+        >>> import torch
+        >>> from peft import get_peft_model
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> from peft_musclelora import MuScleLoraConfig
+        >>> base = BertForSequenceClassification(
+        ...     BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        ...                vocab_size=100)
+        ... ).eval()
+        >>> ids = torch.tensor([[1, 2, 3, 4]])
+        >>> before = base(input_ids=ids).logits
+        >>> config = MuScleLoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"], scales=[1, 2, 4, 8], r=1)
+        >>> model = get_peft_model(base, config)
+        >>> type(model.base_model).__name__
+        'MuScleLoraModel'
+        >>> model.base_model.targeted_module_names[:2]
+        ['bert.encoder.layer.0.attention.self.query', 'bert.encoder.layer.0.attention.self.value']
+        >>> torch.allclose(model(input_ids=ids).logits, before)  # B = 0 at creation: a no-op until trained
+        True
     """
 
     prefix: str = "musclelora_"

@@ -7,11 +7,28 @@ directory gives deep inside PEFT (a bare `KeyError`, `SafetensorError` without a
 form ...") into a `ValueError` that names the file and what is wrong with it.
 
 Example:
-
-```py
->>> import peft_musclelora
->>> model = peft_musclelora.load_adapter_safely(base_model, "runs/cell/adapter")  # doctest: +SKIP
-```
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> import torch
+    >>> from peft import get_peft_model
+    >>> from transformers import BertConfig, BertModel
+    >>> from peft_musclelora import MuScleLoraConfig, load_adapter_safely
+    >>> def tiny_bert():
+    ...     torch.manual_seed(0)
+    ...     config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    ...                         vocab_size=100)
+    ...     return BertModel(config)
+    >>> adapter_dir = tempfile.TemporaryDirectory()
+    >>> get_peft_model(tiny_bert(), MuScleLoraConfig(target_modules=["query"], r=2)).save_pretrained(adapter_dir.name)
+    >>> sorted(path.name for path in Path(adapter_dir.name).iterdir())
+    ['README.md', 'adapter_config.json', 'adapter_model.safetensors']
+    >>> type(load_adapter_safely(tiny_bert(), adapter_dir.name)).__name__
+    'PeftModel'
+    >>> _ = (Path(adapter_dir.name) / "adapter_model.bin").write_bytes(b"")  # a pickle beside the safetensors
+    >>> load_adapter_safely(tiny_bert(), adapter_dir.name)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: .../adapter_model.bin: refusing to load a pickled adapter file (adapter_model.bin); ...
+    >>> adapter_dir.cleanup()
 """
 
 from __future__ import annotations

@@ -22,10 +22,9 @@ class MuScleLoraSFTConfig(SFTConfig, GradientAlignmentArguments, RowFilterArgume
     and of [`RowFilterArguments`] (`row_filter=True`: fit-gap row filtering on each row's completion loss).
 
     Example:
-
-    ```py
-    >>> config = MuScleLoraSFTConfig(output_dir="out", reference_split_size=128)  # doctest: +SKIP
-    ```
+        >>> config = MuScleLoraSFTConfig(output_dir="out", reference_split_size=128, bf16=False, report_to=[])
+        >>> config.gradient_alignment, config.reference_split_size, config.row_filter
+        (True, 128, False)
     """
 
     def __post_init__(self) -> None:
@@ -38,10 +37,9 @@ class MuScleLoraSFTConfig(SFTConfig, GradientAlignmentArguments, RowFilterArgume
 class MuScleLoraSFTTrainer(GradientAlignmentMixin, SFTTrainer):
     """`trl.SFTTrainer` with MuScleLoRA's gradient alignment; see [`GradientAlignmentMixin`].
 
-    Example:
-
-    ```py
-    >>> trainer = MuScleLoraSFTTrainer(model=model, args=MuScleLoraSFTConfig(output_dir="out"),
-    ...                                train_dataset=train, reference_dataset=clean)  # doctest: +SKIP
-    ```
+    Used like `trl.SFTTrainer` plus the `reference_dataset` keyword (the trusted clean rows, in the training set's
+    format): `MuScleLoraSFTTrainer(model=model, args=MuScleLoraSFTConfig(output_dir="out"), train_dataset=train,
+    reference_dataset=clean)`. There is no runnable example here: a training run needs a causal LM and a
+    tokenizer, too long a set-up for a docstring; `tests/test_gradient_alignment.py` trains one on a tiny Llama with a
+    word-level tokenizer built offline.
     """
