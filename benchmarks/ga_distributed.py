@@ -29,7 +29,8 @@ from peft import get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, default_data_collator
 
 import peft_musclelora.trainer as ga_trainer
-from peft_musclelora import MuScleLoraConfig, MuScleLoraTrainer, MuScleLoraTrainingArguments
+from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
+from peft_musclelora.config import bert_musclelora_config
 
 CONFIGS = {"no GA": None, "GA every step": 1, "GA every 4th step": 4}
 ENGINES = ("ddp", "fsdp2")
@@ -53,17 +54,7 @@ def build(engine: str, every: int | None, options: argparse.Namespace, output_di
         intermediate_size=4 * options.hidden,
         max_position_embeddings=options.seq_len,
     )
-    adapter = MuScleLoraConfig(
-        task_type="SEQ_CLS",
-        r=8,
-        lora_alpha=32,
-        target_modules=["query", "value", "pooler.dense"],
-        scales=[1.0],
-        scale_pattern={"pooler.dense": [1, 2, 3, 4, 5, 6, 7, 8, 9]},
-        rank_pattern={"pooler.dense": 1},
-        alpha_pattern={"pooler.dense": 6},
-        init_weights="kaiming",
-    )
+    adapter = bert_musclelora_config(init_weights="kaiming")
     model = get_peft_model(BertForSequenceClassification(config), adapter)
     args = MuScleLoraTrainingArguments(
         output_dir=output_dir,

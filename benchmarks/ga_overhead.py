@@ -29,7 +29,8 @@ from transformers import (
     default_data_collator,
 )
 
-from peft_musclelora import MuScleLoraConfig, MuScleLoraTrainer, MuScleLoraTrainingArguments
+from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
+from peft_musclelora.config import bert_musclelora_config
 
 
 class StepTimer(TrainerCallback):
@@ -58,17 +59,7 @@ def build_model(kind: str, seed: int) -> torch.nn.Module:
         config = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
         base = BertForSequenceClassification(config)
     # The published recipe: LoRA r 8 / alpha 32 on query/value, MSLR scales 1..9 (rank 1, alpha 6) on the pooler.
-    config = MuScleLoraConfig(
-        task_type="SEQ_CLS",
-        r=8,
-        lora_alpha=32,
-        target_modules=["query", "value", "pooler.dense"],
-        scales=[1.0],
-        scale_pattern={"pooler.dense": [1, 2, 3, 4, 5, 6, 7, 8, 9]},
-        rank_pattern={"pooler.dense": 1},
-        alpha_pattern={"pooler.dense": 6},
-        init_weights="kaiming",
-    )
+    config = bert_musclelora_config(init_weights="kaiming")
     return get_peft_model(base, config)
 
 

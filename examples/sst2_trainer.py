@@ -1,7 +1,8 @@
 """Fine-tune MiniLM on poisoned SST-2 with a plain `transformers.Trainer`: LoRA vs the one-line MuScleLoRA swap.
 
-The script is a normal LoRA fine-tune; `--adapter musclelora` changes exactly one line, the config class, to put a
-multi-scale adapter on the pooler. Only the multi-scale adapter is used here; gradient alignment needs
+The script is a normal LoRA fine-tune; `--adapter musclelora` changes exactly one line, the config: the published
+recipe `bert_musclelora_config()` is LoRA's arguments (r 8, alpha 32 on query/value) plus a multi-scale adapter on
+the pooler (scales 1..9, rank 1, alpha 6). Only the multi-scale adapter is used here; gradient alignment needs
 `MuScleLoraTrainer` (see `examples/` and the README).
 
     HF_HUB_OFFLINE=1 python examples/sst2_trainer.py --adapter musclelora --max-train-rows 800 --epochs 1
@@ -21,7 +22,7 @@ from datasets import load_dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
-import peft_musclelora
+from peft_musclelora.config import bert_musclelora_config
 
 
 def default_data_dir() -> Path:
@@ -67,17 +68,8 @@ def main() -> None:
     if args.adapter == "lora":
         config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=32, target_modules=["query", "value"])
     else:
-        # The one-line swap: same arguments, plus a multi-scale rank-1 adapter on the pooler.
-        config = peft_musclelora.MuScleLoraConfig(
-            task_type="SEQ_CLS",
-            r=8,
-            lora_alpha=32,
-            target_modules=["query", "value", "pooler.dense"],
-            scales=[1.0],
-            scale_pattern={"pooler.dense": [1, 2, 3, 4, 5, 6, 7, 8, 9]},
-            rank_pattern={"pooler.dense": 1},
-            alpha_pattern={"pooler.dense": 6},
-        )
+        # The one-line swap: the same LoRA arguments, plus a multi-scale rank-1 adapter on the pooler.
+        config = bert_musclelora_config()
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
 
