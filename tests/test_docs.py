@@ -80,7 +80,7 @@ def test_documented_entries_are_fields() -> None:
 FILE_REFERENCE = re.compile(r"(?<![\w/.-])((?:docs|benchmarks|examples|tests)/[\w./-]*\w|[A-Z][A-Z_]+\.md)\b")
 
 #: Missing files still cited, with the pending fix (strict: once no library file cites one, the entry must go).
-PENDING_REFERENCES = {"METHOD.md": "benchmark re-lay (issue 17): the benchmark docstrings cite a METHOD.md"}
+PENDING_REFERENCES: dict[str, str] = {}
 
 
 def _cited_files() -> dict[str, list[str]]:

@@ -32,10 +32,6 @@ KNOWN_TO_FIX = {
     "peft_musclelora.trainer": "lead: drop the ```py fences around the examples",
     # Same: select_branch, align_gradients and GradientAlignmentArguments end their expected output with ```.
     "peft_musclelora.gradient_alignment": "lead: drop the ```py fences around the examples",
-    # Module docstring: `n.split(".")[-2]` of `...musclelora_A.default.weight` is 'default', not 'musclelora_A'.
-    "peft_musclelora.heads": "benchmark re-lay: module example takes the wrong name component ([-3])",
-    # add_analyze_parser: the closing ``` fence is read as expected output.
-    "peft_musclelora.benchmark.analyze": "benchmark re-lay: drop the ```py fence",
 }
 
 #: The library's main public objects; each needs one example that runs and passes (any of the names in a group).
