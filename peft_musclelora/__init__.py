@@ -53,9 +53,7 @@ from peft.utils import register_peft_method
 from .config import MuScleLoraConfig
 from .frequency import FrequencyAnalysisCallback, FrequencyAnalyzer
 from .gradient_alignment import AlignmentStats, GradientAlignmentArguments, align_gradients
-from .heads import MSLRClassificationHead, add_mslr_classification_head, head_state_dict, llama_musclelora_config
 from .layer import Linear, MuScleLoraLayer
-from .local_models import export_gguf_to_hf, smollm2_gguf_path
 from .model import MuScleLoraModel
 from .peft_type import MUSCLELORA_NAME, MUSCLELORA_PEFT_TYPE
 from .row_filter import RowFilterArguments, run_row_filter
@@ -69,13 +67,24 @@ if MUSCLELORA_PEFT_TYPE not in PEFT_TYPE_TO_TUNER_MAPPING:
         name=MUSCLELORA_NAME, config_cls=MuScleLoraConfig, model_cls=MuScleLoraModel, prefix=MuScleLoraModel.prefix
     )
 
-_TRL_NAMES = ("MuScleLoraSFTConfig", "MuScleLoraSFTTrainer")
+_LAZY = {
+    "MuScleLoraSFTConfig": ".sft",
+    "MuScleLoraSFTTrainer": ".sft",
+    # LLM helpers live in sub-modules of their own (`peft_musclelora.heads`, `peft_musclelora.local_models`) and are
+    # not part of `__all__`; these names stay importable from here for code written before they moved out.
+    "MSLRClassificationHead": ".heads",
+    "add_mslr_classification_head": ".heads",
+    "head_state_dict": ".heads",
+    "llama_musclelora_config": ".heads",
+    "export_gguf_to_hf": ".local_models",
+    "smollm2_gguf_path": ".local_models",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """Import the TRL trainers lazily, so `trl` stays an optional dependency."""
-    if name in _TRL_NAMES:
-        return getattr(importlib.import_module(".sft", __name__), name)
+    """Import the TRL trainers (so `trl` stays an optional dependency) and the LLM helpers lazily."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -98,10 +107,4 @@ __all__ = [
     "check_adapter_dir",
     "load_adapter_safely",
     "run_row_filter",
-    "MSLRClassificationHead",
-    "add_mslr_classification_head",
-    "export_gguf_to_hf",
-    "head_state_dict",
-    "llama_musclelora_config",
-    "smollm2_gguf_path",
 ]

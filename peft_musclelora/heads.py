@@ -24,7 +24,7 @@ Example:
       (out_proj): Linear(in_features=16, out_features=2, bias=False)
     )
     >>> peft_model = get_peft_model(model, llama_musclelora_config())
-    >>> sorted({n.split(".")[-2] for n, p in peft_model.named_parameters() if p.requires_grad})
+    >>> sorted({n.split(".")[-3] for n, p in peft_model.named_parameters() if p.requires_grad})
     ['musclelora_A', 'musclelora_B']
 
 The head is a new module the base checkpoint does not have: save it beside the adapter (`head_state_dict`) or rebuild
@@ -33,10 +33,14 @@ it with the same `seed` before loading the adapter.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from .config import MuScleLoraConfig
+from .layer import MuScleLoraLayer
 
 #: Attribute name of the sequence-classification layer in transformers' decoder models (Llama, GPT-2, Mistral, ...).
 SCORE_NAME = "score"
@@ -193,19 +197,90 @@ def llama_musclelora_config(
         >>> cfg.scale_pattern
         {'score.dense': [1.0, 2.0, 3.0, 4.0]}
     """
-    from .config import MuScleLoraConfig
-
     if target not in ("head", "score"):
         raise ValueError(f"target must be 'head' (score.dense) or 'score', got {target!r}.")
     head = f"{SCORE_NAME}.dense" if target == "head" else SCORE_NAME
-    return MuScleLoraConfig(
-        target_modules=[*body_modules, head],
+    return body_and_head_config(
+        body_modules,
+        head,
         r=r,
         lora_alpha=lora_alpha,
-        scales=[1.0],
-        scale_pattern={head: [float(k) for k in head_scales]},
-        rank_pattern={head: head_r},
-        alpha_pattern={head: head_alpha},
+        head_scales=head_scales,
+        head_r=head_r,
+        head_alpha=head_alpha,
         init_weights=init_weights,
         **kwargs,
     )
+
+
+def body_and_head_config(
+    body_modules: Sequence[str],
+    head: Optional[str] = None,
+    *,
+    r: int,
+    lora_alpha: float,
+    head_scales: Sequence[float] = (1.0, 2.0, 3.0, 4.0),
+    head_r: int = 1,
+    head_alpha: float = 4,
+    init_weights: Any = True,
+    **kwargs: Any,
+) -> MuScleLoraConfig:
+    """The one builder of "an adapter on the body plus MSLR on one module": plain LoRA (scales [1]) on
+    `body_modules` and, when `head` is given, the multi-scale adapter (`head_scales`, `head_r`, `head_alpha`) on the
+    module(s) that `head` names. The benchmark's classifier and instruction cells and [`llama_musclelora_config`]
+    all build their config here.
+
+    Args:
+        body_modules: Target-module names with plain LoRA.
+        head: The module (name suffix) with MSLR; None: plain LoRA only (as a `MuScleLoraConfig`).
+        r: LoRA rank on the body.
+        lora_alpha: LoRA alpha on the body.
+        head_scales: MSLR scales on the head.
+        head_r: MSLR inner rank per scale on the head.
+        head_alpha: MSLR alpha on the head.
+        init_weights: Init of every adapter's factors (True: B = 0); see [`reset_head_factors`] for the head alone.
+        **kwargs: More `MuScleLoraConfig` fields (`task_type`, `lora_dropout`, ...).
+
+    Example:
+        >>> cfg = body_and_head_config(["query", "value"], "pooler.dense", r=8, lora_alpha=32, head_scales=[1, 2])
+        >>> sorted(cfg.target_modules), cfg.scale_pattern, cfg.rank_pattern
+        (['pooler.dense', 'query', 'value'], {'pooler.dense': [1.0, 2.0]}, {'pooler.dense': 1})
+    """
+    patterns: dict[str, Any] = {}
+    if head is not None:
+        patterns = {
+            "scale_pattern": {head: [float(k) for k in head_scales]},
+            "rank_pattern": {head: head_r},
+            "alpha_pattern": {head: head_alpha},
+        }
+    return MuScleLoraConfig(
+        target_modules=[*body_modules, *([head] if head is not None else [])],
+        r=r,
+        lora_alpha=lora_alpha,
+        scales=[1.0],
+        init_weights=init_weights,
+        **patterns,
+        **kwargs,
+    )
+
+
+def module_matches(name: str, suffix: str) -> bool:
+    """Whether the module called `name` is the one `suffix` names (the whole name or its last dotted parts).
+
+    Example:
+        >>> module_matches("bert.pooler.dense", "pooler.dense"), module_matches("bert.pooler.xdense", "dense")
+        (True, False)
+    """
+    return name == suffix or name.endswith("." + suffix)
+
+
+def reset_head_factors(model: nn.Module, head: str, init: Any, adapter_name: str = "default") -> int:
+    """Re-initialise the MSLR factors of every MuScleLoRA layer that `head` names (`init`: True for B = 0, False
+    for random, "kaiming" for the reference's Kaiming-uniform); returns how many layers were reset."""
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, MuScleLoraLayer) and module_matches(name, head):
+            with torch.no_grad():
+                module.reset_musclelora_parameters(adapter_name, init)
+            count += 1
+    return count

@@ -40,12 +40,13 @@ CURVE_STYLES = {
 }
 
 
-def _pyplot() -> Any:
+def pyplot(what: str = "Plotting frequency logs") -> Any:
+    """`matplotlib.pyplot` on the Agg backend; an `ImportError` saying that `what` needs the `plot` extra if absent."""
     try:
-        import matplotlib
+        import matplotlib  # optional: the `plot` extra
     except ImportError as error:
         raise ImportError(
-            "Plotting frequency logs needs matplotlib: install the `plot` extra, `pip install peft-musclelora[plot]`."
+            f"{what} needs matplotlib: install the `plot` extra, `pip install peft-musclelora[plot]`."
         ) from error
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -53,9 +54,19 @@ def _pyplot() -> Any:
     return plt
 
 
-def _prepare(output_path: Union[str, os.PathLike]) -> Path:
+def prepare_path(output_path: Union[str, os.PathLike]) -> Path:
+    """`output_path` as a `Path`, its directory created."""
     path = Path(output_path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_figure(figure: Any, output_path: Union[str, os.PathLike], dpi: int = 120) -> Path:
+    """Lay out, write and close `figure`; returns the path written."""
+    path = prepare_path(output_path)
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    pyplot().close(figure)
     return path
 
 
@@ -85,9 +96,9 @@ def plot_frequency_heatmap(
     By default each panel has its own colour scale, so the change over the steps is visible even where one error
     moves within a narrow band; `shared_scale=True` puts all four on one scale to compare their levels.
     """
-    plt = _pyplot()
+    plt = pyplot()
     data = load_frequency_log(log)
-    path = _prepare(output_path)
+    path = prepare_path(output_path)
     steps, deltas = _steps(data), np.array(data["deltas"], dtype=float)
     matrices = {name: _matrix(data, name) for name in ERROR_NAMES}
     finite = np.concatenate([m[np.isfinite(m)] for m in matrices.values()])
@@ -141,9 +152,9 @@ def plot_error_curves(
 
     `relative_to_start=True` divides each error by its value at the first record, so curves that start at different
     levels can be compared by how fast they fall (which mapping converges first)."""
-    plt = _pyplot()
+    plt = pyplot()
     data = load_frequency_log(log)
-    path = _prepare(output_path)
+    path = prepare_path(output_path)
     index = _delta_index(data, delta)
     fig, ax = plt.subplots(figsize=(8.5, 4.5), constrained_layout=True)
     _draw_curves(ax, data, index, relative_to_start)
@@ -167,9 +178,9 @@ def plot_comparison(
 ) -> Path:
     """Two logs side by side (e.g. undefended LoRA vs MuScleLoRA on one attack): error curves at one delta, same
     y-axis; `relative_to_start` as in [`plot_error_curves`]."""
-    plt = _pyplot()
+    plt = pyplot()
     logs = (load_frequency_log(log), load_frequency_log(other_log))
-    path = _prepare(output_path)
+    path = prepare_path(output_path)
     fig, axes = plt.subplots(1, 2, figsize=(13.5, 4.5), sharey=not relative_to_start, constrained_layout=True)
     for ax, data, label in zip(axes, logs, labels):
         index = _delta_index(data, delta)
