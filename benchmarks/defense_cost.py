@@ -27,9 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from peft_musclelora.benchmark.cells import run_method
 from peft_musclelora.benchmark.data import SharedData
+from peft_musclelora.benchmark.methods import CellContext, get_method
+from peft_musclelora.benchmark.overrides import parse_set_items
 from peft_musclelora.benchmark.runner import train_cell
+from peft_musclelora.benchmark.spec import resolve_cell
 
 
 def main() -> None:
@@ -56,7 +58,7 @@ def main() -> None:
         f"num_train_epochs={args.epochs}",
         *args.overrides,
     ]
-    preset_overrides = [o for o in overrides if "." not in o.partition("=")[0]]
+    items = parse_set_items(overrides)
     start = time.perf_counter()
     lora = train_cell(
         "lora",
@@ -65,7 +67,7 @@ def main() -> None:
         out / "lora",
         model_dir=args.model,
         seed=args.seed,
-        overrides=preset_overrides,
+        overrides=items.common,
         test_clean=files.test_clean,
         test_poison=files.test_poison,
         progress=False,
@@ -77,16 +79,17 @@ def main() -> None:
     ]
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         try:
-            metrics = run_method(
-                method,
+            context = CellContext(
+                resolve_cell(method, items),
                 files,
                 out / method,
                 model_dir=args.model,
                 seed=args.seed,
-                overrides=overrides,
                 progress=False,
+                extra={"method": method},
                 undefended=lambda: lora,
             )
+            metrics = get_method(method).run(context)
         except ValueError as error:
             rows.append({"method": method, "error": str(error)})
             continue

@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from peft_musclelora import MuScleLoraConfig, MuScleLoraTrainingArguments, check_adapter_dir, load_adapter_safely
-from peft_musclelora.benchmark import cli
 from peft_musclelora.benchmark.cli import main
+from peft_musclelora.benchmark.commands import bench as bench_command
 from peft_musclelora.benchmark.data import load_dataset_records, load_records
-from peft_musclelora.benchmark.methods import QUICK_OVERRIDES, get_preset
+from peft_musclelora.benchmark.presets import QUICK_OVERRIDES, get_preset
 
 from .benchmark.conftest import attack_dir, tiny_bert  # noqa: F401  (fixtures)
 
@@ -289,12 +289,12 @@ def _interrupted_train(env: Env) -> list[str]:
 def _interrupted_bench(env: Env) -> list[str]:
     """A bench of two seeds whose second cell is interrupted (Ctrl-C) after the first finished."""
 
-    def run_cell(args: Any, shared: Any, attack: str, method: str, seed: int, trusted: Any = None) -> dict[str, Any]:
+    def run_cell(run: Any, attack: str, method: str, seed: int, trusted: Any = None) -> dict[str, Any]:
         if seed == 1:
             raise KeyboardInterrupt
         return {"status": "ok", "attack": attack, "method": method, "seed": seed, "reused": False}
 
-    env.monkeypatch.setattr(cli, "_run_cell", run_cell)  # type: ignore[attr-defined]
+    env.monkeypatch.setattr(bench_command, "run_cell", run_cell)
     return env.bench_argv("--seeds", "0,1")
 
 
@@ -375,8 +375,10 @@ CASES = [
         ("reference_split_size", "2"),
     ),
     # ---- method presets and --set ----
-    Case("preset-lora_alpha-0", lambda env: get_preset("lora", ["lora_alpha=0"]), ValueError, ("lora_alpha", "0")),
-    Case("preset-head_alpha-neg", lambda env: get_preset("mslr", ["head_alpha=-1"]), ValueError, ("head_alpha", "-1")),
+    Case("preset-lora_alpha-0", lambda env: get_preset("lora", {"lora_alpha": 0}), ValueError, ("lora_alpha", "0")),
+    Case(
+        "preset-head_alpha-neg", lambda env: get_preset("mslr", {"head_alpha": -1}), ValueError, ("head_alpha", "-1")
+    ),
     Case("set-lora_alpha-0", lambda env: ["presets", "lora", "--set", "lora_alpha=0"], 1, ("lora_alpha", "0"), True),
     Case("set-r-0", lambda env: ["presets", "lora", "--set", "r=0"], 1, ("r must be >= 1", "0"), True),
     Case("set-float", lambda env: ["presets", "--set", "learning_rate=fast"], 1, ("learning_rate", "'fast'"), True),
@@ -667,7 +669,7 @@ def finished_cell(tiny_bert: Path, attack_dir: Path, tmp_path_factory: pytest.Te
         files / "dev-clean.csv",
         out,
         model_dir=tiny_bert,
-        overrides=["num_train_epochs=1"],
+        overrides={"num_train_epochs": 1},
         test_clean=files / "test-clean.csv",
         test_poison=files / "test-poison.csv",
         progress=False,

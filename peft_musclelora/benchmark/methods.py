@@ -1,580 +1,381 @@
-"""Named, documented method presets for the benchmark: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`,
-`ga-lora-tuned` (this project's recipe), and the
-decoder-LLM presets `lora-llama` / `musclelora-llama` (the reference's Llama-2 hyper-parameters).
+"""The registry of bench methods: every preset, the baselines, the training-data filters and the detectors.
 
-A preset is a [`MethodPreset`]: a name, a description, [`AdapterSettings`] (what the PEFT config is built from) and
-[`TrainingSettings`] (what the `TrainingArguments` are built from, including the gradient-alignment knobs). Every
-field can be overridden by name with `--set key=value` (see [`MethodPreset.with_overrides`]); values are parsed by
-the field's type and an unknown key or a bad value is a one-line `ValueError`.
+`musclelora bench --methods` takes any name in [`METHODS`]; a cell of a method is run by looking the method up and
+calling its `run` with a [`CellContext`] (no `if method == ...` chains). Every cell writes the same `metrics.json`
+fields (status, CACC, ASR, false-target rate, train time) plus what the method adds:
 
-Defaults are the setup METHOD.md measured on the default model (MiniLM-L6): max length 64, batch 32, AdamW lr 2e-4,
-no weight decay, grad-norm clip 1.0, 3 epochs, seed 0, checkpoint by clean-dev accuracy. LoRA is r 8 / alpha 32 on
-peft's default target modules for the architecture (`query`,`value` for BERT/RoBERTa, `q_proj`,`v_proj` for Llama,
-`c_attn` for GPT-2). The reference recipe freezes the classification layer at its random initialisation when LoRA is
-used; `mslr`, `musclelora` and `ga-lora` do that (`freeze_head=True`). `lora` trains the classifier (peft's
-`modules_to_save`), the usual LoRA setup; `--set freeze_head=true` gives the reference's frozen-head LoRA.
+* presets (`lora`, `musclelora`, ...; [`peft_musclelora.benchmark.presets`]) train on the poisoned training set.
+* `clean-only`: undefended LoRA (`lora` preset, `clean_only_epochs` = 20 epochs by default) trained on the trusted
+  rows alone: exactly the `reference_split_size` rows gradient alignment would use as references (same seeded
+  split, [`split_trusted`]), removed from dev; the checkpoint is chosen on the rest of clean dev.
+* `oracle`: `lora` trained on the attack's `train-clean.csv` (the unpoisoned training set, which no defender has);
+  its ASR is the floor a backdoor-free model reaches. n/a when the data has no such file.
+* filters (`zdefence`, `bki`, `cube`): the filter sees the (subsampled) poisoned training set, `lora` is trained on
+  the kept rows; `bki`/`cube` first need the undefended `lora` model. Adds rows removed and, from the poison flags,
+  poisoned recall and removal precision.
+* detectors (`strip`, `rap`, `onion`): on the undefended `lora` model, threshold on clean dev at a fixed FRR; ASR
+  counts the triggered test rows that pass the detector *and* are predicted as the target; FRR is the share of
+  clean test rows rejected. ONION instead removes the flagged words and the model predicts on the cleaned texts.
+
+`train_time_s` of a defense is everything it costs end to end: the undefended training it needs, its own work
+(scoring, clustering, fitting on dev, screening the test sets) and any retraining; the parts are recorded too.
+A method asked for what the data lacks raises [`NotApplicable`]; the bench records `n/a` with the reason.
+
+Adding a method is one function and one [`register`] line (a defense: its file in `defenses/` and one line here).
+
+Example:
+    >>> get_method("clean-only").kind, get_method("onion").kind, get_method("musclelora").kind
+    ('baseline', 'detector', 'preset')
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import json
-import math
-import typing
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
-AdapterKind = Literal["full", "lora", "musclelora"]
-ClassificationHead = Literal["default", "mslr"]
-Fallback = Literal["raw", "zero"]  # gradient_alignment.Fallback, restated so that this module does not import torch
-HEAD_INITS = {"kaiming": "kaiming", "zero": True, "random": False}
+from .artefacts import METRICS_FILE, write_json
+from .builders import load_cell
+from .data import AttackFiles, LoadedData, load_records
+from .defenses import Bki, Cube, ModelScorer, Onion, Rap, Strip, ZDefence
+from .evaluation import predict
+from .metrics import attack_success_rate, clean_accuracy, false_target_rate
+from .presets import PRESETS
+from .runner import train_cell, versions
+from .settings import MethodPreset, apply_overrides
+from .splits import NotApplicable, split_trusted
 
-#: What the MSLR head pattern should name per architecture (documentation and error hints).
-HEAD_PATTERN_HINTS = {
-    "bert": "pooler.dense",
-    "roberta": "classifier.dense",
-    "gpt2": "score",
-    "llama": "score",
-}
+if TYPE_CHECKING:  # the spec module looks methods up here; only the annotation goes the other way
+    from .spec import CellSpec
+
+#: Overrides that train on exactly the rows a method hands over (they are subsampled already).
+NO_SUBSAMPLE = {"max_train_rows": None, "max_dev_rows": None, "max_test_rows": None}
 
 
 @dataclass
-class AdapterSettings:
-    """What the adapter (PEFT config) of a method is built from."""
+class CellContext:
+    """Everything one cell of a method runs with: its resolved [`CellSpec`], the attack's files and the run's
+    options. `undefended` returns the finished undefended `lora` cell (metrics with `adapter_dir`) that `bki`,
+    `cube` and the detectors build on; None trains it into `directory/undefended`."""
 
-    kind: AdapterKind = field(
-        default="lora",
-        metadata={"help": "'full' (no adapter, every weight trains), 'lora' (peft LoraConfig) or 'musclelora'."},
-    )
-    r: int = field(default=8, metadata={"help": "LoRA rank on the body's target modules."})
-    lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha on the body's target modules."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Adapter dropout."})
-    target_modules: Optional[list[str]] = field(
-        default=None,
-        metadata={"help": "Body modules to adapt; None uses peft's LoRA defaults for the model type."},
-    )
-    freeze_head: bool = field(
-        default=False,
-        metadata={"help": "Freeze the classification layer at its random init (the reference's choice with LoRA)."},
-    )
-    head_pattern: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "Module (name suffix) that gets the multi-scale adapter: pooler.dense (BERT), classifier.dense "
-            "(RoBERTa), score (GPT-2/Llama). When it names the classifier itself (score, classifier), that layer "
-            "stays frozen at its init and only its MSLR branches train. None: no MSLR."
-        },
-    )
-    head_scales: list[float] = field(
-        default_factory=lambda: [float(k) for k in range(1, 10)],
-        metadata={"help": "MSLR scales on the head module."},
-    )
-    head_r: int = field(default=1, metadata={"help": "MSLR inner rank per scale on the head module."})
-    head_alpha: float = field(default=6, metadata={"help": "MSLR alpha on the head module."})
-    head_init: str = field(
-        default="kaiming",
-        metadata={"help": "Init of the head's MSLR factors: 'kaiming' (reference), 'zero' (B=0, LoRA) or 'random'."},
-    )
-    classification_head: ClassificationHead = field(
-        default="default",
-        metadata={
-            "help": "'default': the model's own classifier; 'mslr': replace a decoder's `score` by the reference's "
-            "dense(hidden -> head_hidden) -> dropout -> out_proj head (Llama/GPT-2; frozen, saved with the adapter)."
-        },
-    )
-    head_hidden: int = field(default=16, metadata={"help": "Width of the 'mslr' classification head's dense layer."})
-    head_dropout: float = field(default=0.1, metadata={"help": "Dropout of the 'mslr' classification head."})
+    spec: CellSpec
+    files: AttackFiles
+    directory: Path
+    model_dir: Optional[str] = None
+    seed: int = 0
+    target_label: int = 1
+    progress: bool = True
+    load_in_4bit: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    undefended: Optional[Callable[[], dict[str, Any]]] = None
 
-    def __post_init__(self) -> None:
-        if self.kind not in typing.get_args(AdapterKind):
-            raise ValueError(f"adapter kind must be one of {list(typing.get_args(AdapterKind))}, got {self.kind!r}.")
-        if self.head_init not in HEAD_INITS:
-            raise ValueError(f"head_init must be one of {list(HEAD_INITS)}, got {self.head_init!r}.")
-        if self.head_pattern is not None and self.kind != "musclelora":
-            raise ValueError(f"head_pattern {self.head_pattern!r} needs kind 'musclelora', got kind {self.kind!r}.")
-        if self.kind == "full" and self.freeze_head:
-            raise ValueError("freeze_head=True needs an adapter kind ('lora' or 'musclelora'), got kind 'full'.")
-        if self.classification_head not in typing.get_args(ClassificationHead):
-            raise ValueError(
-                f"classification_head must be one of {list(typing.get_args(ClassificationHead))}, "
-                f"got {self.classification_head!r}."
+    def train(self, overrides: dict[str, Any], train: Any, dev: Any, directory: Path, **more: Any) -> dict[str, Any]:
+        """[`train_cell`] of the method's preset with `overrides`, and this cell's model, seed, test sets and
+        loading options."""
+        return train_cell(
+            self.spec.trains,
+            train,
+            dev,
+            directory,
+            model_dir=self.model_dir,
+            seed=self.seed,
+            overrides=overrides,
+            test_clean=self.test("clean"),
+            test_poison=self.test("poison"),
+            target_label=self.target_label,
+            progress=self.progress,
+            load_in_4bit=self.load_in_4bit,
+            **more,
+        )
+
+    def test(self, which: str) -> LoadedData:
+        """The (subsampled) clean or triggered test set; [`NotApplicable`] when the data lacks it."""
+        path = self.files.test_clean if which == "clean" else self.files.test_poison
+        what = "clean test set" if which == "clean" else "triggered test set"
+        return _load_split(path, self.spec.preset.training.max_test_rows, self.seed, what)
+
+    def check_tests(self) -> None:
+        """Read both test sets first: a missing or empty one reads as n/a before anything trains."""
+        self.test("clean"), self.test("poison")  # noqa: B018
+
+    def dev(self) -> LoadedData:
+        """The (subsampled) clean dev set."""
+        return load_records(self.files.dev).subsample(self.spec.preset.training.max_dev_rows, self.seed)
+
+    def base_cell(self) -> dict[str, Any]:
+        """The finished undefended `lora` cell this defense builds on (trained on demand)."""
+        if self.undefended is not None:
+            base = self.undefended()
+        else:
+            overrides = self.spec.undefended_overrides
+            base = train_cell(
+                "lora",
+                self.files.train,
+                self.files.dev,
+                self.directory / "undefended",
+                model_dir=self.model_dir,
+                seed=self.seed,
+                overrides=self.spec.overrides if overrides is None else overrides,
+                test_clean=self.test("clean"),
+                test_poison=self.test("poison"),
+                target_label=self.target_label,
+                progress=self.progress,
+                load_in_4bit=self.load_in_4bit,
             )
-        if self.classification_head == "mslr" and self.kind == "full":
-            raise ValueError("classification_head='mslr' needs an adapter kind ('lora' or 'musclelora'), got 'full'.")
-        for name in ("r", "head_r", "head_hidden"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value!r}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
-        for name in ("lora_alpha", "head_alpha"):  # 0 gives an adapter that changes nothing, < 0 flips it
-            value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+        if base.get("status", "ok") != "ok":
+            raise ValueError(f"the undefended lora cell {self.spec.method} builds on failed: {base.get('error')}")
+        return base
 
 
-@dataclass
-class TrainingSettings:
-    """What the `TrainingArguments` (and, with gradient alignment, `MuScleLoraTrainingArguments`) are built from."""
-
-    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate."})
-    num_train_epochs: float = field(default=3.0, metadata={"help": "Training epochs."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
-    max_length: int = field(default=64, metadata={"help": "Tokens per text (longer texts are truncated)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip."})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "Share of steps with linear learning-rate warm-up."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers learning-rate schedule."})
-    gradient_alignment: bool = field(default=False, metadata={"help": "Use MuScleLoraTrainer's gradient alignment."})
-    reference_split_size: int = field(
-        default=96, metadata={"help": "GA reference rows taken (seeded) from the clean dev set and removed from it."}
-    )
-    reference_batch_size: Optional[int] = field(
-        default=None, metadata={"help": "GA reference batch size; None: the training batch size."}
-    )
-    ga_warmup_epochs: float = field(default=1.0, metadata={"help": "Epochs of raw-gradient training before GA."})
-    max_raw_grad_ratio: float = field(default=0.1, metadata={"help": "GA gate: max raw-gradient ratio."})
-    min_ref_loss: float = field(default=0.4, metadata={"help": "GA gate: below this reference loss, no alignment."})
-    min_ref_grad_norm: float = field(default=5e-7, metadata={"help": "GA gate: min mean reference-gradient norm."})
-    ga_every_n_steps: int = field(default=1, metadata={"help": "Align the gradient every n-th step."})
-    reference_dropout: bool = field(
-        default=False, metadata={"help": "Keep dropout on in the GA reference pass (the reference implementation)."}
-    )
-    ga_subspace_size: int = field(
-        default=1, metadata={"help": "Project onto the span of the last n reference gradients (1: published)."}
-    )
-    ga_params: Optional[str] = field(
-        default=None, metadata={"help": "Regex: align only matching trainable parameters (None: all)."}
-    )
-    ga_fallback: Fallback = field(
-        default="raw",
-        metadata={"help": "GA step without a reference signal: 'raw' keeps the training gradient, 'zero' zeroes it."},
-    )
-    row_filter: bool = field(
-        default=False,
-        metadata={
-            "help": "Fit-gap row filtering before training (peft_musclelora.row_filter): drop the rows that fold "
-            "probes fit better or worse than any trusted row; its trusted rows are the reference_split_size rows."
-        },
-    )
-    row_filter_probe_steps: list[int] = field(
-        default_factory=lambda: [16, 32, 64], metadata={"help": "Row filter: probe steps at which rows are scored."}
-    )
-    row_filter_folds: int = field(default=2, metadata={"help": "Row filter: folds of the training set (>= 2)."})
-    row_filter_max_clean_drop: float = field(
-        default=0.04, metadata={"help": "Row filter: at most this share of trusted rows may be flagged, in (0, 0.5)."}
-    )
-    row_filter_probe_learning_rate: Optional[float] = field(
-        default=None, metadata={"help": "Row filter: the probes' learning rate (None: learning_rate)."}
-    )
-    clean_only_epochs: float = field(
-        default=20.0,
-        metadata={
-            "help": "Epochs of the clean-only baseline, which trains on the few trusted rows alone (num_train_epochs "
-            "does not apply to it)."
-        },
-    )
-    max_train_rows: Optional[int] = field(default=None, metadata={"help": "Seeded subsample of the training set."})
-    max_dev_rows: Optional[int] = field(default=None, metadata={"help": "Seeded subsample of the dev set."})
-    max_test_rows: Optional[int] = field(default=None, metadata={"help": "Seeded subsample of each test set."})
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Gradient checkpointing (with --load-in-4bit: via prepare_model_for_kbit_training)."},
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "max_length", "ga_every_n_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}.")
-        for name in ("max_train_rows", "max_dev_rows", "max_test_rows", "reference_batch_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value!r}.")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
-        if self.learning_rate <= 0 or self.num_train_epochs <= 0 or self.clean_only_epochs <= 0:
-            raise ValueError(
-                "learning_rate, num_train_epochs and clean_only_epochs must be > 0, "
-                f"got {self.learning_rate!r}, {self.num_train_epochs!r}, {self.clean_only_epochs!r}."
-            )
-
-    def ga_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `MuScleLoraTrainingArguments` for gradient alignment (empty when it is off)."""
-        if not self.gradient_alignment:
-            return {}
-        return {
-            "gradient_alignment": True,
-            "reference_split_size": self.reference_split_size,
-            "reference_batch_size": self.reference_batch_size,
-            "ga_warmup_epochs": self.ga_warmup_epochs,
-            "max_raw_grad_ratio": self.max_raw_grad_ratio,
-            "min_ref_loss": self.min_ref_loss,
-            "min_ref_grad_norm": self.min_ref_grad_norm,
-            "ga_every_n_steps": self.ga_every_n_steps,
-            "reference_dropout": self.reference_dropout,
-            "ga_subspace_size": self.ga_subspace_size,
-            "ga_params": self.ga_params,
-            "ga_fallback": self.ga_fallback,
-        }
-
-    def row_filter_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `MuScleLoraTrainingArguments` for row filtering (empty when it is off).
-
-        The `row_filter*` fields are named as in `peft_musclelora.RowFilterArguments` and passed by name; the trusted
-        rows are the gradient-alignment reference split, so it is passed too (with GA off when GA is off).
-        """
-        if not self.row_filter:
-            return {}
-        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith("row_filter")}
-        if not self.gradient_alignment:
-            kwargs.update(gradient_alignment=False, reference_split_size=self.reference_split_size)
-        return kwargs
-
-    @property
-    def needs_defended_trainer(self) -> bool:
-        """Whether `MuScleLoraTrainer` (gradient alignment or row filtering) must run this method."""
-        return self.gradient_alignment or self.row_filter
-
-    def training_arguments_kwargs(self, output_dir: str, seed: int) -> dict[str, Any]:
-        """Keyword arguments of `TrainingArguments`: checkpoint each epoch, keep the best by clean-dev accuracy."""
-        return {
-            "output_dir": output_dir,
-            "seed": seed,
-            "data_seed": seed,
-            "learning_rate": self.learning_rate,
-            "num_train_epochs": self.num_train_epochs,
-            "per_device_train_batch_size": self.per_device_train_batch_size,
-            "per_device_eval_batch_size": self.per_device_eval_batch_size,
-            "weight_decay": self.weight_decay,
-            "max_grad_norm": self.max_grad_norm,
-            "warmup_steps": self.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio
-            "lr_scheduler_type": self.lr_scheduler_type,
-            "optim": "adamw_torch",
-            "eval_strategy": "epoch",
-            "save_strategy": "epoch",
-            "save_only_model": True,
-            "save_total_limit": 1,
-            "load_best_model_at_end": True,
-            "metric_for_best_model": "accuracy",
-            "greater_is_better": True,
-            "logging_strategy": "epoch",
-            "report_to": "none",
-            "dataloader_num_workers": 0,
-            "label_names": ["labels"],
-            "activation_checkpointing": self.gradient_checkpointing,  # transformers 5.23 name of the flag
-            **self.ga_kwargs(),
-            **self.row_filter_kwargs(),
-        }
+def _load_split(path: Optional[Path], max_rows: Optional[int], seed: int, what: str) -> LoadedData:
+    if path is None:
+        raise NotApplicable(f"the data has no {what} file.")
+    try:
+        return load_records(path).subsample(max_rows, seed)
+    except ValueError as error:
+        if "no data rows" in str(error):
+            raise NotApplicable(
+                f"{what} has no rows ({path}); a trigger-free dataset has no ASR to measure."
+            ) from None
+        raise
 
 
-@dataclass
-class MethodPreset:
-    """A named method: adapter settings plus training settings.
+@dataclass(frozen=True)
+class Method:
+    """One bench method.
 
     Args:
-        name: Preset name (what `--method` takes).
-        description: One paragraph on what the method is.
-        adapter: How the PEFT config is built.
-        training: How the training arguments are built.
+        name: What `--methods` takes.
+        kind: `preset`, `baseline`, `filter` or `detector`.
+        run: Runs one cell; returns (and writes) its `metrics.json`.
+        trains: The preset its training uses (a preset trains itself; the others `lora`).
+        options: The dataclass of its `--set <name>.<field>` options (a defense's class), or None.
+        needs_undefended: Whether it builds on the undefended `lora` cell.
+        identity: The preset as it identifies a cell (`clean-only` trains for `clean_only_epochs`).
     """
 
     name: str
-    description: str
-    adapter: AdapterSettings = field(default_factory=AdapterSettings)
-    training: TrainingSettings = field(default_factory=TrainingSettings)
+    kind: str
+    run: Callable[[CellContext], dict[str, Any]]
+    trains: str = "lora"
+    options: Optional[type] = None
+    needs_undefended: bool = False
+    identity: Callable[[MethodPreset], MethodPreset] = lambda preset: preset
 
-    def to_dict(self) -> dict[str, Any]:
-        """The preset as a JSON-able dict."""
-        return dataclasses.asdict(self)
 
-    def format(self) -> str:
-        """A human-readable listing: name, description, then every `key = value` that `--set` accepts."""
-        lines = [f"{self.name}: {self.description}"]
-        for section in ("adapter", "training"):
-            lines.append(f"  [{section}]")
-            settings = getattr(self, section)
-            for f in dataclasses.fields(settings):
-                lines.append(f"    {f.name} = {json.dumps(getattr(settings, f.name))}")
-        return "\n".join(lines)
+#: Every method, by name, in the order `musclelora bench --help` lists them.
+METHODS: dict[str, Method] = {}
 
-    def with_overrides(self, overrides: Union[dict[str, str], list[str], None]) -> MethodPreset:
-        """A copy with `key=value` overrides applied (strings parsed by field type).
 
-        Keys are the field names of [`AdapterSettings`] and [`TrainingSettings`], optionally prefixed by `adapter.`
-        or `training.`. Raises a `ValueError` on an unknown key, a malformed `key=value`, or a value of the wrong type.
-        """
-        if not overrides:
-            return self
-        pairs = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
-        changes: dict[str, dict[str, Any]] = {"adapter": {}, "training": {}}
-        for key, raw in pairs.items():
-            section, name = _locate(key)
-            hint = typing.get_type_hints(type(getattr(self, section)))[name]
-            changes[section][name] = parse_value(key, raw, hint)
-        return MethodPreset(
-            name=self.name,
-            description=self.description,
-            adapter=dataclasses.replace(self.adapter, **changes["adapter"]),
-            training=dataclasses.replace(self.training, **changes["training"]),
+def register(method: Method) -> Method:
+    """Add `method` to [`METHODS`] (a name registered twice is an error)."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is registered already.")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The method called `name`; a one-line `ValueError` listing the available ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}.")
+    return METHODS[name]
+
+
+def method_names() -> list[str]:
+    """Every method `musclelora bench --methods` accepts."""
+    return list(METHODS)
+
+
+def defense_names() -> list[str]:
+    """The classic defenses (filters and detectors)."""
+    return [name for name, method in METHODS.items() if method.kind in ("filter", "detector")]
+
+
+# ---- presets and baselines -----------------------------------------------------------------------------------
+
+
+def _run_preset(ctx: CellContext) -> dict[str, Any]:
+    training = ctx.spec.preset.training
+    ctx.check_tests()
+    if training.gradient_alignment:  # the same split GA makes, checked here so that a lack of rows reads as n/a
+        split_trusted(ctx.dev(), training.reference_split_size, ctx.seed)
+    return ctx.train(ctx.spec.overrides, ctx.files.train, ctx.files.dev, ctx.directory, extra=ctx.extra)
+
+
+def _run_oracle(ctx: CellContext) -> dict[str, Any]:
+    ctx.check_tests()
+    if ctx.files.train_clean is None:
+        raise NotApplicable(
+            f"attack {ctx.files.attack!r} has no train-clean.csv: the oracle needs the unpoisoned training set."
         )
+    return ctx.train(ctx.spec.overrides, ctx.files.train_clean, ctx.files.dev, ctx.directory, extra=ctx.extra)
 
 
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+def _clean_only_epochs(preset: MethodPreset) -> MethodPreset:
+    return apply_overrides(preset, {"num_train_epochs": preset.training.clean_only_epochs})
 
 
-def override_keys() -> list[str]:
-    """Every key `--set` accepts."""
-    return _field_names(AdapterSettings) + _field_names(TrainingSettings)
+def _run_clean_only(ctx: CellContext) -> dict[str, Any]:
+    ctx.check_tests()
+    preset = ctx.spec.preset
+    trusted, rest = split_trusted(ctx.dev(), preset.training.reference_split_size, ctx.seed)
+    extra = {**ctx.extra, "trusted_rows": len(trusted), "dev_rows_for_selection": len(rest)}
+    overrides = {**ctx.spec.overrides, **NO_SUBSAMPLE, "num_train_epochs": preset.training.clean_only_epochs}
+    return ctx.train(overrides, trusted, rest, ctx.directory, extra=extra)
 
 
-def _locate(key: str) -> tuple[str, str]:
-    section, _, name = key.rpartition(".")
-    sections = {"adapter": AdapterSettings, "training": TrainingSettings}
-    if section:
-        if section not in sections or name not in _field_names(sections[section]):
-            raise ValueError(f"--set: unknown key {key!r}; valid keys: {', '.join(override_keys())}.")
-        return section, name
-    for section_name, cls in sections.items():
-        if name in _field_names(cls):
-            return section_name, name
-    close = difflib.get_close_matches(name, override_keys(), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"--set: unknown key {key!r}{hint}; valid keys: {', '.join(override_keys())}.")
+for _name in PRESETS:
+    register(Method(_name, "preset", _run_preset, trains=_name))
+register(Method("clean-only", "baseline", _run_clean_only, identity=_clean_only_epochs))
+register(Method("oracle", "baseline", _run_oracle))
 
 
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    """Split `["key=value", ...]` into a dict; raises a `ValueError` on an item without `=` or with an empty key."""
-    pairs: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set: expected key=value, got {item!r}.")
-        pairs[key.strip()] = value.strip()
-    return pairs
+# ---- filters: a defense picks the training rows, lora trains on them -----------------------------------------
 
 
-_NONE = ("none", "null")
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
+@dataclass(frozen=True)
+class UndefendedModel:
+    """The undefended `lora` model a defense works on, as the defense constructors need it."""
+
+    model: Any
+    tokenizer: Any
+    max_length: int
+    batch_size: int
+    target_label: int
+
+    @classmethod
+    def load(cls, base: dict[str, Any], target_label: int) -> UndefendedModel:
+        model, tokenizer, info = load_cell(base["adapter_dir"])
+        return cls(model, tokenizer, info["max_length"], info["eval_batch_size"], target_label)
+
+    def scorer(self) -> ModelScorer:
+        """The model as class probabilities and representations."""
+        return ModelScorer(self.model, self.tokenizer, self.max_length, self.batch_size)
 
 
-def parse_value(key: str, raw: str, hint: Any) -> Any:
-    """Parse the string `raw` as the type `hint` (int, float, bool, str, Literal, Optional, list); `ValueError` if not.
+def filter_method(name: str, cls: type, needs_model: bool = False) -> Method:
+    """A training-data filter `cls` (`fit(texts, labels) -> FilterResult`); with `needs_model` it gets the undefended
+    model as `encoder=`."""
 
-    Lists are JSON (`[1, 2, 3]`) or comma-separated (`query,value`); `none`/`null` gives None for Optional fields.
-    """
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union:
-        inner = [a for a in args if a is not type(None)]
-        if raw.strip().lower() in _NONE and type(None) in args:
-            return None
-        return parse_value(key, raw, inner[0])
-    bad = ValueError(f"--set {key}={raw!r}: expected {getattr(hint, '__name__', None) or hint}.")
-    if origin is Literal:
-        if raw not in args:
-            raise ValueError(f"--set {key}={raw!r}: expected one of {list(args)}.")
-        return raw
-    if origin is list:
-        (item_type,) = args
-        text = raw.strip()
-        if text.startswith("["):
-            try:
-                items = json.loads(text)
-            except json.JSONDecodeError:
-                raise bad from None
-            if not isinstance(items, list):
-                raise bad
-            items = [str(item) for item in items]
+    def run(ctx: CellContext) -> dict[str, Any]:
+        ctx.check_tests()
+        preset, seed = ctx.spec.preset, ctx.seed
+        dev = ctx.dev()
+        opts: dict[str, Any] = {"seed": seed, **ctx.spec.defense}
+        ctx.directory.mkdir(parents=True, exist_ok=True)
+        base = ctx.base_cell() if needs_model else None
+        base_time = float(base["train_time_s"]) if base else 0.0
+        train = load_records(ctx.files.train).subsample(preset.training.max_train_rows, seed)
+        start = time.perf_counter()
+        if base is not None:
+            opts["encoder"] = UndefendedModel.load(base, ctx.target_label).scorer()
+        result = cls(**opts).fit(train.texts, train.labels)
+        defense_time = time.perf_counter() - start
+        kept = train.replace(
+            [r for r, k in zip(train.records, result.keep_mask) if k], f"{train.source} (kept by {name})"
+        )
+        if not len(kept):
+            raise NotApplicable(f"{name} removed every training row; nothing is left to train on.")
+        report = result.report([r.poisoned for r in train.records])
+        extra = {**ctx.extra, "defense": {**report, **result.details}}
+        metrics = ctx.train({**ctx.spec.overrides, **NO_SUBSAMPLE}, kept, dev, ctx.directory, extra=extra)
+        retrain = float(metrics["train_time_s"])
+        metrics.update(
+            {
+                "retrain_time_s": retrain,
+                "defense_time_s": round(defense_time, 3),
+                "undefended_train_time_s": base_time or None,
+                "train_time_s": round(base_time + defense_time + retrain, 3),
+            }
+        )
+        write_json(ctx.directory / METRICS_FILE, metrics)
+        return metrics
+
+    return Method(name, "filter", run, options=cls, needs_undefended=needs_model)
+
+
+# ---- detectors: a defense screens the undefended model's inputs ----------------------------------------------
+
+
+def detector_method(
+    name: str, cls: type, build: Callable[[UndefendedModel, dict[str, Any]], Any], sanitizes: bool = False
+) -> Method:
+    """An inference-time detector built by `build(model, options)` (`fit(clean_texts)`, `detect(texts)`); with
+    `sanitizes` it cleans the inputs instead (`sanitize_with_scores`) and the model predicts on the cleaned texts."""
+
+    def run(ctx: CellContext) -> dict[str, Any]:
+        test_clean, test_poison = ctx.test("clean"), ctx.test("poison")
+        dev = ctx.dev()
+        opts: dict[str, Any] = {"seed": ctx.seed, **ctx.spec.defense}
+        ctx.directory.mkdir(parents=True, exist_ok=True)
+        base = ctx.base_cell()
+        base_time = float(base["train_time_s"])
+        undefended = UndefendedModel.load(base, ctx.target_label)
+        start = time.perf_counter()
+        detector = build(undefended, opts)
+        detector.fit(dev.texts)
+        clean_texts, poison_texts = test_clean.texts, test_poison.texts
+        if sanitizes:
+            clean_texts, clean_det = detector.sanitize_with_scores(clean_texts)
+            poison_texts, poison_det = detector.sanitize_with_scores(poison_texts)
         else:
-            items = [part.strip() for part in text.split(",") if part.strip()]
-        if not items:
-            raise ValueError(f"--set {key}={raw!r}: expected a non-empty list.")
-        return [parse_value(key, item, item_type) for item in items]
-    if hint is bool:
-        lowered = raw.strip().lower()
-        if lowered in _TRUE:
-            return True
-        if lowered in _FALSE:
-            return False
-        raise ValueError(f"--set {key}={raw!r}: expected true or false.")
-    if hint is int:
-        try:
-            return int(raw)
-        except ValueError:
-            raise bad from None
-    if hint is float:
-        try:
-            return float(raw)
-        except ValueError:
-            raise bad from None
-    if hint is str:
-        return raw
-    raise bad
+            clean_det, poison_det = detector.detect(clean_texts), detector.detect(poison_texts)
+        defense_time = time.perf_counter() - start
+        model, tokenizer = undefended.model, undefended.tokenizer
+        batch, max_length, target = undefended.batch_size, undefended.max_length, ctx.target_label
+        clean_pred = predict(model, tokenizer, clean_texts, batch, max_length, ctx.progress)
+        poison_pred = predict(model, tokenizer, poison_texts, batch, max_length, ctx.progress)
+        if sanitizes:
+            asr = attack_success_rate(poison_pred, target)
+            passed = poison_pred
+        else:
+            passed = [p for p, f in zip(poison_pred, poison_det.flagged_mask) if not f]
+            asr = sum(p == target for p in passed) / len(poison_pred)
+        metrics: dict[str, Any] = {
+            "status": "ok",
+            "method": name,
+            "seed": ctx.seed,
+            "model_dir": base.get("model_dir"),
+            "undefended_adapter_dir": base["adapter_dir"],
+            "cacc": clean_accuracy(clean_pred, test_clean.labels),
+            "asr": asr,
+            "false_target_rate": false_target_rate(clean_pred, test_clean.labels, target),
+            "clean_rows": len(test_clean),
+            "poison_rows": len(test_poison),
+            "defense": {
+                "frr": clean_det.flagged_rate,
+                "triggered_flagged_rate": poison_det.flagged_rate,
+                "asr_among_passed": attack_success_rate(passed, target) if passed else None,
+                "threshold": detector.threshold,
+                "dev_rows": len(dev),
+                "options": dict(opts),
+            },
+            "undefended_train_time_s": base_time,
+            "defense_time_s": round(defense_time, 3),
+            "train_time_s": round(base_time + defense_time, 3),
+            "overrides": dict(ctx.spec.overrides),
+            "data": {"dev": dev.summary(), "test_clean": test_clean.summary(), "test_poison": test_poison.summary()},
+            "versions": versions(),
+            **ctx.extra,
+        }
+        write_json(ctx.directory / METRICS_FILE, metrics)
+        return metrics
+
+    return Method(name, "detector", run, options=cls, needs_undefended=True)
 
 
-_COMMON = "Checkpoint by clean-dev accuracy."
-#: Gradient alignment with its gates open: the aligned update on every step (warm-up 0, no raw mixing, no loss floor).
-_GA_EVERY_STEP: dict[str, Any] = {
-    "gradient_alignment": True,
-    "ga_warmup_epochs": 0.0,
-    "max_raw_grad_ratio": 0.0,
-    "min_ref_loss": 0.0,
-}
-_LLAMA_TRAINING = TrainingSettings(
-    learning_rate=1e-5,
-    num_train_epochs=5.0,
-    per_device_train_batch_size=16,
-    per_device_eval_batch_size=32,
-    max_length=128,
-)
-
-_FIT_GAP_TEXT = (
-    "Plain LoRA r 8 / alpha 32 with a trainable classifier, lr 1e-3 (the rate at which LoRA reached the oracle's "
-    "clean accuracy at full size), trained on the rows fit-gap filtering keeps: two fold "
-    "probes (lr 1e-3) score every training row at steps 16, 32, 64 against 400 trusted clean-dev rows (removed from "
-    "dev); a row fitted better (shortcut) or worse (contradicted label) than the trusted rows allow is dropped, "
-    "with cut-offs that flag at most 4% of the trusted rows. Per-row decisions in the cell's row_filter.json. "
-    "Experimental: at full size it finds too few poisoned rows to defend (docs/row_filter.md). "
-)
-_FIT_GAP = MethodPreset(
-    name="fit-gap",
-    description=_FIT_GAP_TEXT + _COMMON,
-    adapter=AdapterSettings(kind="lora"),
-    training=TrainingSettings(
-        learning_rate=1e-3, reference_split_size=400, row_filter=True, row_filter_probe_learning_rate=1e-3
-    ),
-)
-
-PRESETS: dict[str, MethodPreset] = {
-    preset.name: preset
-    for preset in (
-        MethodPreset(
-            name="full",
-            description="Full fine-tuning, no adapter: every weight and the classifier train. lr 5e-5 (2e-4, the "
-            "LoRA rate, is too high for full fine-tuning). Undefended baseline. " + _COMMON,
-            adapter=AdapterSettings(kind="full"),
-            training=TrainingSettings(learning_rate=5e-5),
-        ),
-        MethodPreset(
-            name="lora",
-            description="Plain LoRA r 8 / alpha 32 on peft's default targets (query,value for BERT); the classifier "
-            "trains through modules_to_save (set freeze_head=true for the reference's frozen random head). "
-            "Undefended baseline. " + _COMMON,
-            adapter=AdapterSettings(kind="lora"),
-        ),
-        MethodPreset(
-            name="mslr",
-            description="The MuScleLoRA adapter alone, no gradient alignment: LoRA r 8 / alpha 32 on the body (as "
-            "MSLR with scales [1]) plus MSLR scales 1..9, rank 1, alpha 6, Kaiming init on pooler.dense; classifier "
-            "frozen at random init (reference). " + _COMMON,
-            adapter=AdapterSettings(kind="musclelora", freeze_head=True, head_pattern="pooler.dense"),
-        ),
-        MethodPreset(
-            name="musclelora",
-            description="The published recipe: the mslr adapter plus gradient alignment on 96 clean-dev references "
-            "(removed from dev), warm-up 1 epoch, max raw-gradient ratio 0.1, min reference loss 0.4, min "
-            "reference-gradient norm 5e-7. " + _COMMON,
-            adapter=AdapterSettings(kind="musclelora", freeze_head=True, head_pattern="pooler.dense"),
-            training=TrainingSettings(gradient_alignment=True),
-        ),
-        MethodPreset(
-            name="ga-lora",
-            description="Gradient alignment (published gates, 96 references) on plain LoRA r 8 / alpha 32, "
-            "classifier frozen at random init, no multi-scale adapter. " + _COMMON,
-            adapter=AdapterSettings(kind="lora", freeze_head=True),
-            training=TrainingSettings(gradient_alignment=True),
-        ),
-        MethodPreset(
-            name="ga-lora-tuned",
-            description="This project's gradient-alignment recipe for small encoders (docs/results.md): plain LoRA "
-            "r 8 / alpha 32 with a trainable classifier, GA on every step (warm-up 0, raw ratio 0, min reference loss "
-            "0) with 400 clean-dev references (removed from dev). " + _COMMON,
-            adapter=AdapterSettings(kind="lora"),
-            training=TrainingSettings(reference_split_size=400, **_GA_EVERY_STEP),
-        ),
-        _FIT_GAP,
-        MethodPreset(
-            name="recommended",
-            description="The project's recommended defense, the best measured so far (docs/results.md): "
-            "ga-lora-tuned with the fail-closed fallback (ga_fallback=zero: a step without a reference signal is not "
-            "let through raw). GA on every step with 400 clean-dev references (removed from dev), plain LoRA r 8 / "
-            "alpha 32 with a trainable classifier. At full size it ties training on the trusted rows alone; fit-gap, "
-            "the experimental row filter, does not defend yet. " + _COMMON,
-            adapter=AdapterSettings(kind="lora"),
-            training=TrainingSettings(reference_split_size=400, ga_fallback="zero", **_GA_EVERY_STEP),
-        ),
-        MethodPreset(
-            name="lora-llama",
-            description="Undefended baseline of the reference's Llama-2 experiments: LoRA r 2 / alpha 8 on "
-            "q_proj,v_proj; `score` replaced by dense(hidden -> 16) -> dropout 0.1 -> out_proj, frozen at random "
-            "init; lr 1e-5, 5 epochs, batch 16, max length 128 (the reference: 4096, unquantized). Use with a Llama "
-            "--model, usually with --load-in-4bit (QLoRA). " + _COMMON,
-            adapter=AdapterSettings(
-                kind="lora",
-                r=2,
-                lora_alpha=8,
-                target_modules=["q_proj", "v_proj"],
-                freeze_head=True,
-                classification_head="mslr",
-            ),
-            training=_LLAMA_TRAINING,
-        ),
-        MethodPreset(
-            name="musclelora-llama",
-            description="The published Llama-2 recipe: lora-llama plus MSLR scales 1,2,3,4, rank 1, alpha 4, "
-            "Kaiming init on the head's dense layer (score.dense), and gradient alignment on 128 clean-dev "
-            "references with warm-up 0, max raw-gradient ratio 0, min reference loss 0 (GA on every step). " + _COMMON,
-            adapter=AdapterSettings(
-                kind="musclelora",
-                r=2,
-                lora_alpha=8,
-                target_modules=["q_proj", "v_proj"],
-                freeze_head=True,
-                classification_head="mslr",
-                head_pattern="score.dense",
-                head_scales=[1.0, 2.0, 3.0, 4.0],
-                head_r=1,
-                head_alpha=4,
-            ),
-            training=dataclasses.replace(_LLAMA_TRAINING, reference_split_size=128, **_GA_EVERY_STEP),
-        ),
+register(filter_method("zdefence", ZDefence))
+register(filter_method("bki", Bki, needs_model=True))
+register(filter_method("cube", Cube, needs_model=True))
+register(detector_method("strip", Strip, lambda m, opts: Strip(m.scorer(), **opts)))
+register(
+    detector_method(
+        "rap",
+        Rap,
+        lambda m, opts: Rap(m.model, m.tokenizer, target_label=m.target_label, max_length=m.max_length, **opts),
     )
-}
-
-#: Overrides of `musclelora bench --preset quick` (labelled quick in outputs): a seeded 2000-row subsample trained
-#: 2 epochs at lr 1e-3, the smallest run in which undefended LoRA both learns the task and the backdoor (the 480-row,
-#: one-epoch run it replaces left LoRA at chance, predicting the target for everything), and 300 rows of each test
-#: set. Dev stays whole: the recommended defense takes its 400 trusted rows from it.
-QUICK_OVERRIDES: dict[str, str] = {
-    "num_train_epochs": "2",
-    "learning_rate": "1e-3",
-    "clean_only_epochs": "5",
-    "max_train_rows": "2000",
-    "max_test_rows": "300",
-}
-
-
-def results_heading(kind: str, preset: str, overrides: Optional[list[str]], quick_note: str) -> list[str]:
-    """First lines of a results page: what produced it (`musclelora bench --preset`, and any `--set` overrides).
-
-    A quick run is labelled with `quick_note`; a run with overrides lists them, so a subsample is never shown as the
-    presets as defined.
-    """
-    if preset == "quick":
-        title = f"QUICK PRESET ({quick_note})"
-    else:
-        title = "method presets with overrides" if overrides else "method presets as defined"
-    lines = [f"# {kind} ({title})", ""]
-    if overrides:
-        lines += ["Overrides (`--set`): " + ", ".join(f"`{item}`" for item in overrides) + ".", ""]
-    return lines
-
-
-def get_preset(name: str, overrides: Union[dict[str, str], list[str], None] = None) -> MethodPreset:
-    """The preset called `name`, with optional `key=value` overrides; `ValueError` for an unknown name."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(PRESETS)}.")
-    return PRESETS[name].with_overrides(overrides)
+)
+register(detector_method("onion", Onion, lambda m, opts: Onion(**opts), sanitizes=True))

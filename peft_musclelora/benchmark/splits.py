@@ -5,10 +5,12 @@ and removes them from it. The `clean-only` baseline must train on exactly those 
 [`reference_split`]: a `torch.randperm` of the row indices drawn from a `torch.Generator` seeded with `seed`; the
 first `k` indices (sorted) are the trusted rows, the rest (sorted) stay in dev. This is the algorithm of
 `MuScleLoraTrainer._split_reference_from_eval` (reference seed = the run's seed), and the tests check that both
-pick the same rows.
+pick the same rows. `musclelora analyze` takes its references out of the clean dev rows with it too.
 """
 
 from __future__ import annotations
+
+from peft_musclelora.trainer import reference_split_indices
 
 from .data import LoadedData
 
@@ -33,8 +35,6 @@ def reference_split(num_rows: int, size: int, seed: int) -> tuple[list[int], lis
     Raises:
         NotApplicable: `size` is not in `[1, num_rows)` (at least one row must be left for selection).
     """
-    from peft_musclelora.trainer import reference_split_indices
-
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise NotApplicable(f"reference_split_size must be an integer >= 1, got {size!r}.")
     if size >= num_rows:

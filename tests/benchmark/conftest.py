@@ -1,12 +1,21 @@
-"""Fixtures of the benchmark tests: a tiny offline BERT and small OpenBackdoor-layout files."""
+"""Fixtures of the benchmark tests: a tiny offline BERT, a tiny offline Llama, small OpenBackdoor-layout files.
+
+The library's tests (tests/test_llm.py, tests/test_bad_input.py) import some of them from here too.
+"""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
+import os
 import random
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from peft_musclelora.local_models import export_gguf_to_hf, smollm2_gguf_path
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "poor", "weak"]
@@ -81,3 +90,58 @@ def attack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_openbackdoor(directory / "test-poison.csv", poison)
     write_openbackdoor(directory / "dev-poison.csv", poison)
     return root
+
+
+# ---- decoder LLMs: a tiny random Llama and the real SmolLM2 (tests/test_llm.py and test_bench_llm.py) ----------
+
+SHARED_DATA = Path(os.environ.get("MUSCLELORA_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+PROMPT_WORDS = ["Review", ":", "Is", "sentiment", "of", "this", "review", "positive", "or", "negative", "?", "Answer"]
+NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = ["<pad>", "<unk>", "<s>", "</s>"] + sorted(set(PROMPT_WORDS + POSITIVE + NEGATIVE + FILLER + TRIGGERS))
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins word-level tokens with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 1-layer Llama causal LM (hidden 128) with a word-level tokenizer, saved like a real checkpoint."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    assert len(tokenizer) <= config.vocab_size
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        gguf = smollm2_gguf_path()
+    except ValueError as error:
+        pytest.skip(str(error))
+    cache = os.environ.get("MUSCLELORA_SMOLLM2_DIR")
+    return export_gguf_to_hf(gguf, cache or tmp_path_factory.mktemp("smollm2"))

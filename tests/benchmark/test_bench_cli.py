@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from peft_musclelora.benchmark.builders import build_model
 from peft_musclelora.benchmark.cli import main
-from peft_musclelora.benchmark.methods import get_preset
-from peft_musclelora.benchmark.runner import build_model
+from peft_musclelora.benchmark.presets import get_preset
 
 
 def test_the_library_does_not_import_the_benchmark() -> None:
@@ -40,7 +40,7 @@ def test_mslr_freezes_the_random_head_and_trains_only_adapters(tiny_bert: Path) 
 
 def test_head_pattern_that_matches_nothing_names_the_alternative(tiny_bert: Path) -> None:
     with pytest.raises(ValueError, match="head_pattern 'score' matches no module .*for bert use 'pooler.dense'"):
-        build_model(get_preset("mslr", ["head_pattern=score"]), tiny_bert, num_labels=2, seed=0)
+        build_model(get_preset("mslr", {"head_pattern": "score"}), tiny_bert, num_labels=2, seed=0)
 
 
 def test_train_then_eval_reproduces_the_test_metrics(

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from peft_musclelora.benchmark.cli import main
-from peft_musclelora.benchmark.methods import PRESETS, get_preset
+from peft_musclelora.benchmark.overrides import parse_set_items
+from peft_musclelora.benchmark.presets import PRESETS
+from peft_musclelora.benchmark.presets import get_preset as get_typed_preset
+from peft_musclelora.benchmark.spec import resolve_cell
+from peft_musclelora.gradient_alignment import GradientAlignmentArguments
+from peft_musclelora.row_filter import RowFilterArguments
+
+
+def get_preset(name: str, items: list[str] | None = None):
+    """The preset with `--set` items, parsed as the CLI parses them."""
+    return get_typed_preset(name, parse_set_items(items).common)
+
+
+def cell_settings(method: str, items: list[str]) -> dict:
+    """The settings that identify a bench cell of `method` under `--set` items."""
+    return resolve_cell(method, parse_set_items(items)).settings()
 
 
 def test_the_encoder_presets_exist_with_the_measured_defaults() -> None:
@@ -51,13 +67,14 @@ def test_tuned_recipe_aligns_every_step_on_400_references() -> None:
     assert (kwargs["ga_warmup_epochs"], kwargs["max_raw_grad_ratio"], kwargs["min_ref_loss"]) == (0.0, 0.0, 0.0)
 
 
-def test_fail_closed_fallback_is_a_preset_field_restating_the_trainers_choices() -> None:
-    import typing
-
-    from peft_musclelora.benchmark.methods import Fallback
+def test_fail_closed_fallback_is_the_trainers_own_field() -> None:
     from peft_musclelora.gradient_alignment import FALLBACKS
 
-    assert typing.get_args(Fallback) == FALLBACKS
+    # the preset holds the trainer's GradientAlignmentArguments: its choices are the trainer's, not a restatement
+    assert all(type(preset.training.ga) is GradientAlignmentArguments for preset in PRESETS.values())
+    assert [get_preset("lora", [f"ga_fallback={choice}"]).training.ga.ga_fallback for choice in FALLBACKS] == list(
+        FALLBACKS
+    )
     preset = get_preset("ga-lora-tuned", ["ga_fallback=zero"])
     assert preset.training.ga_kwargs()["ga_fallback"] == "zero"
     with pytest.raises(ValueError, match="ga_fallback"):
@@ -101,7 +118,7 @@ class TestOverrides:
         assert preset.training.learning_rate == 1e-4 and preset.training.num_train_epochs == 2.0
         assert preset.adapter.freeze_head is False and preset.adapter.head_scales == [1.0, 2.0, 4.0]
         assert preset.adapter.target_modules == ["query", "key"] and preset.adapter.r == 4
-        assert preset.training.reference_batch_size == 16 and preset.training.max_train_rows is None
+        assert preset.training.ga.reference_batch_size == 16 and preset.training.max_train_rows is None
         assert PRESETS["musclelora"].adapter.r == 8  # the registry is not mutated
 
     @pytest.mark.parametrize(
@@ -151,8 +168,6 @@ class TestPrinting:
 
 
 def test_a_cell_is_identified_by_its_resolved_settings_not_by_how_they_were_spelled() -> None:
-    from peft_musclelora.benchmark.cells import cell_settings
-
     reordered = cell_settings("lora", ["learning_rate=0.001", "r=4"])
     assert cell_settings("lora", ["r=4", "learning_rate=1e-3"]) == reordered
     assert cell_settings("lora", ["r=8"]) == cell_settings("lora", []), "a default written out changes nothing"
@@ -169,45 +184,49 @@ def test_a_cell_is_identified_by_its_resolved_settings_not_by_how_they_were_spel
 
 
 def test_an_override_can_name_the_one_method_it_is_for() -> None:
-    from peft_musclelora.benchmark.cells import cell_settings, check_method, method_overrides
+    from peft_musclelora.benchmark.spec import check_methods
 
     items = ["learning_rate=1e-3", "full.learning_rate=5e-5", "onion.frr=0.1"]
-    assert method_overrides("full", items) == (["learning_rate=1e-3", "learning_rate=5e-5"], {})
-    assert method_overrides("lora", items) == (["learning_rate=1e-3"], {})
-    assert method_overrides("onion", items) == (["learning_rate=1e-3"], {"frr": "0.1"})
+    parsed = parse_set_items(items)
+    full, lora, onion = (resolve_cell(method, parsed) for method in ("full", "lora", "onion"))
+    assert (full.overrides, full.defense) == ({"learning_rate": 5e-5}, {}), "the method's own item wins"
+    assert (lora.overrides, lora.defense) == ({"learning_rate": 1e-3}, {})
+    assert (onion.overrides, onion.defense) == ({"learning_rate": 1e-3}, {"frr": 0.1})
+    assert full.items == ("learning_rate=1e-3", "full.learning_rate=5e-5")
     assert cell_settings("full", items)["preset"]["training"]["learning_rate"] == 5e-5
     assert cell_settings("lora", items)["preset"]["training"]["learning_rate"] == 1e-3
     # a defense builds on the undefended lora cell, so lora's own overrides change the defense's cell too
     assert cell_settings("strip", ["lora.r=2"]) != cell_settings("strip", [])
     with pytest.raises(ValueError, match="no_such_field"):
-        check_method("lora", ["full.no_such_field=1"])  # checked even when another method is run
+        check_methods(["lora"], parse_set_items(["full.no_such_field=1"]))  # checked even when another method runs
+    with pytest.raises(ValueError, match="max_length must be >= 1"):
+        check_methods(["lora"], parse_set_items(["full.max_length=0"]))  # values too, before anything trains
 
 
 def test_fit_gap_is_lora_on_the_rows_its_row_filter_keeps() -> None:
     fit_gap, lora = PRESETS["fit-gap"], PRESETS["lora"]
     assert fit_gap.adapter == lora.adapter and not fit_gap.training.gradient_alignment
     kwargs = fit_gap.training.row_filter_kwargs()
-    assert kwargs == {
-        "row_filter": True,
-        "row_filter_probe_steps": [16, 32, 64],
-        "row_filter_folds": 2,
-        "row_filter_max_clean_drop": 0.04,
-        "row_filter_probe_learning_rate": 1e-3,
-        "gradient_alignment": False,
-        "reference_split_size": 400,
-    }
+    assert kwargs["row_filter"] is True and kwargs["row_filter_probe_steps"] == [16, 32, 64]
+    assert (kwargs["row_filter_folds"], kwargs["row_filter_max_clean_drop"]) == (2, 0.04)
+    assert kwargs["row_filter_probe_learning_rate"] == 1e-3
+    assert (kwargs["gradient_alignment"], kwargs["reference_split_size"]) == (False, 400)
+    # every field of the library's RowFilterArguments goes through, whatever fields it gains
+    library = dataclasses.asdict(RowFilterArguments(row_filter=True, row_filter_probe_learning_rate=1e-3))
+    assert kwargs == {**library, "gradient_alignment": False, "reference_split_size": 400}
     assert lora.training.row_filter_kwargs() == {}
 
 
 def test_row_filter_fields_are_the_trainers_own_names() -> None:
-    import dataclasses
+    from peft_musclelora.benchmark.settings import TrainingSettings, settable_fields
 
-    from peft_musclelora.benchmark.methods import TrainingSettings
-    from peft_musclelora.row_filter import RowFilterArguments
-
-    bench = {f.name: f.default for f in dataclasses.fields(TrainingSettings) if f.name.startswith("row_filter")}
-    library = {f.name: f.default for f in dataclasses.fields(RowFilterArguments)}
-    assert bench == library
+    assert type(TrainingSettings().row_filter) is RowFilterArguments and TrainingSettings().row_filter == (
+        RowFilterArguments()
+    )
+    settable = {name for name, (path, _) in settable_fields(TrainingSettings).items() if path[0] == "row_filter"}
+    assert settable == {f.name for f in dataclasses.fields(RowFilterArguments)}, "each one settable with --set"
+    folds = get_preset("fit-gap", ["row_filter_folds=3", "row_filter_probe_steps=8,4"]).training.row_filter
+    assert (folds.row_filter_folds, folds.row_filter_probe_steps) == (3, [4, 8])
 
 
 def test_fit_gap_arguments_build_the_defended_trainers_arguments(tmp_path) -> None:
@@ -221,9 +240,8 @@ def test_fit_gap_arguments_build_the_defended_trainers_arguments(tmp_path) -> No
 
 
 def test_recommended_is_the_tuned_recipe_failing_closed() -> None:
-    import dataclasses
-
     recommended, tuned = PRESETS["recommended"], PRESETS["ga-lora-tuned"]
     assert recommended.adapter == tuned.adapter
-    assert recommended.training == dataclasses.replace(tuned.training, ga_fallback="zero")
-    assert recommended.training.ga_kwargs()["ga_fallback"] == "zero" and tuned.training.ga_fallback == "raw"
+    fail_closed = dataclasses.replace(tuned.training.ga, ga_fallback="zero")
+    assert recommended.training == dataclasses.replace(tuned.training, ga=fail_closed)
+    assert recommended.training.ga_kwargs()["ga_fallback"] == "zero" and tuned.training.ga.ga_fallback == "raw"

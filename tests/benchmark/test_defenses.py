@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import FILLER, NEGATIVE, POSITIVE, write_openbackdoor
 
-from peft_musclelora.benchmark.cells import split_overrides
-from peft_musclelora.benchmark.cli import aggregate, main
+from peft_musclelora.benchmark.builders import load_cell
+from peft_musclelora.benchmark.cli import main
 from peft_musclelora.benchmark.data import Record, from_records
 from peft_musclelora.benchmark.defenses import (
     Bki,
@@ -31,7 +31,9 @@ from peft_musclelora.benchmark.defenses import (
     ZDefence,
     threshold_for_frr,
 )
-from peft_musclelora.benchmark.runner import load_cell, train_cell
+from peft_musclelora.benchmark.overrides import parse_set_items
+from peft_musclelora.benchmark.reporting import aggregate
+from peft_musclelora.benchmark.runner import train_cell
 from peft_musclelora.benchmark.splits import reference_split, split_trusted
 
 TRIGGER = "cf"
@@ -92,7 +94,7 @@ def poisoned_model(tiny_bert: Path, records: list[Record], tmp_path_factory: pyt
         out,
         model_dir=tiny_bert,
         seed=0,
-        overrides=["num_train_epochs=6", "learning_rate=2e-3"],
+        overrides={"num_train_epochs": 6, "learning_rate": 2e-3},
         test_clean=test_clean,
         test_poison=test_poison,
         progress=False,
@@ -304,10 +306,8 @@ def test_onion_removes_the_inserted_token(tiny_lm: tuple) -> None:
 
 def test_defense_options_are_routed_by_prefix_and_checked(tiny_bert: Path, attack_dir: Path, capsys) -> None:
     """`--set <defense>.<field>=value` goes to that defense; an unknown field stops the bench before any training."""
-    assert split_overrides(["r=4", "bki.num_keywords=4", "onion.frr=0.1"]) == (
-        ["r=4"],
-        {"bki": {"num_keywords": "4"}, "onion": {"frr": "0.1"}},
-    )
+    items = parse_set_items(["r=4", "bki.num_keywords=4", "onion.frr=0.1"])
+    assert (items.common, items.per_method) == ({"r": 4}, {"bki": {"num_keywords": 4}, "onion": {"frr": 0.1}})
     argv = ["bench", "--attacks", "badnets", "--methods", "bki", "--data", str(attack_dir), "--model", str(tiny_bert)]
     assert main([*argv, "--set", "bki.bogus=1"]) == 1
     assert (

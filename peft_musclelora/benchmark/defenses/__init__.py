@@ -13,7 +13,7 @@ Inference-time detectors on the undefended model (threshold on clean dev at a fi
 * [`Onion`] — perplexity-based deletion of suspicious words with a local causal LM (Qi et al. 2021).
 
 Each is also a `musclelora bench` method of the same name (`zdefence`, `bki`, `cube`, `strip`, `rap`, `onion`),
-configured with `--set <name>.<field>=<value>`.
+registered in [`peft_musclelora.benchmark.methods`] and configured with `--set <name>.<field>=<value>`.
 """
 
 from .base import DetectionResult, FilterResult, ModelScorer, NotApplicable, threshold_for_frr
@@ -24,18 +24,7 @@ from .rap import Rap
 from .strip import Strip
 from .zdefence import ZDefence
 
-#: Bench name -> (class, kind). Filters need `fit(texts, labels)`; detectors `fit(clean_texts)` + `detect(texts)`.
-DEFENSES: dict[str, tuple[type, str]] = {
-    "zdefence": (ZDefence, "filter"),
-    "bki": (Bki, "filter"),
-    "cube": (Cube, "filter"),
-    "strip": (Strip, "detector"),
-    "rap": (Rap, "detector"),
-    "onion": (Onion, "detector"),
-}
-
 __all__ = [
-    "DEFENSES",
     "Bki",
     "Cube",
     "DetectionResult",

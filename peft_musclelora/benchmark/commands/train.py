@@ -1,0 +1,64 @@
+"""`musclelora train`: train one method preset on one training file, then score it on the test files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..overrides import parse_set_items
+from ..presets import PRESETS, get_preset
+from ..runner import train_cell
+from .options import add_common
+
+HEADLINE = (
+    "method",
+    "seed",
+    "cacc",
+    "asr",
+    "false_target_rate",
+    "best_dev_accuracy",
+    "train_time_s",
+    "peak_rss_mb",
+    "steps",
+)
+
+
+def register(subparsers: Any) -> None:
+    """Add the `train` command."""
+    parser = subparsers.add_parser(
+        "train", help="Train one method on one training file", description="Train one method."
+    )
+    parser.add_argument("--method", required=True, choices=list(PRESETS), help="Method preset")
+    parser.add_argument("--train", required=True, help="Training file (OpenBackdoor CSV or TSV/CSV text,label)")
+    parser.add_argument("--dev", required=True, help="Clean dev file for checkpoint selection")
+    parser.add_argument("--test-clean", default=None, help="Clean test file (CACC, false-target rate)")
+    parser.add_argument("--test-poison", default=None, help="Triggered test file (ASR)")
+    parser.add_argument("--output-dir", default="musclelora-out", help="Output directory (default musclelora-out)")
+    parser.add_argument("--print-preset", action="store_true", help="Print the preset with overrides and exit")
+    add_common(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (or print the resolved preset); 0."""
+    preset = get_preset(args.method, parse_set_items(args.overrides).common)
+    if args.print_preset:
+        print(preset.format())
+        return 0
+    result = train_cell(
+        preset,
+        args.train,
+        args.dev,
+        args.output_dir,
+        model_dir=args.model,
+        seed=args.seed,
+        test_clean=args.test_clean,
+        test_poison=args.test_poison,
+        target_label=args.target_label,
+        progress=not args.quiet,
+        load_in_4bit=args.load_in_4bit,
+    )
+    headline = {key: result[key] for key in HEADLINE if key in result}
+    print(json.dumps(headline | {"adapter_dir": result.get("adapter_dir")}, indent=2))
+    return 0

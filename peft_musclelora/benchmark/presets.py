@@ -1,0 +1,197 @@
+"""The named, documented method presets: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, `ga-lora-tuned` (this
+project's recipe), `fit-gap` (experimental row filter), `recommended`, and the decoder-LLM presets `lora-llama` /
+`musclelora-llama` (the reference's Llama-2 hyper-parameters).
+
+A preset is a [`MethodPreset`] (see [`peft_musclelora.benchmark.settings`]). The reference recipe freezes the
+classification layer at its random initialisation when LoRA is used; `mslr`, `musclelora` and `ga-lora` do that
+(`freeze_head=True`). `lora` trains the classifier (peft's `modules_to_save`), the usual LoRA setup;
+`--set freeze_head=true` gives the reference's frozen-head LoRA.
+
+Example:
+    >>> get_preset("musclelora").training.ga.reference_split_size
+    96
+    >>> get_preset("lora", {"r": 4}).adapter.r, PRESETS["lora"].adapter.r
+    (4, 8)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from peft_musclelora.gradient_alignment import GradientAlignmentArguments
+from peft_musclelora.row_filter import RowFilterArguments
+
+from .settings import PUBLISHED_GA, AdapterSettings, MethodPreset, TrainingSettings, apply_overrides
+
+_COMMON = "Checkpoint by clean-dev accuracy."
+
+
+#: Gradient alignment with its gates open: the aligned update on every step (warm-up 0, no raw mixing, no loss floor).
+def _ga(**changes: Any) -> GradientAlignmentArguments:
+    """The published gates (`PUBLISHED_GA`) with `changes`."""
+    return dataclasses.replace(PUBLISHED_GA, **changes)
+
+
+_GA_EVERY_STEP: dict[str, Any] = {
+    "gradient_alignment": True,
+    "ga_warmup_epochs": 0.0,
+    "max_raw_grad_ratio": 0.0,
+    "min_ref_loss": 0.0,
+}
+_LLAMA_TRAINING = TrainingSettings(
+    learning_rate=1e-5,
+    num_train_epochs=5.0,
+    per_device_train_batch_size=16,
+    per_device_eval_batch_size=32,
+    max_length=128,
+)
+
+_FIT_GAP_TEXT = (
+    "Plain LoRA r 8 / alpha 32 with a trainable classifier, lr 1e-3 (the rate at which LoRA reached the oracle's "
+    "clean accuracy at full size), trained on the rows fit-gap filtering keeps: two fold "
+    "probes (lr 1e-3) score every training row at steps 16, 32, 64 against 400 trusted clean-dev rows (removed from "
+    "dev); a row fitted better (shortcut) or worse (contradicted label) than the trusted rows allow is dropped, "
+    "with cut-offs that flag at most 4% of the trusted rows. Per-row decisions in the cell's row_filter.json. "
+    "Experimental: at full size it finds too few poisoned rows to defend (docs/row_filter.md). "
+)
+_FIT_GAP = MethodPreset(
+    name="fit-gap",
+    description=_FIT_GAP_TEXT + _COMMON,
+    adapter=AdapterSettings(kind="lora"),
+    training=TrainingSettings(
+        learning_rate=1e-3,
+        ga=_ga(reference_split_size=400),
+        row_filter=RowFilterArguments(row_filter=True, row_filter_probe_learning_rate=1e-3),
+    ),
+)
+
+PRESETS: dict[str, MethodPreset] = {
+    preset.name: preset
+    for preset in (
+        MethodPreset(
+            name="full",
+            description="Full fine-tuning, no adapter: every weight and the classifier train. lr 5e-5 (2e-4, the "
+            "LoRA rate, is too high for full fine-tuning). Undefended baseline. " + _COMMON,
+            adapter=AdapterSettings(kind="full"),
+            training=TrainingSettings(learning_rate=5e-5),
+        ),
+        MethodPreset(
+            name="lora",
+            description="Plain LoRA r 8 / alpha 32 on peft's default targets (query,value for BERT); the classifier "
+            "trains through modules_to_save (set freeze_head=true for the reference's frozen random head). "
+            "Undefended baseline. " + _COMMON,
+            adapter=AdapterSettings(kind="lora"),
+        ),
+        MethodPreset(
+            name="mslr",
+            description="The MuScleLoRA adapter alone, no gradient alignment: LoRA r 8 / alpha 32 on the body (as "
+            "MSLR with scales [1]) plus MSLR scales 1..9, rank 1, alpha 6, Kaiming init on pooler.dense; classifier "
+            "frozen at random init (reference). " + _COMMON,
+            adapter=AdapterSettings(kind="musclelora", freeze_head=True, head_pattern="pooler.dense"),
+        ),
+        MethodPreset(
+            name="musclelora",
+            description="The published recipe: the mslr adapter plus gradient alignment on 96 clean-dev references "
+            "(removed from dev), warm-up 1 epoch, max raw-gradient ratio 0.1, min reference loss 0.4, min "
+            "reference-gradient norm 5e-7. " + _COMMON,
+            adapter=AdapterSettings(kind="musclelora", freeze_head=True, head_pattern="pooler.dense"),
+            training=TrainingSettings(ga=_ga(gradient_alignment=True)),
+        ),
+        MethodPreset(
+            name="ga-lora",
+            description="Gradient alignment (published gates, 96 references) on plain LoRA r 8 / alpha 32, "
+            "classifier frozen at random init, no multi-scale adapter. " + _COMMON,
+            adapter=AdapterSettings(kind="lora", freeze_head=True),
+            training=TrainingSettings(ga=_ga(gradient_alignment=True)),
+        ),
+        MethodPreset(
+            name="ga-lora-tuned",
+            description="This project's gradient-alignment recipe for small encoders (docs/results.md): plain LoRA "
+            "r 8 / alpha 32 with a trainable classifier, GA on every step (warm-up 0, raw ratio 0, min reference loss "
+            "0) with 400 clean-dev references (removed from dev). " + _COMMON,
+            adapter=AdapterSettings(kind="lora"),
+            training=TrainingSettings(ga=_ga(reference_split_size=400, **_GA_EVERY_STEP)),
+        ),
+        _FIT_GAP,
+        MethodPreset(
+            name="recommended",
+            description="The project's recommended defense, the best measured so far (docs/results.md): "
+            "ga-lora-tuned with the fail-closed fallback (ga_fallback=zero: a step without a reference signal is not "
+            "let through raw). GA on every step with 400 clean-dev references (removed from dev), plain LoRA r 8 / "
+            "alpha 32 with a trainable classifier. At full size it ties training on the trusted rows alone; fit-gap, "
+            "the experimental row filter, does not defend yet. " + _COMMON,
+            adapter=AdapterSettings(kind="lora"),
+            training=TrainingSettings(ga=_ga(reference_split_size=400, ga_fallback="zero", **_GA_EVERY_STEP)),
+        ),
+        MethodPreset(
+            name="lora-llama",
+            description="Undefended baseline of the reference's Llama-2 experiments: LoRA r 2 / alpha 8 on "
+            "q_proj,v_proj; `score` replaced by dense(hidden -> 16) -> dropout 0.1 -> out_proj, frozen at random "
+            "init; lr 1e-5, 5 epochs, batch 16, max length 128 (the reference: 4096, unquantized). Use with a Llama "
+            "--model, usually with --load-in-4bit (QLoRA). " + _COMMON,
+            adapter=AdapterSettings(
+                kind="lora",
+                r=2,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj"],
+                freeze_head=True,
+                classification_head="mslr",
+            ),
+            training=_LLAMA_TRAINING,
+        ),
+        MethodPreset(
+            name="musclelora-llama",
+            description="The published Llama-2 recipe: lora-llama plus MSLR scales 1,2,3,4, rank 1, alpha 4, "
+            "Kaiming init on the head's dense layer (score.dense), and gradient alignment on 128 clean-dev "
+            "references with warm-up 0, max raw-gradient ratio 0, min reference loss 0 (GA on every step). " + _COMMON,
+            adapter=AdapterSettings(
+                kind="musclelora",
+                r=2,
+                lora_alpha=8,
+                target_modules=["q_proj", "v_proj"],
+                freeze_head=True,
+                classification_head="mslr",
+                head_pattern="score.dense",
+                head_scales=[1.0, 2.0, 3.0, 4.0],
+                head_r=1,
+                head_alpha=4,
+            ),
+            training=dataclasses.replace(_LLAMA_TRAINING, ga=_ga(reference_split_size=128, **_GA_EVERY_STEP)),
+        ),
+    )
+}
+
+#: Overrides of `musclelora bench --preset quick` (labelled quick in outputs): a seeded 2000-row subsample trained
+#: 2 epochs at lr 1e-3, the smallest run in which undefended LoRA both learns the task and the backdoor (the 480-row,
+#: one-epoch run it replaces left LoRA at chance, predicting the target for everything), and 300 rows of each test
+#: set. Dev stays whole: the recommended defense takes its 400 trusted rows from it.
+QUICK_OVERRIDES: dict[str, str] = {
+    "num_train_epochs": "2",
+    "learning_rate": "1e-3",
+    "clean_only_epochs": "5",
+    "max_train_rows": "2000",
+    "max_test_rows": "300",
+}
+
+
+#: The `--set` items of `musclelora bench --preset quick` (labelled quick in outputs): a seeded 2000-row subsample
+#: trained 2 epochs at lr 1e-3, the smallest run in which undefended LoRA both learns the task and the backdoor (the
+#: 480-row, one-epoch run it replaces left LoRA at chance, predicting the target for everything), and 300 rows of
+#: each test set. Dev stays whole: the recommended defense takes its 400 trusted rows from it.
+QUICK_OVERRIDES: dict[str, str] = {
+    "num_train_epochs": "2",
+    "learning_rate": "1e-3",
+    "clean_only_epochs": "5",
+    "max_train_rows": "2000",
+    "max_test_rows": "300",
+}
+
+
+def get_preset(name: str, overrides: Optional[Mapping[str, Any]] = None) -> MethodPreset:
+    """The preset called `name`, with optional typed overrides (`{leaf field: value}`); `ValueError` for an unknown
+    name or field. `--set` strings become such a mapping in [`peft_musclelora.benchmark.overrides`]."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(PRESETS)}.")
+    return apply_overrides(PRESETS[name], overrides or {})
