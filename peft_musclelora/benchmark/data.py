@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import datasets
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
@@ -117,7 +119,6 @@ class LoadedData:
 
     def to_hf_dataset(self) -> Any:
         """The records as a `datasets.Dataset` with columns `text`, `label`, `poisoned`."""
-        import datasets
 
         return datasets.Dataset.from_dict(
             {"text": self.texts, "label": self.labels, "poisoned": [r.poisoned for r in self.records]}

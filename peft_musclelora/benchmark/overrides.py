@@ -68,6 +68,12 @@ def parse_fields(items: Iterable[tuple[str, str]], cls: type, what: str = "") ->
     return out
 
 
+def parse_preset_items(items: Optional[Iterable[str]]) -> dict[str, Any]:
+    """Typed preset overrides from `--set` items of a command that runs one preset (`train`, `presets`, `analyze`):
+    every key names a preset field (a `<method>.` prefix is refused as an unknown key)."""
+    return parse_fields([split_item(item) for item in items or ()], MethodPreset)
+
+
 @dataclass(frozen=True)
 class SetItems:
     """`--set` items, parsed: typed values for every method (`common`) and for one method (`per_method`).

@@ -27,3 +27,16 @@ def test_analyze_trains_a_preset_and_records_the_four_errors(
     for key in ("backdoor_low", "clean_low", "backdoor_high", "clean_high"):
         assert all(len(record[key]) == len(log["deltas"]) for record in records), key
     assert sorted(p.name for p in output_dir.glob("*.png")) == [f"{method}-curves.png", f"{method}-heatmap.png"]
+
+
+def test_analyze_defaults_to_seed_0_like_every_command_and_takes_the_target_label() -> None:
+    from peft_musclelora.benchmark.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["analyze", "--method", "lora"])
+    assert args.seed == 0 and args.target_label == 1
+    assert parser.parse_args(["analyze", "--method", "lora", "--target-label", "0"]).target_label == 0
+    assert (
+        parser.parse_args(["bench"]).seeds == [0]
+        and parser.parse_args(["train", "--method", "lora", "--train", "x", "--dev", "y"]).seed == 0
+    )

@@ -245,3 +245,15 @@ def test_recommended_is_the_tuned_recipe_failing_closed() -> None:
     fail_closed = dataclasses.replace(tuned.training.ga, ga_fallback="zero")
     assert recommended.training == dataclasses.replace(tuned.training, ga=fail_closed)
     assert recommended.training.ga_kwargs()["ga_fallback"] == "zero" and tuned.training.ga.ga_fallback == "raw"
+
+
+def test_a_field_the_row_filter_gains_reaches_the_trainer_without_a_benchmark_edit() -> None:
+    from peft_musclelora.benchmark.settings import TrainingSettings
+
+    @dataclasses.dataclass
+    class GrownRowFilterArguments(RowFilterArguments):  # as RowFilterArguments will look with one more field
+        row_filter_unlearn_steps: int = 0
+
+    training = TrainingSettings(row_filter=GrownRowFilterArguments(row_filter=True, row_filter_unlearn_steps=3))
+    assert training.row_filter_kwargs()["row_filter_unlearn_steps"] == 3
+    assert training.training_arguments_kwargs("out", seed=0)["row_filter_unlearn_steps"] == 3

@@ -34,7 +34,7 @@ from peft_musclelora.plotting import plot_comparison, plot_error_curves, plot_fr
 
 from ..builders import build_model, default_model_dir
 from ..data import DATA_ENV_VAR, SharedData, load_records
-from ..overrides import parse_set_items
+from ..overrides import parse_preset_items
 from ..presets import PRESETS, get_preset
 from ..runner import tokenize
 from ..splits import split_trusted
@@ -95,7 +95,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> Path:
-    preset = get_preset(args.method, parse_set_items(args.overrides).common)
+    preset = get_preset(args.method, parse_preset_items(args.overrides))
     output_dir = Path(args.output_dir or f"runs/freq-{args.attack}-{args.method}")
     files = SharedData.resolve(args.data).attack_files(args.attack)
     train = load_records(files.train).subsample(args.max_train_rows or None, args.seed)

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ..overrides import parse_set_items
+from ..overrides import parse_preset_items
 from ..presets import PRESETS, get_preset
 from .options import add_set_option
 
@@ -22,7 +22,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the presets; 0."""
-    overrides = parse_set_items(args.overrides).common
+    overrides = parse_preset_items(args.overrides)
     chosen = [get_preset(name, overrides) for name in args.names or list(PRESETS)]
     if args.json:
         print(json.dumps({preset.name: preset.to_dict() for preset in chosen}, indent=2))

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ..overrides import parse_set_items
+from ..overrides import parse_preset_items
 from ..presets import PRESETS, get_preset
 from ..runner import train_cell
 from .options import add_common
@@ -42,7 +42,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train (or print the resolved preset); 0."""
-    preset = get_preset(args.method, parse_set_items(args.overrides).common)
+    preset = get_preset(args.method, parse_preset_items(args.overrides))
     if args.print_preset:
         print(preset.format())
         return 0

@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
+import torch
+
 from ..splits import NotApplicable
 
 __all__ = ["DetectionResult", "FilterResult", "ModelScorer", "NotApplicable", "threshold_for_frr", "words"]
@@ -148,8 +151,6 @@ class ModelScorer:
 
     def predict_proba(self, texts: Sequence[str]) -> Any:
         """Softmax probabilities, a numpy array `(len(texts), num_labels)`."""
-        import numpy as np
-        import torch
 
         self.model.eval()
         chunks = []
@@ -160,8 +161,6 @@ class ModelScorer:
 
     def embed(self, texts: Sequence[str]) -> Any:
         """Mean-pooled last hidden states, a numpy array `(len(texts), hidden)`."""
-        import numpy as np
-        import torch
 
         self.model.eval()
         chunks = []

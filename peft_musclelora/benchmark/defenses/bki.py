@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
+
 from .base import FilterResult, words
 
 
@@ -61,7 +63,6 @@ class Bki:
 
     def keyword_scores(self, texts: Sequence[str]) -> dict[str, float]:
         """Keyword score of every word that was among some scored sentence's `top_words`."""
-        import numpy as np
 
         rows = list(range(len(texts)))
         if self.max_rows is not None and self.max_rows < len(rows):

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
+
 from .base import FilterResult
 
 
@@ -67,7 +69,6 @@ class Cube:
 
     def clusters(self, texts: Sequence[str]) -> list[int]:
         """HDBSCAN cluster id of each row (-1: noise)."""
-        import numpy as np
 
         PCA, HDBSCAN = _sklearn()
         features = np.asarray(self.encoder.embed(texts), dtype=np.float64)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import torch
 from transformers import AutoTokenizer
 
 from peft_musclelora.local_models import smollm2_gguf_path
@@ -96,7 +97,6 @@ class Onion:
         Sentences are batched by token length (results come back in input order), so a forward pads little: the
         candidates of a long review and of a short one do not share a batch.
         """
-        import torch
 
         self._ensure_lm()
         tokenizer, model = self.lm_tokenizer, self.lm

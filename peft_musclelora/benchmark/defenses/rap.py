@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
+
 from .base import DetectionResult, ModelScorer, NotApplicable, _check_rate, threshold_for_frr
 
 
@@ -76,7 +78,6 @@ class Rap:
         return [float(d) for d in drop], [int(p) for p in before.argmax(axis=1)]
 
     def _train_embedding(self, texts: list[str]) -> None:
-        import torch
 
         embedding = self.model.get_input_embeddings().weight
         was_trainable = embedding.requires_grad

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
+
 from .base import DetectionResult, NotApplicable, _check_rate, threshold_for_frr, words
 
 
@@ -53,7 +55,6 @@ class Strip:
 
     def score(self, texts: Sequence[str]) -> list[float]:
         """Minus the mean prediction entropy over perturbed copies of each text (higher: more suspicious)."""
-        import numpy as np
 
         if not self._pool:
             raise ValueError("Strip.score: call fit(clean_texts) first (it provides the replacement words).")
