@@ -61,19 +61,16 @@ def name_list(text: str) -> list[str]:
     return names
 
 
+ONLY_FINISHED_HELP = "Train nothing: build the tables from the finished cells; the others are listed as not run"
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
+    """The options `train`, `bench` and `curve` share: model, seed, `--set`, target label, quiet, 4-bit loading."""
     parser.add_argument(
         "--model", default=None, help="Local model directory (default: MiniLM-L6 from the models extra)"
     )
     parser.add_argument("--seed", type=seed_type, default=0, help="Seed of every random choice (default 0)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Override a preset field, repeatable (see `musclelora presets`)",
-    )
+    add_set_option(parser)
     parser.add_argument("--target-label", type=int, default=1, help="The backdoor's target label (default 1)")
     parser.add_argument("--quiet", action="store_true", help="No progress bars")
     parser.add_argument(
@@ -99,13 +96,6 @@ def add_run_options(parser: argparse.ArgumentParser, output_dir: str, preset_hel
     )
     add_common(parser)
     parser.set_defaults(seed=None)
-
-
-ONLY_FINISHED_HELP = "Train nothing: build the tables from the finished cells; the others are listed as not run"
-NOT_RUN = "not run: no finished cell with these settings (--only-finished)."
-
-
-ONLY_FINISHED_HELP = "Train nothing: build the tables from the finished cells; the others are listed as not run"
 
 
 def add_set_option(
