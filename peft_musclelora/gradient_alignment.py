@@ -78,11 +78,9 @@ def select_branch(
 
     Example:
 
-    ```py
     >>> select_branch(ref_grad_norm=1e-3, ref_loss=0.2, epoch=2.0, num_epochs=5.0, ga_warmup_epochs=1.0,
     ...               max_raw_grad_ratio=0.1, min_ref_loss=0.4)
     ('mixed', 0.025)
-    ```
     """
     if ref_grad_norm > min_ref_grad_norm and ref_loss > min_ref_loss:
         return "aligned", 0.0
@@ -230,12 +228,10 @@ def align_gradients(
 
     Example:
 
-    ```py
     >>> g, g_c = torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0])
     >>> new, stats = align_gradients([g], [g_c])
     >>> new[0], stats.branch
     (tensor([3., 0.]), 'aligned')
-    ```
     """
     if len(grads) != len(ref_grads):
         raise ValueError(f"`grads` and `ref_grads` must have the same length, got {len(grads)} and {len(ref_grads)}.")
@@ -407,12 +403,10 @@ class GradientAlignmentArguments:
 
     Example:
 
-    ```py
     >>> args = GradientAlignmentArguments(reference_split_size=96, ga_warmup_epochs=1, max_raw_grad_ratio=0.1,
     ...                                   min_ref_loss=0.4)
     >>> args.ga_every_n_steps
     1
-    ```
     """
 
     gradient_alignment: bool = field(

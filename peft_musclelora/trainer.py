@@ -40,14 +40,12 @@ class MuScleLoraTrainingArguments(TrainingArguments, GradientAlignmentArguments,
 
     Example (the published BERT-size recipe):
 
-    ```py
     >>> args = MuScleLoraTrainingArguments(
     ...     output_dir="out", gradient_alignment=True, reference_split_size=96, ga_warmup_epochs=1,
     ...     max_raw_grad_ratio=0.1, min_ref_loss=0.4, num_train_epochs=10, learning_rate=2e-5,
     ... )
     >>> args.min_ref_grad_norm
     5e-07
-    ```
     """
 
     def __post_init__(self) -> None:
@@ -83,10 +81,8 @@ def reference_split_indices(num_rows: int, size: int, seed: int) -> tuple[list[i
 
     Example:
 
-    ```py
     >>> reference_split_indices(6, 2, seed=0)
     ([2, 5], [0, 1, 3, 4])
-    ```
     """
     permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(permutation[:size]), sorted(permutation[size:])
@@ -239,14 +235,12 @@ class GradientAlignmentMixin:
 
     Example:
 
-    ```py
     >>> from trl import SFTTrainer
     >>> class DefendedSFTTrainer(GradientAlignmentMixin, SFTTrainer):
     ...     pass
     >>> trainer = DefendedSFTTrainer(model=model, args=sft_config, train_dataset=train, reference_dataset=clean,
     ...                              gradient_alignment_args=GradientAlignmentArguments(ga_every_n_steps=2))
     ... # doctest: +SKIP
-    ```
     """
 
     def __init__(
@@ -751,7 +745,6 @@ class MuScleLoraTrainer(GradientAlignmentMixin, Trainer):
 
     Example:
 
-    ```py
     >>> trainer = MuScleLoraTrainer(
     ...     model=model,
     ...     args=MuScleLoraTrainingArguments(output_dir="out", reference_split_size=96, ga_warmup_epochs=1,
@@ -759,5 +752,4 @@ class MuScleLoraTrainer(GradientAlignmentMixin, Trainer):
     ...     train_dataset=train, eval_dataset=dev, data_collator=collator, compute_metrics=compute_metrics,
     ... )  # doctest: +SKIP
     >>> trainer.train()  # doctest: +SKIP
-    ```
     """

@@ -27,12 +27,7 @@ OPTIONAL_DEPENDENCIES = {"trl", "bitsandbytes", "matplotlib", "sklearn", "gguf",
 
 #: Modules whose examples are known to fail, with the pending fix; each is expected to fail (strict: once it passes,
 #: the entry must go). Owners: trainer.py and gradient_alignment.py the lead, the rest the benchmark re-lay (issue 17).
-KNOWN_TO_FIX = {
-    # A closing ``` fence after the last expected output ("5e-07", "([2, 5], [0, 1, 3, 4])") is read as output.
-    "peft_musclelora.trainer": "lead: drop the ```py fences around the examples",
-    # Same: select_branch, align_gradients and GradientAlignmentArguments end their expected output with ```.
-    "peft_musclelora.gradient_alignment": "lead: drop the ```py fences around the examples",
-}
+KNOWN_TO_FIX: dict[str, str] = {}
 
 #: The library's main public objects; each needs one example that runs and passes (any of the names in a group).
 MAIN_OBJECTS = {
@@ -43,7 +38,7 @@ MAIN_OBJECTS = {
     "load_adapter_safely": ("load_adapter_safely",),
 }
 #: Main objects whose only running examples are in a `KNOWN_TO_FIX` module (strict xfail as well).
-MAIN_OBJECTS_PENDING = {"align_gradients": "peft_musclelora.gradient_alignment"}
+MAIN_OBJECTS_PENDING: dict[str, str] = {}
 
 
 def _module_names() -> list[str]:
