@@ -45,6 +45,22 @@ def _check_int_list(name: str, value: object) -> None:
             raise ValueError(f"`{name}` must be a non-empty list of integers >= 1, got {value!r}.")
 
 
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an integer >= 1, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+
+
+def _check_positive_or_none(name: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"`{name}` must be None or a number > 0, got {value!r}.")
+    if value <= 0:
+        raise ValueError(f"`{name}` must be None or a number > 0, got {value!r}.")
+
+
 @dataclass
 class RowFilterArguments:
     """Knobs of fit-gap row filtering, as typed dataclass fields (usable with `HfArgumentParser`).
@@ -81,6 +97,37 @@ class RowFilterArguments:
     row_filter_probe_learning_rate: Optional[float] = field(
         default=None, metadata={"help": "The probes' AdamW learning rate; None: the run's learning_rate."}
     )
+    row_filter_unlearn: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, unlearn the rows isolated as fit-early: keep fitting the kept rows while "
+            "pushing the isolated rows' loss up to `row_filter_unlearn_cap`, guarded by the trusted rows' accuracy. "
+            "Needs row_filter=True."
+        },
+    )
+    row_filter_unlearn_steps: int = field(
+        default=100, metadata={"help": "Optimisation steps of the unlearning phase (>= 1)."}
+    )
+    row_filter_unlearn_learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "The unlearning phase's AdamW learning rate; None: the run's learning_rate."}
+    )
+    row_filter_unlearn_cap: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Loss (nats) the isolated rows are pushed up to; None: chance, ln(number of classes), for "
+            "classification. Required for token-level (generation) labels. > 0."
+        },
+    )
+    row_filter_unlearn_eval_every: int = field(
+        default=10, metadata={"help": "Unlearning steps between two guard evaluations on the trusted rows (>= 1)."}
+    )
+    row_filter_unlearn_max_guard_drop: float = field(
+        default=0.01,
+        metadata={
+            "help": "The unlearning phase ends on the last evaluated state whose trusted-row accuracy is at most "
+            "this far below the accuracy before unlearning. In [0, 1)."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.validate_row_filter_args()
@@ -101,12 +148,22 @@ class RowFilterArguments:
             raise TypeError(f"`row_filter_max_clean_drop` must be a number in (0, 0.5), got {drop!r}.")
         if not 0.0 < drop < 0.5:
             raise ValueError(f"`row_filter_max_clean_drop` must be in (0, 0.5), got {drop!r}.")
-        lr = self.row_filter_probe_learning_rate
-        if lr is not None:
-            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
-                raise TypeError(f"`row_filter_probe_learning_rate` must be None or a number > 0, got {lr!r}.")
-            if lr <= 0:
-                raise ValueError(f"`row_filter_probe_learning_rate` must be None or a number > 0, got {lr!r}.")
+        _check_positive_or_none("row_filter_probe_learning_rate", self.row_filter_probe_learning_rate)
+        if not isinstance(self.row_filter_unlearn, bool):
+            raise TypeError(f"`row_filter_unlearn` must be True or False, got {self.row_filter_unlearn!r}.")
+        if self.row_filter_unlearn and not self.row_filter:
+            raise ValueError(
+                "`row_filter_unlearn=True` unlearns the rows the row filter isolates: set row_filter=True as well."
+            )
+        _check_int("row_filter_unlearn_steps", self.row_filter_unlearn_steps)
+        _check_int("row_filter_unlearn_eval_every", self.row_filter_unlearn_eval_every)
+        _check_positive_or_none("row_filter_unlearn_learning_rate", self.row_filter_unlearn_learning_rate)
+        _check_positive_or_none("row_filter_unlearn_cap", self.row_filter_unlearn_cap)
+        guard = self.row_filter_unlearn_max_guard_drop
+        if isinstance(guard, bool) or not isinstance(guard, (int, float)) or not math.isfinite(guard):
+            raise TypeError(f"`row_filter_unlearn_max_guard_drop` must be a number in [0, 1), got {guard!r}.")
+        if not 0.0 <= guard < 1.0:
+            raise ValueError(f"`row_filter_unlearn_max_guard_drop` must be in [0, 1), got {guard!r}.")
 
 
 def fold_assignment(num_rows: int, folds: int, seed: int) -> list[int]:

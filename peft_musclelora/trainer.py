@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArguments, _is_dtensor, align_gradients
 from .row_filter import ROW_FILTER_FILE, RowFilterArguments, run_row_filter, subset_rows
+from .unlearning import run_unlearning
 
 # Resumable GA state, in a folder of its own inside each checkpoint so the Trainer's weight loading never sees it:
 # JSON for the sampler and scalars, safetensors for the cached reference gradient (nothing is pickled); under FSDP2 the
@@ -407,12 +408,49 @@ class GradientAlignmentMixin:
 
         With `row_filter=True` the fold probes run first (see [`run_row_filter`]) and training sees the kept rows
         only; the decisions are written to `<output_dir>/row_filter.json`. A resumed run
-        (`resume_from_checkpoint`) reads that file instead of probing again, so it trains on the same rows.
+        (`resume_from_checkpoint`) reads that file instead of probing again, so it trains on the same rows. With
+        `row_filter_unlearn=True` the rows isolated as fit-early are then unlearned (see
+        [`peft_musclelora.unlearning`]); the phase's report is added to `row_filter.json` under `unlearning`.
         """
         self._reset_gradient_alignment_state()
         if self.row_filter_args.row_filter:
             self._filter_training_rows(resuming=bool(kwargs.get("resume_from_checkpoint") or (args and args[0])))
-        return super().train(*args, **kwargs)
+        output = super().train(*args, **kwargs)
+        if self.row_filter_args.row_filter_unlearn:
+            self._unlearn_isolated_rows()
+        return output
+
+    def _unlearn_isolated_rows(self) -> None:
+        report = self.row_filter_report
+        isolated = [row for row, decision in enumerate(report["rows"]) if decision["reason"] == "fit-early"]
+        unlearning = run_unlearning(
+            self,
+            self.row_filter_args,
+            kept_dataset=self.train_dataset,
+            isolated_dataset=subset_rows(self._row_filter_source, isolated),
+            reference_dataset=self.reference_dataset,
+            seed=self._ga_seed,
+            progress=not self.args.disable_tqdm,
+        )
+        report["unlearning"] = unlearning
+        self._write_row_filter_report(report)
+        self.log(
+            {
+                f"row_filter/unlearn_{key}": float(unlearning[key])
+                for key in ("isolated", "chosen_step", "guard_start", "guard_end")
+                if unlearning[key] is not None
+            }
+        )
+
+    def _write_row_filter_report(self, report: dict[str, Any]) -> None:
+        if not self.args.should_save:
+            return
+        path = os.path.join(self.args.output_dir, ROW_FILTER_FILE)
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as file:
+            json.dump(report, file)
+        os.replace(tmp, path)
 
     def _filter_training_rows(self, resuming: bool) -> None:
         if self.args.world_size > 1:
@@ -437,12 +475,7 @@ class GradientAlignmentMixin:
             report = run_row_filter(
                 self, self.row_filter_args, self.reference_dataset, self._ga_seed, progress=not self.args.disable_tqdm
             )
-            if self.args.should_save:
-                os.makedirs(self.args.output_dir, exist_ok=True)
-                tmp = path + ".tmp"
-                with open(tmp, "w") as file:
-                    json.dump(report, file)
-                os.replace(tmp, path)
+            self._write_row_filter_report(report)
         self.row_filter_report = report
         self._row_filter_log = {
             f"row_filter/{key}": float(value)

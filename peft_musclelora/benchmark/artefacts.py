@@ -166,17 +166,24 @@ def read_cell_info(adapter_dir: Path, filename: str, kind: str) -> dict[str, Any
 
 def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: Path) -> dict[str, Any]:
     """Write the per-row decisions, with each row's text and label, to the cell's `row_filter.json`; return the
-    summary plus what the poison flags say of it (flags are read for this report only, never by the filter)."""
+    summary (and the unlearning phase's, when it ran) plus what the poison flags say of it (flags are read for this
+    report only, never by the filter)."""
     rows = [
         {"index": index, "text": record.text, "label": record.label, **decision}
         for index, (record, decision) in enumerate(zip(train_data.records, report["rows"]))
     ]
-    write_json(output_dir / ROW_FILTER_FILE, {"summary": report["summary"], "rows": rows})
+    unlearning = {"unlearning": report["unlearning"]} if "unlearning" in report else {}
+    write_json(output_dir / ROW_FILTER_FILE, {"summary": report["summary"], **unlearning, "rows": rows})
     dropped = [decision["reason"] != "keep" for decision in report["rows"]]
     poisoned = [record.poisoned for record in train_data.records]
     clean_rows, poisoned_rows = poisoned.count(False), poisoned.count(True)
+    if unlearning:
+        phase = report["unlearning"]
+        keys = ("isolated", "cap", "chosen_step", "guard_start", "guard_end", "seconds")
+        unlearning = {f"unlearn_{key}": phase[key] for key in keys}
     return {
         **report["summary"],
+        **unlearning,
         "clean_dropped": sum(d and not p for d, p in zip(dropped, poisoned)) / max(clean_rows, 1),
         "poisoned_recall": sum(d and p for d, p in zip(dropped, poisoned)) / poisoned_rows if poisoned_rows else None,
     }

@@ -1,0 +1,114 @@
+"""Unlearning the isolated rows (`row_filter_unlearn`): the guard rule, what the phase changes, and what it writes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from peft_musclelora.row_filter import ROW_FILTER_FILE, RowFilterArguments, per_row_loss, subset_rows
+from peft_musclelora.unlearning import _default_cap, correct_and_total, guard_accuracy, run_unlearning
+
+from .ga_helpers import trainable_state
+from .test_row_filter import _trainer
+
+
+def test_accuracy_counts_rows_for_classification_and_labelled_next_tokens_for_a_causal_lm():
+    assert correct_and_total(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])) == (1, 2)
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 2] = logits[0, 1, 3] = 1.0  # predicts token 2 after position 0, token 3 after position 1
+    assert correct_and_total(logits, torch.tensor([[-100, 2, 1]])) == (1, 2)
+    assert correct_and_total(logits, torch.tensor([[-100, -100, 3]])) == (1, 1)
+
+
+def test_the_default_cap_is_chance_among_the_classes_and_generation_must_set_one():
+    assert _default_cap(torch.zeros(4, 3)) == pytest.approx(math.log(3))
+    with pytest.raises(ValueError, match="set row_filter_unlearn_cap"):
+        _default_cap(torch.zeros(4, 5, 10))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"row_filter_unlearn": True}, ValueError, "set row_filter=True"),
+        ({"row_filter_unlearn": "yes"}, TypeError, "`row_filter_unlearn`.*'yes'"),
+        ({"row_filter_unlearn_steps": 0}, ValueError, "`row_filter_unlearn_steps`.*0"),
+        ({"row_filter_unlearn_steps": 2.5}, TypeError, "`row_filter_unlearn_steps`.*2.5"),
+        ({"row_filter_unlearn_eval_every": 0}, ValueError, "`row_filter_unlearn_eval_every`.*0"),
+        ({"row_filter_unlearn_cap": -1.0}, ValueError, "`row_filter_unlearn_cap`.*-1.0"),
+        ({"row_filter_unlearn_learning_rate": float("nan")}, TypeError, "`row_filter_unlearn_learning_rate`.*nan"),
+        ({"row_filter_unlearn_max_guard_drop": 1.0}, ValueError, "`row_filter_unlearn_max_guard_drop`.*1.0"),
+    ],
+)
+def test_invalid_unlearning_settings_name_the_field_and_the_value(overrides, error, match):
+    with pytest.raises(error, match=match):
+        RowFilterArguments(**overrides)
+
+
+def _unlearning_trainer(tmp_path, **overrides):
+    settings = {"row_filter_unlearn": True, "row_filter_unlearn_steps": 6, "row_filter_unlearn_eval_every": 2}
+    return _trainer(tmp_path, **{**settings, **overrides})
+
+
+def test_unlearning_raises_the_loss_of_the_isolated_rows_towards_the_cap(tmp_path):
+    trainer = _trainer(tmp_path, row_filter_unlearn_steps=20)
+    trainer.train()  # filter and train, then unlearn 16 rows of our choosing directly
+    isolated = subset_rows(trainer.train_dataset, list(range(16)))
+
+    def mean_isolated_loss():
+        with torch.no_grad():
+            batch = trainer.data_collator([isolated[i] for i in range(len(isolated))])
+            return float(per_row_loss(trainer.model(**batch).logits, batch["labels"]).mean())
+
+    before, rng = mean_isolated_loss(), torch.random.get_rng_state()
+    args = trainer.row_filter_args
+    args.row_filter_unlearn_max_guard_drop = 0.99  # keep the last state: this test is about the push, not the guard
+    report = run_unlearning(trainer, args, trainer.train_dataset, isolated, trainer.reference_dataset, 0, False)
+    assert report["chosen_step"] == 20 and report["cap"] == pytest.approx(math.log(2))
+    assert mean_isolated_loss() > before + 0.1
+    assert torch.equal(rng, torch.random.get_rng_state())
+
+
+def test_the_phase_ends_on_the_last_state_the_guard_accepts(tmp_path):
+    trainer = _unlearning_trainer(tmp_path)
+    trainer.train()
+    phase = trainer.row_filter_report["unlearning"]
+    steps = [point["step"] for point in phase["guard"]]
+    assert steps == [0, 2, 4, 6]
+    floor = phase["guard_start"] - trainer.row_filter_args.row_filter_unlearn_max_guard_drop
+    accepted = [point["step"] for point in phase["guard"] if point["accuracy"] >= floor]
+    assert phase["chosen_step"] == max(accepted)
+    assert guard_accuracy(trainer, trainer.model, trainer.reference_dataset) == pytest.approx(phase["guard_end"])
+
+    stopped = _unlearning_trainer(tmp_path / "stopped", row_filter_unlearn_steps=max(phase["chosen_step"], 1))
+    if phase["chosen_step"] == 0:  # the guard kept the trained model: unlearning must have left it untouched
+        stopped = _trainer(tmp_path / "stopped")
+    stopped.train()
+    a, b = trainable_state(trainer.model), trainable_state(stopped.model)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_the_isolated_rows_are_the_fit_early_ones_and_the_report_is_saved_and_logged(tmp_path):
+    trainer = _unlearning_trainer(tmp_path, logging_steps=1)
+    trainer.train()
+    saved = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
+    fit_early = sum(row["reason"] == "fit-early" for row in saved["rows"])
+    assert saved["unlearning"]["isolated"] == fit_early == saved["summary"]["fit_early"]
+    last = trainer.state.log_history[-1]
+    assert last["row_filter/unlearn_isolated"] == fit_early
+    assert last["row_filter/unlearn_chosen_step"] == saved["unlearning"]["chosen_step"]
+
+
+def test_without_isolated_rows_unlearning_changes_nothing(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    before = trainable_state(trainer.model)
+    empty = subset_rows(trainer.train_dataset, [])
+    report = run_unlearning(
+        trainer, trainer.row_filter_args, trainer.train_dataset, empty, trainer.reference_dataset, 0, False
+    )
+    after = trainable_state(trainer.model)
+    assert report["steps"] == 0 and report["isolated"] == 0
+    assert all(torch.equal(before[name], after[name]) for name in before)
