@@ -67,6 +67,19 @@ _FIT_GAP = MethodPreset(
     ),
 )
 
+_FIT_GAP_UNLEARN = MethodPreset(
+    name="fit-gap-unlearn",
+    description="fit-gap, then unlearning of the rows it isolated as fitted early (row_filter_unlearn): 100 AdamW "
+    "steps (lr 1e-3) that keep fitting the kept rows while pushing the isolated rows' loss up to chance (ln 2), "
+    "ending on the last state (checked every 10 steps) whose accuracy on the 400 trusted rows is at most 1 point "
+    "below where it started. Experimental (docs/row_filter.md). " + _COMMON,
+    adapter=AdapterSettings(kind="lora"),
+    training=dataclasses.replace(
+        _FIT_GAP.training,
+        row_filter=dataclasses.replace(_FIT_GAP.training.row_filter, row_filter_unlearn=True),
+    ),
+)
+
 PRESETS: dict[str, MethodPreset] = {
     preset.name: preset
     for preset in (
@@ -115,6 +128,7 @@ PRESETS: dict[str, MethodPreset] = {
             training=TrainingSettings(ga=_ga(reference_split_size=400, **_GA_EVERY_STEP)),
         ),
         _FIT_GAP,
+        _FIT_GAP_UNLEARN,
         MethodPreset(
             name="recommended",
             description="The project's recommended defense, the best measured so far (docs/results.md): "
@@ -162,19 +176,6 @@ PRESETS: dict[str, MethodPreset] = {
         ),
     )
 }
-
-#: Overrides of `musclelora bench --preset quick` (labelled quick in outputs): a seeded 2000-row subsample trained
-#: 2 epochs at lr 1e-3, the smallest run in which undefended LoRA both learns the task and the backdoor (the 480-row,
-#: one-epoch run it replaces left LoRA at chance, predicting the target for everything), and 300 rows of each test
-#: set. Dev stays whole: the recommended defense takes its 400 trusted rows from it.
-QUICK_OVERRIDES: dict[str, str] = {
-    "num_train_epochs": "2",
-    "learning_rate": "1e-3",
-    "clean_only_epochs": "5",
-    "max_train_rows": "2000",
-    "max_test_rows": "300",
-}
-
 
 #: The `--set` items of `musclelora bench --preset quick` (labelled quick in outputs): a seeded 2000-row subsample
 #: trained 2 epochs at lr 1e-3, the smallest run in which undefended LoRA both learns the task and the backdoor (the

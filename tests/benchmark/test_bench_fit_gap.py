@@ -34,3 +34,25 @@ def test_a_fit_gap_cell_saves_every_rows_decision_and_reports_recall_from_the_fl
     assert metrics["data"]["train"]["rows"] == 44  # the cell reports the data it was given, not the kept rows
     history = json.loads((out / "log_history.json").read_text())
     assert next(entry for entry in history if "loss" in entry)["row_filter/kept"] == report["kept"]
+
+
+def test_a_fit_gap_unlearn_cell_reports_the_unlearning_phase(
+    tiny_bert: Path, attack_dir: Path, tmp_path: Path
+) -> None:
+    files = attack_dir / "sst-2" / "poison" / "badnets"
+    out = tmp_path / "cell"
+    code = main(
+        ["train", "--method", "fit-gap-unlearn", "--train", str(files / "train-mixed-0.1.csv")]
+        + ["--dev", str(files / "dev-clean.csv"), "--test-clean", str(files / "test-clean.csv")]
+        + ["--test-poison", str(files / "test-poison.csv"), "--model", str(tiny_bert), "--output-dir", str(out)]
+        + ["--set", "num_train_epochs=1", "--set", "reference_split_size=12", "--set", "row_filter_probe_steps=2,4"]
+        + ["--set", "row_filter_max_clean_drop=0.45", "--set", "row_filter_unlearn_steps=4"]
+        + ["--set", "row_filter_unlearn_eval_every=2", "--quiet"]
+    )
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    decisions = json.loads((out / "row_filter.json").read_text())
+    phase = decisions["unlearning"]
+    assert phase["isolated"] == metrics["row_filter"]["unlearn_isolated"] == metrics["row_filter"]["fit_early"]
+    assert metrics["row_filter"]["unlearn_chosen_step"] == phase["chosen_step"] in (0, 2, 4)
+    assert phase["isolated"] > 0 and [point["step"] for point in phase["guard"]] == [0, 2, 4]
