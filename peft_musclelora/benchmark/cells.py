@@ -9,6 +9,7 @@ plan before anything trains.
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .artefacts import METRICS_FILE, cell_dir, finished_cell, write_json
-from .data import SharedData
+from .data import ATTACK_INFO_FILE, DEFAULT_TASK, SharedData, attack_labels
 from .methods import CellContext, get_method
 from .overrides import SetItems, parse_set_items
 from .spec import CellSpec, resolve_cell
@@ -40,6 +41,7 @@ class BenchRun:
         items: The parsed `--set` items, the bench preset's first.
         user_items: The `--set` strings the user gave (for the results' heading).
         target_label: The backdoor's target label.
+        num_labels: The number of classes; None: found in each attack's training set.
         progress: Progress bars.
         load_in_4bit: NF4 4-bit base model.
         only_finished: Train nothing; unfinished cells are `n/a`.
@@ -53,6 +55,7 @@ class BenchRun:
     items: SetItems
     user_items: tuple[str, ...] = ()
     target_label: int = 1
+    num_labels: Optional[int] = None
     progress: bool = True
     load_in_4bit: bool = False
     only_finished: bool = False
@@ -93,8 +96,12 @@ def settings_diff(previous: dict[str, Any], run: BenchRun, spec: CellSpec) -> li
     """What differs between a finished cell's resolved settings and this run's, as `key: old -> new` items."""
     old = {"bench_preset": previous.get("bench_preset"), "model_dir": previous.get("model_dir")}
     old["load_in_4bit"] = previous.get("load_in_4bit", False)
+    old["task"] = previous.get("task", DEFAULT_TASK)  # cells written before tasks were named are SST-2's
     old.update(_recorded_settings(previous, spec.method))
     new = {"bench_preset": run.bench_preset, "model_dir": run.model_dir, "load_in_4bit": run.load_in_4bit}
+    new["task"] = run.shared.task
+    if run.num_labels is not None:  # found in the data otherwise, and the same data finds the same count
+        old["num_labels"], new["num_labels"] = previous.get("num_labels", 2), run.num_labels
     new.update(_flatten(spec.settings()))
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in {**old, **new} if old.get(key) != new.get(key)]
 
@@ -121,6 +128,21 @@ def refuse_replacing_finished_cells(run: BenchRun, cells: list[CellKey]) -> None
             )
 
 
+def _attack_info(directory: Path) -> dict[str, Any]:
+    """What `musclelora poison` recorded about an attack folder it wrote (its label names among it), if it did."""
+    path = directory / ATTACK_INFO_FILE
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable JSON file ({error}).") from None
+    out: dict[str, Any] = {"attack_info": info}
+    if isinstance(info, dict) and info.get("label_names"):
+        out["label_names"] = info["label_names"]
+    return out
+
+
 def run_cell(run: BenchRun, attack: str, method: str, seed: int, trusted: Optional[int] = None) -> dict[str, Any]:
     """Run (or reuse) one cell; returns its metrics with `reused`. A failure is recorded in the cell, not raised."""
     directory = cell_dir(run.output_dir, attack, method, seed, trusted)
@@ -131,11 +153,16 @@ def run_cell(run: BenchRun, attack: str, method: str, seed: int, trusted: Option
         previous["reused"] = True
         return previous
     extra: dict[str, Any] = {"attack": attack, "bench_preset": run.bench_preset, "bench_overrides": list(spec.items)}
+    extra["task"] = run.shared.task
     if run.only_finished:
         return {"status": "n/a", "method": method, "seed": seed, "reason": NOT_RUN, "reused": False, **extra}
     extra["cell_settings"] = spec.settings()
     try:
         files = run.shared.attack_files(attack)
+        labels = attack_labels(files, run.num_labels)  # every file's labels checked before anything trains
+        labels.check_target(run.target_label)
+        extra.update(labels.to_dict())
+        extra.update(_attack_info(files.train.parent))
         extra["data_paths"] = {
             "train": str(files.train),
             "dev": str(files.dev),
@@ -150,6 +177,7 @@ def run_cell(run: BenchRun, attack: str, method: str, seed: int, trusted: Option
             model_dir=run.model_dir,
             seed=seed,
             target_label=run.target_label,
+            num_labels=labels.num_labels,
             progress=run.progress,
             load_in_4bit=run.load_in_4bit,
             extra={**extra, "method": method},

@@ -1,11 +1,17 @@
 """Loaders for backdoor text-classification data into one small typed form.
 
-Three inputs are understood:
+Four inputs are understood:
 
 * the OpenBackdoor CSV layout (header `,0,1,2`: unnamed index, text, label, poison flag), as in the shared data;
-* plain TSV/CSV with a header naming a text column (`text` or `sentence`) and a `label` column, optionally
-  `poisoned` (SST-2's raw `sentence<TAB>label` files are of this kind);
-* any `datasets.Dataset` with named columns.
+* plain TSV/CSV with a header naming a text column (`text` or `sentence`, or `text_column`) and a label column
+  (`label`, or `label_column`), optionally `poisoned` (SST-2's raw `sentence<TAB>label` files are of this kind);
+* JSON Lines (`.jsonl`): one object per line with the same named fields;
+* a `datasets.Dataset`, in memory or a directory written by `save_to_disk` (read with `load_from_disk`; nothing is
+  ever downloaded).
+
+Labels are integer ids `0..K-1`, or strings mapped to ids by a [`LabelSpace`] (the sorted values of the training
+file, or names given in order). [`load_splits`] reads a training file and its dev/test files together: the labels
+are found in the training file (or `num_labels` is given) and every other file is checked against them.
 
 Every loader returns a [`LoadedData`]: a list of [`Record`] (text, label, poisoned) plus the rows it skipped and why.
 Malformed input raises a one-line `ValueError` naming the file, the line and the offending field and value.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import random
@@ -38,6 +45,8 @@ LABEL_COLUMN = "label"
 POISONED_COLUMN = "poisoned"
 DATA_ENV_VAR = "MUSCLELORA_DATA"
 DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
+DEFAULT_TASK = "sst-2"
+ATTACK_INFO_FILE = "poison.json"  # what `musclelora poison` did, beside the files it wrote
 ATTACK_SPLITS = (
     "train-mixed-0.1",
     "train-clean",
@@ -146,6 +155,70 @@ def _parse_label(value: object, num_labels: int, where: str, column: str) -> int
     return label
 
 
+def _as_int(value: object) -> Optional[int]:
+    """`value` as an integer label, or None when it is not one (bools are not labels)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """The classes of a task: `num_labels` ids, and for string labels the value each id stands for.
+
+    Args:
+        num_labels: Number of classes K; labels are ids `0..K-1`.
+        names: For string labels, `names[i]` is the value in the files that id `i` stands for; None for integer
+            labels.
+
+    Example:
+        >>> labels = LabelSpace(3, ("business", "sports", "tech"))
+        >>> labels.parse("sports", "a.csv line 2", "label"), labels.to_dict()
+        (1, {'num_labels': 3, 'label_names': ['business', 'sports', 'tech']})
+    """
+
+    num_labels: int = 2
+    names: Optional[tuple[str, ...]] = None
+
+    def __post_init__(self) -> None:
+        _check_num_labels(self.num_labels)
+        if self.names is not None:
+            if len(set(self.names)) != len(self.names):
+                raise ValueError(f"label names must be distinct, got {list(self.names)}.")
+            if len(self.names) > self.num_labels:
+                raise ValueError(f"{len(self.names)} label names {list(self.names)} for num_labels={self.num_labels}.")
+
+    def parse(self, value: object, where: str, column: str) -> int:
+        """The id of `value`; a one-line `ValueError` naming `where` for a value outside the labels."""
+        if self.names is None:
+            return _parse_label(value, self.num_labels, where, column)
+        text = str(value).strip()
+        if text not in self.names:
+            raise ValueError(
+                f"{where}: field {column!r} = {text!r} is a label value the training data never has; "
+                f"labels are {list(self.names)}."
+            )
+        return self.names.index(text)
+
+    def check_target(self, target_label: int) -> None:
+        """A one-line `ValueError` when `target_label` is not one of the ids."""
+        if isinstance(target_label, bool) or not isinstance(target_label, int):
+            raise ValueError(f"target_label must be an integer label id, got {target_label!r}.")
+        if not 0 <= target_label < self.num_labels:
+            named = f" ({', '.join(f'{i}={n}' for i, n in enumerate(self.names))})" if self.names else ""
+            raise ValueError(f"target label {target_label} is outside the labels 0..{self.num_labels - 1}{named}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """`num_labels` and, for string labels, `label_names` (what a cell records)."""
+        out: dict[str, Any] = {"num_labels": self.num_labels}
+        if self.names is not None:
+            out["label_names"] = list(self.names)
+        return out
+
+
 def _parse_flag(value: object, where: str, column: str) -> bool:
     text = str(value).strip().lower()
     if text in ("0", "false"):
@@ -197,27 +270,53 @@ def _check_num_labels(num_labels: int) -> None:
         raise ValueError(f"num_labels must be an integer >= 2, got {num_labels!r}.")
 
 
-def load_records(path: PathLike, num_labels: int = 2, text_column: Optional[str] = None) -> LoadedData:
-    """Load a CSV/TSV file in the OpenBackdoor layout or with named `text`/`sentence` and `label` columns.
+class NumLabelsError(ValueError):
+    """`--num-labels` is smaller than the number of labels the training data has (a usage error, not a bad row)."""
 
-    The layout is detected from the header: `,0,1,2` is OpenBackdoor (text, label, poison flag); otherwise the header
-    must name a text column (`text_column`, else `text` or `sentence`) and `label`, and may name `poisoned`.
-    Files ending in `.tsv` are tab-separated and read without quote processing (SST-2's raw files contain bare
-    quotes); other files are comma-separated CSV.
 
-    Args:
-        path: The file to read.
-        num_labels: Number of classes; labels must be integers in `[0, num_labels)`.
-        text_column: Name of the text column for files with named columns.
+@dataclass
+class RawTable:
+    """The rows of one file before their labels are parsed: `(where, text, label value, poisoned)`.
 
-    Raises:
-        ValueError: The file is missing or empty, a column is missing, or a row has a bad label or poison flag.
-            The message names the file and line.
+    `where` names the file and line (or dataset row) in error messages; `label_column` is how the label field is
+    named in them. [`RawTable.to_data`] parses the labels with a [`LabelSpace`].
     """
-    _check_num_labels(num_labels)
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such data file.")
+
+    source: str
+    label_column: str
+    rows: list[tuple[str, str, object, bool]]
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def label_values(self) -> list[tuple[str, object]]:
+        """`(where, label value)` of every row with text."""
+        return [(where, label) for where, text, label, _ in self.rows if text]
+
+    def to_data(self, labels: LabelSpace) -> LoadedData:
+        """The rows as [`LoadedData`]; a label outside `labels` is a one-line `ValueError` naming file and line."""
+        records: list[Record] = []
+        skipped = list(self.skipped)
+        for where, text, label, poisoned in self.rows:
+            label_id = labels.parse(label, where, self.label_column)
+            if not text:
+                skipped.append(Skipped(_line_of(where), "empty text"))
+                continue
+            records.append(Record(text, label_id, poisoned))
+        if not records:
+            raise ValueError(
+                f"{self.source}: no data rows after the header ({len(skipped)} blank or empty-text rows)."
+            )
+        skipped.sort(key=lambda skip: skip.line)
+        loaded = LoadedData(records, self.source, labels.num_labels, skipped)
+        if skipped:
+            logger.warning("%s: skipped %d rows %s", self.source, len(skipped), loaded.skipped_summary())
+        return loaded
+
+
+def _line_of(where: str) -> int:
+    return int(where.rsplit(" ", 1)[-1])
+
+
+def _read_delimited(path: Path, text_column: Optional[str], label_column: Optional[str]) -> RawTable:
     is_tsv = path.suffix.lower() == ".tsv"
     with io.StringIO(_read_utf8(path), newline="") as handle:
         if is_tsv:
@@ -231,7 +330,7 @@ def load_records(path: PathLike, num_labels: int = 2, text_column: Optional[str]
         if header is None:
             raise ValueError(f"{path}: file is empty, expected a header row and data rows.")
         header = [cell.strip() for cell in header]
-        if header == OPENBACKDOOR_HEADER:
+        if header == OPENBACKDOOR_HEADER and text_column is None and label_column is None:
             text_idx, label_idx, flag_idx = 1, 2, 3
             names = ("0 (text)", "1 (label)", "2 (poison flag)")
         else:
@@ -242,36 +341,207 @@ def load_records(path: PathLike, num_labels: int = 2, text_column: Optional[str]
                     f"{path}: missing text column, expected one of {list(wanted_text)} or the OpenBackdoor header "
                     f"',0,1,2'; header is {header}."
                 )
-            if LABEL_COLUMN not in header:
-                raise ValueError(f"{path}: missing column {LABEL_COLUMN!r}; header is {header}.")
-            label_idx = header.index(LABEL_COLUMN)
+            wanted_label = label_column or LABEL_COLUMN
+            if wanted_label not in header:
+                raise ValueError(f"{path}: missing column {wanted_label!r}; header is {header}.")
+            label_idx = header.index(wanted_label)
             flag_idx = header.index(POISONED_COLUMN) if POISONED_COLUMN in header else None
-            names = (header[text_idx], LABEL_COLUMN, POISONED_COLUMN)
+            names = (header[text_idx], wanted_label, POISONED_COLUMN)
         needed = max(i for i in (text_idx, label_idx, flag_idx) if i is not None) + 1
 
-        records: list[Record] = []
-        skipped: list[Skipped] = []
+        table = RawTable(str(path), names[1], [])
         for row in rows:
             line = reader.line_num
             where = f"{path} line {line}"
             if not any(cell.strip() for cell in row):
-                skipped.append(Skipped(line, "blank line"))
+                table.skipped.append(Skipped(line, "blank line"))
                 continue
             if len(row) < needed:
                 raise ValueError(f"{where}: expected {needed} fields ({header}), got {len(row)}: {row!r}.")
             text = _check_text(row[text_idx].strip(), where, names[0])
-            label = _parse_label(row[label_idx], num_labels, where, names[1])
             poisoned = _parse_flag(row[flag_idx], where, names[2]) if flag_idx is not None else False
-            if not text:
-                skipped.append(Skipped(line, "empty text"))
-                continue
-            records.append(Record(text, label, poisoned))
-    if not records:
-        raise ValueError(f"{path}: no data rows after the header ({len(skipped)} blank or empty-text rows).")
-    loaded = LoadedData(records, str(path), num_labels, skipped)
-    if skipped:
-        logger.warning("%s: skipped %d rows %s", path, len(skipped), loaded.skipped_summary())
-    return loaded
+            table.rows.append((where, text, row[label_idx], poisoned))
+    return table
+
+
+def _read_jsonl(path: Path, text_column: Optional[str], label_column: Optional[str]) -> RawTable:
+    wanted_label = label_column or LABEL_COLUMN
+    table = RawTable(str(path), wanted_label, [])
+    for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
+        where = f"{path} line {number}"
+        if not line.strip():
+            table.skipped.append(Skipped(number, "blank line"))
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not a JSON object: {error.msg}.") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}.")
+        table.rows.append(_named_row(row, where, text_column, wanted_label))
+    if not table.rows and not table.skipped:
+        raise ValueError(f"{path}: file is empty, expected one JSON object per line.")
+    return table
+
+
+def _named_row(
+    row: dict[str, Any], where: str, text_column: Optional[str], label_column: str
+) -> tuple[str, str, object, bool]:
+    wanted_text = (text_column,) if text_column else TEXT_COLUMNS
+    name = next((column for column in wanted_text if column in row), None)
+    if name is None:
+        raise ValueError(f"{where}: missing text field, expected one of {list(wanted_text)}; fields are {list(row)}.")
+    if label_column not in row:
+        raise ValueError(f"{where}: missing field {label_column!r}; fields are {list(row)}.")
+    text = row[name]
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: field {name!r} must be a string, got {text!r}.")
+    poisoned = _parse_flag(row[POISONED_COLUMN], where, POISONED_COLUMN) if POISONED_COLUMN in row else False
+    return where, _check_text(text.strip(), where, name), row[label_column], poisoned
+
+
+def _read_saved_dataset(path: Path, text_column: Optional[str], label_column: Optional[str]) -> RawTable:
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(f"{path}: not a dataset written by save_to_disk ({error}).") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        raise ValueError(
+            f"{path}: a DatasetDict with splits {list(dataset)}; pass one split's directory, e.g. {path / 'train'}."
+        )
+    wanted_label = label_column or LABEL_COLUMN
+    table = RawTable(str(path), wanted_label, [])
+    for index, row in enumerate(dataset):
+        table.rows.append(_named_row(row, f"{path} row {index}", text_column, wanted_label))
+    if not table.rows:
+        raise ValueError(f"{path}: dataset is empty.")
+    return table
+
+
+def read_table(path: PathLike, text_column: Optional[str] = None, label_column: Optional[str] = None) -> RawTable:
+    """Read one data file (CSV, TSV, JSON Lines) or `save_to_disk` directory, labels still unparsed.
+
+    Raises:
+        ValueError: The file is missing or empty, a column is missing, or a row is malformed; the message names the
+            file and line.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_saved_dataset(path, text_column, label_column)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such data file.")
+    if path.suffix.lower() == ".jsonl":
+        return _read_jsonl(path, text_column, label_column)
+    return _read_delimited(path, text_column, label_column)
+
+
+def load_records(
+    path: PathLike,
+    num_labels: int = 2,
+    text_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    labels: Optional[LabelSpace] = None,
+) -> LoadedData:
+    """Load a CSV/TSV file in the OpenBackdoor layout or with named columns, a JSON Lines file or a `save_to_disk`
+    directory.
+
+    The CSV layout is detected from the header: `,0,1,2` is OpenBackdoor (text, label, poison flag); otherwise the
+    header must name a text column (`text_column`, else `text` or `sentence`) and a label column (`label_column`,
+    else `label`), and may name `poisoned`. Files ending in `.tsv` are tab-separated and read without quote
+    processing (SST-2's raw files contain bare quotes), `.jsonl` files hold one JSON object per line, other files
+    are comma-separated CSV.
+
+    Args:
+        path: The file or directory to read.
+        num_labels: Number of classes; labels must be integers in `[0, num_labels)`.
+        text_column: Name of the text column for files with named columns.
+        label_column: Name of the label column for files with named columns.
+        labels: The task's labels (string labels mapped to ids); replaces `num_labels`.
+
+    Raises:
+        ValueError: The file is missing or empty, a column is missing, or a row has a bad label or poison flag.
+            The message names the file and line.
+    """
+    if labels is None:
+        labels = LabelSpace(num_labels)
+    return read_table(path, text_column, label_column).to_data(labels)
+
+
+def find_labels(
+    table: RawTable, num_labels: Optional[int] = None, names: Optional[Sequence[str]] = None
+) -> LabelSpace:
+    """The labels of a task, found in its training `table`, or given as `num_labels` and/or `names`.
+
+    Integer labels must be ids `0..K-1` (K the number of distinct values, or `num_labels` when given, which may not
+    be smaller); other values are mapped to ids in sorted order, or in the order of `names`. A training file mixing
+    integer and other values needs `names`.
+    """
+    if num_labels is not None:
+        _check_num_labels(num_labels)
+    values = table.label_values()
+    if names is not None:
+        names = tuple(str(name).strip() for name in names)
+        found = names
+    else:
+        ints = [(where, _as_int(value), value) for where, value in values]
+        strings = [(where, value) for where, as_int, value in ints if as_int is None]
+        if strings and len(strings) < len(ints):
+            where, value = strings[0]
+            first = next((w, v) for w, a, v in ints if a is not None)
+            raise ValueError(
+                f"{where}: field {table.label_column!r} = {value!r} is not an integer label while other rows are "
+                f"({first[0]}: {first[1]!r}), and no label mapping is given; pass --label-names to map every value."
+            )
+        if strings:
+            found = tuple(sorted({str(value).strip() for _, value in strings}))
+        else:
+            distinct = sorted({as_int for _, as_int, _ in ints})
+            count = len(distinct)
+            if num_labels is not None and num_labels < count:
+                raise NumLabelsError(
+                    f"--num-labels {num_labels} is smaller than the {count} labels found in {table.source}: "
+                    f"{distinct}."
+                )
+            space = LabelSpace(max(num_labels or count, 2))
+            for where, value in values:  # ids 0..K-1: a gap or a negative id names its row
+                space.parse(value, where, table.label_column)
+            return space
+    if num_labels is not None and num_labels < len(found):
+        raise NumLabelsError(
+            f"--num-labels {num_labels} is smaller than the {len(found)} labels found in {table.source}: "
+            f"{list(found)}."
+        )
+    space = LabelSpace(max(num_labels or len(found), 2), found)
+    for where, value in values:
+        space.parse(value, where, table.label_column)
+    return space
+
+
+def load_splits(
+    train: PathLike,
+    others: dict[str, PathLike],
+    num_labels: Optional[int] = None,
+    text_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    label_names: Optional[Sequence[str]] = None,
+) -> tuple[LabelSpace, LoadedData, dict[str, LoadedData]]:
+    """Read a training file and its other splits with one [`LabelSpace`], found in the training file.
+
+    A label in another file that the training file never has is a one-line `ValueError` naming that file and line.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "train.csv").write_text("text,topic\\nshares fell,business\\ngoal,sports\\nchip,tech\\n")
+        >>> _ = (folder / "dev.csv").write_text("text,topic\\nmatch,sports\\n")
+        >>> labels, train, dev = load_splits(folder / "train.csv", {"dev": folder / "dev.csv"}, label_column="topic")
+        >>> labels.names, train.labels, dev["dev"].labels
+        (('business', 'sports', 'tech'), [0, 1, 2], [1])
+    """
+    table = read_table(train, text_column, label_column)
+    labels = find_labels(table, num_labels, label_names)
+    loaded = {name: read_table(path, text_column, label_column).to_data(labels) for name, path in others.items()}
+    return labels, table.to_data(labels), loaded
 
 
 def load_dataset_records(
@@ -353,18 +623,20 @@ class AttackFiles:
 
 @dataclass(frozen=True)
 class SharedData:
-    """The shared backdoor data directory: `sst-2/raw/*.tsv` and `sst-2/poison/<attack>/*.csv`.
+    """A backdoor data directory in the OpenBackdoor layout: `<task>/poison/<attack>/*.csv` (and, optionally,
+    `<task>/raw/*.tsv`), `task` one of its folders (default `sst-2`).
 
     Use [`SharedData.resolve`] to find it from `--data`, the `MUSCLELORA_DATA` environment variable or
     `../shared/data` relative to the current directory, in that order.
     """
 
     root: Path
-    task: str = "sst-2"
+    task: str = DEFAULT_TASK
 
     @classmethod
-    def resolve(cls, data_dir: Optional[PathLike] = None, task: str = "sst-2") -> SharedData:
-        """Find the data directory; raise a `ValueError` listing where it looked when none exists."""
+    def resolve(cls, data_dir: Optional[PathLike] = None, task: str = DEFAULT_TASK) -> SharedData:
+        """Find the data directory; raise a `ValueError` listing where it looked when none exists ([`check_task`]
+        checks the task)."""
         tried: list[str] = []
         candidates: list[tuple[str, Optional[PathLike]]] = [
             ("--data", data_dir),
@@ -384,20 +656,35 @@ class SharedData:
             f"Shared data directory not found (tried {', '.join(tried)}): pass --data DIR or set {DATA_ENV_VAR}."
         )
 
+    def tasks(self) -> list[str]:
+        """The tasks of the data directory: its folders holding a `poison/` folder."""
+        return sorted(p.name for p in self.root.iterdir() if (p / "poison").is_dir()) if self.root.is_dir() else []
+
+    def check_task(self) -> None:
+        """A one-line `ValueError` listing the tasks when `task` is not one of them."""
+        if not (self.root / self.task / "poison").is_dir():
+            raise ValueError(
+                f"task {self.task!r} not found in {self.root} (no {self.task}/poison/ folder); have {self.tasks()}."
+            )
+
     def attacks(self) -> list[str]:
         """The attacks present under `<task>/poison/`."""
         poison = self.root / self.task / "poison"
         return sorted(p.name for p in poison.iterdir() if p.is_dir()) if poison.is_dir() else []
 
     def raw(self, split: str) -> Path:
-        """Path of the raw (unpoisoned) TSV split: `train`, `dev` or `test`."""
+        """Path of the raw (unpoisoned) TSV split: `train`, `dev` or `test` (the `raw/` folder is optional)."""
         path = self.root / self.task / "raw" / f"{split}.tsv"
         if not path.is_file():
             raise ValueError(f"{path}: raw split {split!r} not found in {self.root}.")
         return path
 
     def path(self, attack: str, split: str) -> Path:
-        """Path of one attack file, e.g. `path("badnets", "test-poison")`."""
+        """Path of one attack file, e.g. `path("badnets", "test-poison")`.
+
+        `train-mixed-0.1` is the poisoned training set: `train-mixed-0.1.csv`, or the one `train-mixed-<rate>.csv`
+        of an attack poisoned at another rate (`musclelora poison` names it by its rate).
+        """
         if split not in ATTACK_SPLITS:
             raise ValueError(f"split must be one of {list(ATTACK_SPLITS)}, got {split!r}.")
         directory = self.root / self.task / "poison" / attack
@@ -406,6 +693,11 @@ class SharedData:
                 f"attack {attack!r} not found in {self.root / self.task / 'poison'}; have {self.attacks()}."
             )
         path = directory / f"{split}.csv"
+        if split == "train-mixed-0.1" and not path.is_file():
+            mixed = sorted(directory.glob("train-mixed-*.csv"))
+            if len(mixed) > 1:
+                raise ValueError(f"{directory}: several poisoned training sets {[p.name for p in mixed]}; keep one.")
+            path = mixed[0] if mixed else path
         if not path.is_file():
             raise ValueError(f"{path}: file of attack {attack!r} split {split!r} is missing.")
         return path
@@ -425,6 +717,19 @@ class SharedData:
             test_poison=self.path(attack, "test-poison"),
             train_clean=clean if clean.is_file() else None,
         )
+
+
+def attack_labels(files: AttackFiles, num_labels: Optional[int] = None) -> LabelSpace:
+    """The labels of an attack's data: found in its poisoned training set (or `num_labels`), every other file of
+    the attack checked against them (a label the training set never has names its file and line)."""
+    table = read_table(files.train)
+    labels = find_labels(table, num_labels)
+    others = [files.dev, files.dev_poison, files.test_clean, files.test_poison, files.train_clean]
+    for path in others:
+        if path is not None:
+            for where, value in read_table(path).label_values():
+                labels.parse(value, where, table.label_column)
+    return labels
 
 
 def label_counts(records: Sequence[Record]) -> dict[int, int]:

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from .artefacts import CELL_FILE, read_cell_info
 from .builders import load_cell
-from .data import DataSource, LoadedData, as_data
-from .metrics import backdoor_metrics
+from .data import DataSource, LabelSpace, LoadedData, load_records
+from .metrics import backdoor_metrics, false_target_rate_by_label
 
 Predictor = Callable[[list[str]], list[int]]
 
@@ -58,10 +58,11 @@ def score_predictions(
     predictor: Predictor, clean: LoadedData, poison: LoadedData, target_label: int
 ) -> dict[str, Any]:
     """CACC on `clean`, ASR on `poison` (triggered non-target rows) and the false-target rate on `clean`, from the
-    labels `predictor` gives each text."""
+    labels `predictor` gives each text; `false_target_rate_by_label` holds the rate of each non-target class."""
     clean_pred = predictor(clean.texts)
     poison_pred = predictor(poison.texts)
     metrics: dict[str, Any] = backdoor_metrics(clean_pred, clean.labels, poison_pred, target_label)
+    metrics["false_target_rate_by_label"] = false_target_rate_by_label(clean_pred, clean.labels, target_label)
     return {**metrics, "clean_rows": len(clean), "poison_rows": len(poison)}
 
 
@@ -88,15 +89,28 @@ def evaluate(
     poison: DataSource,
     target_label: Optional[int] = None,
     progress: bool = True,
+    text_column: Optional[str] = None,
+    label_column: Optional[str] = None,
 ) -> dict[str, Any]:
     """Score a saved cell: CACC and false-target rate on `clean`, ASR on the triggered `poison` set.
 
-    `target_label` defaults to the one the cell was trained for.
+    `target_label` defaults to the one the cell was trained for. The files' labels are read with the cell's labels
+    (its `num_labels`, and the names of string labels); `text_column`/`label_column` name the columns of files with
+    named columns.
     """
     # The data files are read before the model is loaded: a bad file is reported at once.
-    num_labels = read_cell_info(Path(adapter_dir), CELL_FILE, "benchmark").get("num_labels", 2)
-    clean_data = as_data(clean, num_labels)
-    poison_data = as_data(poison, num_labels)
+    recorded = read_cell_info(Path(adapter_dir), CELL_FILE, "benchmark")
+    names = recorded.get("label_names")
+    labels = LabelSpace(recorded.get("num_labels", 2), tuple(names) if names else None)
+    if target_label is not None:
+        labels.check_target(target_label)
+
+    def read(source: DataSource) -> LoadedData:
+        if isinstance(source, LoadedData):
+            return source
+        return load_records(source, text_column=text_column, label_column=label_column, labels=labels)
+
+    clean_data, poison_data = read(clean), read(poison)
     model, tokenizer, info = load_cell(adapter_dir)
     target = info["target_label"] if target_label is None else target_label
     result = score(

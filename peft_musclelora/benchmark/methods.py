@@ -41,7 +41,7 @@ from .builders import load_cell
 from .data import AttackFiles, LoadedData, load_records
 from .defenses import Bki, Cube, ModelScorer, Onion, Rap, Strip, ZDefence
 from .evaluation import predict
-from .metrics import attack_success_rate, clean_accuracy, false_target_rate
+from .metrics import attack_success_rate, clean_accuracy, false_target_rate, false_target_rate_by_label
 from .presets import PRESETS
 from .runner import train_cell, versions
 from .settings import MethodPreset, apply_overrides
@@ -57,8 +57,9 @@ NO_SUBSAMPLE = {"max_train_rows": None, "max_dev_rows": None, "max_test_rows": N
 @dataclass
 class CellContext:
     """Everything one cell of a method runs with: its resolved [`CellSpec`], the attack's files and the run's
-    options. `undefended` returns the finished undefended `lora` cell (metrics with `adapter_dir`) that `bki`,
-    `cube` and the detectors build on; None trains it into `directory/undefended`."""
+    options (`num_labels`: the classes of the attack's data). `undefended` returns the finished undefended `lora`
+    cell (metrics with `adapter_dir`) that `bki`, `cube` and the detectors build on; None trains it into
+    `directory/undefended`."""
 
     spec: CellSpec
     files: AttackFiles
@@ -66,6 +67,7 @@ class CellContext:
     model_dir: Optional[str] = None
     seed: int = 0
     target_label: int = 1
+    num_labels: int = 2
     progress: bool = True
     load_in_4bit: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -85,6 +87,7 @@ class CellContext:
             test_clean=self.test("clean"),
             test_poison=self.test("poison"),
             target_label=self.target_label,
+            num_labels=self.num_labels,
             progress=self.progress,
             load_in_4bit=self.load_in_4bit,
             **more,
@@ -94,7 +97,7 @@ class CellContext:
         """The (subsampled) clean or triggered test set; [`NotApplicable`] when the data lacks it."""
         path = self.files.test_clean if which == "clean" else self.files.test_poison
         what = "clean test set" if which == "clean" else "triggered test set"
-        return _load_split(path, self.spec.preset.training.max_test_rows, self.seed, what)
+        return _load_split(path, self.spec.preset.training.max_test_rows, self.seed, what, self.num_labels)
 
     def check_tests(self) -> None:
         """Read both test sets first: a missing or empty one reads as n/a before anything trains."""
@@ -102,7 +105,9 @@ class CellContext:
 
     def dev(self) -> LoadedData:
         """The (subsampled) clean dev set."""
-        return load_records(self.files.dev).subsample(self.spec.preset.training.max_dev_rows, self.seed)
+        return load_records(self.files.dev, self.num_labels).subsample(
+            self.spec.preset.training.max_dev_rows, self.seed
+        )
 
     def base_cell(self) -> dict[str, Any]:
         """The finished undefended `lora` cell this defense builds on (trained on demand)."""
@@ -121,6 +126,7 @@ class CellContext:
                 test_clean=self.test("clean"),
                 test_poison=self.test("poison"),
                 target_label=self.target_label,
+                num_labels=self.num_labels,
                 progress=self.progress,
                 load_in_4bit=self.load_in_4bit,
             )
@@ -129,11 +135,13 @@ class CellContext:
         return base
 
 
-def _load_split(path: Optional[Path], max_rows: Optional[int], seed: int, what: str) -> LoadedData:
+def _load_split(
+    path: Optional[Path], max_rows: Optional[int], seed: int, what: str, num_labels: int = 2
+) -> LoadedData:
     if path is None:
         raise NotApplicable(f"the data has no {what} file.")
     try:
-        return load_records(path).subsample(max_rows, seed)
+        return load_records(path, num_labels).subsample(max_rows, seed)
     except ValueError as error:
         if "no data rows" in str(error):
             raise NotApplicable(
@@ -268,7 +276,7 @@ def filter_method(name: str, cls: type, needs_model: bool = False) -> Method:
         ctx.directory.mkdir(parents=True, exist_ok=True)
         base = ctx.base_cell() if needs_model else None
         base_time = float(base["train_time_s"]) if base else 0.0
-        train = load_records(ctx.files.train).subsample(preset.training.max_train_rows, seed)
+        train = load_records(ctx.files.train, ctx.num_labels).subsample(preset.training.max_train_rows, seed)
         start = time.perf_counter()
         if base is not None:
             opts["encoder"] = UndefendedModel.load(base, ctx.target_label).scorer()
@@ -343,6 +351,7 @@ def detector_method(
             "cacc": clean_accuracy(clean_pred, test_clean.labels),
             "asr": asr,
             "false_target_rate": false_target_rate(clean_pred, test_clean.labels, target),
+            "false_target_rate_by_label": false_target_rate_by_label(clean_pred, test_clean.labels, target),
             "clean_rows": len(test_clean),
             "poison_rows": len(test_poison),
             "defense": {

@@ -3,7 +3,8 @@
 * CACC, clean accuracy: accuracy on the clean test set.
 * ASR, attack success rate: share of triggered non-target rows predicted as the target label.
 * False-target rate: share of clean non-target rows predicted as the target. A weak model that predicts the target
-  often has a high "ASR" without any backdoor; this is the floor to read ASR against.
+  often has a high "ASR" without any backdoor; this is the floor to read ASR against. With more than two labels it
+  is also given per non-target class (`false_target_rate_by_label`): the overall rate is their row-weighted mean.
 
 Model selection (checkpointing) uses clean dev accuracy only; these functions are for the final test report.
 All rates are fractions in [0, 1].
@@ -47,13 +48,31 @@ def false_target_rate(predictions: Sequence[int], labels: Sequence[int], target_
     return sum(p == target_label for p in non_target) / len(non_target)
 
 
+def false_target_rate_by_label(
+    predictions: Sequence[int], labels: Sequence[int], target_label: int
+) -> dict[str, float]:
+    """The false-target rate of each non-target class, keyed by the class id as a string (JSON keys).
+
+    Example:
+        >>> false_target_rate_by_label([0, 1, 1, 2, 1], [0, 0, 1, 2, 2], target_label=1)
+        {'0': 0.5, '2': 0.5}
+    """
+    _check_lengths("false_target_rate_by_label", predictions, labels)
+    rows: dict[int, list[int]] = {}
+    for p, y in zip(predictions, labels):
+        if int(y) != target_label:
+            rows.setdefault(int(y), []).append(int(p) == target_label)
+    return {str(label): sum(hits) / len(hits) for label, hits in sorted(rows.items())}
+
+
 def backdoor_metrics(
     clean_predictions: Sequence[int],
     clean_labels: Sequence[int],
     poison_predictions: Sequence[int],
     target_label: int,
 ) -> dict[str, float]:
-    """CACC, ASR and false-target rate together, keyed `cacc`, `asr`, `false_target_rate`."""
+    """CACC, ASR and false-target rate together, keyed `cacc`, `asr`, `false_target_rate` (the per-class rates are
+    [`false_target_rate_by_label`])."""
     return {
         "cacc": clean_accuracy(clean_predictions, clean_labels),
         "asr": attack_success_rate(poison_predictions, target_label),

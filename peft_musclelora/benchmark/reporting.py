@@ -129,9 +129,28 @@ def _defense_summary(defense: dict[str, float]) -> str:
     return ", ".join(parts) or "–"
 
 
-def markdown_table(rows: list[dict[str, Any]], preset: str, model: str, overrides: Optional[list[str]] = None) -> str:
+def data_note(task: str, cells: list[dict[str, Any]], target_label: int) -> Optional[str]:
+    """`Data: task ..., K labels, target ...` for a table of another task than SST-2 or of more than two labels; None
+    for the binary SST-2 tables (their text is as it always was)."""
+    counts = sorted({int(c["num_labels"]) for c in cells if c.get("num_labels") is not None})
+    names = next((c["label_names"] for c in cells if c.get("label_names")), None)
+    if task == "sst-2" and counts in ([], [2]):
+        return None
+    shown = "/".join(str(k) for k in counts) or "?"
+    target = f"{target_label} ({names[target_label]})" if names and target_label < len(names) else str(target_label)
+    named = f" ({', '.join(f'{i}={n}' for i, n in enumerate(names))})" if names else ""
+    return f"Data: task `{task}`, {shown} labels{named}, target label {target}."
+
+
+def markdown_table(
+    rows: list[dict[str, Any]],
+    preset: str,
+    model: str,
+    overrides: Optional[list[str]] = None,
+    data: Optional[str] = None,
+) -> str:
     """The attack x method table in Markdown; a quick run or `--set` overrides are labelled as such, an n/a row gives
-    its reason."""
+    its reason; `data` (see [`data_note`]) names the task and labels."""
     lines = results_heading(
         "MuScleLoRA backdoor benchmark",
         preset,
@@ -144,6 +163,7 @@ def markdown_table(rows: list[dict[str, Any]], preset: str, model: str, override
         "without a backdoor) and against the oracle's ASR (excess ASR = ASR − oracle ASR on the same attack: what "
         "the backdoor adds over a model trained on unpoisoned data). Time / lora: train time over undefended LoRA's "
         "in the same run; a defense's time includes the undefended training it needs, its own work and retraining.",
+        *([data] if data else []),
         "",
         "| attack | method | seeds | CACC | ASR | excess ASR | false-target rate | train time (s) | time / lora | "
         "defense |",

@@ -16,7 +16,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -101,6 +101,7 @@ def train_cell(
     progress: bool = True,
     extra: Optional[dict[str, Any]] = None,
     load_in_4bit: bool = False,
+    label_names: Optional[Sequence[str]] = None,
 ) -> dict[str, Any]:
     """Train `method` on `train`, select by clean-dev accuracy, save the adapter and `metrics.json`.
 
@@ -120,6 +121,8 @@ def train_cell(
         extra: More fields to record in `metrics.json` (e.g. the bench's attack and preset label).
         load_in_4bit: Load the base model in NF4 4-bit (QLoRA; needs bitsandbytes) and prepare it for k-bit
             training; recorded in the cell so `evaluate` reloads it the same way.
+        label_names: For string labels, the value each id stands for; recorded in the cell (`cell.json` and
+            `metrics.json`) so that `evaluate` maps a test file's labels the same way.
 
     Returns:
         The dict written to `metrics.json`.
@@ -144,6 +147,7 @@ def train_cell(
             as_data(test_poison, num_labels).subsample(training.max_test_rows, seed),
         )
     cell = _Cell(preset, model_dir, seed, target_label, num_labels, progress, load_in_4bit)
+    cell.label_names = list(label_names) if label_names is not None else None
     with staged_cell(output_dir) as work:
         result = cell.train(train_data, dev_data, work, output_dir)
         result["overrides"] = dict(overrides or {})
@@ -175,6 +179,7 @@ class _Cell:
         )  # fmt: skip
         self.model: Any = None
         self.tokenizer: Any = None
+        self.label_names: Optional[list[str]] = None
 
     def _trainer(self, model: Any, tokenizer: Any, train_data: LoadedData, dev_data: LoadedData, work: Path) -> Any:
         training = self.preset.training
@@ -212,6 +217,8 @@ class _Cell:
             "head_hidden": adapter.head_hidden,
             "head_dropout": adapter.head_dropout,
         }
+        if self.label_names is not None:
+            cell_info["label_names"] = self.label_names
         write_json(adapter_dir / CELL_FILE, cell_info)
 
     def train(self, train_data: LoadedData, dev_data: LoadedData, work: Path, output_dir: Path) -> dict[str, Any]:
@@ -251,6 +258,8 @@ class _Cell:
             "target_label": self.target_label,
             "versions": versions(),
         }
+        if self.label_names is not None:
+            result["label_names"] = self.label_names
         if preset.training.needs_defended_trainer:
             result["reference_rows"] = len(getattr(trainer, "reference_dataset", None) or [])
             result["dev_rows_for_selection"] = len(trainer.eval_dataset)

@@ -33,12 +33,12 @@ from peft_musclelora.frequency import FrequencyAnalysisCallback, FrequencyAnalyz
 from peft_musclelora.plotting import plot_comparison, plot_error_curves, plot_frequency_heatmap
 
 from ..builders import build_model, default_model_dir
-from ..data import DATA_ENV_VAR, SharedData, load_records
+from ..data import SharedData, attack_labels, load_records
 from ..overrides import parse_preset_items
 from ..presets import PRESETS, get_preset
 from ..runner import tokenize
 from ..splits import split_trusted
-from .options import add_set_option, seed_type
+from .options import add_data_options, add_set_option, seed_type
 
 
 def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -77,8 +77,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_option(
         train, "Override a preset field, repeatable (see `musclelora presets`), e.g. reference_split_size=200."
     )
-    train.add_argument("--attack", default="badnets", help="Folder under <data>/sst-2/poison (default: badnets).")
-    train.add_argument("--data", help=f"Data root holding sst-2/ (default: ${DATA_ENV_VAR} or ../shared/data).")
+    train.add_argument("--attack", default="badnets", help="Folder under <data>/<task>/poison (default: badnets).")
+    add_data_options(train)
     train.add_argument("--model", default=None, help="Local model directory (default: the packaged MiniLM-L6).")
     train.add_argument("--max-train-rows", type=int, default=2000, help="Seeded subset of the training rows.")
     train.add_argument("--epochs", type=float, default=1.0)
@@ -97,12 +97,17 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> Path:
     preset = get_preset(args.method, parse_preset_items(args.overrides))
     output_dir = Path(args.output_dir or f"runs/freq-{args.attack}-{args.method}")
-    files = SharedData.resolve(args.data).attack_files(args.attack)
-    train = load_records(files.train).subsample(args.max_train_rows or None, args.seed)
-    clean = load_records(files.dev)
-    backdoor = load_records(files.dev_poison).records
+    shared = SharedData.resolve(args.data, args.task)
+    shared.check_task()
+    files = shared.attack_files(args.attack)
+    labels = attack_labels(files, args.num_labels)
+    labels.check_target(args.target_label)
+    num_labels = labels.num_labels
+    train = load_records(files.train, num_labels).subsample(args.max_train_rows or None, args.seed)
+    clean = load_records(files.dev, num_labels)
+    backdoor = load_records(files.dev_poison, num_labels).records
 
-    model, tokenizer, _ = build_model(preset, args.model or default_model_dir(), num_labels=2, seed=args.seed)
+    model, tokenizer, _ = build_model(preset, args.model or default_model_dir(), num_labels=num_labels, seed=args.seed)
     arguments = {
         "output_dir": str(output_dir),
         "num_train_epochs": args.epochs,
@@ -136,6 +141,7 @@ def _train(args: argparse.Namespace) -> Path:
         max_length=args.max_length,
         distance_scale=args.distance_scale,
         output=args.output,
+        num_labels=num_labels,
     )
     trainer = trainer_cls(
         model=model,

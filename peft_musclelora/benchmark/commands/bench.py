@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..cells import refuse_replacing_finished_cells, run_cell, with_undefended
 from ..methods import method_names
 from ..presets import PRESETS
-from ..reporting import aggregate, markdown_table, plot
+from ..reporting import aggregate, data_note, markdown_table, plot
 from .options import add_run_options, interruption_report, name_list, resolve_run
 
 DEFAULT_ATTACKS = "badnets,addsent,stylebkd,synbkd"
@@ -21,7 +21,7 @@ DEFAULT_METHODS = "lora,musclelora"
 RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
 PLOT_FILE = "results.png"
-SUMMARY_CELL_KEYS = ("attack", "method", "seed", "status", "reused", "error", "reason", "cacc", "asr")
+SUMMARY_CELL_KEYS = ("attack", "method", "seed", "status", "reused", "error", "reason", "cacc", "asr", "num_labels")
 
 
 def register(subparsers: Any) -> None:
@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         "bench_preset": args.preset,
         "model": bench.model_dir,
         "data": str(bench.shared.root),
+        "task": bench.shared.task,
+        "target_label": bench.target_label,
         "attacks": args.attacks,
         "methods": args.methods,
         "seeds": seeds,
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         "cells": [{key: cell.get(key) for key in SUMMARY_CELL_KEYS} for cell in cells],
     }
     (bench.output_dir / RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    table = markdown_table(rows, args.preset, bench.model_dir, args.overrides)
+    note = data_note(bench.shared.task, cells, bench.target_label)
+    table = markdown_table(rows, args.preset, bench.model_dir, args.overrides, note)
     (bench.output_dir / TABLE_FILE).write_text(table)
     print(table)
     if not args.no_plot:

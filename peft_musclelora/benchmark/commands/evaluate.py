@@ -9,6 +9,7 @@ from typing import Any
 
 from ..artefacts import write_json
 from ..evaluation import evaluate
+from .options import add_column_options
 
 
 def register(subparsers: Any) -> None:
@@ -21,6 +22,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--output", default=None, help="Also write the metrics JSON here (refused if it exists)")
     parser.add_argument("--overwrite", action="store_true", help="Let --output replace an existing file")
     parser.add_argument("--quiet", action="store_true", help="No progress bars")
+    add_column_options(parser, label_names=False)  # string labels are mapped as the cell recorded
     parser.set_defaults(func=run)
 
 
@@ -34,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--output {output}: file exists; pass --overwrite to replace it.")
         if not output.parent.is_dir():
             raise ValueError(f"--output {output}: directory {output.parent} does not exist.")
-    result = evaluate(args.adapter, args.clean, args.poison, args.target_label, progress=not args.quiet)
+    columns = {"text_column": args.text_column, "label_column": args.label_column}
+    result = evaluate(args.adapter, args.clean, args.poison, args.target_label, progress=not args.quiet, **columns)
     if output is not None:
         write_json(output, result)
     print(json.dumps(result, indent=2))

@@ -12,7 +12,7 @@ from typing import Any
 from ..artefacts import prepare_output_dir
 from ..builders import default_model_dir
 from ..cells import BenchRun
-from ..data import SharedData
+from ..data import DEFAULT_TASK, NumLabelsError, SharedData, attack_labels
 from ..overrides import SetItems, parse_set_items
 from ..presets import QUICK_OVERRIDES
 from ..spec import check_methods
@@ -83,8 +83,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 def add_run_options(parser: argparse.ArgumentParser, output_dir: str, preset_help: str, plot_help: str) -> None:
     """The options `bench` and `curve` share: seeds, data, preset, output, plot, --only-finished, the common ones."""
     parser.add_argument("--seeds", type=seed_list, default=[0], help="Comma-separated seeds (default 0)")
-    data_help = "Shared data dir (default: $MUSCLELORA_DATA, then ../shared/data)"
-    parser.add_argument("--data", default=None, help=data_help)
+    add_data_options(parser)
     parser.add_argument("--preset", choices=("quick", "full"), default="full", help=preset_help)
     parser.add_argument("--output-dir", default=output_dir, help=f"Output directory (default {output_dir})")
     parser.add_argument("--no-plot", action="store_true", help=plot_help)
@@ -96,6 +95,47 @@ def add_run_options(parser: argparse.ArgumentParser, output_dir: str, preset_hel
     )
     add_common(parser)
     parser.set_defaults(seed=None)
+
+
+def add_data_options(parser: Any) -> None:
+    """`--data`, `--task` and `--num-labels`: where the OpenBackdoor-layout data is and how many classes it has."""
+    data_help = "Data dir holding <task>/poison/<attack>/ (default: $MUSCLELORA_DATA, then ../shared/data)"
+    parser.add_argument("--data", default=None, help=data_help)
+    parser.add_argument(
+        "--task",
+        default=DEFAULT_TASK,
+        help=f"Task folder of the data dir (default {DEFAULT_TASK}); any folder with poison/",
+    )
+    parser.add_argument("--num-labels", type=num_labels_type, default=None, help=NUM_LABELS_HELP)
+
+
+def add_column_options(parser: Any, label_names: bool = True) -> None:
+    """`--text-column`, `--label-column` (files with named columns) and `--label-names` (string labels' ids)."""
+    parser.add_argument(
+        "--text-column", default=None, help="Text column of CSV/TSV/JSONL files (default text/sentence)"
+    )
+    parser.add_argument("--label-column", default=None, help="Label column of CSV/TSV/JSONL files (default label)")
+    if label_names:
+        parser.add_argument(
+            "--label-names",
+            type=name_list,
+            default=None,
+            help="Comma-separated label values in id order (default: integer labels as ids, string labels sorted)",
+        )
+
+
+NUM_LABELS_HELP = "Number of classes (default: found in the training data; may not be smaller)"
+
+
+def num_labels_type(text: str) -> int:
+    """`--num-labels`: an integer >= 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--num-labels must be an integer >= 2, got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"--num-labels must be an integer >= 2, got {value}")
+    return value
 
 
 def add_set_option(
@@ -116,10 +156,19 @@ def resolve_run(args: argparse.Namespace, methods: list[str]) -> tuple[BenchRun,
     items = bench_items(args.preset, args.overrides)
     check_methods(methods, items)  # fail early on an unknown method, override or defense option
     seeds = [args.seed] if args.seed is not None else args.seeds
-    shared = SharedData.resolve(args.data)
+    shared = SharedData.resolve(args.data, args.task)
+    shared.check_task()
     missing = [attack for attack in args.attacks if attack not in shared.attacks()]
     if missing:
-        raise ValueError(f"attacks {missing} not found in {shared.root}; have {shared.attacks()}.")
+        raise ValueError(f"attacks {missing} not found in {shared.root / shared.task}; have {shared.attacks()}.")
+    for attack in args.attacks:  # a flag the data contradicts is refused before anything trains
+        try:
+            labels = attack_labels(shared.attack_files(attack), args.num_labels)
+        except NumLabelsError:
+            raise
+        except ValueError:
+            continue  # a bad file of one attack is recorded in its cells, the others run
+        labels.check_target(args.target_label)
     run = BenchRun(
         shared=shared,
         output_dir=prepare_output_dir(args.output_dir),
@@ -128,6 +177,7 @@ def resolve_run(args: argparse.Namespace, methods: list[str]) -> tuple[BenchRun,
         items=items,
         user_items=tuple(args.overrides),
         target_label=args.target_label,
+        num_labels=args.num_labels,
         progress=not args.quiet,
         load_in_4bit=args.load_in_4bit,
         only_finished=args.only_finished,

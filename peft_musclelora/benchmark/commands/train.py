@@ -6,10 +6,11 @@ import argparse
 import json
 from typing import Any
 
+from ..data import load_splits
 from ..overrides import parse_preset_items
 from ..presets import PRESETS, get_preset
 from ..runner import train_cell
-from .options import add_common
+from .options import NUM_LABELS_HELP, add_column_options, add_common, num_labels_type
 
 HEADLINE = (
     "method",
@@ -30,12 +31,18 @@ def register(subparsers: Any) -> None:
         "train", help="Train one method on one training file", description="Train one method."
     )
     parser.add_argument("--method", required=True, choices=list(PRESETS), help="Method preset")
-    parser.add_argument("--train", required=True, help="Training file (OpenBackdoor CSV or TSV/CSV text,label)")
+    parser.add_argument(
+        "--train",
+        required=True,
+        help="Training file: OpenBackdoor CSV, CSV/TSV/JSONL with named columns, or a save_to_disk directory",
+    )
     parser.add_argument("--dev", required=True, help="Clean dev file for checkpoint selection")
     parser.add_argument("--test-clean", default=None, help="Clean test file (CACC, false-target rate)")
     parser.add_argument("--test-poison", default=None, help="Triggered test file (ASR)")
     parser.add_argument("--output-dir", default="musclelora-out", help="Output directory (default musclelora-out)")
     parser.add_argument("--print-preset", action="store_true", help="Print the preset with overrides and exit")
+    parser.add_argument("--num-labels", type=num_labels_type, default=None, help=NUM_LABELS_HELP)
+    add_column_options(parser)
     add_common(parser)
     parser.set_defaults(func=run)
 
@@ -46,18 +53,26 @@ def run(args: argparse.Namespace) -> int:
     if args.print_preset:
         print(preset.format())
         return 0
+    # Every file is read with the labels of the training file before anything trains.
+    tests = {"test_clean": args.test_clean, "test_poison": args.test_poison}
+    others = {"dev": args.dev, **{name: path for name, path in tests.items() if path is not None}}
+    columns = {"text_column": args.text_column, "label_column": args.label_column, "label_names": args.label_names}
+    labels, train, data = load_splits(args.train, others, args.num_labels, **columns)
+    labels.check_target(args.target_label)
     result = train_cell(
         preset,
-        args.train,
-        args.dev,
+        train,
+        data["dev"],
         args.output_dir,
         model_dir=args.model,
         seed=args.seed,
-        test_clean=args.test_clean,
-        test_poison=args.test_poison,
+        test_clean=data.get("test_clean"),
+        test_poison=data.get("test_poison"),
         target_label=args.target_label,
+        num_labels=labels.num_labels,
         progress=not args.quiet,
         load_in_4bit=args.load_in_4bit,
+        label_names=labels.names,
     )
     headline = {key: result[key] for key in HEADLINE if key in result}
     print(json.dumps(headline | {"adapter_dir": result.get("adapter_dir")}, indent=2))

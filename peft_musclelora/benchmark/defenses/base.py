@@ -157,7 +157,7 @@ class ModelScorer:
         with torch.no_grad():
             for encoded in self._batches(texts):
                 chunks.append(torch.softmax(self.model(**encoded).logits.float(), dim=-1).cpu().numpy())
-        return np.concatenate(chunks) if chunks else np.zeros((0, 2))
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.model.config.num_labels))
 
     def embed(self, texts: Sequence[str]) -> Any:
         """Mean-pooled last hidden states, a numpy array `(len(texts), hidden)`."""
