@@ -24,7 +24,7 @@ import torch
 from peft_musclelora import MuScleLoraConfig, MuScleLoraTrainingArguments, check_adapter_dir, load_adapter_safely
 from peft_musclelora.benchmark.cli import main
 from peft_musclelora.benchmark.commands import bench as bench_command
-from peft_musclelora.benchmark.data import load_dataset_records, load_records
+from peft_musclelora.benchmark.data import load_dataset_records, load_records, load_splits
 from peft_musclelora.benchmark.presets import QUICK_OVERRIDES, get_preset
 
 from .benchmark.conftest import attack_dir, tiny_bert  # noqa: F401  (fixtures)
@@ -316,6 +316,31 @@ def _read_only_dir(env: Env) -> list[str]:
     return env.train_argv(output=locked)
 
 
+def _poison_argv(env: Env, *extra: str, output: Union[Path, None] = None) -> list[str]:
+    """`poison` of the attack's clean files into a fresh folder (or `output`)."""
+    f = env.files
+    argv = ["poison", "--train", str(f / "train-clean.csv"), "--dev", str(f / "dev-clean.csv")]
+    argv += ["--test", str(f / "test-clean.csv"), "--output-dir", str(output or env.tmp / "poisoned")]
+    return argv + list(extra)
+
+
+def _poison_over_existing(env: Env) -> list[str]:
+    taken = env.tmp / "taken"
+    taken.mkdir()
+    (taken / "train-mixed-0.1.csv").write_text(OPENBACKDOOR + GOOD_ROW)
+    return _poison_argv(env, output=taken)
+
+
+def _poison_kept(env: Env) -> None:
+    assert (env.tmp / "taken" / "train-mixed-0.1.csv").read_text() == OPENBACKDOOR + GOOD_ROW
+    assert not (env.tmp / "taken" / "train-clean.csv").exists()
+
+
+def _splits(train: str, dev: str, **kwargs: Any) -> Callable[[Env], Any]:
+    """`load_splits` of a training file and a dev file with named columns `text,label`."""
+    return lambda env: load_splits(env.csv("train.csv", train), {"dev": env.csv("dev.csv", dev)}, **kwargs)
+
+
 HUGE = "x" * 200_000  # over csv's default field limit of 131072 characters
 GOOD_ROW = "0,good film,1,0\n"
 
@@ -445,6 +470,88 @@ CASES = [
         lambda env: load_dataset_records([{"text": 3, "label": 0}], name="rows"),
         ValueError,
         ("rows row 0", "'text'", "3"),
+    ),
+    # ---- tasks, labels and poisoning ----
+    Case(
+        "labels-unseen-value",
+        _splits("text,label\na,neg\nb,pos\n", "text,label\nc,pos\nd,neutral\n"),
+        ValueError,
+        ("dev.csv line 3", "'neutral'", "never has"),
+    ),
+    Case(
+        "labels-dev-beyond-training",
+        _splits("text,label\na,0\nb,1\n", "text,label\nc,1\nd,3\n"),
+        ValueError,
+        ("dev.csv line 3", "= 3 is out of range", "0..1"),
+    ),
+    Case(
+        "labels-not-int-without-mapping",
+        _splits("text,label\na,0\nb,1\n", "text,label\nc,yes\n"),
+        ValueError,
+        ("dev.csv line 2", "must be an integer label", "'yes'"),
+    ),
+    Case(
+        "labels-mixed-without-mapping",
+        _splits("text,label\na,0\nb,pos\n", "text,label\nc,0\n"),
+        ValueError,
+        ("train.csv line 3", "'pos'", "no label mapping", "--label-names"),
+    ),
+    Case(
+        "labels-num-labels-smaller",
+        _splits("text,label\na,0\nb,1\nc,2\n", "text,label\nc,0\n", num_labels=2),
+        ValueError,
+        ("--num-labels 2", "3 labels found", "train.csv"),
+    ),
+    Case("cli-unknown-task", lambda env: env.bench_argv("--task", "nope"), 1, ("task 'nope'", "['sst-2']"), True),
+    Case(
+        "cli-target-label-outside",
+        lambda env: env.bench_argv("--target-label", "2"),
+        1,
+        ("target label 2", "outside the labels 0..1"),
+        True,
+    ),
+    Case(
+        "cli-train-num-labels-smaller",
+        lambda env: [
+            *env.train_argv("--num-labels", "2"),
+            "--train",
+            str(env.csv("k3.csv", OPENBACKDOOR + "0,a,0,0\n1,b,1,0\n2,c,2,0\n")),
+        ],
+        1,
+        ("--num-labels 2", "3 labels found", "k3.csv"),
+        True,
+    ),
+    Case("cli-num-labels-1", lambda env: env.bench_argv("--num-labels", "1"), 2, ("--num-labels", "1"), True),
+    Case("cli-poison-rate-1", lambda env: _poison_argv(env, "--poison-rate", "1"), 2, ("--poison-rate", "1.0"), True),
+    Case("cli-poison-rate-0", lambda env: _poison_argv(env, "--poison-rate", "0"), 2, ("--poison-rate", "0.0"), True),
+    Case(
+        "cli-poison-no-row",
+        lambda env: _poison_argv(env, "--poison-rate", "0.01"),
+        1,
+        ("train-clean.csv", "rate 0.01 of 40 rows poisons no row"),
+        True,
+    ),
+    Case(
+        "cli-poison-target-outside",
+        lambda env: _poison_argv(env, "--target-label", "3"),
+        1,
+        ("target label 3", "0..1"),
+        True,
+    ),
+    Case(
+        "cli-poison-existing-folder",
+        _poison_over_existing,
+        1,
+        ("--output-dir", "taken", "--overwrite"),
+        True,
+        _poison_kept,
+    ),
+    Case(
+        "cli-poison-sentence-for-badnets",
+        lambda env: _poison_argv(env, "--sentence", "hello there"),
+        1,
+        ("--sentence", "BadNets"),
+        True,
     ),
     # ---- command-line flags ----
     Case("cli-seeds-negative", lambda env: env.bench_argv("--seeds", "-1"), 2, ("--seeds", "-1"), True),

@@ -1,4 +1,5 @@
-"""The `musclelora` command: `train`, `analyze`, `eval`, `bench`, `curve`, `instruct`, `export-model`, `presets`.
+"""The `musclelora` command: `train`, `analyze`, `eval`, `bench`, `curve`, `poison`, `instruct`, `export-model`,
+`presets`.
 
 Run `musclelora <command> --help` for the options of each. Each command is a module of
 [`peft_musclelora.benchmark.commands`]; this one builds the parser from them and turns errors into exit codes: 0 on

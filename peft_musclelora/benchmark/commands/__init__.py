@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import analyze, bench, curve, evaluate, export_model, instruct, presets, train
+from . import analyze, bench, curve, evaluate, export_model, instruct, poison, presets, train
 
 #: The commands in the order `musclelora --help` lists them.
-COMMANDS: tuple[ModuleType, ...] = (train, analyze, evaluate, bench, curve, instruct, export_model, presets)
+COMMANDS: tuple[ModuleType, ...] = (train, analyze, evaluate, bench, curve, poison, instruct, export_model, presets)
 
 __all__ = ["COMMANDS"]
