@@ -28,8 +28,8 @@ def cell_settings(method: str, items: list[str]) -> dict:
 
 def test_the_encoder_presets_exist_with_the_measured_defaults() -> None:
     encoder = ["full", "lora", "mslr", "musclelora", "ga-lora", "ga-lora-tuned"]
-    assert list(PRESETS) == encoder + ["fit-gap", "recommended", "lora-llama", "musclelora-llama"]
-    for preset in (PRESETS[name] for name in [*encoder, "fit-gap", "recommended"]):
+    assert list(PRESETS) == encoder + ["fit-gap", "fit-gap-unlearn", "recommended", "lora-llama", "musclelora-llama"]
+    for preset in (PRESETS[name] for name in [*encoder, "fit-gap", "fit-gap-unlearn", "recommended"]):
         assert preset.training.max_length == 64 and preset.training.per_device_train_batch_size == 32
         assert preset.training.num_train_epochs == 3 and preset.description
     assert PRESETS["lora"].training.learning_rate == 2e-4
@@ -215,6 +215,18 @@ def test_fit_gap_is_lora_on_the_rows_its_row_filter_keeps() -> None:
     library = dataclasses.asdict(RowFilterArguments(row_filter=True, row_filter_probe_learning_rate=1e-3))
     assert kwargs == {**library, "gradient_alignment": False, "reference_split_size": 400}
     assert lora.training.row_filter_kwargs() == {}
+
+
+def test_fit_gap_unlearn_is_fit_gap_plus_the_library_unlearning_phase_at_its_defaults() -> None:
+    fit_gap, unlearn = PRESETS["fit-gap"], PRESETS["fit-gap-unlearn"]
+    assert unlearn.adapter == fit_gap.adapter
+    assert unlearn.training.row_filter == dataclasses.replace(fit_gap.training.row_filter, row_filter_unlearn=True)
+    assert dataclasses.replace(unlearn.training, row_filter=fit_gap.training.row_filter) == fit_gap.training
+    defaults = RowFilterArguments()
+    phase = unlearn.training.row_filter
+    assert (phase.row_filter_unlearn_steps, phase.row_filter_unlearn_eval_every) == (100, 10)
+    assert phase.row_filter_unlearn_max_guard_drop == defaults.row_filter_unlearn_max_guard_drop == 0.01
+    assert phase.row_filter_unlearn_cap is None and phase.row_filter_unlearn_learning_rate is None
 
 
 def test_row_filter_fields_are_the_trainers_own_names() -> None:
