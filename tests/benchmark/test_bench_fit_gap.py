@@ -8,19 +8,24 @@ from pathlib import Path
 from peft_musclelora.benchmark.cli import main
 
 
+def _train(tiny_bert: Path, attack_dir: Path, out: Path, method: str, items: list[str]) -> int:
+    """`musclelora train --method METHOD` on the tiny BadNets set: one epoch, 12 trusted rows, probes at steps 2, 4."""
+    files = attack_dir / "sst-2" / "poison" / "badnets"
+    common = ["num_train_epochs=1", "reference_split_size=12", "row_filter_probe_steps=2,4"]
+    return main(
+        ["train", "--method", method, "--train", str(files / "train-mixed-0.1.csv")]
+        + ["--dev", str(files / "dev-clean.csv"), "--test-clean", str(files / "test-clean.csv")]
+        + ["--test-poison", str(files / "test-poison.csv"), "--model", str(tiny_bert), "--output-dir", str(out)]
+        + [arg for item in common + items for arg in ("--set", item)]
+        + ["--quiet"]
+    )
+
+
 def test_a_fit_gap_cell_saves_every_rows_decision_and_reports_recall_from_the_flags(
     tiny_bert: Path, attack_dir: Path, tmp_path: Path
 ) -> None:
-    files = attack_dir / "sst-2" / "poison" / "badnets"
     out = tmp_path / "cell"
-    code = main(
-        ["train", "--method", "fit-gap", "--train", str(files / "train-mixed-0.1.csv")]
-        + ["--dev", str(files / "dev-clean.csv"), "--test-clean", str(files / "test-clean.csv")]
-        + ["--test-poison", str(files / "test-poison.csv"), "--model", str(tiny_bert), "--output-dir", str(out)]
-        + ["--set", "num_train_epochs=1", "--set", "reference_split_size=12", "--set", "row_filter_probe_steps=2,4"]
-        + ["--set", "row_filter_max_clean_drop=0.2", "--quiet"]
-    )
-    assert code == 0
+    assert _train(tiny_bert, attack_dir, out, "fit-gap", ["row_filter_max_clean_drop=0.2"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     decisions = json.loads((out / "row_filter.json").read_text())
     report = metrics["row_filter"]
@@ -39,17 +44,9 @@ def test_a_fit_gap_cell_saves_every_rows_decision_and_reports_recall_from_the_fl
 def test_a_fit_gap_unlearn_cell_reports_the_unlearning_phase(
     tiny_bert: Path, attack_dir: Path, tmp_path: Path
 ) -> None:
-    files = attack_dir / "sst-2" / "poison" / "badnets"
     out = tmp_path / "cell"
-    code = main(
-        ["train", "--method", "fit-gap-unlearn", "--train", str(files / "train-mixed-0.1.csv")]
-        + ["--dev", str(files / "dev-clean.csv"), "--test-clean", str(files / "test-clean.csv")]
-        + ["--test-poison", str(files / "test-poison.csv"), "--model", str(tiny_bert), "--output-dir", str(out)]
-        + ["--set", "num_train_epochs=1", "--set", "reference_split_size=12", "--set", "row_filter_probe_steps=2,4"]
-        + ["--set", "row_filter_max_clean_drop=0.45", "--set", "row_filter_unlearn_steps=4"]
-        + ["--set", "row_filter_unlearn_eval_every=2", "--quiet"]
-    )
-    assert code == 0
+    items = ["row_filter_max_clean_drop=0.45", "row_filter_unlearn_steps=4", "row_filter_unlearn_eval_every=2"]
+    assert _train(tiny_bert, attack_dir, out, "fit-gap-unlearn", items) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     decisions = json.loads((out / "row_filter.json").read_text())
     phase = decisions["unlearning"]
