@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from ._checks import check_int, check_number
 from .peft_type import MUSCLELORA_PEFT_TYPE
 
 InitWeights = Union[bool, Literal["kaiming"]]
@@ -36,22 +37,10 @@ def _validate_scales(field_name: str, scales: object) -> list[float]:
     return [float(value) for value in values]
 
 
-def _validate_positive_int(field_name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{field_name}` must be an integer >= 1, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"`{field_name}` must be an integer >= 1, got {value!r}.")
-
-
-def _validate_number(field_name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"`{field_name}` must be a finite number, got {value!r}.")
-
-
 def _validate_positive_number(field_name: str, value: object) -> None:
     # lora_alpha scales the adapter's output: 0 trains an adapter that changes nothing, a negative value flips it.
-    _validate_number(field_name, value)
-    if value <= 0:
+    check_number(field_name, value)
+    if value <= 0:  # type: ignore[operator]
         raise ValueError(f"`{field_name}` must be a finite number > 0, got {value!r}.")
 
 
@@ -253,9 +242,9 @@ class MuScleLoraConfig(PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
 
-        _validate_positive_int("r", self.r)
+        check_int("r", self.r)
         _validate_positive_number("lora_alpha", self.lora_alpha)
-        _validate_number("lora_dropout", self.lora_dropout)
+        check_number("lora_dropout", self.lora_dropout)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
         self.scales = _validate_scales("scales", self.scales)
@@ -269,7 +258,7 @@ class MuScleLoraConfig(PeftConfig):
             if not isinstance(getattr(self, name), dict):
                 raise TypeError(f"`{name}` must be a dict of regex -> value, got {getattr(self, name)!r}.")
         for key, value in self.rank_pattern.items():
-            _validate_positive_int(f"rank_pattern[{key!r}]", value)
+            check_int(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
             _validate_positive_number(f"alpha_pattern[{key!r}]", value)
 

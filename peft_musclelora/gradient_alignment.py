@@ -20,6 +20,8 @@ from typing import Any, Literal, Optional, get_args
 
 import torch
 
+from ._checks import check_bool, check_int, check_number
+
 try:  # torch built without distributed support has no DTensor; nothing can be sharded there
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # pragma: no cover - every wheel this project tests ships torch.distributed
@@ -374,22 +376,6 @@ def _subspace_projection(
     return (basis.T @ coefficients.to(basis.device)).reshape(g.shape).to(g.dtype)
 
 
-def _check_number(name: str, value: object, *, low: float, high: float = math.inf, allowed: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"`{name}` must be a finite number ({allowed}), got {value!r}.")
-    if not low <= value <= high:
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
-
-
-def _check_optional_positive_int(name: str, value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be None or an integer >= 1, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"`{name}` must be None or an integer >= 1, got {value!r}.")
-
-
 @dataclass
 class GradientAlignmentArguments:
     """Knobs of gradient alignment, as typed dataclass fields (usable with `HfArgumentParser`).
@@ -501,30 +487,22 @@ class GradientAlignmentArguments:
         Args:
             num_train_epochs: When given (and training is epoch-bounded), `ga_warmup_epochs` must not exceed it.
         """
-        if not isinstance(self.gradient_alignment, bool):
-            raise TypeError(f"`gradient_alignment` must be True or False, got {self.gradient_alignment!r}.")
-        _check_optional_positive_int("reference_split_size", self.reference_split_size)
-        _check_optional_positive_int("reference_batch_size", self.reference_batch_size)
-        _check_number("max_raw_grad_ratio", self.max_raw_grad_ratio, low=0.0, high=1.0, allowed="in [0, 1]")
-        _check_number("ga_warmup_epochs", self.ga_warmup_epochs, low=0.0, allowed=">= 0")
+        check_bool("gradient_alignment", self.gradient_alignment)
+        check_int("reference_split_size", self.reference_split_size, optional=True)
+        check_int("reference_batch_size", self.reference_batch_size, optional=True)
+        check_number("max_raw_grad_ratio", self.max_raw_grad_ratio, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        check_number("ga_warmup_epochs", self.ga_warmup_epochs, ">= 0", lambda v: v >= 0.0)
         if num_train_epochs is not None and self.ga_warmup_epochs > num_train_epochs:
             raise ValueError(
                 f"`ga_warmup_epochs` must not exceed `num_train_epochs` ({num_train_epochs!r}), "
                 f"got {self.ga_warmup_epochs!r}."
             )
-        _check_number("min_ref_loss", self.min_ref_loss, low=0.0, allowed=">= 0")
-        _check_number("min_ref_grad_norm", self.min_ref_grad_norm, low=0.0, allowed=">= 0")
+        check_number("min_ref_loss", self.min_ref_loss, ">= 0", lambda v: v >= 0.0)
+        check_number("min_ref_grad_norm", self.min_ref_grad_norm, ">= 0", lambda v: v >= 0.0)
         _check_fallback("ga_fallback", self.ga_fallback)
-        if isinstance(self.ga_subspace_size, bool) or not isinstance(self.ga_subspace_size, int):
-            raise TypeError(f"`ga_subspace_size` must be an integer >= 1, got {self.ga_subspace_size!r}.")
-        if self.ga_subspace_size < 1:
-            raise ValueError(f"`ga_subspace_size` must be an integer >= 1, got {self.ga_subspace_size!r}.")
-        if not isinstance(self.reference_dropout, bool):
-            raise TypeError(f"`reference_dropout` must be True or False, got {self.reference_dropout!r}.")
-        if isinstance(self.ga_every_n_steps, bool) or not isinstance(self.ga_every_n_steps, int):
-            raise TypeError(f"`ga_every_n_steps` must be an integer >= 1, got {self.ga_every_n_steps!r}.")
-        if self.ga_every_n_steps < 1:
-            raise ValueError(f"`ga_every_n_steps` must be an integer >= 1, got {self.ga_every_n_steps!r}.")
+        check_int("ga_subspace_size", self.ga_subspace_size)
+        check_bool("reference_dropout", self.reference_dropout)
+        check_int("ga_every_n_steps", self.ga_every_n_steps)
         if self.reference_seed is not None and (
             isinstance(self.reference_seed, bool) or not isinstance(self.reference_seed, int)
         ):

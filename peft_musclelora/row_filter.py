@@ -32,7 +32,13 @@ from typing import Any, Optional
 
 import torch
 
+from ._checks import check_bool, check_int, check_number
+
 ROW_FILTER_FILE = "row_filter.json"
+
+
+def _positive(value: float) -> bool:
+    return value > 0
 
 
 def _check_int_list(name: str, value: object) -> None:
@@ -43,22 +49,6 @@ def _check_int_list(name: str, value: object) -> None:
             raise TypeError(f"`{name}` must be a non-empty list of integers >= 1, got {value!r}.")
         if step < 1:
             raise ValueError(f"`{name}` must be a non-empty list of integers >= 1, got {value!r}.")
-
-
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an integer >= 1, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-
-
-def _check_positive_or_none(name: str, value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"`{name}` must be None or a number > 0, got {value!r}.")
-    if value <= 0:
-        raise ValueError(f"`{name}` must be None or a number > 0, got {value!r}.")
 
 
 @dataclass
@@ -134,36 +124,23 @@ class RowFilterArguments:
 
     def validate_row_filter_args(self) -> None:
         """Check every row-filter field; raises `TypeError`/`ValueError` naming the field and the value."""
-        if not isinstance(self.row_filter, bool):
-            raise TypeError(f"`row_filter` must be True or False, got {self.row_filter!r}.")
+        check_bool("row_filter", self.row_filter)
         _check_int_list("row_filter_probe_steps", self.row_filter_probe_steps)
         self.row_filter_probe_steps = sorted(set(self.row_filter_probe_steps))
-        folds = self.row_filter_folds
-        if isinstance(folds, bool) or not isinstance(folds, int):
-            raise TypeError(f"`row_filter_folds` must be an integer >= 2, got {folds!r}.")
-        if folds < 2:
-            raise ValueError(f"`row_filter_folds` must be an integer >= 2, got {folds!r}.")
-        drop = self.row_filter_max_clean_drop
-        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not math.isfinite(drop):
-            raise TypeError(f"`row_filter_max_clean_drop` must be a number in (0, 0.5), got {drop!r}.")
-        if not 0.0 < drop < 0.5:
-            raise ValueError(f"`row_filter_max_clean_drop` must be in (0, 0.5), got {drop!r}.")
-        _check_positive_or_none("row_filter_probe_learning_rate", self.row_filter_probe_learning_rate)
-        if not isinstance(self.row_filter_unlearn, bool):
-            raise TypeError(f"`row_filter_unlearn` must be True or False, got {self.row_filter_unlearn!r}.")
+        check_int("row_filter_folds", self.row_filter_folds, minimum=2)
+        check_number("row_filter_max_clean_drop", self.row_filter_max_clean_drop, "in (0, 0.5)", lambda v: 0 < v < 0.5)
+        check_number("row_filter_probe_learning_rate", self.row_filter_probe_learning_rate, "> 0", _positive, True)
+        check_bool("row_filter_unlearn", self.row_filter_unlearn)
         if self.row_filter_unlearn and not self.row_filter:
             raise ValueError(
                 "`row_filter_unlearn=True` unlearns the rows the row filter isolates: set row_filter=True as well."
             )
-        _check_int("row_filter_unlearn_steps", self.row_filter_unlearn_steps)
-        _check_int("row_filter_unlearn_eval_every", self.row_filter_unlearn_eval_every)
-        _check_positive_or_none("row_filter_unlearn_learning_rate", self.row_filter_unlearn_learning_rate)
-        _check_positive_or_none("row_filter_unlearn_cap", self.row_filter_unlearn_cap)
+        check_int("row_filter_unlearn_steps", self.row_filter_unlearn_steps)
+        check_int("row_filter_unlearn_eval_every", self.row_filter_unlearn_eval_every)
+        check_number("row_filter_unlearn_learning_rate", self.row_filter_unlearn_learning_rate, "> 0", _positive, True)
+        check_number("row_filter_unlearn_cap", self.row_filter_unlearn_cap, "> 0", _positive, True)
         guard = self.row_filter_unlearn_max_guard_drop
-        if isinstance(guard, bool) or not isinstance(guard, (int, float)) or not math.isfinite(guard):
-            raise TypeError(f"`row_filter_unlearn_max_guard_drop` must be a number in [0, 1), got {guard!r}.")
-        if not 0.0 <= guard < 1.0:
-            raise ValueError(f"`row_filter_unlearn_max_guard_drop` must be in [0, 1), got {guard!r}.")
+        check_number("row_filter_unlearn_max_guard_drop", guard, "in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def fold_assignment(num_rows: int, folds: int, seed: int) -> list[int]:
