@@ -172,15 +172,16 @@ def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: 
         {"index": index, "text": record.text, "label": record.label, **decision}
         for index, (record, decision) in enumerate(zip(train_data.records, report["rows"]))
     ]
-    unlearning = {"unlearning": report["unlearning"]} if "unlearning" in report else {}
-    write_json(output_dir / ROW_FILTER_FILE, {"summary": report["summary"], **unlearning, "rows": rows})
+    phase = report.get("unlearning")
+    write_json(
+        output_dir / ROW_FILTER_FILE,
+        {"summary": report["summary"], **({"unlearning": phase} if phase else {}), "rows": rows},
+    )
     dropped = [decision["reason"] != "keep" for decision in report["rows"]]
     poisoned = [record.poisoned for record in train_data.records]
     clean_rows, poisoned_rows = poisoned.count(False), poisoned.count(True)
-    if unlearning:
-        phase = report["unlearning"]
-        keys = ("isolated", "cap", "chosen_step", "guard_start", "guard_end", "seconds")
-        unlearning = {f"unlearn_{key}": phase[key] for key in keys}
+    keys = ("isolated", "cap", "chosen_step", "guard_start", "guard_end", "seconds")
+    unlearning = {f"unlearn_{key}": phase[key] for key in keys} if phase else {}
     return {
         **report["summary"],
         **unlearning,
