@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from ._checks import check_bool, check_int, check_number
 
@@ -382,8 +383,6 @@ def run_row_filter(
         The report written to `row_filter.json`: `summary` (counts, cut-offs, trusted-row flag rate, probe steps),
         `kept` (row indices) and `rows` (per row: fold, loss at each probe step, `low`, `high`, `reason`).
     """
-    from tqdm.auto import tqdm
-
     train_dataset = trainer.train_dataset
     num_rows = len(train_dataset)
     folds = fold_assignment(num_rows, args.row_filter_folds, seed)

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .row_filter import RowFilterArguments, _loader, subset_rows
 
@@ -95,8 +96,6 @@ def run_unlearning(
         `steps`, the `guard` trajectory (step, trusted accuracy, isolated rows' mean loss of the batch),
         `chosen_step`, `guard_start` / `guard_end` and `seconds`.
     """
-    from tqdm.auto import tqdm
-
     model = trainer.model
     params = [param for param in model.parameters() if param.requires_grad]
     lr = args.row_filter_unlearn_learning_rate or trainer.args.learning_rate
