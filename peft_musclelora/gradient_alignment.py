@@ -408,6 +408,14 @@ class GradientAlignmentArguments:
             "(they are removed from eval). Alternative to passing reference_dataset= to the trainer."
         },
     )
+    reference_stratify: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw the reference_split_size rows stratified by label: each class gets its share of the split "
+            "(at least one row when the size allows), so a small or imbalanced trusted set still covers every class. "
+            "Needs one class label per row (classification). Default False: a seeded random split."
+        },
+    )
     reference_batch_size: Optional[int] = field(
         default=None,
         metadata={
@@ -489,6 +497,7 @@ class GradientAlignmentArguments:
         """
         check_bool("gradient_alignment", self.gradient_alignment)
         check_int("reference_split_size", self.reference_split_size, optional=True)
+        check_bool("reference_stratify", self.reference_stratify)
         check_int("reference_batch_size", self.reference_batch_size, optional=True)
         check_number("max_raw_grad_ratio", self.max_raw_grad_ratio, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
         check_number("ga_warmup_epochs", self.ga_warmup_epochs, ">= 0", lambda v: v >= 0.0)

@@ -7,10 +7,12 @@ import copy
 import inspect
 import json
 import math
+import numbers
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, get_args
 
@@ -73,20 +75,67 @@ def _dropout_disabled(model: torch.nn.Module) -> Any:
             module.training = training
 
 
-def reference_split_indices(num_rows: int, size: int, seed: int) -> tuple[list[int], list[int]]:
+def reference_split_indices(
+    num_rows: int, size: int, seed: int, labels: Optional[list[int]] = None
+) -> tuple[list[int], list[int]]:
     """Seeded split of `num_rows` row indices into `size` reference rows and the rest, both sorted.
 
     This is the split `reference_split_size` makes; the benchmark's baselines use it too, so that `clean-only`
     trains on exactly the rows gradient alignment uses as references. With the same seed, a larger `size` contains
     every row of a smaller one (both are prefixes of one permutation).
 
+    With `labels` (one class id per row; `reference_stratify=True`) the split is stratified: each label gets its
+    share of `size` by [`stratified_quotas`], filled with that label's rows in the order of the same permutation.
+
     Example:
 
     >>> reference_split_indices(6, 2, seed=0)
     ([2, 5], [0, 1, 3, 4])
+    >>> reference_split_indices(6, 2, seed=0, labels=[1, 1, 0, 1, 1, 0])  # rows 2 and 5 are both label 0
+    ([2, 3], [0, 1, 4, 5])
     """
     permutation = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(permutation[:size]), sorted(permutation[size:])
+    if labels is None:
+        return sorted(permutation[:size]), sorted(permutation[size:])
+    if len(labels) != num_rows:
+        raise ValueError(f"labels has {len(labels)} entries for {num_rows} rows; expected one label per row.")
+    quotas = stratified_quotas(Counter(labels), size)
+    chosen: list[int] = []
+    for index in permutation:
+        if quotas[labels[index]] > 0:
+            quotas[labels[index]] -= 1
+            chosen.append(index)
+    taken = set(chosen)
+    return sorted(chosen), [index for index in range(num_rows) if index not in taken]
+
+
+def stratified_quotas(counts: Mapping[int, int], size: int) -> dict[int, int]:
+    """How many of `size` rows each label gets in a stratified split of rows with these label `counts`.
+
+    Proportional shares rounded by largest remainder (ties to the smaller label); then, when `size` allows, a
+    label whose share rounded to zero takes one row from the label with the largest quota, so every label has at
+    least one reference row. The quotas sum to `size` (at most the number of rows).
+
+    Example:
+
+    >>> stratified_quotas({0: 90, 1: 10}, 10)
+    {0: 9, 1: 1}
+    >>> stratified_quotas({0: 97, 1: 2, 2: 1}, 5)  # the rare labels keep a row each
+    {0: 3, 1: 1, 2: 1}
+    """
+    total = sum(counts.values())
+    if not 0 <= size <= total:
+        raise ValueError(f"size must be in [0, {total}] (the rows), got {size}.")
+    exact = {label: size * count / total for label, count in sorted(counts.items())}
+    quotas = {label: math.floor(share) for label, share in exact.items()}
+    by_remainder = sorted(exact, key=lambda label: (-(exact[label] - quotas[label]), label))
+    for label in by_remainder[: size - sum(quotas.values())]:
+        quotas[label] += 1
+    for label in sorted(quotas):
+        largest = max(quotas, key=lambda other: (quotas[other], -other))
+        if quotas[label] == 0 and counts[label] > 0 and quotas[largest] > 1:
+            quotas[label], quotas[largest] = 1, quotas[largest] - 1
+    return quotas
 
 
 class _ReferenceSampler:
@@ -138,6 +187,49 @@ def _columns(dataset: Any) -> Optional[set[str]]:
     return set(first) if isinstance(first, dict) else None
 
 
+def _label_column(dataset: Any) -> tuple[Optional[str], list[Any]]:
+    """The `labels` (or `label`) column of a `datasets.Dataset` or of a torch dataset of dicts, and its values."""
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, list):
+        column = next((c for c in ("labels", "label") if c in names), None)
+        return column, list(dataset[column]) if column else []
+    first = dataset[0] if len(dataset) else None
+    column = next((c for c in ("labels", "label") if c in first), None) if isinstance(first, dict) else None
+    return column, [dataset[i][column] for i in range(len(dataset))] if column else []
+
+
+def _class_index(value: Any) -> int:
+    """One class index from a label value (int or 0-d tensor); `TypeError`/`ValueError` for anything else."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"a label of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"a label of type {type(value).__name__}")
+    return int(value)
+
+
+def row_class_labels(dataset: Any, name: str = "eval_dataset") -> list[int]:
+    """One class index per row of `dataset` (its `labels` or `label` column), for a stratified reference split.
+
+    Raises a one-line `ValueError` naming the dataset and row when a row has no single class label (a causal LM's
+    token `labels`, a missing column).
+    """
+    column, values = _label_column(dataset)
+    if column is None:
+        raise ValueError(f"`reference_stratify=True` needs a `labels` or `label` column in {name}; it has none.")
+    labels = []
+    for row, value in enumerate(values):
+        try:
+            labels.append(_class_index(value))
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"`reference_stratify=True` needs one class label per row; {name} row {row} has {error} in "
+                f"{column!r} (token labels of a language model cannot be stratified)."
+            ) from None
+    return labels
+
+
 def _check_reference_labels(dataset: Any, model: torch.nn.Module) -> None:
     """Refuse reference labels outside `[0, num_labels)` of a sequence classifier when the trainer is built.
 
@@ -151,18 +243,11 @@ def _check_reference_labels(dataset: Any, model: torch.nn.Module) -> None:
         return
     if getattr(config, "problem_type", None) in ("regression", "multi_label_classification"):
         return
-    names = getattr(dataset, "column_names", None)
-    if isinstance(names, list):
-        column = next((c for c in ("labels", "label") if c in names), None)
-        values = list(dataset[column]) if column else []
-    else:
-        first = dataset[0]
-        column = next((c for c in ("labels", "label") if c in first), None) if isinstance(first, dict) else None
-        values = [dataset[i][column] for i in range(len(dataset))] if column else []
+    column, values = _label_column(dataset)
     for row, value in enumerate(values):
         try:
-            label = int(value.item() if isinstance(value, torch.Tensor) else value)
-        except (TypeError, ValueError, RuntimeError):  # not one class index per row (e.g. token ids): not checked
+            label = _class_index(value)
+        except (TypeError, ValueError):  # not one class index per row (e.g. token ids): not checked
             return
         if not 0 <= label < num_labels:
             raise ValueError(
@@ -297,6 +382,11 @@ class GradientAlignmentMixin:
             raise ValueError(
                 f"Pass either `reference_dataset=` or `reference_split_size` (got {split_size!r}), not both."
             )
+        if reference_dataset is not None and self.ga_args.reference_stratify:
+            raise ValueError(
+                "`reference_stratify=True` stratifies the split `reference_split_size` makes; the rows of "
+                "`reference_dataset=` are already chosen (set reference_stratify=False, or pass reference_split_size)."
+            )
         if split_size is not None and not (self.ga_args.gradient_alignment or self.row_filter_args.row_filter):
             # Nothing would use the reference rows, so taking them out of eval_dataset would only shrink it.
             warnings.warn(
@@ -351,7 +441,8 @@ class GradientAlignmentMixin:
                 f"`reference_split_size` ({split_size}) must be smaller than the eval dataset ({size} rows) so that "
                 "rows are left for evaluation (or equal to it with eval_strategy='no')."
             )
-        reference_idx, rest_idx = reference_split_indices(size, split_size, self._ga_seed)
+        labels = row_class_labels(eval_dataset) if self.ga_args.reference_stratify else None
+        reference_idx, rest_idx = reference_split_indices(size, split_size, self._ga_seed, labels)
         if hasattr(eval_dataset, "select"):  # datasets.Dataset
             reference, rest = eval_dataset.select(reference_idx), eval_dataset.select(rest_idx)
         else:

@@ -386,6 +386,30 @@ CASES = [
         ("reference_dataset row 3", "'labels' = 5", "num_labels=2"),
     ),
     Case(
+        "args-reference_stratify-not-bool",
+        lambda env: MuScleLoraTrainingArguments(output_dir=str(env.tmp), reference_stratify="yes"),
+        TypeError,
+        ("reference_stratify", "'yes'"),
+    ),
+    Case(
+        "args-reference_stratify-with-reference-dataset",
+        lambda env: _tiny_trainer(env, [0, 1, 0, 1], gradient_alignment=True, reference_stratify=True),
+        ValueError,
+        ("reference_stratify=True", "reference_dataset="),
+    ),
+    Case(
+        "args-reference_stratify-token-labels",
+        lambda env: _tiny_trainer(
+            env,
+            [[0, 1], [1, 0], [0, 0], [1, 1]],
+            gradient_alignment=True,
+            reference_split_size=2,
+            reference_stratify=True,
+        ),
+        ValueError,
+        ("reference_stratify=True", "eval_dataset row 0", "labels"),
+    ),
+    Case(
         "args-reference_split_size-without-ga-warns",
         lambda env: _tiny_trainer(env, [0, 1, 0, 1], gradient_alignment=False, reference_split_size=2),
         UserWarning,
@@ -561,6 +585,37 @@ CASES = [
     Case("cli-unknown-method", lambda env: env.bench_argv("--methods", "lorra"), 1, ("'lorra'", "lora"), True),
     Case("cli-unknown-attack", lambda env: env.bench_argv("--attacks", "nope"), 1, ("['nope']", "badnets"), True),
     Case("cli-data-missing", lambda env: env.bench_argv("--data", str(env.tmp / "nodata")), 1, ("nodata",), True),
+    Case(
+        "cli-train-files-and-attack",
+        lambda env: env.train_argv("--data", str(env.data), "--attack", ATTACK),
+        1,
+        ("--attack 'badnets'", "--train", "--dev"),
+        True,
+    ),
+    Case(
+        "cli-train-no-files",
+        lambda env: ["train", "--method", "lora", "--model", str(env.model), "--quiet"],
+        1,
+        ("--train and --dev required", "--attack NAME"),
+        True,
+    ),
+    Case(
+        "cli-train-unknown-attack",
+        lambda env: ["train", "--method", "lora", "--data", str(env.data), "--attack", "nope", "--quiet"],
+        1,
+        ("attack 'nope' not found", "badnets"),
+        True,
+    ),
+    Case(
+        "cli-eval-unknown-task",
+        lambda env: (
+            ["eval", "--adapter", str(env.cell / "adapter"), "--data", str(env.data), "--task", "x"]
+            + ["--attack", ATTACK]
+        ),
+        1,
+        ("task 'x' not found", "sst-2"),
+        True,
+    ),
     Case(
         "cli-curve-sizes-0", lambda env: ["curve", *env.bench_argv()[5:], "--sizes", "0"], 1, ("--sizes", "[0]"), True
     ),

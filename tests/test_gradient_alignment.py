@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from peft_musclelora import (
     align_gradients,
 )
 from peft_musclelora.gradient_alignment import select_branch
+from peft_musclelora.trainer import reference_split_indices, stratified_quotas
 from tests.ga_helpers import tiny_bert, token_dataset, trainable_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,6 +313,42 @@ def test_reference_split_takes_seeded_rows_out_of_the_eval_set(tmp_path):
     assert len(first.reference_dataset) == 5 and len(first.eval_dataset) == 7
     assert reference | rest == eval_ids and not reference & rest
     assert first.reference_dataset["input_ids"] == second.reference_dataset["input_ids"]
+
+
+def test_stratified_reference_split_gives_each_label_its_share_and_stays_seeded(tmp_path):
+    labels = [0] * 9 + [1] * 3  # 12 eval rows, a quarter of label 1
+    eval_set = token_dataset(12, seed=3).remove_columns("labels").add_column("labels", labels)
+    args = make_args(tmp_path, reference_split_size=4, reference_stratify=True)
+    trainers = [
+        MuScleLoraTrainer(
+            model=tiny_bert(),
+            args=args,
+            train_dataset=token_dataset(16, seed=1),
+            eval_dataset=eval_set,
+            data_collator=default_data_collator,
+        )
+        for _ in range(2)
+    ]
+    assert sorted(trainers[0].reference_dataset["labels"]) == [0, 0, 0, 1]
+    assert sorted(trainers[0].eval_dataset["labels"]) == [0] * 6 + [1] * 2
+    assert trainers[0].reference_dataset["input_ids"] == trainers[1].reference_dataset["input_ids"]
+    expected = reference_split_indices(12, 4, seed=0, labels=labels)[0]
+    assert trainers[0].reference_dataset["input_ids"] == [eval_set[i]["input_ids"] for i in expected]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stratified_quotas_sum_to_the_size_and_follow_the_label_shares(seed):
+    rng = random.Random(seed)
+    counts = {label: rng.randint(1, 60) for label in range(rng.randint(2, 6))}
+    size = rng.randint(len(counts), sum(counts.values()))
+    quotas = stratified_quotas(counts, size)
+    total = sum(counts.values())
+    assert sum(quotas.values()) == size
+    shares = {label: size * count / total for label, count in counts.items()}
+    for label, count in counts.items():
+        assert 1 <= quotas[label] <= count  # every label kept (size >= labels), never more rows than it has
+        if min(shares.values()) >= 1:  # no label needed the at-least-one rule: largest remainder rounding
+            assert abs(quotas[label] - shares[label]) < 1
 
 
 def test_missing_reference_source_is_an_error(tmp_path):

@@ -209,7 +209,7 @@ def _run_preset(ctx: CellContext) -> dict[str, Any]:
     training = ctx.spec.preset.training
     ctx.check_tests()
     if training.gradient_alignment:  # the same split GA makes, checked here so that a lack of rows reads as n/a
-        split_trusted(ctx.dev(), training.reference_split_size, ctx.seed)
+        split_trusted(ctx.dev(), training.reference_split_size, ctx.seed, training.ga.reference_stratify)
     return ctx.train(ctx.spec.overrides, ctx.files.train, ctx.files.dev, ctx.directory, extra=ctx.extra)
 
 
@@ -229,7 +229,9 @@ def _clean_only_epochs(preset: MethodPreset) -> MethodPreset:
 def _run_clean_only(ctx: CellContext) -> dict[str, Any]:
     ctx.check_tests()
     preset = ctx.spec.preset
-    trusted, rest = split_trusted(ctx.dev(), preset.training.reference_split_size, ctx.seed)
+    trusted, rest = split_trusted(
+        ctx.dev(), preset.training.reference_split_size, ctx.seed, preset.training.ga.reference_stratify
+    )
     extra = {**ctx.extra, "trusted_rows": len(trusted), "dev_rows_for_selection": len(rest)}
     overrides = {**ctx.spec.overrides, **NO_SUBSAMPLE, "num_train_epochs": preset.training.clean_only_epochs}
     return ctx.train(overrides, trusted, rest, ctx.directory, extra=extra)

@@ -198,13 +198,14 @@ class TrainingSettings:
 
     def row_filter_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `MuScleLoraTrainingArguments` for row filtering (empty when it is off): every field of
-        `row_filter`; the trusted rows are the GA reference split, so its size is passed too (with GA off when GA is
-        off)."""
+        `row_filter`; the trusted rows are the GA reference split, so its size and stratification are passed too (with
+        GA off when GA is off)."""
         if not self.row_filter.row_filter:
             return {}
         kwargs = {f.name: getattr(self.row_filter, f.name) for f in dataclasses.fields(self.row_filter)}
         if not self.ga.gradient_alignment:
-            kwargs.update(gradient_alignment=False, reference_split_size=self.ga.reference_split_size)
+            split = {name: getattr(self.ga, name) for name in ("reference_split_size", "reference_stratify")}
+            kwargs.update(gradient_alignment=False, **split)
         return kwargs
 
     @property

@@ -93,6 +93,28 @@ def test_train_then_eval_reproduces_the_test_metrics(
         assert evaluated[key] == pytest.approx(metrics[key])
 
 
+def test_train_and_eval_read_an_attack_folder_by_name(tiny_bert: Path, attack_dir: Path, tmp_path: Path) -> None:
+    files = attack_dir / "sst-2" / "poison" / "badnets"
+    out = tmp_path / "cell"
+    by_name = ["--data", str(attack_dir), "--task", "sst-2", "--attack", "badnets"]
+    argv = ["train", "--method", "lora", *by_name, "--model", str(tiny_bert), "--output-dir", str(out)]
+    assert main([*argv, "--set", "num_train_epochs=1", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    sources = {name: Path(entry["source"]).name for name, entry in metrics["data"].items()}
+    assert sources == {
+        "train": "train-mixed-0.1.csv",
+        "dev": "dev-clean.csv",
+        "test_clean": "test-clean.csv",
+        "test_poison": "test-poison.csv",
+    }
+    assert metrics["data"]["train"]["poisoned"] == 4 and "asr" in metrics
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--adapter", str(out / "adapter"), *by_name, "--output", str(report), "--quiet"]) == 0
+    evaluated = json.loads(report.read_text())
+    assert evaluated["cacc"] == pytest.approx(metrics["cacc"]) and evaluated["asr"] == pytest.approx(metrics["asr"])
+    assert str(files) in json.dumps(metrics["data"])
+
+
 def test_eval_of_a_directory_that_is_not_a_cell_fails_with_one_line(tmp_path: Path, capsys) -> None:
     assert main(["eval", "--adapter", str(tmp_path), "--clean", "a", "--poison", "b"]) == 1
     assert "not a saved benchmark cell" in capsys.readouterr().err

@@ -154,6 +154,31 @@ def test_reference_split_matches_the_gradient_alignment_trainer(tmp_path: Path) 
     assert chosen == expected
 
 
+def test_stratified_trusted_split_matches_the_trainer_and_covers_every_label(tmp_path: Path) -> None:
+    import datasets
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
+
+    labels = [0] * 40 + [1] * 6 + [2] * 4  # imbalanced: a random 10 often misses label 2
+    dev = datasets.Dataset.from_dict({"input_ids": [[2, i % 20 + 5, 3] for i in range(50)], "label": labels})
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8, num_labels=3
+        )
+    )
+    args = MuScleLoraTrainingArguments(
+        output_dir=str(tmp_path), reference_split_size=10, reference_stratify=True, seed=5, eval_strategy="epoch"
+    )
+    trainer = MuScleLoraTrainer(model=model, args=args, train_dataset=dev, eval_dataset=dev)
+    records = from_records([Record(f"text {i}", label) for i, label in enumerate(labels)], "dev", num_labels=3)
+    trusted, rest = split_trusted(records, 10, seed=5, stratify=True)
+    assert [int(t.split()[1]) for t in trusted.texts] == reference_split(50, 10, seed=5, labels=labels)[0]
+    assert trainer.reference_dataset["label"] == trusted.labels
+    assert sorted(trusted.labels) == [0] * 8 + [1, 2]
+    assert len(rest) == 40 and "stratified" in trusted.source
+
+
 def test_no_trusted_rows_to_spare_is_not_applicable() -> None:
     dev = from_records([Record(f"text {i}", i % 2) for i in range(10)], "dev")
     with pytest.raises(NotApplicable, match="reference_split_size=10 needs more than 10 clean dev rows"):

@@ -123,7 +123,8 @@ def _train(args: argparse.Namespace) -> Path:
     trainer_kwargs: dict[str, Any] = {}
     if preset.training.gradient_alignment:
         ga_kwargs = preset.training.ga_kwargs()
-        references, clean = split_trusted(clean, ga_kwargs.pop("reference_split_size"), args.seed)
+        size, stratify = ga_kwargs.pop("reference_split_size"), ga_kwargs.pop("reference_stratify")
+        references, clean = split_trusted(clean, size, args.seed, stratify)
         trainer_cls, arguments_cls = MuScleLoraTrainer, MuScleLoraTrainingArguments
         arguments.update(ga_kwargs)
         trainer_kwargs["reference_dataset"] = tokenize(references, tokenizer, args.max_length)

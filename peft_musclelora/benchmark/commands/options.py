@@ -97,7 +97,7 @@ def add_run_options(parser: argparse.ArgumentParser, output_dir: str, preset_hel
     parser.set_defaults(seed=None)
 
 
-def add_data_options(parser: Any) -> None:
+def add_data_options(parser: Any, num_labels: bool = True) -> None:
     """`--data`, `--task` and `--num-labels`: where the OpenBackdoor-layout data is and how many classes it has."""
     data_help = "Data dir holding <task>/poison/<attack>/ (default: $MUSCLELORA_DATA, then ../shared/data)"
     parser.add_argument("--data", default=None, help=data_help)
@@ -106,7 +106,38 @@ def add_data_options(parser: Any) -> None:
         default=DEFAULT_TASK,
         help=f"Task folder of the data dir (default {DEFAULT_TASK}); any folder with poison/",
     )
-    parser.add_argument("--num-labels", type=num_labels_type, default=None, help=NUM_LABELS_HELP)
+    if num_labels:
+        parser.add_argument("--num-labels", type=num_labels_type, default=None, help=NUM_LABELS_HELP)
+
+
+def add_attack_option(parser: Any, reads: str) -> None:
+    """`--attack NAME` (with `--data`, `--task`): take `reads` from `<data>/<task>/poison/NAME/` instead of naming
+    each file."""
+    parser.add_argument(
+        "--attack", default=None, help=f"Read {reads} from <data>/<task>/poison/ATTACK/ instead of naming the files"
+    )
+
+
+def files_or_attack(args: argparse.Namespace, files: dict[str, str], required: tuple[str, ...]) -> dict[str, Any]:
+    """The files a command reads: the options in `files` (`{attribute: attack field}`), or, with `--attack`, the
+    attack's files of that name. Either one or the other: a mix, or neither, is a one-line `ValueError`."""
+    given = {name: getattr(args, name) for name in files}
+    flag = {name: "--" + name.replace("_", "-") for name in files}
+    if args.attack is None:
+        missing = [flag[name] for name in required if given[name] is None]
+        if missing:
+            raise ValueError(
+                f"{' and '.join(missing)} required, or --attack NAME to read the files of "
+                "<data>/<task>/poison/NAME/ (see --data, --task)."
+            )
+        return given
+    named = [flag[name] for name, value in given.items() if value is not None]
+    if named:
+        raise ValueError(f"--attack {args.attack!r} reads the attack's files; drop {', '.join(named)} or --attack.")
+    shared = SharedData.resolve(args.data, args.task)
+    shared.check_task()
+    attack = shared.attack_files(args.attack)
+    return {name: getattr(attack, field) for name, field in files.items()}
 
 
 def add_column_options(parser: Any, label_names: bool = True) -> None:

@@ -1,4 +1,7 @@
-"""`musclelora train`: train one method preset on one training file, then score it on the test files."""
+"""`musclelora train`: train one method preset on one training file, then score it on the test files.
+
+The files are named (`--train`, `--dev`, `--test-clean`, `--test-poison`) or taken from one attack folder of the
+OpenBackdoor layout (`--attack NAME`, with `--data` and `--task` as in `bench`)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,10 @@ from ..data import load_splits
 from ..overrides import parse_preset_items
 from ..presets import PRESETS, get_preset
 from ..runner import train_cell
-from .options import NUM_LABELS_HELP, add_column_options, add_common, num_labels_type
+from .options import add_attack_option, add_column_options, add_common, add_data_options, files_or_attack
+
+# `--train` etc. and the attack file each stands for with `--attack`
+FILES = {"train": "train", "dev": "dev", "test_clean": "test_clean", "test_poison": "test_poison"}
 
 HEADLINE = (
     "method",
@@ -33,15 +39,16 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--method", required=True, choices=list(PRESETS), help="Method preset")
     parser.add_argument(
         "--train",
-        required=True,
+        default=None,
         help="Training file: OpenBackdoor CSV, CSV/TSV/JSONL with named columns, or a save_to_disk directory",
     )
-    parser.add_argument("--dev", required=True, help="Clean dev file for checkpoint selection")
+    parser.add_argument("--dev", default=None, help="Clean dev file for checkpoint selection")
     parser.add_argument("--test-clean", default=None, help="Clean test file (CACC, false-target rate)")
     parser.add_argument("--test-poison", default=None, help="Triggered test file (ASR)")
     parser.add_argument("--output-dir", default="musclelora-out", help="Output directory (default musclelora-out)")
     parser.add_argument("--print-preset", action="store_true", help="Print the preset with overrides and exit")
-    parser.add_argument("--num-labels", type=num_labels_type, default=None, help=NUM_LABELS_HELP)
+    add_attack_option(parser, "--train (train-mixed-*.csv), --dev (dev-clean.csv) and the two test files")
+    add_data_options(parser)
     add_column_options(parser)
     add_common(parser)
     parser.set_defaults(func=run)
@@ -53,11 +60,11 @@ def run(args: argparse.Namespace) -> int:
     if args.print_preset:
         print(preset.format())
         return 0
+    files = files_or_attack(args, FILES, required=("train", "dev"))
     # Every file is read with the labels of the training file before anything trains.
-    tests = {"test_clean": args.test_clean, "test_poison": args.test_poison}
-    others = {"dev": args.dev, **{name: path for name, path in tests.items() if path is not None}}
+    others = {name: path for name, path in files.items() if name != "train" and path is not None}
     columns = {"text_column": args.text_column, "label_column": args.label_column, "label_names": args.label_names}
-    labels, train, data = load_splits(args.train, others, args.num_labels, **columns)
+    labels, train, data = load_splits(files["train"], others, args.num_labels, **columns)
     labels.check_target(args.target_label)
     result = train_cell(
         preset,
