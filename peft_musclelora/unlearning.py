@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .row_filter import RowFilterArguments, _loader, subset_rows
+from .row_filter import RowFilterArguments, _loader, length_order, subset_rows
 
 
 def correct_and_total(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -50,7 +50,10 @@ def guard_accuracy(trainer: Any, model: torch.nn.Module, dataset: Any) -> float:
     correct = total = 0
     model.eval()
     try:
-        for batch in _loader(trainer, dataset, trainer.args.per_device_eval_batch_size):
+        batches = _loader(
+            trainer, subset_rows(dataset, length_order(dataset)), trainer.args.per_device_eval_batch_size
+        )
+        for batch in batches:
             inputs = trainer._prepare_inputs(batch)
             with trainer.autocast_smart_context_manager():
                 logits = model(**inputs).logits

@@ -11,9 +11,11 @@ from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
 from peft_musclelora.row_filter import (
     ROW_FILTER_FILE,
     RowFilterArguments,
+    _score,
     choose_cutoffs,
     decide_rows,
     fold_assignment,
+    length_order,
     per_row_loss,
     percentile_ranks,
     run_row_filter,
@@ -133,13 +135,14 @@ def _args(tmp_path, **overrides):
     return MuScleLoraTrainingArguments(**settings)
 
 
-def _trainer(tmp_path, train=None, **overrides):
+def _trainer(tmp_path, train=None, data_collator=None, **overrides):
     train = token_dataset(48, seed=1) if train is None else train
     return MuScleLoraTrainer(
         model=tiny_bert(seed=0),
         args=_args(tmp_path, **overrides),
         train_dataset=train,
         reference_dataset=token_dataset(40, seed=2),
+        data_collator=data_collator,
     )
 
 
@@ -151,6 +154,34 @@ def test_probes_leave_the_weights_and_the_random_state_as_they_found_them(tmp_pa
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert torch.equal(rng, torch.random.get_rng_state())
     assert len(report["rows"]) == 48 and len(report["rows"][0]["losses"]) == 2
+
+
+def _pad(rows):
+    width = max(len(row["input_ids"]) for row in rows)
+    pad = [width - len(row["input_ids"]) for row in rows]
+    return {
+        "input_ids": torch.tensor([row["input_ids"] + [0] * n for row, n in zip(rows, pad)]),
+        "attention_mask": torch.tensor([[1] * len(row["input_ids"]) + [0] * n for row, n in zip(rows, pad)]),
+        "labels": torch.tensor([row["labels"] for row in rows]),
+    }
+
+
+def test_scoring_batches_rows_by_length_and_returns_each_rows_own_loss_in_dataset_order(tmp_path):
+    lengths = torch.randint(2, 9, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    rows = token_dataset(30, seed=5)
+
+    def cut(row, i):
+        return {name: row[name][: lengths[i]] for name in ("input_ids", "attention_mask")}
+
+    ragged = rows.map(cut, with_indices=True)
+    trainer = _trainer(tmp_path, train=ragged, data_collator=_pad)
+    losses, groups = _score(trainer, trainer.model, ragged)
+    trainer.model.eval()
+    with torch.no_grad():  # one row per forward: no padding at all
+        alone = [per_row_loss(trainer.model(**_pad([row])).logits, torch.tensor([row["labels"]])) for row in ragged]
+    assert groups == ragged["labels"]
+    assert torch.allclose(losses, torch.cat(alone).double(), rtol=1e-4, atol=1e-6)  # float rounding only
+    assert length_order(ragged)[0] == lengths.index(max(lengths))
 
 
 def test_training_with_the_filter_is_training_on_the_kept_rows(tmp_path):
