@@ -113,6 +113,15 @@ class RowFilterArguments:
     row_filter_unlearn_eval_every: int = field(
         default=10, metadata={"help": "Unlearning steps between two guard evaluations on the trusted rows (>= 1)."}
     )
+    row_filter_unlearn_significance: Optional[float] = field(
+        default=0.01,
+        metadata={
+            "help": "Unlearn only when the share of training rows isolated as fit-early exceeds the trusted rows' "
+            "fit-early share by a one-sided two-proportion z-test at this level (no evidence of a shortcut: the "
+            "isolated rows are as clean as the trusted ones, and unlearning them would blur the task). In (0, 1); "
+            "None: always unlearn."
+        },
+    )
     row_filter_unlearn_max_guard_drop: float = field(
         default=0.01,
         metadata={
@@ -141,6 +150,8 @@ class RowFilterArguments:
         check_int("row_filter_unlearn_eval_every", self.row_filter_unlearn_eval_every)
         check_number("row_filter_unlearn_learning_rate", self.row_filter_unlearn_learning_rate, "> 0", _positive, True)
         check_number("row_filter_unlearn_cap", self.row_filter_unlearn_cap, "> 0", _positive, True)
+        significance = self.row_filter_unlearn_significance
+        check_number("row_filter_unlearn_significance", significance, "in (0, 1)", lambda v: 0 < v < 1, True)
         guard = self.row_filter_unlearn_max_guard_drop
         check_number("row_filter_unlearn_max_guard_drop", guard, "in [0, 1)", lambda v: 0 <= v < 1)
 
@@ -205,8 +216,9 @@ def choose_cutoffs(reference_low: torch.Tensor, reference_high: torch.Tensor, ma
 @dataclass
 class RowDecisions:
     """What [`decide_rows`] decided: per training row its percentile at each probe step, `low`/`high` (their min and
-    max) and a reason (`keep`, `fit-early`, `contradicted`), the cut-offs and the share of trusted rows the same rule
-    flags."""
+    max) and a reason (`keep`, `fit-early`, `contradicted`), the cut-offs, the share of trusted-row scores the same
+    rule flags (both tails, and the low tail alone: the fit-early rate of clean rows) and the number of trusted
+    rows."""
 
     low: list[float]
     high: list[float]
@@ -215,6 +227,8 @@ class RowDecisions:
     low_cut: float
     high_cut: float
     reference_flagged: float
+    reference_low_flagged: float
+    reference_rows: int
 
     @property
     def kept(self) -> list[int]:
@@ -234,6 +248,8 @@ class RowDecisions:
             "low_cut": self.low_cut,
             "high_cut": self.high_cut,
             "reference_flagged": self.reference_flagged,
+            "reference_low_flagged": self.reference_low_flagged,
+            "reference_rows": self.reference_rows,
         }
 
 
@@ -303,7 +319,18 @@ def decide_rows(
         else:
             reasons.append("keep")
     flagged = float(((all_low < low_cut) | (all_high > high_cut)).double().mean())
-    return RowDecisions(low.tolist(), high.tolist(), percentiles.T.tolist(), reasons, low_cut, high_cut, flagged)
+    low_flagged = float((all_low < low_cut).double().mean())
+    return RowDecisions(
+        low.tolist(),
+        high.tolist(),
+        percentiles.T.tolist(),
+        reasons,
+        low_cut,
+        high_cut,
+        flagged,
+        low_flagged,
+        len(reference_groups),
+    )
 
 
 def per_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -22,14 +22,17 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Subset
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
 
 from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArguments, _is_dtensor, align_gradients
 from .row_filter import ROW_FILTER_FILE, RowFilterArguments, run_row_filter, subset_rows
-from .unlearning import run_unlearning
+from .unlearning import isolation_evidence, run_unlearning
 
 # Resumable GA state, in a folder of its own inside each checkpoint so the Trainer's weight loading never sees it:
 # JSON for the sampler and scalars, safetensors for the cached reference gradient (nothing is pickled); under FSDP2 the
 # sharded reference gradient is a torch.distributed.checkpoint folder instead (each rank writes its shard).
+logger = logging.get_logger(__name__)
+
 GA_STATE_DIR = "gradient_alignment"
 GA_STATE_NAME = "state.json"
 GA_REF_GRADS_NAME = "ref_grads.safetensors"
@@ -522,7 +525,10 @@ class GradientAlignmentMixin:
             reference_dataset=self.reference_dataset,
             seed=self._ga_seed,
             progress=not self.args.disable_tqdm,
+            evidence=isolation_evidence(report["summary"], self.row_filter_args.row_filter_unlearn_significance),
         )
+        if unlearning["skipped"] is not None:
+            logger.info("row filter: unlearning skipped: %s", unlearning["skipped"])
         report["unlearning"] = unlearning
         self._write_row_filter_report(report)
         self.log(
@@ -531,6 +537,8 @@ class GradientAlignmentMixin:
                 for key in ("isolated", "chosen_step", "guard_start", "guard_end")
                 if unlearning[key] is not None
             }
+            | {"row_filter/unlearn_skipped": float(unlearning["skipped"] is not None)}
+            | ({"row_filter/unlearn_evidence_z": unlearning["evidence"]["z"]} if unlearning["evidence"] else {})
         )
 
     def _write_row_filter_report(self, report: dict[str, Any]) -> None:

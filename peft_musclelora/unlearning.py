@@ -12,14 +12,21 @@ another class. Because an insertion trigger is shared by every poisoned row, unl
 the trigger for all of them. The kept rows, not the trusted ones, carry the clean task through the phase, so the
 trusted rows stay unseen and serve as the guard: every `eval_every` steps their accuracy is measured, and the phase
 ends on the last measured state whose accuracy is at most `max_guard_drop` below where it started.
+
+Unlearning acts only on evidence of a shortcut ([`isolation_evidence`]): the filter's low cut-off also flags a
+small share of clean rows, which the trusted rows measure (their own fit-early rate). When the training rows are
+isolated no more often than that (a one-sided two-proportion z-test at `row_filter_unlearn_significance`), the
+isolated rows are as clean as the trusted ones, and pushing them to chance would blur the task; the phase is then
+skipped and the trained model kept.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -80,6 +87,42 @@ def _default_cap(logits: torch.Tensor) -> float:
     return math.log(logits.size(-1))
 
 
+def isolation_evidence(summary: Mapping[str, Any], significance: Optional[float]) -> dict[str, Any]:
+    """Whether the fit-early rows of a row-filter `summary` are more than the clean rate the trusted rows show.
+
+    The z statistic compares the training rows' fit-early share (`fit_early / rows`) with the trusted rows'
+    (`reference_low_flagged`, over `reference_rows`), pooled; `passed` when it exceeds the one-sided normal quantile
+    of `significance` (always, for `significance=None`). A summary written before the trusted low-tail share was
+    recorded falls back to the cut-off's bound, half of `max_clean_drop` (harder to pass, never easier).
+
+    Example:
+        >>> summary = {"rows": 6920, "fit_early": 311, "reference_low_flagged": 0.016, "reference_rows": 400}
+        >>> evidence = isolation_evidence(summary, 0.01)
+        >>> round(evidence["z"], 2), evidence["passed"]
+        (2.76, True)
+        >>> isolation_evidence({**summary, "fit_early": 119}, 0.01)["passed"]  # 1.7 % isolated: no evidence
+        False
+    """
+    rows, isolated = int(summary["rows"]), int(summary["fit_early"])
+    reference_share = summary.get("reference_low_flagged")
+    if reference_share is None:
+        reference_share = float(summary["max_clean_drop"]) / 2
+    reference_rows = int(summary.get("reference_rows") or 1)
+    share = isolated / max(rows, 1)
+    pooled = (isolated + reference_share * reference_rows) / (rows + reference_rows)
+    spread = math.sqrt(pooled * (1 - pooled) * (1 / max(rows, 1) + 1 / reference_rows))
+    z = (share - reference_share) / spread if spread > 0 else (math.inf if share > reference_share else 0.0)
+    threshold = None if significance is None else statistics.NormalDist().inv_cdf(1 - significance)
+    return {
+        "isolated_share": share,
+        "reference_share": reference_share,
+        "z": z,
+        "significance": significance,
+        "threshold": threshold,
+        "passed": threshold is None or z > threshold,
+    }
+
+
 def run_unlearning(
     trainer: Any,
     args: RowFilterArguments,
@@ -88,22 +131,33 @@ def run_unlearning(
     reference_dataset: Any,
     seed: int,
     progress: bool = True,
+    evidence: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
     """Unlearn `isolated_dataset` on `trainer.model` in place while fitting `kept_dataset`, guarded by the
     accuracy on `reference_dataset` (the trusted rows); see the module docstring.
 
-    Every trainable parameter ends at the chosen (guarded) state; torch's random state is restored.
+    Every trainable parameter ends at the chosen (guarded) state; torch's random state is restored. With an
+    `evidence` ([`isolation_evidence`]) that did not pass, nothing is trained and the model is left as it is.
 
     Returns:
-        The report stored under `unlearning` in `row_filter.json`: `isolated` rows, `cap`, `learning_rate`,
-        `steps`, the `guard` trajectory (step, trusted accuracy, isolated rows' mean loss of the batch),
-        `chosen_step`, `guard_start` / `guard_end` and `seconds`.
+        The report stored under `unlearning` in `row_filter.json`: `isolated` rows, `evidence`, `skipped` (why
+        nothing was trained, or None), `cap`, `learning_rate`, `steps`, the `guard` trajectory (step, trusted
+        accuracy, isolated rows' mean loss of the batch), `chosen_step`, `guard_start` / `guard_end` and `seconds`.
     """
     model = trainer.model
     params = [param for param in model.parameters() if param.requires_grad]
     lr = args.row_filter_unlearn_learning_rate or trainer.args.learning_rate
     report: dict[str, Any] = {"isolated": len(isolated_dataset), "learning_rate": lr, "cap": None, "steps": 0}
+    report.update(evidence=None if evidence is None else dict(evidence), skipped=None)
     if len(isolated_dataset) == 0 or not params:
+        report["skipped"] = "no isolated rows" if params else "no trainable parameters"
+    elif evidence is not None and not evidence["passed"]:
+        report["skipped"] = (
+            f"no evidence of a shortcut: {evidence['isolated_share']:.2%} of the training rows isolated against "
+            f"{evidence['reference_share']:.2%} of the trusted rows (z = {evidence['z']:.2f}, needs > "
+            f"{evidence['threshold']:.2f})"
+        )
+    if report["skipped"] is not None:
         return {**report, "guard": [], "chosen_step": 0, "guard_start": None, "guard_end": None, "seconds": 0.0}
     start_time = time.perf_counter()
     batch_size = trainer.args.per_device_train_batch_size

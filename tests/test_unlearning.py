@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from peft_musclelora.row_filter import ROW_FILTER_FILE, RowFilterArguments, per_row_loss, subset_rows
-from peft_musclelora.unlearning import _default_cap, correct_and_total, guard_accuracy, run_unlearning
+from peft_musclelora.unlearning import (
+    _default_cap,
+    correct_and_total,
+    guard_accuracy,
+    isolation_evidence,
+    run_unlearning,
+)
 
 from .ga_helpers import trainable_state
 from .test_row_filter import _trainer
@@ -40,6 +46,8 @@ def test_the_default_cap_is_chance_among_the_classes_and_generation_must_set_one
         ({"row_filter_unlearn_cap": -1.0}, ValueError, "`row_filter_unlearn_cap`.*-1.0"),
         ({"row_filter_unlearn_learning_rate": float("nan")}, TypeError, "`row_filter_unlearn_learning_rate`.*nan"),
         ({"row_filter_unlearn_max_guard_drop": 1.0}, ValueError, "`row_filter_unlearn_max_guard_drop`.*1.0"),
+        ({"row_filter_unlearn_significance": 0.0}, ValueError, "`row_filter_unlearn_significance`.*0.0"),
+        ({"row_filter_unlearn_significance": "1%"}, TypeError, "`row_filter_unlearn_significance`.*'1%'"),
     ],
 )
 def test_invalid_unlearning_settings_name_the_field_and_the_value(overrides, error, match):
@@ -48,7 +56,9 @@ def test_invalid_unlearning_settings_name_the_field_and_the_value(overrides, err
 
 
 def _unlearning_trainer(tmp_path, **overrides):
+    # No evidence test: the tiny set has no shortcut to find; these tests are about the phase itself.
     settings = {"row_filter_unlearn": True, "row_filter_unlearn_steps": 6, "row_filter_unlearn_eval_every": 2}
+    settings["row_filter_unlearn_significance"] = None
     return _trainer(tmp_path, **{**settings, **overrides})
 
 
@@ -112,3 +122,49 @@ def test_without_isolated_rows_unlearning_changes_nothing(tmp_path):
     after = trainable_state(trainer.model)
     assert report["steps"] == 0 and report["isolated"] == 0
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+# ---- the evidence test ----
+
+
+def _summary(fit_early, rows=2000, reference_low=0.02, reference_rows=400):
+    return {
+        "rows": rows,
+        "fit_early": fit_early,
+        "reference_low_flagged": reference_low,
+        "reference_rows": reference_rows,
+    }
+
+
+def test_rows_isolated_at_the_clean_rate_are_no_evidence_and_a_clear_excess_is():
+    assert not isolation_evidence(_summary(40), 0.01)["passed"]  # 2 %, as often as the trusted rows
+    assert not isolation_evidence(_summary(10), 0.01)["passed"]  # fewer than the trusted rows
+    assert isolation_evidence(_summary(200), 0.01)["passed"]  # 10 %
+    assert isolation_evidence(_summary(40), None)["passed"]  # no test: always unlearn
+
+
+def test_the_test_is_one_sided_at_the_given_level():
+    # z between the 1 % and 10 % one-sided quantiles (2.33, 1.28): passes at 10 %, not at 1 %
+    evidence = isolation_evidence(_summary(80), 0.01)
+    assert 1.28 < evidence["z"] < 2.33
+    assert not evidence["passed"] and isolation_evidence(_summary(80), 0.1)["passed"]
+
+
+def test_a_summary_without_the_trusted_low_share_uses_the_cutoffs_bound():
+    old = {"rows": 2000, "fit_early": 60, "reference_rows": 400, "max_clean_drop": 0.04}
+    assert isolation_evidence(old, 0.1)["reference_share"] == pytest.approx(0.02)
+
+
+def test_without_evidence_the_phase_is_skipped_and_the_trained_model_kept(tmp_path):
+    gated = _unlearning_trainer(tmp_path / "gated", row_filter_unlearn_significance=0.01, logging_steps=1)
+    gated.train()
+    phase = gated.row_filter_report["unlearning"]
+    assert not phase["evidence"]["passed"] and phase["skipped"].startswith("no evidence of a shortcut")
+    assert phase["steps"] == 0 and phase["chosen_step"] == 0 and phase["guard"] == []
+    assert gated.state.log_history[-1]["row_filter/unlearn_skipped"] == 1.0
+    saved = json.loads((tmp_path / "gated" / "out" / ROW_FILTER_FILE).read_text())
+    assert saved["unlearning"]["skipped"] == phase["skipped"]
+    plain = _trainer(tmp_path / "plain")  # fit-gap alone: filter and train, no unlearning
+    plain.train()
+    a, b = trainable_state(gated.model), trainable_state(plain.model)
+    assert all(torch.equal(a[name], b[name]) for name in a)

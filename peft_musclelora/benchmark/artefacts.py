@@ -180,8 +180,10 @@ def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: 
     dropped = [decision["reason"] != "keep" for decision in report["rows"]]
     poisoned = [record.poisoned for record in train_data.records]
     clean_rows, poisoned_rows = poisoned.count(False), poisoned.count(True)
-    keys = ("isolated", "cap", "chosen_step", "guard_start", "guard_end", "seconds")
-    unlearning = {f"unlearn_{key}": phase[key] for key in keys} if phase else {}
+    keys = ("isolated", "skipped", "cap", "chosen_step", "guard_start", "guard_end", "seconds")
+    unlearning = {f"unlearn_{key}": phase.get(key) for key in keys} if phase else {}
+    if phase and phase.get("evidence"):
+        unlearning["unlearn_evidence_z"] = phase["evidence"]["z"]
     return {
         **report["summary"],
         **unlearning,

@@ -46,6 +46,7 @@ def test_a_fit_gap_unlearn_cell_reports_the_unlearning_phase(
 ) -> None:
     out = tmp_path / "cell"
     items = ["row_filter_max_clean_drop=0.45", "row_filter_unlearn_steps=4", "row_filter_unlearn_eval_every=2"]
+    items.append("row_filter_unlearn_significance=none")  # 44 rows are too few for the evidence test
     assert _train(tiny_bert, attack_dir, out, "fit-gap-unlearn", items) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     decisions = json.loads((out / "row_filter.json").read_text())
@@ -53,3 +54,16 @@ def test_a_fit_gap_unlearn_cell_reports_the_unlearning_phase(
     assert phase["isolated"] == metrics["row_filter"]["unlearn_isolated"] == metrics["row_filter"]["fit_early"]
     assert metrics["row_filter"]["unlearn_chosen_step"] == phase["chosen_step"] in (0, 2, 4)
     assert phase["isolated"] > 0 and [point["step"] for point in phase["guard"]] == [0, 2, 4]
+    assert phase["skipped"] is None and metrics["row_filter"]["unlearn_skipped"] is None
+
+
+def test_a_fit_gap_unlearn_cell_reports_a_skipped_phase_and_its_evidence(
+    tiny_bert: Path, attack_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cell"
+    assert _train(tiny_bert, attack_dir, out, "fit-gap-unlearn", ["row_filter_unlearn_significance=0.001"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    phase = json.loads((out / "row_filter.json").read_text())["unlearning"]
+    assert not phase["evidence"]["passed"] and phase["guard"] == []
+    assert metrics["row_filter"]["unlearn_skipped"] == phase["skipped"]
+    assert metrics["row_filter"]["unlearn_evidence_z"] == phase["evidence"]["z"] < phase["evidence"]["threshold"]

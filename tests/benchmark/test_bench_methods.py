@@ -48,6 +48,7 @@ def test_musclelora_is_the_published_recipe() -> None:
     assert preset.training.ga_kwargs() == {
         "gradient_alignment": True,
         "reference_split_size": 96,
+        "reference_stratify": False,  # the published split is seeded random
         "reference_batch_size": None,
         "ga_warmup_epochs": 1.0,
         "max_raw_grad_ratio": 0.1,
@@ -213,7 +214,8 @@ def test_fit_gap_is_lora_on_the_rows_its_row_filter_keeps() -> None:
     assert (kwargs["gradient_alignment"], kwargs["reference_split_size"]) == (False, 400)
     # every field of the library's RowFilterArguments goes through, whatever fields it gains
     library = dataclasses.asdict(RowFilterArguments(row_filter=True, row_filter_probe_learning_rate=1e-3))
-    assert kwargs == {**library, "gradient_alignment": False, "reference_split_size": 400}
+    split = {"reference_split_size": 400, "reference_stratify": False}  # the trusted split GA would make
+    assert kwargs == {**library, "gradient_alignment": False, **split}
     assert lora.training.row_filter_kwargs() == {}
 
 
