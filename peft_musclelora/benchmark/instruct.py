@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import shutil
 import time
@@ -59,10 +60,12 @@ from .runner import versions
 __all__ = ["InstructSettings", "InstructTemplate", "load_instruct_cell", "train_instruct"]
 
 #: `fit-gap`: LoRA on the rows fit-gap row filtering keeps, calibrated on `reference_rows` (experimental);
+#: `fit-gap-unlearn`: `fit-gap`, then the guarded unlearning of the rows it isolated as fit-early (experimental);
 #: `recommended`: the best measured instruction-tuning defense, `musclelora` (docs/llm.md).
-INSTRUCT_METHODS = ("lora", "musclelora", "fit-gap", "recommended")
+INSTRUCT_METHODS = ("lora", "musclelora", "fit-gap", "fit-gap-unlearn", "recommended")
 INSTRUCT_ALIASES = {"recommended": "musclelora"}
-_ROW_FILTER_METHODS = ("fit-gap",)
+#: The row-filter methods and what each sets on top of `settings.row_filter`.
+_ROW_FILTER_METHODS: dict[str, dict[str, Any]] = {"fit-gap": {}, "fit-gap-unlearn": {"row_filter_unlearn": True}}
 #: Gradient alignment of an instruction cell: 128 clean dev prompts as references, every gate open (the library's
 #: defaults: no warm-up, no raw mixing, no loss floor), as the reference's Llama-2 recipe.
 INSTRUCT_GA = GradientAlignmentArguments(gradient_alignment=True, reference_split_size=128)
@@ -258,8 +261,11 @@ def instruct_peft_config(method: str, settings: InstructSettings) -> Any:
     )
 
 
-def _sft_trainer(method: str, settings: InstructSettings) -> tuple[Any, Any, dict[str, Any]]:
-    """`(trainer class, config class, GA and row-filter config kwargs)`: the defended trainer when it is wanted."""
+def _sft_trainer(method: str, settings: InstructSettings, num_labels: int) -> tuple[Any, Any, dict[str, Any]]:
+    """`(trainer class, config class, GA and row-filter config kwargs)`: the defended trainer when it is wanted.
+
+    Unlearning's cap, unset, is chance among the `num_labels` answer words (`ln K` nats on the answer token: the
+    isolated rows end no likelier to get their label word than a coin among the label words)."""
     # trl is optional (the `llm` extra): imported here, by the instruction cells only.
     from trl import SFTConfig, SFTTrainer
 
@@ -279,6 +285,9 @@ def _sft_trainer(method: str, settings: InstructSettings) -> tuple[Any, Any, dic
     if row_filter:
         fields = dataclasses.fields(settings.row_filter)
         kwargs.update({f.name: getattr(settings.row_filter, f.name) for f in fields if f.name != "row_filter"})
+        kwargs.update(_ROW_FILTER_METHODS[method])
+        if kwargs["row_filter_unlearn"] and kwargs["row_filter_unlearn_cap"] is None:
+            kwargs["row_filter_unlearn_cap"] = math.log(num_labels)
     return MuScleLoraSFTTrainer, MuScleLoraSFTConfig, kwargs
 
 
@@ -303,7 +312,8 @@ def train_instruct(
     Args:
         method: `lora` (undefended) or `musclelora` (MSLR on `settings.mslr_target` plus gradient alignment on
             `settings.ga.reference_split_size` clean dev prompts); `fit-gap` (LoRA on the rows fit-gap row
-            filtering keeps); `recommended` (an alias of `musclelora`).
+            filtering keeps); `fit-gap-unlearn` (`fit-gap`, then the guarded unlearning of the fit-early rows);
+            `recommended` (an alias of `musclelora`).
         train: Training data (usually poisoned).
         dev: Clean dev data; gradient alignment takes its references from it.
         output_dir: Where `adapter/` and `metrics.json` go.
@@ -329,7 +339,7 @@ def train_instruct(
     reset_peak_rss()
     if (test_clean is None) != (test_poison is None):
         raise ValueError("test_clean and test_poison must be given together (or neither).")
-    trainer_cls, config_cls, ga_kwargs = _sft_trainer(method, settings)
+    trainer_cls, config_cls, ga_kwargs = _sft_trainer(method, settings, len(template.label_words))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(seed)

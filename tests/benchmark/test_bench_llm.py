@@ -399,4 +399,39 @@ def test_instruct_recommended_is_the_musclelora_recipe() -> None:
     from peft_musclelora.benchmark.instruct import INSTRUCT_ALIASES, _sft_trainer
 
     assert INSTRUCT_ALIASES["recommended"] == "musclelora"
-    assert _sft_trainer("musclelora", InstructSettings())[2]["gradient_alignment"] is True
+    assert _sft_trainer("musclelora", InstructSettings(), 2)[2]["gradient_alignment"] is True
+
+
+def test_instruct_fit_gap_unlearn_caps_the_answer_loss_at_chance_among_the_label_words() -> None:
+    from peft_musclelora.benchmark.instruct import _sft_trainer
+
+    kwargs = _sft_trainer("fit-gap-unlearn", InstructSettings(), 2)[2]
+    assert kwargs["row_filter"] and kwargs["row_filter_unlearn"] and not kwargs["gradient_alignment"]
+    assert kwargs["row_filter_unlearn_cap"] == pytest.approx(math.log(2))
+    chosen = apply_overrides(InstructSettings(), {"row_filter_unlearn_cap": 1.5})
+    assert _sft_trainer("fit-gap-unlearn", chosen, 2)[2]["row_filter_unlearn_cap"] == 1.5  # a set cap is kept
+    assert not _sft_trainer("fit-gap", InstructSettings(), 2)[2]["row_filter_unlearn"]
+
+
+def test_instruct_fit_gap_unlearn_runs_the_guarded_phase_on_the_completion_loss(
+    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = apply_overrides(
+        InstructSettings(r=4, per_device_train_batch_size=4, max_length=48),
+        {"reference_split_size": 8, "row_filter_probe_steps": [1, 2], "row_filter_max_clean_drop": 0.45}
+        | {"row_filter_unlearn_steps": 2, "row_filter_unlearn_eval_every": 1, "row_filter_unlearn_significance": None},
+    )
+    result = train_instruct(
+        "fit-gap-unlearn",
+        attack_files["train"],
+        attack_files["dev"],
+        tmp_path / "cell",
+        tiny_llama_dir,
+        settings=settings,
+        progress=False,
+    )
+    phase = json.loads((tmp_path / "cell" / "row_filter.json").read_text())["unlearning"]
+    assert result["method"] == "fit-gap-unlearn" and phase["isolated"] == result["row_filter"]["fit_early"]
+    assert phase["cap"] == pytest.approx(math.log(2)) and result["row_filter"]["unlearn_cap"] == phase["cap"]
+    assert phase["isolated"] > 0 and [point["step"] for point in phase["guard"]] == [0, 1, 2]
+    assert all(0.0 <= point["accuracy"] <= 1.0 for point in phase["guard"])
