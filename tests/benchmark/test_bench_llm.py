@@ -330,7 +330,8 @@ def test_instruct_passes_the_fail_closed_fallback_to_the_sft_trainer(
 ) -> None:
     from peft_musclelora.benchmark.instruct import _sft_trainer
 
-    _, config_cls, ga_kwargs = _sft_trainer("musclelora", apply_overrides(InstructSettings(), {"ga_fallback": "zero"}))
+    settings = apply_overrides(InstructSettings(), {"ga_fallback": "zero"})
+    _, config_cls, ga_kwargs = _sft_trainer("musclelora", settings, 2)
     config = config_cls(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, **ga_kwargs)
     assert config.ga_fallback == "zero"
     args = ["instruct", "--method", "musclelora", "--train", str(attack_files["train"])]
