@@ -5,6 +5,8 @@
 # label word; GA takes 64 clean-dev prompts as references (batches of 8). A cell whose metrics.json exists is kept
 # (delete its directory to retrain).
 # Variants: lora, musclelora (MSLR on down_proj + GA), ga-lora (LoRA + GA, no MSLR), mslr (MSLR, no GA),
+# fit-gap (LoRA on the rows the row filter keeps; the 64 references are its trusted rows), fit-gap-unlearn (fit-gap,
+# then the guarded unlearning of the fit-early rows),
 # musclelora@MODULE (MSLR on MODULE + GA, e.g. musclelora@up_proj).
 # Usage: bash benchmarks/instruct_bench.sh MODEL_DIR [OUTPUT_DIR] [ATTACKS] [VARIANTS]
 set -euo pipefail
@@ -18,7 +20,7 @@ for attack in ${attacks//,/ }; do
     d="$data/sst-2/poison/$attack"
     for variant in ${variants//,/ }; do
         case "$variant" in
-            lora | musclelora) method=(--method "$variant") ;;
+            lora | musclelora | fit-gap | fit-gap-unlearn) method=(--method "$variant") ;;
             ga-lora) method=(--method lora --set gradient_alignment=true) ;;
             mslr) method=(--method musclelora --set gradient_alignment=false) ;;
             musclelora@*) method=(--method musclelora --set "mslr_target=${variant#musclelora@}") ;;
@@ -31,7 +33,7 @@ for attack in ${attacks//,/ }; do
         fi
         musclelora instruct "${method[@]}" --model "$model" --load-in-4bit --train "$d/train-mixed-0.1.csv" \
             --dev "$d/dev-clean.csv" --test-clean "$d/test-clean.csv" --test-poison "$d/test-poison.csv" \
-            --set max_train_rows=400 --set max_test_rows=200 --set learning_rate=1e-3 --set reference_rows=64 \
+            --set max_train_rows=400 --set max_test_rows=200 --set learning_rate=1e-3 --set reference_split_size=64 \
             --set reference_batch_size=8 --quiet --output-dir "$cell"
     done
 done

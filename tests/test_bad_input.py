@@ -586,6 +586,13 @@ CASES = [
     Case("cli-unknown-attack", lambda env: env.bench_argv("--attacks", "nope"), 1, ("['nope']", "badnets"), True),
     Case("cli-data-missing", lambda env: env.bench_argv("--data", str(env.tmp / "nodata")), 1, ("nodata",), True),
     Case(
+        "cli-model-not-a-local-directory",
+        lambda env: env.train_argv("--model", "someone/some-model"),
+        1,
+        ("model 'someone/some-model'", "no such local directory", "never downloaded"),
+        True,
+    ),
+    Case(
         "cli-train-files-and-attack",
         lambda env: env.train_argv("--data", str(env.data), "--attack", ATTACK),
         1,

@@ -70,9 +70,31 @@ class _DropLoadReport(logging.Filter):
         return "LOAD REPORT" not in str(record.msg)
 
 
+def check_local_model(source: Union[str, os.PathLike]) -> Path:
+    """`source` as a path, when it is a local model directory (or `.gguf` file); a one-line `ValueError` otherwise.
+
+    Models are read from disk only: a name that is not a local path is refused here rather than looked up on a hub.
+
+    Example:
+        >>> check_local_model("no/such/model")
+        Traceback (most recent call last):
+        ...
+        ValueError: model 'no/such/model': no such local directory (models are read from disk, never downloaded).
+    """
+    path = Path(source)
+    if path.suffix == ".gguf" and not path.is_file():
+        raise ValueError(f"model {str(source)!r}: no such GGUF file.")
+    if path.suffix != ".gguf" and not path.is_dir():
+        raise ValueError(
+            f"model {str(source)!r}: no such local directory (models are read from disk, never downloaded)."
+        )
+    return path
+
+
 def load_tokenizer(model_dir: Union[str, os.PathLike]) -> Any:
     """The model's own tokenizer from its local directory, with a pad token (EOS for GPT-2/Llama)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    check_local_model(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"{model_dir}: tokenizer has neither a pad token nor an EOS token to pad with.")
@@ -102,8 +124,8 @@ def load_sequence_classifier(
     model_dir: Union[str, os.PathLike], num_labels: int, tokenizer: Any, load_in_4bit: bool = False
 ) -> tuple[Any, list[str]]:
     """The local sequence classifier at `model_dir` (pickles refused, safetensors only) and its missing weights."""
-    if Path(model_dir).is_dir():
-        refuse_pickles(model_dir, "model")
+    check_local_model(model_dir)
+    refuse_pickles(model_dir, "model")
     quant = {"quantization_config": quantization_config_4bit()} if load_in_4bit else {}
     # transformers logs a multi-line LOAD REPORT table for the classifier the base checkpoint lacks, on every cell;
     # that head is new by design (and restored from initialized_weights.safetensors on reload): one line instead.
@@ -117,6 +139,7 @@ def load_sequence_classifier(
             output_loading_info=True,
             trust_remote_code=False,
             use_safetensors=True,
+            local_files_only=True,
             **quant,
         )
     finally:
@@ -135,10 +158,10 @@ def load_sequence_classifier(
 def causal_lm_source(source: Union[str, os.PathLike]) -> tuple[str, dict[str, str]]:
     """`(directory, from_pretrained kwargs)` of a local causal LM: a model directory, or a `.gguf` file read with
     transformers' `gguf_file=`."""
-    path = Path(source)
+    path = check_local_model(source)
     if path.suffix == ".gguf":
-        return str(path.parent), {"gguf_file": path.name}
-    return str(path), {"use_safetensors": True}
+        return str(path.parent), {"gguf_file": path.name, "local_files_only": True}
+    return str(path), {"use_safetensors": True, "local_files_only": True}
 
 
 def load_causal_lm(
