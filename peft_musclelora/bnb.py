@@ -37,6 +37,42 @@ def is_bnb_quantized(module: nn.Module) -> bool:
     return bool(types) and isinstance(module, types)
 
 
+def keep_4bit_weights_trainable(model: nn.Module) -> int:
+    """Stop bitsandbytes repacking `model`'s 4-bit weights for its CPU inference kernel; the layers changed.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.48 to 0.50 at least) repacks a `Linear4bit` weight the first time the
+    layer runs in eval mode on an input that needs no gradient (any evaluation pass), and keeps it packed. The packed
+    kernel passes no gradient to its input, so every adapter upstream of a packed layer stops training: measured
+    here on SmolLM2-135M in NF4, after one evaluation pass none of its 120 LoRA tensors got a gradient again. A model
+    that is evaluated and trained again (per-epoch evaluation, the row filter's scoring, the unlearning guard) must
+    stay unpacked; weights already packed are unpacked. On GPU, and without bitsandbytes, nothing changes (0).
+
+    Example:
+        >>> from torch import nn
+        >>> keep_4bit_weights_trainable(nn.Linear(2, 2))  # no 4-bit layer
+        0
+    """
+    if not is_bnb_available():
+        return 0
+    import bitsandbytes as bnb
+
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+        quant_state = getattr(module.weight, "quant_state", None)
+        if quant_state is not None and getattr(quant_state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # the inverse bnb itself uses
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, quant_state
+            )
+    return changed
+
+
 def warn_if_lossy_merge(base_layer: nn.Module) -> None:
     """Warn that merging into a quantized base layer re-quantizes the weight and so changes the outputs."""
     if is_bnb_quantized(base_layer):

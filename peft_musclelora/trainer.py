@@ -24,6 +24,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .bnb import keep_4bit_weights_trainable
 from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArguments, _is_dtensor, align_gradients
 from .row_filter import ROW_FILTER_FILE, RowFilterArguments, run_row_filter, subset_rows
 from .unlearning import isolation_evidence, run_unlearning
@@ -360,6 +361,7 @@ class GradientAlignmentMixin:
 
         super().__init__(*args, **kwargs)
 
+        keep_4bit_weights_trainable(self.model)  # evaluation passes must not freeze a 4-bit model on CPU
         self.ga_args = ga_args
         self._row_filter_source: Any = None  # the unfiltered training set, once train() has filtered it
         self.row_filter_report: Optional[dict[str, Any]] = None

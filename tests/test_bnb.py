@@ -14,7 +14,8 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from peft_musclelora import MuScleLoraConfig, MuScleLoraLayer
+from peft_musclelora import MuScleLoraConfig, MuScleLoraLayer, MuScleLoraTrainer, MuScleLoraTrainingArguments
+from peft_musclelora.bnb import keep_4bit_weights_trainable
 
 from .bnb_helpers import assert_merge_is_the_bnb_round_trip
 from .conftest import SEED, make_inputs, model_output
@@ -99,6 +100,32 @@ def test_backward_reaches_only_the_adapters(tiny_llama_dir: Path, quantization: 
         for param in model.parameters()
         if param.requires_grad
     )
+
+
+def test_an_evaluation_pass_does_not_stop_a_4bit_model_from_training(tiny_llama_dir: Path) -> None:
+    # bitsandbytes repacks 4-bit weights for its CPU inference kernel in eval mode without grad (on CPUs with
+    # AVX512-BF16), and the packed kernel cuts the gradient: after keep_4bit_weights_trainable it never packs.
+    model = get_peft_model(load_quantized(tiny_llama_dir, "nf4"), make_config("kaiming"))
+    keep_4bit_weights_trainable(model)
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(layer, "support_avx512bf16_for_cpu", False) for layer in layers)
+    inputs = make_inputs()
+    with torch.no_grad():
+        model.eval()(**inputs)  # an evaluation pass, as between two epochs
+    model.train()(**inputs, labels=inputs["input_ids"]).loss.backward()
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert {name for name, param in model.named_parameters() if param.grad is not None} == trainable
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+
+
+def test_the_trainer_keeps_a_4bit_model_trainable(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    model = get_peft_model(load_quantized(tiny_llama_dir, "nf4"), make_config("kaiming"))
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on such a CPU; never run packed here
+    args = MuScleLoraTrainingArguments(output_dir=str(tmp_path), gradient_alignment=False, report_to=[], use_cpu=True)
+    MuScleLoraTrainer(model=model, args=args, train_dataset=[{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}])
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)

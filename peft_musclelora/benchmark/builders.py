@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
-from peft_musclelora.bnb import is_bnb_available
+from peft_musclelora.bnb import is_bnb_available, keep_4bit_weights_trainable
 from peft_musclelora.heads import (
     add_mslr_classification_head,
     body_and_head_config,
@@ -144,6 +144,7 @@ def load_sequence_classifier(
         )
     finally:
         report_logger.removeFilter(drop)
+    keep_4bit_weights_trainable(model)  # the plain Trainer evaluates every epoch and trains on
     model.config.pad_token_id = tokenizer.pad_token_id
     missing = sorted(info["missing_keys"])
     unexpected = [key for key in missing if key.split(".")[0] not in SEQ_CLS_CLASSIFIER_NAMES]
@@ -172,6 +173,7 @@ def load_causal_lm(
     directory, kwargs = causal_lm_source(source)
     quant = {"quantization_config": quantization_config_4bit()} if load_in_4bit else {}
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False, **kwargs, **quant)
+    keep_4bit_weights_trainable(model)
     if load_in_4bit and prepare_for_training:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
