@@ -92,8 +92,9 @@ def isolation_evidence(summary: Mapping[str, Any], significance: Optional[float]
 
     The z statistic compares the training rows' fit-early share (`fit_early / rows`) with the trusted rows'
     (`reference_low_flagged`, over `reference_rows`), pooled; `passed` when it exceeds the one-sided normal quantile
-    of `significance` (always, for `significance=None`). A summary written before the trusted low-tail share was
-    recorded falls back to the cut-off's bound, half of `max_clean_drop` (harder to pass, never easier).
+    of `significance` (always, for `significance=None`). A summary written before the trusted low-tail share and
+    count were recorded falls back to the cut-off's bound, half of `max_clean_drop`, and to one trusted row (both
+    make the test harder to pass, never easier).
 
     Example:
         >>> summary = {"rows": 6920, "fit_early": 311, "reference_low_flagged": 0.016, "reference_rows": 400}

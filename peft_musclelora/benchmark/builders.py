@@ -144,7 +144,6 @@ def load_sequence_classifier(
         )
     finally:
         report_logger.removeFilter(drop)
-    keep_4bit_weights_trainable(model)  # the plain Trainer evaluates every epoch and trains on
     model.config.pad_token_id = tokenizer.pad_token_id
     missing = sorted(info["missing_keys"])
     unexpected = [key for key in missing if key.split(".")[0] not in SEQ_CLS_CLASSIFIER_NAMES]
@@ -173,8 +172,8 @@ def load_causal_lm(
     directory, kwargs = causal_lm_source(source)
     quant = {"quantization_config": quantization_config_4bit()} if load_in_4bit else {}
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False, **kwargs, **quant)
-    keep_4bit_weights_trainable(model)
     if load_in_4bit and prepare_for_training:
+        keep_4bit_weights_trainable(model)  # evaluated, then trained on (a model only scored keeps bnb's fast kernel)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 
@@ -219,6 +218,7 @@ def build_model(
     model, missing = load_sequence_classifier(model_dir, num_labels, tokenizer, load_in_4bit)
     adapter = preset.adapter
     if load_in_4bit:
+        keep_4bit_weights_trainable(model)  # the plain Trainer evaluates every epoch and trains on
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=preset.training.gradient_checkpointing
         )
