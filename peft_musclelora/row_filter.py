@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._checks import check_bool, check_int, check_number
+from .shallow_probe import SHALLOW_PROBES, collect_token_rows
 
 ROW_FILTER_FILE = "row_filter.json"
 
@@ -89,6 +90,15 @@ class RowFilterArguments:
     row_filter_probe_learning_rate: Optional[float] = field(
         default=None, metadata={"help": "The probes' AdamW learning rate; None: the run's learning_rate."}
     )
+    row_filter_shallow_probe: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A shallow probe scored as one more probe step and calibrated the same way: 'ngram' (out-of-fold "
+            "n-gram logistic regression over the rows' token ids, which fits lexical shortcuts such as paraphrase "
+            "triggers that the adapter's own probes learn too late; classification only). None: the adapter's "
+            "probes only."
+        },
+    )
     row_filter_unlearn: bool = field(
         default=False,
         metadata={
@@ -141,6 +151,11 @@ class RowFilterArguments:
         check_int("row_filter_folds", self.row_filter_folds, minimum=2)
         check_number("row_filter_max_clean_drop", self.row_filter_max_clean_drop, "in (0, 0.5)", lambda v: 0 < v < 0.5)
         check_number("row_filter_probe_learning_rate", self.row_filter_probe_learning_rate, "> 0", _positive, True)
+        shallow = self.row_filter_shallow_probe
+        if shallow is not None and shallow not in SHALLOW_PROBES:
+            raise ValueError(
+                f"`row_filter_shallow_probe` must be None or one of {sorted(SHALLOW_PROBES)}, got {shallow!r}."
+            )
         check_bool("row_filter_unlearn", self.row_filter_unlearn)
         if self.row_filter_unlearn and not self.row_filter:
             raise ValueError(
@@ -424,6 +439,28 @@ def _score(trainer: Any, model: torch.nn.Module, dataset: Any) -> tuple[torch.Te
     return torch.cat(losses).double()[restore], [groups[i] for i in restore.tolist()]
 
 
+def _add_shallow_probe(
+    trainer: Any,
+    args: RowFilterArguments,
+    train_dataset: Any,
+    reference_dataset: Any,
+    folds: list[int],
+    train_losses: torch.Tensor,
+    reference_losses: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe losses with the shallow probe's appended as the last step: `(folds, steps + 1, rows)` and
+    `(folds, steps + 1, refs)`."""
+    train_rows, train_labels = collect_token_rows(trainer, train_dataset)
+    reference_rows, reference_labels = collect_token_rows(trainer, reference_dataset)
+    shallow_train, shallow_reference = SHALLOW_PROBES[args.row_filter_shallow_probe](
+        train_rows, train_labels, folds, reference_rows, reference_labels, args.row_filter_folds
+    )
+    return (
+        torch.cat([train_losses, shallow_train[:, None, :]], dim=1),
+        torch.cat([reference_losses, shallow_reference[:, None, :]], dim=1),
+    )
+
+
 def run_row_filter(
     trainer: Any, args: RowFilterArguments, reference_dataset: Any, seed: int, progress: bool = True
 ) -> dict[str, Any]:
@@ -496,11 +533,19 @@ def run_row_filter(
     bar.close()
     for param in params:
         param.grad = None
+    stacked_reference = torch.stack(reference_losses)
+    shallow_seconds = 0.0
+    if args.row_filter_shallow_probe is not None:
+        shallow_start = time.perf_counter()
+        train_losses, stacked_reference = _add_shallow_probe(
+            trainer, args, train_dataset, reference_dataset, folds, train_losses, stacked_reference
+        )
+        shallow_seconds = time.perf_counter() - shallow_start
     decisions = decide_rows(
         train_losses,
         train_groups,
         folds,
-        torch.stack(reference_losses),
+        stacked_reference,
         reference_groups,
         args.row_filter_max_clean_drop,
     )
@@ -522,7 +567,9 @@ def run_row_filter(
         "folds": args.row_filter_folds,
         "max_clean_drop": args.row_filter_max_clean_drop,
         "probe_learning_rate": lr,
+        "shallow_probe": args.row_filter_shallow_probe,
         "seconds": time.perf_counter() - start_time,
         "scoring_seconds": scoring_seconds,
+        "shallow_seconds": shallow_seconds,
     }
     return {"summary": summary, "kept": decisions.kept, "rows": rows}
