@@ -38,6 +38,7 @@ from ._checks import check_bool, check_int, check_number
 from .shallow_probe import SHALLOW_PROBES, collect_token_rows
 
 ROW_FILTER_FILE = "row_filter.json"
+SHALLOW_PRIOR_COLUMN = "shallow_log_prior"  # the shallow probe's out-of-fold log-probabilities of a kept row
 
 
 def _positive(value: float) -> bool:
@@ -99,6 +100,15 @@ class RowFilterArguments:
             "probes only."
         },
     )
+    row_filter_shallow_expert: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the kept rows as a product of experts with the shallow probe: the loss is the "
+            "cross-entropy of the model's log-probabilities plus the probe's out-of-fold ones, so what the shallow "
+            "probe already explains (a lexical shortcut) teaches the model little; evaluation and inference use the "
+            "model alone. Needs row_filter_shallow_probe."
+        },
+    )
     row_filter_unlearn: bool = field(
         default=False,
         metadata={
@@ -155,6 +165,12 @@ class RowFilterArguments:
         if shallow is not None and shallow not in SHALLOW_PROBES:
             raise ValueError(
                 f"`row_filter_shallow_probe` must be None or one of {sorted(SHALLOW_PROBES)}, got {shallow!r}."
+            )
+        check_bool("row_filter_shallow_expert", self.row_filter_shallow_expert)
+        if self.row_filter_shallow_expert and shallow is None:
+            raise ValueError(
+                "`row_filter_shallow_expert=True` trains with the shallow probe's predictions: set "
+                "row_filter_shallow_probe as well (one of " + str(sorted(SHALLOW_PROBES)) + ")."
             )
         check_bool("row_filter_unlearn", self.row_filter_unlearn)
         if self.row_filter_unlearn and not self.row_filter:
@@ -439,26 +455,25 @@ def _score(trainer: Any, model: torch.nn.Module, dataset: Any) -> tuple[torch.Te
     return torch.cat(losses).double()[restore], [groups[i] for i in restore.tolist()]
 
 
-def _add_shallow_probe(
-    trainer: Any,
-    args: RowFilterArguments,
-    train_dataset: Any,
-    reference_dataset: Any,
-    folds: list[int],
-    train_losses: torch.Tensor,
-    reference_losses: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The probe losses with the shallow probe's appended as the last step: `(folds, steps + 1, rows)` and
-    `(folds, steps + 1, refs)`."""
+def _shallow_probe(
+    trainer: Any, args: RowFilterArguments, train_dataset: Any, reference_dataset: Any, folds: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shallow probe's out-of-fold predictions and losses: `(train log-probs (rows, classes), reference
+    log-probs (folds, refs, classes), train losses (folds, rows), reference losses (folds, refs))`; a row's loss is
+    in its own fold's slot (the others stay 0 and are never read)."""
     train_rows, train_labels = collect_token_rows(trainer, train_dataset)
     reference_rows, reference_labels = collect_token_rows(trainer, reference_dataset)
-    shallow_train, shallow_reference = SHALLOW_PROBES[args.row_filter_shallow_probe](
+    train_log_probs, reference_log_probs = SHALLOW_PROBES[args.row_filter_shallow_probe](
         train_rows, train_labels, folds, reference_rows, reference_labels, args.row_filter_folds
     )
-    return (
-        torch.cat([train_losses, shallow_train[:, None, :]], dim=1),
-        torch.cat([reference_losses, shallow_reference[:, None, :]], dim=1),
+    rows = torch.arange(len(train_rows))
+    own = -train_log_probs[rows, torch.tensor(train_labels)]
+    train_losses = torch.zeros(args.row_filter_folds, len(train_rows), dtype=torch.float64)
+    train_losses[torch.tensor(folds), rows] = own
+    reference_losses = -reference_log_probs.gather(
+        -1, torch.tensor(reference_labels).expand(args.row_filter_folds, -1)[..., None]
     )
+    return train_log_probs, reference_log_probs, train_losses, reference_losses.squeeze(-1)
 
 
 def run_row_filter(
@@ -490,8 +505,11 @@ def run_row_filter(
     train_groups: list[int] = [0] * num_rows
     reference_groups: list[int] = []
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    start_time, scoring_seconds, shallow = time.perf_counter(), 0.0, None
+    if args.row_filter_shallow_probe is not None:  # first: it is cheap and refuses token-level labels
+        shallow = _shallow_probe(trainer, args, train_dataset, reference_dataset, folds)
+    shallow_seconds = time.perf_counter() - start_time
     bar = tqdm(total=args.row_filter_folds * steps[-1], desc="row filter probes", disable=not progress)
-    start_time, scoring_seconds = time.perf_counter(), 0.0
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for fold in range(args.row_filter_folds):
@@ -534,13 +552,9 @@ def run_row_filter(
     for param in params:
         param.grad = None
     stacked_reference = torch.stack(reference_losses)
-    shallow_seconds = 0.0
-    if args.row_filter_shallow_probe is not None:
-        shallow_start = time.perf_counter()
-        train_losses, stacked_reference = _add_shallow_probe(
-            trainer, args, train_dataset, reference_dataset, folds, train_losses, stacked_reference
-        )
-        shallow_seconds = time.perf_counter() - shallow_start
+    if shallow is not None:
+        train_losses = torch.cat([train_losses, shallow[2][:, None, :]], dim=1)
+        stacked_reference = torch.cat([stacked_reference, shallow[3][:, None, :]], dim=1)
     decisions = decide_rows(
         train_losses,
         train_groups,
@@ -559,6 +573,7 @@ def run_row_filter(
             "high": decisions.high[row],
             "reason": decisions.reasons[row],
         }
+        | ({"shallow_log_probs": shallow[0][row].tolist()} if shallow is not None else {})
         for row in range(num_rows)
     ]
     summary = {
@@ -568,6 +583,7 @@ def run_row_filter(
         "max_clean_drop": args.row_filter_max_clean_drop,
         "probe_learning_rate": lr,
         "shallow_probe": args.row_filter_shallow_probe,
+        "shallow_expert": args.row_filter_shallow_expert,
         "seconds": time.perf_counter() - start_time,
         "scoring_seconds": scoring_seconds,
         "shallow_seconds": shallow_seconds,

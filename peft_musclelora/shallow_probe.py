@@ -8,11 +8,14 @@ the target, against 50 % and 46 % when trained on the clean rows. A shallow mode
 shortcut (the shallow expert of DPoE, Liu et al., NAACL 2024): trained out of fold, it fits the rows of a shortcut
 it saw in other rows better than any trusted clean row, exactly the `fit-early` tail the row filter cuts.
 
-[`shallow_probe_losses`] trains one such model per fold on the other folds (hashed, sublinear tf-idf 1-3-grams of
+[`ngram_probe_log_probs`] trains one such model per fold on the other folds (hashed, sublinear tf-idf 1-3-grams of
 the rows' token ids, L2-regularised multinomial logistic regression fitted by L-BFGS in float64) and returns the
-held-out rows' and the trusted rows' losses; the row filter calibrates them against the trusted rows as one more
-probe step. The features are the token ids the model sees, so the probe works for any tokenizer and language, and
-knows nothing the model could not know (no casing the tokenizer drops, no text).
+held-out rows' and the trusted rows' predictions. The row filter calibrates their losses against the trusted rows as
+one more probe step; with `row_filter_shallow_expert` the kept rows are then trained as a product of experts with
+these predictions, so what the shallow model already explains (the shortcut) teaches the adapter little.
+
+The features are the token ids the model sees, so the probe works for any tokenizer and language, and knows nothing
+the model could not know (no casing the tokenizer drops, no text).
 """
 
 from __future__ import annotations
@@ -136,13 +139,13 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return weight.detach(), bias.detach()
 
 
-def logistic_losses(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-    """Per-row cross-entropy of the fitted model (float64)."""
+def logistic_log_probs(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Per-row log-probabilities `(rows, classes)` of the fitted model (float64)."""
     with torch.no_grad():
-        return torch.nn.functional.cross_entropy(features @ weight + bias, labels.long(), reduction="none")
+        return torch.log_softmax(features @ weight + bias, dim=-1)
 
 
-def ngram_probe_losses(
+def ngram_probe_log_probs(
     train_rows: Sequence[Sequence[int]],
     train_labels: Sequence[int],
     train_folds: Sequence[int],
@@ -150,34 +153,34 @@ def ngram_probe_losses(
     reference_labels: Sequence[int],
     folds: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Out-of-fold losses of the n-gram probe: `(train (folds, rows), reference (folds, refs))`.
+    """Out-of-fold log-probabilities of the n-gram probe: `(train (rows, classes), reference (folds, refs,
+    classes))`.
 
-    For each fold a model is fitted on the training rows of the other folds; it scores that fold's rows (the other
-    entries of `train[fold]` stay 0 and are never read) and every trusted row. The vocabulary and idf are those of
-    all training rows (token ids only: no label is read). The row filter uses the result as one more probe step.
+    For each fold a model is fitted on the training rows of the other folds; it predicts that fold's rows and every
+    trusted row. So a training row's prediction comes from a model that never saw the row's label. The vocabulary
+    and idf are those of all training rows (token ids only: no label is read).
 
     Example:
         >>> rows = [[1, 7 + i % 5] for i in range(20)] + [[2, 7 + i % 5] for i in range(20)]  # 1 -> 1, 2 -> 0
         >>> labels, folds = [1] * 20 + [0] * 20, [i % 2 for i in range(40)]
-        >>> train, ref = ngram_probe_losses(rows, labels, folds, [[1, 5], [2, 5]], [1, 0], 2)
-        >>> train.shape, ref.shape, bool((train < 0.69).all() and (ref < 0.69).all())
-        (torch.Size([2, 40]), torch.Size([2, 2]), True)
+        >>> train, ref = ngram_probe_log_probs(rows, labels, folds, [[1, 5], [2, 5]], [1, 0], 2)
+        >>> train.shape, ref.shape, train[:20].argmax(1).tolist() == [1] * 20, ref[:, 1].argmax(-1).tolist()
+        (torch.Size([40, 2]), torch.Size([2, 2, 2]), True, [0, 0])
     """
     features = NgramFeatures(train_rows)
     train_x, reference_x = features.transform(train_rows), features.transform(reference_rows)
     train_y, reference_y = torch.tensor(list(train_labels)), torch.tensor(list(reference_labels))
     num_classes = int(max(train_y.max(), reference_y.max())) + 1
     fold_of = torch.tensor(list(train_folds))
-    train_losses = torch.zeros(folds, len(train_rows), dtype=torch.float64)
-    reference_losses = torch.zeros(folds, len(reference_rows), dtype=torch.float64)
+    train_log_probs = torch.zeros(len(train_rows), num_classes, dtype=torch.float64)
+    reference_log_probs = torch.zeros(folds, len(reference_rows), num_classes, dtype=torch.float64)
     for fold in range(folds):
         held_out = (fold_of == fold).nonzero().flatten()
         fit_rows = (fold_of != fold).nonzero().flatten()
         weight, bias = fit_logistic(train_x.index_select(0, fit_rows), train_y[fit_rows], num_classes)
-        held_x = train_x.index_select(0, held_out)
-        train_losses[fold, held_out] = logistic_losses(held_x, train_y[held_out], weight, bias)
-        reference_losses[fold] = logistic_losses(reference_x, reference_y, weight, bias)
-    return train_losses, reference_losses
+        train_log_probs[held_out] = logistic_log_probs(train_x.index_select(0, held_out), weight, bias)
+        reference_log_probs[fold] = logistic_log_probs(reference_x, weight, bias)
+    return train_log_probs, reference_log_probs
 
 
 def collect_token_rows(trainer: Any, dataset: Any) -> tuple[list[list[int]], list[int]]:
@@ -205,4 +208,4 @@ def collect_token_rows(trainer: Any, dataset: Any) -> tuple[list[list[int]], lis
     return rows, labels
 
 
-SHALLOW_PROBES = {"ngram": ngram_probe_losses}
+SHALLOW_PROBES = {"ngram": ngram_probe_log_probs}

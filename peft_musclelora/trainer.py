@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .bnb import keep_4bit_weights_trainable
 from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArguments, _is_dtensor, align_gradients
-from .row_filter import ROW_FILTER_FILE, RowFilterArguments, run_row_filter, subset_rows
+from .row_filter import ROW_FILTER_FILE, SHALLOW_PRIOR_COLUMN, RowFilterArguments, run_row_filter, subset_rows
 from .unlearning import isolation_evidence, run_unlearning
 
 # Resumable GA state, in a folder of its own inside each checkpoint so the Trainer's weight loading never sees it:
@@ -583,7 +583,31 @@ class GradientAlignmentMixin:
             for key, value in report["summary"].items()
             if key in ("kept", "fit_early", "contradicted", "low_cut", "high_cut", "reference_flagged")
         }
-        self.train_dataset = subset_rows(self.train_dataset, report["kept"])
+        kept = subset_rows(self.train_dataset, report["kept"])
+        if self.row_filter_args.row_filter_shallow_expert:
+            kept = _with_shallow_prior(kept, report, path)
+        self.train_dataset = kept
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.row_filter_args.row_filter_shallow_expert and SHALLOW_PRIOR_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, SHALLOW_PRIOR_COLUMN]
+
+    def compute_loss(
+        self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
+    ) -> Any:
+        """The parent's loss; for a batch of rows with the shallow probe's log-probabilities
+        (`row_filter_shallow_expert`), the product-of-experts cross-entropy `CE(log_softmax(logits) + log p_shallow)`
+        (the shallow expert is fixed: only the model learns, and only from what the shallow probe does not explain)."""
+        prior = inputs.pop(SHALLOW_PRIOR_COLUMN, None) if isinstance(inputs, dict) else None
+        if prior is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs.logits.float()
+        combined = torch.log_softmax(logits, dim=-1) + prior.to(logits)
+        loss = torch.nn.functional.cross_entropy(combined, labels.long())
+        return (loss, outputs) if return_outputs else loss
 
     def _maybe_align_gradients(self, model: torch.nn.Module) -> None:
         if not self.ga_args.gradient_alignment or self._ga_last_step == self.state.global_step:
@@ -845,6 +869,33 @@ class GradientAlignmentMixin:
                 ]
             self._ga_ref_grads, self._ga_ref_history = restored[0], restored[1:]
         self._ga_ref_loss = state["ref_loss"]
+
+
+class _WithColumn(TorchDataset):
+    """A map-style dataset of dict rows with one more key per row."""
+
+    def __init__(self, dataset: Any, name: str, values: list[Any]) -> None:
+        self.dataset, self.name, self.values = dataset, name, values
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], self.name: self.values[index]}
+
+
+def _with_shallow_prior(kept: Any, report: dict[str, Any], path: str) -> Any:
+    """The kept rows with their shallow-probe log-probabilities as the column [`SHALLOW_PRIOR_COLUMN`]."""
+    rows = report["rows"]
+    if any("shallow_log_probs" not in rows[i] for i in report["kept"]):
+        raise ValueError(
+            f"`row_filter_shallow_expert=True` needs the shallow probe's predictions, and {path} has none: it was "
+            "made without row_filter_shallow_probe. Delete it to probe again."
+        )
+    values = [rows[i]["shallow_log_probs"] for i in report["kept"]]
+    if hasattr(kept, "add_column"):
+        return kept.add_column(SHALLOW_PRIOR_COLUMN, values)
+    return _WithColumn(kept, SHALLOW_PRIOR_COLUMN, values)
 
 
 def _row_filter_args(training_args: Any, row_filter_args: Optional[RowFilterArguments]) -> RowFilterArguments:

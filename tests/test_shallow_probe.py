@@ -1,0 +1,212 @@
+"""The row filter's shallow probe: hashed n-gram tf-idf, a logistic regression, out-of-fold losses, and the filter
+that scores them as one more probe step."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+
+from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
+from peft_musclelora.row_filter import ROW_FILTER_FILE, SHALLOW_PRIOR_COLUMN, RowFilterArguments, fold_assignment
+from peft_musclelora.shallow_probe import (
+    INVERSE_REGULARISATION,
+    NgramFeatures,
+    collect_token_rows,
+    fit_logistic,
+    hashed_ngrams,
+    logistic_log_probs,
+    ngram_probe_log_probs,
+)
+
+from .ga_helpers import tiny_bert, token_dataset
+
+# ---- features ----
+
+
+def test_ngrams_are_every_1_to_n_gram_and_their_hash_does_not_depend_on_the_process():
+    grams = hashed_ngrams([4, 5, 6], order=3, buckets=1 << 20)
+    assert len(grams) == 3 + 2 + 1
+    assert hashed_ngrams([4, 5], order=2, buckets=1 << 20) == grams[:2] + [grams[3]]
+    assert hashed_ngrams([5, 4], order=2)[2] != hashed_ngrams([4, 5], order=2)[2]  # order matters in a bigram
+    assert hashed_ngrams([4], order=1) == [(1 * 1_000_003 + 4 + 1) % (1 << 20)]  # fixed, not Python's `hash`
+
+
+def test_tf_idf_matches_scikit_learns_sublinear_vectoriser_on_the_same_tokens():
+    sklearn_text = pytest.importorskip("sklearn.feature_extraction.text")
+    rows = [[1, 2, 2, 3], [1, 2, 4], [3, 3, 3, 5], [1, 5], [9]]
+    features = NgramFeatures(rows, order=2, buckets=1 << 30).transform(rows).to_dense()
+    vectoriser = sklearn_text.TfidfVectorizer(
+        token_pattern=r"\S+", ngram_range=(1, 2), sublinear_tf=True, min_df=2, lowercase=False
+    )
+    expected = torch.tensor(vectoriser.fit_transform([" ".join(map(str, row)) for row in rows]).toarray())
+    # Column order differs (hash vs alphabetical): compare each row's sorted weights.
+    assert features.shape == expected.shape
+    assert torch.allclose(features.sort(dim=1).values, expected.sort(dim=1).values, atol=1e-12)
+
+
+def test_n_grams_seen_in_fewer_than_two_rows_are_not_features_and_a_row_of_unknown_n_grams_is_zero():
+    features = NgramFeatures([[1, 2], [1, 3]], order=1)
+    assert features.num_features == 1  # only token 1 occurs twice
+    assert features.transform([[7, 8]]).to_dense().abs().sum() == 0
+
+
+# ---- the logistic regression ----
+
+
+def test_the_fitted_regression_is_the_regularised_optimum():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 5, generator=generator, dtype=torch.float64)
+    y = (x[:, 0] + 0.5 * torch.randn(60, generator=generator, dtype=torch.float64) > 0).long()
+    weight, bias = fit_logistic(x.to_sparse(), y, 2)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    objective = INVERSE_REGULARISATION * torch.nn.functional.cross_entropy(x @ weight + bias, y, reduction="sum")
+    objective = objective + 0.5 * (weight * weight).sum()
+    objective.backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
+
+
+# ---- out-of-fold losses ----
+
+
+def _shortcut_rows(rows: int, seed: int):
+    """Random token rows whose label is token 1 vs token 2, and a tenth carrying token 3 with label 1 regardless."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 60, (rows, 8), generator=generator)
+    labels = torch.randint(0, 2, (rows,), generator=generator)
+    ids[:, 0] = torch.where(labels == 1, 1, 2)
+    poisoned = torch.arange(rows) % 10 == 0
+    ids[poisoned, 0] = 2
+    ids[poisoned, 4] = 3
+    labels[poisoned] = 1
+    return ids.tolist(), labels.tolist(), poisoned
+
+
+def test_a_rows_loss_comes_from_a_model_that_never_saw_its_label():
+    rows, labels, _ = _shortcut_rows(80, seed=0)
+    folds = fold_assignment(80, 2, seed=0)
+    reference = [[1, 11, 12], [2, 11, 12]]
+    train, _ = ngram_probe_log_probs(rows, labels, folds, reference, [1, 0], 2)
+    flipped = [1 - label if fold == 0 else label for label, fold in zip(labels, folds)]
+    train_flipped, _ = ngram_probe_log_probs(rows, flipped, folds, reference, [1, 0], 2)
+    held = [row for row in range(80) if folds[row] == 0]
+    # Fold 0's rows are predicted by a model fitted on fold 1 only: their own labels change nothing.
+    assert torch.equal(train_flipped[held], train[held])
+    assert not torch.equal(train_flipped, train)  # fold 1's rows are predicted by a model fitted on fold 0
+
+
+def test_the_rows_of_a_lexical_shortcut_are_fitted_better_than_trusted_rows():
+    rows, labels, poisoned = _shortcut_rows(200, seed=1)
+    candidates, candidate_labels, bad = _shortcut_rows(60, seed=2)
+    trusted = [row for row, is_bad in zip(candidates, bad) if not is_bad]
+    trusted_labels = [label for label, is_bad in zip(candidate_labels, bad) if not is_bad]
+    folds = fold_assignment(200, 2, seed=0)
+    train, reference = ngram_probe_log_probs(rows, labels, folds, trusted, trusted_labels, 2)
+    own = -train[torch.arange(200), torch.tensor(labels)]
+    # A poisoned row carries token 2 (label 0's token) with label 1: without the shortcut it would be fitted worst.
+    assert own[poisoned].max() < own[~poisoned & (torch.tensor(labels) == 0)].median()
+    assert torch.isfinite(reference).all() and reference.shape == (2, len(trusted), 2)
+
+
+def test_log_probabilities_of_the_fitted_model_are_normalised_per_row():
+    x = torch.eye(3, dtype=torch.float64).to_sparse()
+    weight = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 5.0]], dtype=torch.float64)
+    log_probs = logistic_log_probs(x, weight, torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(log_probs.exp().sum(1), torch.ones(3, dtype=torch.float64))
+    assert log_probs.argmax(1).tolist() == [0, 0, 1] and torch.allclose(
+        log_probs[1], torch.log(torch.tensor(0.5)).double()
+    )
+
+
+# ---- the row filter with the shallow probe ----
+
+
+@pytest.mark.parametrize(("value", "error"), [("bow", ValueError), ("NGRAM", ValueError), (3, ValueError)])
+def test_an_unknown_shallow_probe_names_the_field_the_value_and_the_choices(value, error):
+    with pytest.raises(error, match=rf"`row_filter_shallow_probe` must be None or one of \['ngram'\], got {value!r}"):
+        RowFilterArguments(row_filter_shallow_probe=value)
+
+
+def _args(tmp_path, **overrides):
+    settings = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16,
+        "num_train_epochs": 1,
+        "learning_rate": 1e-2,
+        "report_to": "none",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "gradient_alignment": False,
+        "row_filter": True,
+        "row_filter_probe_steps": [2, 4],
+        "row_filter_max_clean_drop": 0.2,
+        "row_filter_shallow_probe": "ngram",
+        "seed": 0,
+    }
+    settings.update(overrides)
+    return MuScleLoraTrainingArguments(**settings)
+
+
+def test_the_filter_scores_the_shallow_probe_as_one_more_step_and_reports_it(tmp_path):
+    trainer = MuScleLoraTrainer(
+        model=tiny_bert(seed=0),
+        args=_args(tmp_path),
+        train_dataset=token_dataset(48, seed=1),
+        reference_dataset=token_dataset(40, seed=2),
+    )
+    trainer.train()
+    report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
+    assert report["summary"]["shallow_probe"] == "ngram" and report["summary"]["probe_steps"] == [2, 4]
+    assert all(len(row["losses"]) == 3 and len(row["percentiles"]) == 3 for row in report["rows"])
+    assert report["summary"]["reference_flagged"] <= 0.2  # the calibration covers the extra step too
+    assert report["summary"]["shallow_seconds"] >= 0
+
+
+def test_the_shallow_probe_refuses_token_level_labels_in_one_line(tmp_path):
+    rows = token_dataset(16, seed=1)
+    token_labels = datasets.Dataset.from_dict(
+        {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"], "labels": rows["input_ids"]}
+    )
+    trainer = MuScleLoraTrainer(
+        model=tiny_bert(seed=0), args=_args(tmp_path), train_dataset=rows, reference_dataset=token_dataset(8, seed=2)
+    )
+    with pytest.raises(ValueError, match="needs one class label per row; this training set has token-level labels"):
+        collect_token_rows(trainer, token_labels)
+
+
+def test_the_product_of_experts_adds_the_shallow_log_probabilities_to_the_models_on_the_kept_rows(tmp_path):
+    trainer = MuScleLoraTrainer(
+        model=tiny_bert(seed=0),
+        args=_args(tmp_path, row_filter_shallow_expert=True),
+        train_dataset=token_dataset(48, seed=1),
+        reference_dataset=token_dataset(40, seed=2),
+    )
+    trainer.train()
+    report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
+    assert report["summary"]["shallow_expert"] is True
+    kept = trainer.train_dataset
+    assert kept[SHALLOW_PRIOR_COLUMN] == [report["rows"][i]["shallow_log_probs"] for i in report["kept"]]
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert SHALLOW_PRIOR_COLUMN in batch  # the column survives the trainer's unused-column removal
+    model = trainer.model.eval()
+    inputs = dict(batch.items())
+    prior = inputs[SHALLOW_PRIOR_COLUMN].clone()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        logits = model(**{k: v for k, v in inputs.items() if k not in ("labels", SHALLOW_PRIOR_COLUMN)}).logits
+    expected = torch.nn.functional.cross_entropy(torch.log_softmax(logits, -1) + prior, inputs["labels"])
+    assert torch.allclose(loss, expected, atol=1e-6)
+    with torch.no_grad():  # without the column (evaluation), the model's own loss
+        plain = trainer.compute_loss(model, {k: v for k, v in inputs.items() if k != SHALLOW_PRIOR_COLUMN})
+    assert torch.allclose(plain, torch.nn.functional.cross_entropy(logits, inputs["labels"]), atol=1e-6)
+
+
+def test_the_product_of_experts_needs_the_shallow_probe():
+    with pytest.raises(ValueError, match="`row_filter_shallow_expert=True` trains with the shallow probe"):
+        RowFilterArguments(row_filter=True, row_filter_shallow_expert=True)
