@@ -599,7 +599,8 @@ class GradientAlignmentMixin:
         """The parent's loss; for a batch of rows with the shallow probe's log-probabilities
         (`row_filter_shallow_expert`), the product-of-experts cross-entropy `CE(log_softmax(logits) + log p_shallow)`
         (the shallow expert is fixed: only the model learns, and only from what the shallow probe does not explain)."""
-        prior = inputs.pop(SHALLOW_PRIOR_COLUMN, None) if isinstance(inputs, dict) else None
+        # A Mapping, not a dict: DataCollatorWithPadding returns a BatchEncoding (a UserDict).
+        prior = inputs.pop(SHALLOW_PRIOR_COLUMN, None) if isinstance(inputs, Mapping) else None
         if prior is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         labels = inputs.pop("labels")

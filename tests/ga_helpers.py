@@ -6,6 +6,8 @@ import datasets
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from peft_musclelora import MuScleLoraTrainingArguments
+
 VOCAB, SEQ_LEN = 40, 8
 
 
@@ -43,3 +45,26 @@ def token_dataset(rows: int, seed: int) -> datasets.Dataset:
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def row_filter_training_args(tmp_path, **overrides):
+    """Training arguments of a tiny row-filtered run (probe steps 2 and 4, 20 % clean-drop budget, no GA)."""
+    settings = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16,
+        "num_train_epochs": 1,
+        "learning_rate": 1e-2,
+        "report_to": "none",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "gradient_alignment": False,
+        "row_filter": True,
+        "row_filter_probe_steps": [2, 4],
+        "row_filter_max_clean_drop": 0.2,
+        "seed": 0,
+    }
+    settings.update(overrides)
+    return MuScleLoraTrainingArguments(**settings)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
+from peft_musclelora import MuScleLoraTrainer
 from peft_musclelora.row_filter import (
     ROW_FILTER_FILE,
     RowFilterArguments,
@@ -21,7 +21,7 @@ from peft_musclelora.row_filter import (
     run_row_filter,
 )
 
-from .ga_helpers import tiny_bert, token_dataset, trainable_state
+from .ga_helpers import row_filter_training_args, tiny_bert, token_dataset, trainable_state
 
 # ---- the decision rule ----
 
@@ -113,26 +113,7 @@ def test_probe_steps_are_sorted_and_deduplicated():
 # ---- the trainer ----
 
 
-def _args(tmp_path, **overrides):
-    settings = {
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 8,
-        "per_device_eval_batch_size": 16,
-        "num_train_epochs": 1,
-        "learning_rate": 1e-2,
-        "report_to": "none",
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "disable_tqdm": True,
-        "use_cpu": True,
-        "gradient_alignment": False,
-        "row_filter": True,
-        "row_filter_probe_steps": [2, 4],
-        "row_filter_max_clean_drop": 0.2,
-        "seed": 0,
-    }
-    settings.update(overrides)
-    return MuScleLoraTrainingArguments(**settings)
+_args = row_filter_training_args
 
 
 def _trainer(tmp_path, train=None, data_collator=None, **overrides):

@@ -9,7 +9,7 @@ import datasets
 import pytest
 import torch
 
-from peft_musclelora import MuScleLoraTrainer, MuScleLoraTrainingArguments
+from peft_musclelora import MuScleLoraTrainer
 from peft_musclelora.row_filter import ROW_FILTER_FILE, SHALLOW_PRIOR_COLUMN, RowFilterArguments, fold_assignment
 from peft_musclelora.shallow_probe import (
     INVERSE_REGULARISATION,
@@ -21,7 +21,7 @@ from peft_musclelora.shallow_probe import (
     ngram_probe_log_probs,
 )
 
-from .ga_helpers import tiny_bert, token_dataset
+from .ga_helpers import row_filter_training_args, tiny_bert, token_dataset
 
 # ---- features ----
 
@@ -131,26 +131,7 @@ def test_an_unknown_shallow_probe_names_the_field_the_value_and_the_choices(valu
 
 
 def _args(tmp_path, **overrides):
-    settings = {
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 8,
-        "per_device_eval_batch_size": 16,
-        "num_train_epochs": 1,
-        "learning_rate": 1e-2,
-        "report_to": "none",
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "disable_tqdm": True,
-        "use_cpu": True,
-        "gradient_alignment": False,
-        "row_filter": True,
-        "row_filter_probe_steps": [2, 4],
-        "row_filter_max_clean_drop": 0.2,
-        "row_filter_shallow_probe": "ngram",
-        "seed": 0,
-    }
-    settings.update(overrides)
-    return MuScleLoraTrainingArguments(**settings)
+    return row_filter_training_args(tmp_path, **{"row_filter_shallow_probe": "ngram", **overrides})
 
 
 def test_the_filter_scores_the_shallow_probe_as_one_more_step_and_reports_it(tmp_path):
