@@ -8,6 +8,7 @@ import json
 import datasets
 import pytest
 import torch
+from transformers import BatchEncoding
 
 from peft_musclelora import MuScleLoraTrainer
 from peft_musclelora.row_filter import ROW_FILTER_FILE, SHALLOW_PRIOR_COLUMN, RowFilterArguments, fold_assignment
@@ -183,6 +184,9 @@ def test_the_product_of_experts_adds_the_shallow_log_probabilities_to_the_models
         logits = model(**{k: v for k, v in inputs.items() if k not in ("labels", SHALLOW_PRIOR_COLUMN)}).logits
     expected = torch.nn.functional.cross_entropy(torch.log_softmax(logits, -1) + prior, inputs["labels"])
     assert torch.allclose(loss, expected, atol=1e-6)
+    with torch.no_grad():  # DataCollatorWithPadding's batches are BatchEncodings (a UserDict, not a dict)
+        from_padding_collator = trainer.compute_loss(model, BatchEncoding(dict(inputs)))
+    assert torch.allclose(from_padding_collator, expected, atol=1e-6)
     with torch.no_grad():  # without the column (evaluation), the model's own loss
         plain = trainer.compute_loss(model, {k: v for k, v in inputs.items() if k != SHALLOW_PRIOR_COLUMN})
     assert torch.allclose(plain, torch.nn.functional.cross_entropy(logits, inputs["labels"]), atol=1e-6)
