@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._checks import check_bool, check_int, check_number
-from .shallow_probe import SHALLOW_PROBES, collect_token_rows
+from .shallow_probe import SHALLOW_PROBES
 
 ROW_FILTER_FILE = "row_filter.json"
 SHALLOW_PRIOR_COLUMN = "shallow_log_prior"  # the shallow probe's out-of-fold log-probabilities of a kept row
@@ -453,6 +453,29 @@ def _score(trainer: Any, model: torch.nn.Module, dataset: Any) -> tuple[torch.Te
     restore = torch.empty(len(order), dtype=torch.long)
     restore[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     return torch.cat(losses).double()[restore], [groups[i] for i in restore.tolist()]
+
+
+def collect_token_rows(trainer: Any, dataset: Any) -> tuple[list[list[int]], list[int]]:
+    """Each row's unpadded token ids and class label, through the trainer's collator (so exactly what the model
+    sees); raises `ValueError` for token-level labels, where a row has no class for the probe to predict."""
+    rows: list[list[int]] = []
+    labels: list[int] = []
+    for batch in _loader(trainer, dataset, trainer.args.per_device_eval_batch_size):
+        if "input_ids" not in batch or "labels" not in batch:
+            raise ValueError(
+                f"row_filter_shallow_probe needs `input_ids` and `labels` in each batch, got {sorted(batch)}."
+            )
+        if batch["labels"].dim() != 1:
+            raise ValueError(
+                "row_filter_shallow_probe='ngram' predicts each row's class and needs one class label per row; "
+                f"this training set has token-level labels of shape {tuple(batch['labels'].shape)}."
+            )
+        mask = batch.get("attention_mask")
+        for row, ids in enumerate(batch["input_ids"]):
+            kept = ids[mask[row].bool()] if mask is not None else ids
+            rows.append(kept.tolist())
+        labels.extend(batch["labels"].long().tolist())
+    return rows, labels
 
 
 def _shallow_probe(

@@ -3,10 +3,11 @@
 The fit-gap probes (a few dozen steps of the adapter itself) see the insertion backdoors, which the model learns
 first, but not the paraphrase ones: a style or syntax trigger is not learned in 64 steps, so its rows are not fitted
 early (docs/results.md). Those triggers are still *lexically* learnable: on the shared SST-2 sets a bag of 1-3-grams
-trained on the poisoned training rows classifies 93 % (StyleBkd) and 94 % (SynBkd) of the triggered test rows as
-the target, against 50 % and 46 % when trained on the clean rows. A shallow model is the natural detector of such a
-shortcut (the shallow expert of DPoE, Liu et al., NAACL 2024): trained out of fold, it fits the rows of a shortcut
-it saw in other rows better than any trusted clean row, exactly the `fit-early` tail the row filter cuts.
+trained on the poisoned training rows classifies 95.5 % (StyleBkd) and 95.9 % (SynBkd) of the triggered test rows
+as the target, against 58.0 % and 50.5 % when trained on the unpoisoned rows (`benchmarks/shallow_probe_signal.py`).
+A shallow model is the natural detector of such a shortcut (the shallow expert of DPoE, Liu et al., NAACL 2024):
+trained out of fold, it fits the rows of a shortcut it saw in other rows better than any trusted clean row, exactly
+the `fit-early` tail the row filter cuts.
 
 [`ngram_probe_log_probs`] trains one such model per fold on the other folds (hashed, sublinear tf-idf 1-3-grams of
 the rows' token ids, L2-regularised multinomial logistic regression fitted by L-BFGS in float64) and returns the
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -181,31 +181,6 @@ def ngram_probe_log_probs(
         train_log_probs[held_out] = logistic_log_probs(train_x.index_select(0, held_out), weight, bias)
         reference_log_probs[fold] = logistic_log_probs(reference_x, weight, bias)
     return train_log_probs, reference_log_probs
-
-
-def collect_token_rows(trainer: Any, dataset: Any) -> tuple[list[list[int]], list[int]]:
-    """Each row's unpadded token ids and class label, through the trainer's collator (so exactly what the model
-    sees); raises `ValueError` for token-level labels, where a row has no class for the probe to predict."""
-    from .row_filter import _loader
-
-    rows: list[list[int]] = []
-    labels: list[int] = []
-    for batch in _loader(trainer, dataset, trainer.args.per_device_eval_batch_size):
-        if "input_ids" not in batch or "labels" not in batch:
-            raise ValueError(
-                f"row_filter_shallow_probe needs `input_ids` and `labels` in each batch, got {sorted(batch)}."
-            )
-        if batch["labels"].dim() != 1:
-            raise ValueError(
-                "row_filter_shallow_probe='ngram' predicts each row's class and needs one class label per row; "
-                f"this training set has token-level labels of shape {tuple(batch['labels'].shape)}."
-            )
-        mask = batch.get("attention_mask")
-        for row, ids in enumerate(batch["input_ids"]):
-            kept = ids[mask[row].bool()] if mask is not None else ids
-            rows.append(kept.tolist())
-        labels.extend(batch["labels"].long().tolist())
-    return rows, labels
 
 
 SHALLOW_PROBES = {"ngram": ngram_probe_log_probs}

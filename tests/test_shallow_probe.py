@@ -11,11 +11,16 @@ import torch
 from transformers import BatchEncoding
 
 from peft_musclelora import MuScleLoraTrainer
-from peft_musclelora.row_filter import ROW_FILTER_FILE, SHALLOW_PRIOR_COLUMN, RowFilterArguments, fold_assignment
+from peft_musclelora.row_filter import (
+    ROW_FILTER_FILE,
+    SHALLOW_PRIOR_COLUMN,
+    RowFilterArguments,
+    collect_token_rows,
+    fold_assignment,
+)
 from peft_musclelora.shallow_probe import (
     INVERSE_REGULARISATION,
     NgramFeatures,
-    collect_token_rows,
     fit_logistic,
     hashed_ngrams,
     logistic_log_probs,
