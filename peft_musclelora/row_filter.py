@@ -109,6 +109,15 @@ class RowFilterArguments:
             "model alone. Needs row_filter_shallow_probe."
         },
     )
+    row_filter_shallow_expert_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "The shallow expert's exponent in the product of experts: the loss is the cross-entropy of "
+            "log_softmax(logits) + weight * log p_shallow, so a weight above 1 sharpens the shallow expert and "
+            "takes more of the gradient away from the rows it explains confidently. > 0; a value other than 1 needs "
+            "row_filter_shallow_expert=True."
+        },
+    )
     row_filter_unlearn: bool = field(
         default=False,
         metadata={
@@ -171,6 +180,13 @@ class RowFilterArguments:
             raise ValueError(
                 "`row_filter_shallow_expert=True` trains with the shallow probe's predictions: set "
                 "row_filter_shallow_probe as well (one of " + str(sorted(SHALLOW_PROBES)) + ")."
+            )
+        check_number("row_filter_shallow_expert_weight", self.row_filter_shallow_expert_weight, "> 0", _positive)
+        if self.row_filter_shallow_expert_weight != 1.0 and not self.row_filter_shallow_expert:
+            raise ValueError(
+                "`row_filter_shallow_expert_weight` weighs the shallow expert in training: set "
+                f"row_filter_shallow_expert=True as well, or leave the weight at 1.0 "
+                f"(got {self.row_filter_shallow_expert_weight!r})."
             )
         check_bool("row_filter_unlearn", self.row_filter_unlearn)
         if self.row_filter_unlearn and not self.row_filter:
@@ -607,6 +623,7 @@ def run_row_filter(
         "probe_learning_rate": lr,
         "shallow_probe": args.row_filter_shallow_probe,
         "shallow_expert": args.row_filter_shallow_expert,
+        "shallow_expert_weight": args.row_filter_shallow_expert_weight,
         "seconds": time.perf_counter() - start_time,
         "scoring_seconds": scoring_seconds,
         "shallow_seconds": shallow_seconds,

@@ -597,8 +597,9 @@ class GradientAlignmentMixin:
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
     ) -> Any:
         """The parent's loss; for a batch of rows with the shallow probe's log-probabilities
-        (`row_filter_shallow_expert`), the product-of-experts cross-entropy `CE(log_softmax(logits) + log p_shallow)`
-        (the shallow expert is fixed: only the model learns, and only from what the shallow probe does not explain)."""
+        (`row_filter_shallow_expert`), the product-of-experts cross-entropy
+        `CE(log_softmax(logits) + weight * log p_shallow)` with `row_filter_shallow_expert_weight` (the shallow expert
+        is fixed: only the model learns, and only from what the shallow probe does not explain)."""
         # A Mapping, not a dict: DataCollatorWithPadding returns a BatchEncoding (a UserDict).
         prior = inputs.pop(SHALLOW_PRIOR_COLUMN, None) if isinstance(inputs, Mapping) else None
         if prior is None:
@@ -606,7 +607,8 @@ class GradientAlignmentMixin:
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs.logits.float()
-        combined = torch.log_softmax(logits, dim=-1) + prior.to(logits)
+        weight = self.row_filter_args.row_filter_shallow_expert_weight
+        combined = torch.log_softmax(logits, dim=-1) + weight * prior.to(logits)
         loss = torch.nn.functional.cross_entropy(combined, labels.long())
         return (loss, outputs) if return_outputs else loss
 

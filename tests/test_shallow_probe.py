@@ -195,8 +195,37 @@ def test_the_product_of_experts_adds_the_shallow_log_probabilities_to_the_models
     with torch.no_grad():  # without the column (evaluation), the model's own loss
         plain = trainer.compute_loss(model, {k: v for k, v in inputs.items() if k != SHALLOW_PRIOR_COLUMN})
     assert torch.allclose(plain, torch.nn.functional.cross_entropy(logits, inputs["labels"]), atol=1e-6)
+    trainer.row_filter_args.row_filter_shallow_expert_weight = 4.0  # a sharper shallow expert: p_shallow ** 4
+    with torch.no_grad():
+        sharpened = trainer.compute_loss(model, dict(inputs))
+    expected = torch.nn.functional.cross_entropy(torch.log_softmax(logits, -1) + 4.0 * prior, inputs["labels"])
+    assert torch.allclose(sharpened, expected, atol=1e-6)
 
 
 def test_the_product_of_experts_needs_the_shallow_probe():
     with pytest.raises(ValueError, match="`row_filter_shallow_expert=True` trains with the shallow probe"):
         RowFilterArguments(row_filter=True, row_filter_shallow_expert=True)
+
+
+@pytest.mark.parametrize(
+    ("weight", "error", "message"),
+    [
+        (0.0, ValueError, "must be > 0, got 0.0"),
+        (-1.0, ValueError, "must be > 0, got -1.0"),
+        (float("nan"), TypeError, "must be a finite number > 0, got nan"),
+        ("4", TypeError, "must be a finite number > 0, got '4'"),
+    ],
+)
+def test_the_shallow_experts_weight_must_be_a_positive_finite_number(weight, error, message):
+    with pytest.raises(error, match=f"`row_filter_shallow_expert_weight` {message}"):
+        RowFilterArguments(
+            row_filter=True,
+            row_filter_shallow_probe="ngram",
+            row_filter_shallow_expert=True,
+            row_filter_shallow_expert_weight=weight,
+        )
+
+
+def test_the_shallow_experts_weight_is_refused_without_the_product_of_experts():
+    with pytest.raises(ValueError, match="`row_filter_shallow_expert_weight` weighs the shallow expert.*got 4.0"):
+        RowFilterArguments(row_filter=True, row_filter_shallow_probe="ngram", row_filter_shallow_expert_weight=4.0)
