@@ -3,7 +3,11 @@
 Prints, from the cell's `row_filter.json` and its training file: the AUROC of each probe step's held-out loss and of
 `low` / `high` (how well they separate poisoned from clean rows; 0.5 = chance), the share of poisoned rows a cut at a
 5 % clean-row false-positive rate would catch at each step (label-1 rows, where the poisoned rows are), the share of
-poisoned and of clean rows with `low` below 0.025, and how many of the `fit-early` rows are poisoned.
+poisoned and of clean rows with `low` below 0.025, and how many of the `fit-early` rows are poisoned. For a cell
+made with the shallow probe, also each shallow-expert weight's product-of-experts gradient share: with the model
+still at chance, a kept row's loss gradient under `CE(log_softmax(logits) + w * log p_shallow)` has the size
+`1 - p_comb(label)`, `p_comb` proportional to `p_shallow ** w`; the report gives the poisoned rows' share of that
+gradient mass over the kept rows and the mean per poisoned and per clean row.
 
     python benchmarks/row_filter_report.py runs/full-size-fitgap/cells/badnets/fit-gap/seed0
 """
@@ -67,7 +71,28 @@ def main() -> None:
         round(float((reasons[~poisoned] != "keep").mean()), 3),
         round(float((reasons[poisoned] != "keep").mean()), 3),
     ]
+    if "shallow_log_probs" in rows[0]:
+        kept = reasons == "keep"
+        report["product-of-experts gradient at chance: weight -> poisoned share, mean poisoned, mean clean"] = {
+            weight: _expert_gradient_share(rows, labels, poisoned, kept, weight) for weight in SHALLOW_EXPERT_WEIGHTS
+        }
     print(json.dumps(report, indent=1))
+
+
+SHALLOW_EXPERT_WEIGHTS = (1.0, 2.0, 3.0, 4.0, 6.0)
+
+
+def _expert_gradient_share(
+    rows: list[dict], labels: np.ndarray, poisoned: np.ndarray, kept: np.ndarray, weight: float
+) -> list[float]:
+    log_probs = weight * np.array([row["shallow_log_probs"] for row in rows])
+    log_probs -= np.logaddexp.reduce(log_probs, axis=1, keepdims=True)
+    gradient = 1.0 - np.exp(log_probs[np.arange(len(rows)), labels])
+    share = gradient[kept & poisoned].sum() / gradient[kept].sum()
+    return [
+        round(float(value), 3)
+        for value in (share, gradient[kept & poisoned].mean(), gradient[kept & ~poisoned].mean())
+    ]
 
 
 if __name__ == "__main__":
