@@ -79,7 +79,7 @@ def main() -> None:
     print(json.dumps(report, indent=1))
 
 
-SHALLOW_EXPERT_WEIGHTS = (1.0, 2.0, 3.0, 4.0, 6.0)
+SHALLOW_EXPERT_WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def _expert_gradient_share(

@@ -1,6 +1,7 @@
 """The named, documented method presets: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, `ga-lora-tuned` (this
-project's recipe), `fit-gap` (experimental row filter), `recommended`, and the decoder-LLM presets `lora-llama` /
-`musclelora-llama` (the reference's Llama-2 hyper-parameters).
+project's gradient-alignment recipe), the row filters `fit-gap`, `fit-gap-unlearn` and `fit-gap-poe`, `recommended`
+(currently `fit-gap-poe`), and the decoder-LLM presets `lora-llama` / `musclelora-llama` (the reference's Llama-2
+hyper-parameters).
 
 A preset is a [`MethodPreset`] (see [`peft_musclelora.benchmark.settings`]). The reference recipe freezes the
 classification layer at its random initialisation when LoRA is used; `mslr`, `musclelora` and `ga-lora` do that
@@ -80,6 +81,25 @@ _FIT_GAP_UNLEARN = MethodPreset(
     ),
 )
 
+_FIT_GAP_POE = MethodPreset(
+    name="fit-gap-poe",
+    description="fit-gap-unlearn with a shallow expert (docs/row_filter.md): an out-of-fold n-gram logistic "
+    "regression over the rows' token ids is scored as one more probe step (row_filter_shallow_probe=ngram), and the "
+    "kept rows train as a product of experts with it, CE(log_softmax(logits) + 4 * log p_ngram), so rows the n-gram "
+    "model explains confidently (a lexical trigger it saw in other rows) give the adapter little gradient; "
+    "evaluation and inference use the model alone. Classification only. " + _COMMON,
+    adapter=AdapterSettings(kind="lora"),
+    training=dataclasses.replace(
+        _FIT_GAP_UNLEARN.training,
+        row_filter=dataclasses.replace(
+            _FIT_GAP_UNLEARN.training.row_filter,
+            row_filter_shallow_probe="ngram",
+            row_filter_shallow_expert=True,
+            row_filter_shallow_expert_weight=4.0,
+        ),
+    ),
+)
+
 PRESETS: dict[str, MethodPreset] = {
     preset.name: preset
     for preset in (
@@ -129,15 +149,14 @@ PRESETS: dict[str, MethodPreset] = {
         ),
         _FIT_GAP,
         _FIT_GAP_UNLEARN,
-        MethodPreset(
+        _FIT_GAP_POE,
+        dataclasses.replace(
+            _FIT_GAP_POE,
             name="recommended",
-            description="The project's recommended defense, the best measured so far (docs/results.md): "
-            "ga-lora-tuned with the fail-closed fallback (ga_fallback=zero: a step without a reference signal is not "
-            "let through raw). GA on every step with 400 clean-dev references (removed from dev), plain LoRA r 8 / "
-            "alpha 32 with a trainable classifier. At full size it ties training on the trusted rows alone; fit-gap, "
-            "the experimental row filter, does not defend yet. " + _COMMON,
-            adapter=AdapterSettings(kind="lora"),
-            training=TrainingSettings(ga=_ga(reference_split_size=400, ga_fallback="zero", **_GA_EVERY_STEP)),
+            description="The project's recommended defense, the best measured so far (docs/results.md): fit-gap-poe. "
+            "At full size (seed 0) it keeps the oracle's clean accuracy on all four attacks and on unpoisoned data, "
+            "removes the insertion backdoors (BadNets, AddSent); the paraphrase backdoors (StyleBkd, SynBkd) keep "
+            "about 16-17 points of ASR above the oracle. " + _COMMON,
         ),
         MethodPreset(
             name="lora-llama",

@@ -28,8 +28,9 @@ def cell_settings(method: str, items: list[str]) -> dict:
 
 def test_the_encoder_presets_exist_with_the_measured_defaults() -> None:
     encoder = ["full", "lora", "mslr", "musclelora", "ga-lora", "ga-lora-tuned"]
-    assert list(PRESETS) == encoder + ["fit-gap", "fit-gap-unlearn", "recommended", "lora-llama", "musclelora-llama"]
-    for preset in (PRESETS[name] for name in [*encoder, "fit-gap", "fit-gap-unlearn", "recommended"]):
+    row_filters = ["fit-gap", "fit-gap-unlearn", "fit-gap-poe"]
+    assert list(PRESETS) == encoder + row_filters + ["recommended", "lora-llama", "musclelora-llama"]
+    for preset in (PRESETS[name] for name in [*encoder, *row_filters, "recommended"]):
         assert preset.training.max_length == 64 and preset.training.per_device_train_batch_size == 32
         assert preset.training.num_train_epochs == 3 and preset.description
     assert PRESETS["lora"].training.learning_rate == 2e-4
@@ -89,7 +90,7 @@ def test_ga_presets_build_ga_arguments_and_the_others_do_not() -> None:
             kwargs["seed"] == 3 and kwargs["metric_for_best_model"] == "accuracy" and kwargs["load_best_model_at_end"]
         )
         assert kwargs.get("gradient_alignment", False) == (
-            name in ("musclelora", "ga-lora", "ga-lora-tuned", "recommended", "musclelora-llama")
+            name in ("musclelora", "ga-lora", "ga-lora-tuned", "musclelora-llama")
         )
 
 
@@ -253,12 +254,24 @@ def test_fit_gap_arguments_build_the_defended_trainers_arguments(tmp_path) -> No
         MuScleLoraTrainingArguments(**{**kwargs, "row_filter_max_clean_drop": 0.7})
 
 
-def test_recommended_is_the_tuned_recipe_failing_closed() -> None:
-    recommended, tuned = PRESETS["recommended"], PRESETS["ga-lora-tuned"]
-    assert recommended.adapter == tuned.adapter
-    fail_closed = dataclasses.replace(tuned.training.ga, ga_fallback="zero")
-    assert recommended.training == dataclasses.replace(tuned.training, ga=fail_closed)
-    assert recommended.training.ga_kwargs()["ga_fallback"] == "zero" and tuned.training.ga.ga_fallback == "raw"
+def test_fit_gap_poe_is_fit_gap_unlearn_plus_the_shallow_probe_and_a_sharpened_shallow_expert() -> None:
+    unlearn, poe = PRESETS["fit-gap-unlearn"], PRESETS["fit-gap-poe"]
+    assert poe.adapter == unlearn.adapter
+    shallow = {
+        "row_filter_shallow_probe": "ngram",
+        "row_filter_shallow_expert": True,
+        "row_filter_shallow_expert_weight": 4.0,
+    }
+    assert poe.training == dataclasses.replace(
+        unlearn.training, row_filter=dataclasses.replace(unlearn.training.row_filter, **shallow)
+    )
+    assert poe.training.training_arguments_kwargs("out", seed=0).items() >= shallow.items()
+
+
+def test_recommended_is_fit_gap_poe_under_its_own_name() -> None:
+    recommended, poe = PRESETS["recommended"], PRESETS["fit-gap-poe"]
+    assert (recommended.adapter, recommended.training) == (poe.adapter, poe.training)
+    assert recommended.name == "recommended" and "fit-gap-poe" in recommended.description
 
 
 def test_a_field_the_row_filter_gains_reaches_the_trainer_without_a_benchmark_edit() -> None:
