@@ -3,9 +3,14 @@
 For each cell it reads `row_filter.json` (the filter's per-row decisions) and the training file's poison flags
 (read here for the figure only, as in the cell's report) and draws, per probe step, the distribution of the rows'
 percentile among the trusted rows of the same label, clean and poisoned apart, with the cut-offs the filter chose.
+With `--shallow-expert-weight W` (cells made with the shallow probe) it draws instead the gradient each row gives a
+model at chance under the product of experts at weight W (`shallow_probe.expert_gradient_scale`), clean and
+poisoned apart: what the shallow expert leaves the adapter to learn from each row.
 
     python benchmarks/row_filter_figure.py runs/full-size-fitgap/cells/badnets/fit-gap/seed0 ... \
         --output docs/figures/row-filter-signal.png
+    python benchmarks/row_filter_figure.py runs/s10-poe-l4-{badnets,stylebkd}/cells/*/fit-gap-unlearn/seed0 \
+        --shallow-expert-weight 4 --output docs/figures/shallow-expert-gradient.png
 """
 
 from __future__ import annotations
@@ -15,17 +20,20 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from peft_musclelora.benchmark.data import load_records
-from peft_musclelora.plotting import _pyplot
+from peft_musclelora.plotting import pyplot, save_figure
+from peft_musclelora.shallow_probe import expert_gradient_scale
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cells", nargs="+", help="Finished fit-gap cell directories")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--shallow-expert-weight", type=float, default=None)
     args = parser.parse_args()
-    plt = _pyplot()
+    plt = pyplot("The row-filter figure")
     figure, axes = plt.subplots(1, len(args.cells), figsize=(4.2 * len(args.cells), 3.6), squeeze=False)
     for axis, cell in zip(axes[0], args.cells):
         cell = Path(cell)
@@ -34,6 +42,10 @@ def main() -> None:
         train = load_records(metrics["data"]["train"]["source"])
         poisoned = np.array([record.poisoned for record in train.records])
         rows = decisions["rows"]
+        if args.shallow_expert_weight is not None:
+            _draw_expert_gradient(axis, rows, np.array(train.labels), poisoned, args.shallow_expert_weight)
+            axis.set_title(f"{metrics.get('attack', cell.name)}, shallow expert weight {args.shallow_expert_weight:g}")
+            continue
         steps = decisions["summary"]["probe_steps"]
         low = np.array([row["low"] for row in rows])
         high = np.array([row["high"] for row in rows])
@@ -62,12 +74,29 @@ def main() -> None:
         axis.set_title(f"{metrics.get('attack', cell.name)} (probe steps {','.join(map(str, steps))})", fontsize=9)
         axis.set_xlabel("percentile among trusted rows of the label")
         axis.set_yscale("log")
-    axes[0][0].set_ylabel("density (log)")
+    axes[0][0].set_ylabel("share of rows (log)" if args.shallow_expert_weight is not None else "density (log)")
     axes[0][-1].legend(fontsize=6, loc="upper center")
-    figure.tight_layout()
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.output, dpi=120)
+    save_figure(figure, args.output)
     print(args.output)
+
+
+def _draw_expert_gradient(axis, rows: list[dict], labels: np.ndarray, poisoned: np.ndarray, weight: float) -> None:
+    log_probs = torch.tensor([row["shallow_log_probs"] for row in rows], dtype=torch.float64)
+    label_log_probs = log_probs[torch.arange(len(rows)), torch.from_numpy(labels)]
+    scale = expert_gradient_scale(log_probs, label_log_probs, weight).numpy()
+    for group, name, style in ((~poisoned, "clean", {"alpha": 0.4}), (poisoned, "poisoned", {"histtype": "step"})):
+        weights = np.full(group.sum(), 1.0 / group.sum())
+        axis.hist(
+            scale[group],
+            bins=40,
+            range=(0, 1),
+            weights=weights,
+            label=f"{name} (mean {scale[group].mean():.2f})",
+            **style,
+        )
+    axis.set_xlabel("gradient left to the adapter, 1 - p_expert(label)")
+    axis.set_yscale("log")
+    axis.legend(fontsize=6, loc="upper right")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from peft_musclelora.benchmark.data import load_records
+from peft_musclelora.shallow_probe import expert_gradient_scale
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -85,14 +87,12 @@ SHALLOW_EXPERT_WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0)
 def _expert_gradient_share(
     rows: list[dict], labels: np.ndarray, poisoned: np.ndarray, kept: np.ndarray, weight: float
 ) -> list[float]:
-    log_probs = weight * np.array([row["shallow_log_probs"] for row in rows])
-    log_probs -= np.logaddexp.reduce(log_probs, axis=1, keepdims=True)
-    gradient = 1.0 - np.exp(log_probs[np.arange(len(rows)), labels])
+    log_probs = torch.tensor([row["shallow_log_probs"] for row in rows], dtype=torch.float64)
+    label_log_probs = log_probs[torch.arange(len(rows)), torch.from_numpy(labels)]
+    gradient = expert_gradient_scale(log_probs, label_log_probs, weight).numpy()
     share = gradient[kept & poisoned].sum() / gradient[kept].sum()
-    return [
-        round(float(value), 3)
-        for value in (share, gradient[kept & poisoned].mean(), gradient[kept & ~poisoned].mean())
-    ]
+    means = (gradient[kept & poisoned].mean(), gradient[kept & ~poisoned].mean())
+    return [round(float(value), 3) for value in (share, *means)]
 
 
 if __name__ == "__main__":

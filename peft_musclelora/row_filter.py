@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._checks import check_bool, check_int, check_number
-from .shallow_probe import SHALLOW_PROBES
+from .shallow_probe import SHALLOW_PROBES, expert_gradient_scale
 
 ROW_FILTER_FILE = "row_filter.json"
 SHALLOW_PRIOR_COLUMN = "shallow_log_prior"  # the shallow probe's out-of-fold log-probabilities of a kept row
@@ -494,6 +494,14 @@ def collect_token_rows(trainer: Any, dataset: Any) -> tuple[list[list[int]], lis
     return rows, labels
 
 
+def _quartiles(values: Optional[torch.Tensor], rows: list[int]) -> Optional[list[float]]:
+    """Min, quartiles and max of `values` over `rows` (None without values or rows)."""
+    if values is None or not rows:
+        return None
+    chosen = values[torch.tensor(rows)].double()
+    return torch.quantile(chosen, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)).tolist()
+
+
 def _shallow_probe(
     trainer: Any, args: RowFilterArguments, train_dataset: Any, reference_dataset: Any, folds: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -603,6 +611,10 @@ def run_row_filter(
         args.row_filter_max_clean_drop,
     )
     own = [train_losses[folds[row], :, row].tolist() for row in range(num_rows)]
+    expert_scale = None
+    if shallow is not None and args.row_filter_shallow_expert:
+        label_log_probs = -shallow[2][torch.tensor(folds), torch.arange(num_rows)]
+        expert_scale = expert_gradient_scale(shallow[0], label_log_probs, args.row_filter_shallow_expert_weight)
     rows = [
         {
             "fold": folds[row],
@@ -613,6 +625,7 @@ def run_row_filter(
             "reason": decisions.reasons[row],
         }
         | ({"shallow_log_probs": shallow[0][row].tolist()} if shallow is not None else {})
+        | ({"expert_gradient_scale": float(expert_scale[row])} if expert_scale is not None else {})
         for row in range(num_rows)
     ]
     summary = {
@@ -624,6 +637,7 @@ def run_row_filter(
         "shallow_probe": args.row_filter_shallow_probe,
         "shallow_expert": args.row_filter_shallow_expert,
         "shallow_expert_weight": args.row_filter_shallow_expert_weight,
+        "expert_gradient_scale_quartiles": _quartiles(expert_scale, decisions.kept),
         "seconds": time.perf_counter() - start_time,
         "scoring_seconds": scoring_seconds,
         "shallow_seconds": shallow_seconds,

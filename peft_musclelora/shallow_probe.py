@@ -183,4 +183,25 @@ def ngram_probe_log_probs(
     return train_log_probs, reference_log_probs
 
 
+def expert_gradient_scale(log_probs: torch.Tensor, label_log_probs: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per row, `1 - p(label)` under the sharpened shallow expert alone, `p ∝ p_shallow ** weight`: how much of a
+    gradient the row gives a model still at chance (uniform logits) under the product-of-experts loss
+    `CE(log_softmax(logits) + weight * log p_shallow)` (the loss's gradient in the logits is `p - onehot(label)`).
+    0: the shallow expert explains the row and it teaches the model nothing; `1 - 1/K` or more: the expert is at
+    chance or wrong and the row teaches as much as without it.
+
+    `log_probs` are the shallow expert's `(rows, classes)` log-probabilities, `label_log_probs` those of each row's
+    label.
+
+    Example:
+        >>> log_probs = torch.log(torch.tensor([[0.2, 0.8], [0.5, 0.5]]))
+        >>> expert_gradient_scale(log_probs, log_probs[:, 1], 1.0).tolist()
+        [0.19999998807907104, 0.5]
+        >>> [round(value, 4) for value in expert_gradient_scale(log_probs, log_probs[:, 1], 4.0).tolist()]
+        [0.0039, 0.5]
+    """
+    sharpened = weight * log_probs
+    return 1.0 - torch.exp(weight * label_log_probs - torch.logsumexp(sharpened, dim=-1))
+
+
 SHALLOW_PROBES = {"ngram": ngram_probe_log_probs}

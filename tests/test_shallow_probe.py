@@ -4,6 +4,7 @@ that scores them as one more probe step."""
 from __future__ import annotations
 
 import json
+import math
 
 import datasets
 import pytest
@@ -21,6 +22,7 @@ from peft_musclelora.row_filter import (
 from peft_musclelora.shallow_probe import (
     INVERSE_REGULARISATION,
     NgramFeatures,
+    expert_gradient_scale,
     fit_logistic,
     hashed_ngrams,
     logistic_log_probs,
@@ -177,6 +179,12 @@ def test_the_product_of_experts_adds_the_shallow_log_probabilities_to_the_models
     trainer.train()
     report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
     assert report["summary"]["shallow_expert"] is True
+    for row in report["rows"]:  # the gradient the row gives a model at chance: 1 - p_shallow(label) at weight 1
+        label_log_prob = -row["losses"][-1]  # the shallow probe's step is the last one
+        assert row["expert_gradient_scale"] == pytest.approx(1 - math.exp(label_log_prob), abs=1e-9)
+    kept_scales = sorted(report["rows"][i]["expert_gradient_scale"] for i in report["kept"])
+    quartiles = report["summary"]["expert_gradient_scale_quartiles"]
+    assert (quartiles[0], quartiles[-1]) == pytest.approx((kept_scales[0], kept_scales[-1]))
     kept = trainer.train_dataset
     assert kept[SHALLOW_PRIOR_COLUMN] == [report["rows"][i]["shallow_log_probs"] for i in report["kept"]]
     batch = next(iter(trainer.get_train_dataloader()))
@@ -229,3 +237,16 @@ def test_the_shallow_experts_weight_must_be_a_positive_finite_number(weight, err
 def test_the_shallow_experts_weight_is_refused_without_the_product_of_experts():
     with pytest.raises(ValueError, match="`row_filter_shallow_expert_weight` weighs the shallow expert.*got 4.0"):
         RowFilterArguments(row_filter=True, row_filter_shallow_probe="ngram", row_filter_shallow_expert_weight=4.0)
+
+
+def test_the_expert_gradient_scale_is_one_minus_the_sharpened_experts_probability_of_the_label():
+    log_probs = torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.7, 0.2, 0.1]], dtype=torch.float64))
+    labels = torch.tensor([1, 2])
+    label_log_probs = log_probs[torch.arange(2), labels]
+    for weight in (1.0, 2.0, 4.0):
+        sharpened = torch.softmax(weight * log_probs, dim=-1)
+        expected = 1 - sharpened[torch.arange(2), labels]
+        assert torch.allclose(expert_gradient_scale(log_probs, label_log_probs, weight), expected)
+    # Sharpening takes gradient from the row the expert explains (row 0) and gives it to the row it gets wrong.
+    mild, sharp = (expert_gradient_scale(log_probs, label_log_probs, w) for w in (1.0, 4.0))
+    assert sharp[0] < mild[0] and sharp[1] > mild[1]
