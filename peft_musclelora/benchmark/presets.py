@@ -85,7 +85,7 @@ _FIT_GAP_POE = MethodPreset(
     name="fit-gap-poe",
     description="fit-gap-unlearn with a shallow expert (docs/row_filter.md): an out-of-fold n-gram logistic "
     "regression over the rows' token ids is scored as one more probe step (row_filter_shallow_probe=ngram), and the "
-    "kept rows train as a product of experts with it, CE(log_softmax(logits) + 4 * log p_ngram), so rows the n-gram "
+    "kept rows train as a product of experts with it, CE(log_softmax(logits) + 6 * log p_ngram), so rows the n-gram "
     "model explains confidently (a lexical trigger it saw in other rows) give the adapter little gradient; "
     "evaluation and inference use the model alone. Classification only. " + _COMMON,
     adapter=AdapterSettings(kind="lora"),
@@ -95,7 +95,7 @@ _FIT_GAP_POE = MethodPreset(
             _FIT_GAP_UNLEARN.training.row_filter,
             row_filter_shallow_probe="ngram",
             row_filter_shallow_expert=True,
-            row_filter_shallow_expert_weight=4.0,
+            row_filter_shallow_expert_weight=6.0,
         ),
     ),
 )

@@ -79,7 +79,7 @@ def test_a_recommended_cell_trains_the_kept_rows_against_the_sharpened_shallow_e
     items = ["row_filter_max_clean_drop=0.2"]
     assert _train(tiny_bert, attack_dir, tmp_path / "recommended", "recommended", items) == 0
     decisions = json.loads((tmp_path / "recommended" / "row_filter.json").read_text())
-    assert decisions["summary"]["shallow_probe"] == "ngram" and decisions["summary"]["shallow_expert_weight"] == 4.0
+    assert decisions["summary"]["shallow_probe"] == "ngram" and decisions["summary"]["shallow_expert_weight"] == 6.0
     assert all(len(row["shallow_log_probs"]) == 2 and len(row["losses"]) == 3 for row in decisions["rows"])
     plain = ["row_filter_shallow_expert_weight=1"]
     assert _train(tiny_bert, attack_dir, tmp_path / "weight-1", "recommended", items + plain) == 0

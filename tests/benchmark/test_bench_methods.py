@@ -260,7 +260,7 @@ def test_fit_gap_poe_is_fit_gap_unlearn_plus_the_shallow_probe_and_a_sharpened_s
     shallow = {
         "row_filter_shallow_probe": "ngram",
         "row_filter_shallow_expert": True,
-        "row_filter_shallow_expert_weight": 4.0,
+        "row_filter_shallow_expert_weight": 6.0,
     }
     assert poe.training == dataclasses.replace(
         unlearn.training, row_filter=dataclasses.replace(unlearn.training.row_filter, **shallow)
