@@ -155,8 +155,8 @@ PRESETS: dict[str, MethodPreset] = {
             name="recommended",
             description="The project's recommended defense, the best measured so far (docs/results.md): fit-gap-poe. "
             "At full size (seed 0) it keeps clean accuracy within 2.2 points of the oracle on four attacks (0.1-1.2 "
-            "on three) and within 0.1 on unpoisoned data, removes the insertion backdoors (BadNets, AddSent) and leaves the paraphrase "
-            "backdoors (StyleBkd, SynBkd) 2-4 points of ASR above the oracle. " + _COMMON,
+            "on three) and within 0.1 on unpoisoned data, removes the insertion backdoors (BadNets, AddSent) and "
+            "leaves the paraphrase backdoors (StyleBkd, SynBkd) 2-4 points of ASR above the oracle. " + _COMMON,
         ),
         MethodPreset(
             name="lora-llama",
