@@ -9,8 +9,9 @@ poisoned apart: what the shallow expert leaves the adapter to learn from each ro
 
     python benchmarks/row_filter_figure.py runs/full-size-fitgap/cells/badnets/fit-gap/seed0 ... \
         --output docs/figures/row-filter-signal.png
-    python benchmarks/row_filter_figure.py runs/s10-poe-l4-{badnets,stylebkd}/cells/*/fit-gap-unlearn/seed0 \
-        --shallow-expert-weight 6 --output docs/figures/shallow-expert-gradient.png
+    python benchmarks/row_filter_figure.py \
+        runs/s10-poe-l6-{badnets,addsent,stylebkd,synbkd}/cells/*/fit-gap-unlearn/seed0 --shallow-expert-weight 6 \
+        --output docs/figures/shallow-expert-gradient.png
 """
 
 from __future__ import annotations
