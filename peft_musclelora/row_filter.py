@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._checks import check_bool, check_int, check_number
-from .shallow_probe import SHALLOW_PROBES, expert_gradient_scale
+from .shallow_probe import SHALLOW_PROBES, expert_gradient_scale, response_classes
 
 ROW_FILTER_FILE = "row_filter.json"
 SHALLOW_PRIOR_COLUMN = "shallow_log_prior"  # the shallow probe's out-of-fold log-probabilities of a kept row
@@ -471,27 +471,45 @@ def _score(trainer: Any, model: torch.nn.Module, dataset: Any) -> tuple[torch.Te
     return torch.cat(losses).double()[restore], [groups[i] for i in restore.tolist()]
 
 
-def collect_token_rows(trainer: Any, dataset: Any) -> tuple[list[list[int]], list[int]]:
-    """Each row's unpadded token ids and class label, through the trainer's collator (so exactly what the model
-    sees); raises `ValueError` for token-level labels, where a row has no class for the probe to predict."""
+def collect_token_rows(
+    trainer: Any, dataset: Any, classes: Optional[list[tuple[int, ...]]] = None
+) -> tuple[list[list[int]], list[int], Optional[list[tuple[int, ...]]]]:
+    """`(token ids, class, classes)` of every row, through the trainer's collator (so exactly what the model sees).
+
+    Classification labels `(batch,)`: a row's ids are its unpadded input and its class is its label; `classes` is
+    None. Token-level labels `(batch, seq)` (a prompt and its response): a row's ids are its prompt (the unlabelled
+    positions) and its class is its response's index in `classes`, the distinct responses of these rows when None
+    ([`response_classes`]: a closed answer set such as label words; free-form responses raise `ValueError`)."""
     rows: list[list[int]] = []
     labels: list[int] = []
+    responses: list[tuple[int, ...]] = []
     for batch in _loader(trainer, dataset, trainer.args.per_device_eval_batch_size):
         if "input_ids" not in batch or "labels" not in batch:
             raise ValueError(
                 f"row_filter_shallow_probe needs `input_ids` and `labels` in each batch, got {sorted(batch)}."
             )
-        if batch["labels"].dim() != 1:
-            raise ValueError(
-                "row_filter_shallow_probe='ngram' predicts each row's class and needs one class label per row; "
-                f"this training set has token-level labels of shape {tuple(batch['labels'].shape)}."
-            )
         mask = batch.get("attention_mask")
+        token_level = batch["labels"].dim() == 2
         for row, ids in enumerate(batch["input_ids"]):
-            kept = ids[mask[row].bool()] if mask is not None else ids
-            rows.append(kept.tolist())
-        labels.extend(batch["labels"].long().tolist())
-    return rows, labels
+            kept = mask[row].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+            if token_level:
+                row_labels = batch["labels"][row]
+                kept = kept & (row_labels == -100)
+                responses.append(tuple(row_labels[row_labels != -100].tolist()))
+            rows.append(ids[kept].tolist())
+        if not token_level:
+            labels.extend(batch["labels"].long().tolist())
+    if not responses:
+        return rows, labels, None
+    classes = classes if classes is not None else response_classes(responses)
+    index = {cls: position for position, cls in enumerate(classes)}
+    unknown = sorted({response for response in responses if response not in index})
+    if unknown:
+        raise ValueError(
+            f"row_filter_shallow_probe: the responses {[list(r) for r in unknown[:3]]} of the trusted rows are not "
+            "among the training rows' responses; the shallow probe can only predict a response it was trained on."
+        )
+    return rows, [index[response] for response in responses], classes
 
 
 def _quartiles(values: Optional[torch.Tensor], rows: list[int]) -> Optional[list[float]]:
@@ -502,14 +520,25 @@ def _quartiles(values: Optional[torch.Tensor], rows: list[int]) -> Optional[list
     return torch.quantile(chosen, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)).tolist()
 
 
+@dataclass
+class ShallowProbeResult:
+    """The shallow probe's out-of-fold predictions and losses: log-probabilities of the training rows `(rows,
+    classes)` and of the trusted rows `(folds, refs, classes)`, the losses of the training rows `(folds, rows)` (a
+    row's loss in its own fold's slot, the others 0 and never read) and of the trusted rows `(folds, refs)`, and the
+    response classes of token-level labels (None for classification)."""
+
+    train_log_probs: torch.Tensor
+    reference_log_probs: torch.Tensor
+    train_losses: torch.Tensor
+    reference_losses: torch.Tensor
+    classes: Optional[list[tuple[int, ...]]]
+
+
 def _shallow_probe(
     trainer: Any, args: RowFilterArguments, train_dataset: Any, reference_dataset: Any, folds: list[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The shallow probe's out-of-fold predictions and losses: `(train log-probs (rows, classes), reference
-    log-probs (folds, refs, classes), train losses (folds, rows), reference losses (folds, refs))`; a row's loss is
-    in its own fold's slot (the others stay 0 and are never read)."""
-    train_rows, train_labels = collect_token_rows(trainer, train_dataset)
-    reference_rows, reference_labels = collect_token_rows(trainer, reference_dataset)
+) -> ShallowProbeResult:
+    train_rows, train_labels, classes = collect_token_rows(trainer, train_dataset)
+    reference_rows, reference_labels, _ = collect_token_rows(trainer, reference_dataset, classes)
     train_log_probs, reference_log_probs = SHALLOW_PROBES[args.row_filter_shallow_probe](
         train_rows, train_labels, folds, reference_rows, reference_labels, args.row_filter_folds
     )
@@ -520,7 +549,9 @@ def _shallow_probe(
     reference_losses = -reference_log_probs.gather(
         -1, torch.tensor(reference_labels).expand(args.row_filter_folds, -1)[..., None]
     )
-    return train_log_probs, reference_log_probs, train_losses, reference_losses.squeeze(-1)
+    return ShallowProbeResult(
+        train_log_probs, reference_log_probs, train_losses, reference_losses.squeeze(-1), classes
+    )
 
 
 def run_row_filter(
@@ -600,8 +631,8 @@ def run_row_filter(
         param.grad = None
     stacked_reference = torch.stack(reference_losses)
     if shallow is not None:
-        train_losses = torch.cat([train_losses, shallow[2][:, None, :]], dim=1)
-        stacked_reference = torch.cat([stacked_reference, shallow[3][:, None, :]], dim=1)
+        train_losses = torch.cat([train_losses, shallow.train_losses[:, None, :]], dim=1)
+        stacked_reference = torch.cat([stacked_reference, shallow.reference_losses[:, None, :]], dim=1)
     decisions = decide_rows(
         train_losses,
         train_groups,
@@ -613,8 +644,9 @@ def run_row_filter(
     own = [train_losses[folds[row], :, row].tolist() for row in range(num_rows)]
     expert_scale = None
     if shallow is not None and args.row_filter_shallow_expert:
-        label_log_probs = -shallow[2][torch.tensor(folds), torch.arange(num_rows)]
-        expert_scale = expert_gradient_scale(shallow[0], label_log_probs, args.row_filter_shallow_expert_weight)
+        label_log_probs = -shallow.train_losses[torch.tensor(folds), torch.arange(num_rows)]
+        weight = args.row_filter_shallow_expert_weight
+        expert_scale = expert_gradient_scale(shallow.train_log_probs, label_log_probs, weight)
     rows = [
         {
             "fold": folds[row],
@@ -624,7 +656,7 @@ def run_row_filter(
             "high": decisions.high[row],
             "reason": decisions.reasons[row],
         }
-        | ({"shallow_log_probs": shallow[0][row].tolist()} if shallow is not None else {})
+        | ({"shallow_log_probs": shallow.train_log_probs[row].tolist()} if shallow is not None else {})
         | ({"expert_gradient_scale": float(expert_scale[row])} if expert_scale is not None else {})
         for row in range(num_rows)
     ]
@@ -637,6 +669,7 @@ def run_row_filter(
         "shallow_probe": args.row_filter_shallow_probe,
         "shallow_expert": args.row_filter_shallow_expert,
         "shallow_expert_weight": args.row_filter_shallow_expert_weight,
+        "response_classes": None if shallow is None or shallow.classes is None else [list(c) for c in shallow.classes],
         "expert_gradient_scale_quartiles": _quartiles(expert_scale, decisions.kept),
         "seconds": time.perf_counter() - start_time,
         "scoring_seconds": scoring_seconds,

@@ -17,12 +17,20 @@ these predictions, so what the shallow model already explains (the shortcut) tea
 
 The features are the token ids the model sees, so the probe works for any tokenizer and language, and knows nothing
 the model could not know (no casing the tokenizer drops, no text).
+
+Instruction tuning has token-level labels (a prompt and its response) but, for a classification task written as
+instructions, a closed set of responses (the label words): [`response_classes`] makes each distinct response a
+class, the probe predicts it from the prompt's n-grams, and [`product_of_experts_token_loss`] carries the product of
+experts to the next-token loss: at each response position where the responses still consistent with the gold prefix
+branch, the expert's log-probability of each branching token, centred over those tokens, is added to the model's
+log-probabilities (tokens no response branches to are left alone).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -34,6 +42,9 @@ MIN_DOCUMENT_FREQUENCY = 2
 # to C = 1/8 (0.85 / 0.88), the strongest of the four values measured (docs/results.md).
 INVERSE_REGULARISATION = 0.125
 MAX_ITERATIONS = 200
+#: The most distinct responses a token-level training set may have for the probe to treat each as a class: beyond
+#: that the responses are free-form and no closed answer set (the shortcut's target) exists to predict.
+MAX_RESPONSE_CLASSES = 64
 _HASH_MODULUS = (1 << 61) - 1
 
 
@@ -202,6 +213,113 @@ def expert_gradient_scale(log_probs: torch.Tensor, label_log_probs: torch.Tensor
     """
     sharpened = weight * log_probs
     return 1.0 - torch.exp(weight * label_log_probs - torch.logsumexp(sharpened, dim=-1))
+
+
+def response_classes(responses: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """The distinct responses (token-id sequences) of token-level rows, sorted: the classes the shallow probe
+    predicts. Raises `ValueError` unless they are a closed set: 2 to [`MAX_RESPONSE_CLASSES`] of them, each row's
+    response shared with another row on average (at most half as many responses as rows).
+
+    Example:
+        >>> response_classes([[7, 2], [5, 2], [7, 2], [5, 2]])
+        [(5, 2), (7, 2)]
+    """
+    classes = sorted({tuple(int(token) for token in response) for response in responses})
+    most = min(MAX_RESPONSE_CLASSES, len(responses) // 2)
+    if not 2 <= len(classes) <= most:
+        raise ValueError(
+            "row_filter_shallow_probe='ngram' on token-level labels predicts each row's response from a closed set "
+            f"(2 to {MAX_RESPONSE_CLASSES} distinct responses, at most half as many as rows); these {len(responses)} "
+            f"rows have {len(classes)} distinct responses."
+        )
+    return classes
+
+
+def branch_token_biases(
+    response: Sequence[int], classes: Sequence[Sequence[int]], class_log_probs: torch.Tensor, weight: float
+) -> list[tuple[int, list[int], torch.Tensor]]:
+    """Where and how the shallow expert acts on one response: `(position, tokens, biases)` at each position of
+    `response` where the classes consistent with its prefix continue with more than one token. A token's bias is
+    `weight * log p_shallow(token | prefix)` (the consistent classes' probabilities summed per token and
+    renormalised), centred over the branching tokens, so an expert at chance adds nothing.
+
+    Example:
+        >>> classes = [(5, 9), (7, 9)]  # " negative" / " positive" then end-of-sequence
+        >>> [(pos, tokens, [round(v, 3) for v in bias.tolist()])
+        ...  for pos, tokens, bias in branch_token_biases((7, 9), classes, torch.log(torch.tensor([0.2, 0.8])), 1.0)]
+        [(0, [5, 7], [-0.693, 0.693])]
+    """
+    response = tuple(int(token) for token in response)
+    branches = []
+    for position in range(len(response)):
+        consistent = [
+            index
+            for index, cls in enumerate(classes)
+            if len(cls) > position and tuple(cls[:position]) == response[:position]
+        ]
+        tokens = sorted({int(classes[index][position]) for index in consistent})
+        if len(tokens) < 2:
+            continue
+        mass = torch.stack(
+            [
+                torch.logsumexp(
+                    class_log_probs[[i for i in consistent if int(classes[i][position]) == token]].double(), dim=0
+                )
+                for token in tokens
+            ]
+        )
+        log_p = mass - torch.logsumexp(mass, dim=0)
+        branches.append((position, tokens, weight * (log_p - log_p.mean())))
+    return branches
+
+
+def product_of_experts_token_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_log_probs: torch.Tensor,
+    classes: Sequence[Sequence[int]],
+    weight: float,
+    num_items_in_batch: Optional[int] = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy of causal-LM `logits` `(batch, seq, vocab)` against `labels` `(batch, seq)` (-100:
+    not trained), with the shallow expert's [`branch_token_biases`] added to the logits at each row's branching
+    positions: the token-level form of `CE(log_softmax(logits) + weight * log p_shallow)`. Summed over the labelled
+    tokens and divided by `num_items_in_batch` (their count in the whole accumulated batch) or, when None, by their
+    count here. `class_log_probs` `(batch, classes)`: each row's out-of-fold probe prediction.
+
+    Example:
+        >>> logits = torch.zeros(1, 3, 10)
+        >>> labels = torch.tensor([[-100, 7, 9]])  # the response (7, 9) after a one-token prompt
+        >>> plain = product_of_experts_token_loss(logits, labels, torch.zeros(1, 2), [(5, 9), (7, 9)], 0.0)
+        >>> confident = product_of_experts_token_loss(
+        ...     logits, labels, torch.log(torch.tensor([[0.01, 0.99]])), [(5, 9), (7, 9)], 4.0
+        ... )
+        >>> round(float(plain), 4) == round(float(torch.log(torch.tensor(10.0))), 4), bool(confident < plain)
+        (True, True)
+    """
+    shifted, targets = logits[:, :-1].float(), labels[:, 1:].long()
+    mask = targets != -100
+    selected = shifted[mask]  # (labelled tokens, vocab): a copy, so the biases never touch the model's logits
+    rows, positions = mask.nonzero(as_tuple=True)
+    flat_index = torch.full_like(targets, -1)
+    flat_index[mask] = torch.arange(selected.size(0), device=targets.device)
+    bias_rows, bias_tokens, bias_values = [], [], []
+    for row in range(targets.size(0)):
+        row_positions = positions[rows == row]
+        response = targets[row, row_positions].tolist()
+        for position, tokens, biases in branch_token_biases(response, classes, class_log_probs[row], weight):
+            bias_rows.extend([int(flat_index[row, row_positions[position]])] * len(tokens))
+            bias_tokens.extend(tokens)
+            bias_values.append(biases)
+    if bias_rows:
+        selected = selected.index_put(
+            (torch.tensor(bias_rows, device=selected.device), torch.tensor(bias_tokens, device=selected.device)),
+            torch.cat(bias_values).to(selected),
+            accumulate=True,
+        )
+    loss = torch.nn.functional.cross_entropy(selected, targets[mask], reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else max(int(mask.sum()), 1)
+    return loss / count
 
 
 SHALLOW_PROBES = {"ngram": ngram_probe_log_probs}

@@ -27,6 +27,7 @@ from transformers.utils import logging
 from .bnb import keep_4bit_weights_trainable
 from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArguments, _is_dtensor, align_gradients
 from .row_filter import ROW_FILTER_FILE, SHALLOW_PRIOR_COLUMN, RowFilterArguments, run_row_filter, subset_rows
+from .shallow_probe import product_of_experts_token_loss
 from .unlearning import isolation_evidence, run_unlearning
 
 # Resumable GA state, in a folder of its own inside each checkpoint so the Trainer's weight loading never sees it:
@@ -364,6 +365,7 @@ class GradientAlignmentMixin:
         keep_4bit_weights_trainable(self.model)  # evaluation passes must not freeze a 4-bit model on CPU
         self.ga_args = ga_args
         self._row_filter_source: Any = None  # the unfiltered training set, once train() has filtered it
+        self._shallow_response_classes: Optional[list[tuple[int, ...]]] = None  # token-level shallow expert
         self.row_filter_report: Optional[dict[str, Any]] = None
         if ga_args is not training_args:
             epoch_bounded = self.args.max_steps is None or self.args.max_steps <= 0
@@ -586,6 +588,10 @@ class GradientAlignmentMixin:
         kept = subset_rows(self.train_dataset, report["kept"])
         if self.row_filter_args.row_filter_shallow_expert:
             kept = _with_shallow_prior(kept, report, path)
+            classes = report["summary"].get("response_classes")
+            self._shallow_response_classes = None if classes is None else [tuple(c) for c in classes]
+            if not isinstance(self.data_collator, ShallowPriorCollator):
+                self.data_collator = ShallowPriorCollator(self.data_collator)
         self.train_dataset = kept
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -599,7 +605,9 @@ class GradientAlignmentMixin:
         """The parent's loss; for a batch of rows with the shallow probe's log-probabilities
         (`row_filter_shallow_expert`), the product-of-experts cross-entropy
         `CE(log_softmax(logits) + weight * log p_shallow)` with `row_filter_shallow_expert_weight` (the shallow expert
-        is fixed: only the model learns, and only from what the shallow probe does not explain)."""
+        is fixed: only the model learns, and only from what the shallow probe does not explain). For causal-LM logits
+        the expert acts on the response tokens where the answer set branches
+        ([`~shallow_probe.product_of_experts_token_loss`])."""
         # A Mapping, not a dict: DataCollatorWithPadding returns a BatchEncoding (a UserDict).
         prior = inputs.pop(SHALLOW_PRIOR_COLUMN, None) if isinstance(inputs, Mapping) else None
         if prior is None:
@@ -608,6 +616,17 @@ class GradientAlignmentMixin:
         outputs = model(**inputs)
         logits = outputs.logits.float()
         weight = self.row_filter_args.row_filter_shallow_expert_weight
+        if logits.dim() == 3:
+            classes = self._shallow_response_classes
+            if classes is None:
+                raise ValueError(
+                    "a batch with causal-LM logits carries shallow-probe predictions, but the row filter's report "
+                    "names no response classes: it was made for classification labels. Delete row_filter.json."
+                )
+            # The model's own loss divides by the accumulated batch's token count when it takes loss kwargs.
+            items = kwargs.get("num_items_in_batch") if self.model_accepts_loss_kwargs else None
+            loss = product_of_experts_token_loss(logits, labels, prior, classes, weight, items)
+            return (loss, outputs) if return_outputs else loss
         combined = torch.log_softmax(logits, dim=-1) + weight * prior.to(logits)
         loss = torch.nn.functional.cross_entropy(combined, labels.long())
         return (loss, outputs) if return_outputs else loss
@@ -885,6 +904,31 @@ class _WithColumn(TorchDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.dataset[index], self.name: self.values[index]}
+
+
+class ShallowPriorCollator:
+    """Wraps a data collator so the rows' shallow-probe predictions ([`SHALLOW_PRIOR_COLUMN`]) reach the loss as one
+    float tensor `(batch, classes)`, whatever the wrapped collator keeps (TRL's language-modelling collator keeps
+    only token columns). Rows without the column are collated as before.
+
+    Example:
+        >>> collate = ShallowPriorCollator(lambda rows: {"x": torch.tensor([row["x"] for row in rows])})
+        >>> rows = [{"x": 1, SHALLOW_PRIOR_COLUMN: [-0.1, -2.3]}, {"x": 2, SHALLOW_PRIOR_COLUMN: [-2.3, -0.1]}]
+        >>> batch = collate(rows)
+        >>> batch["x"].tolist(), batch[SHALLOW_PRIOR_COLUMN].shape
+        ([1, 2], torch.Size([2, 2]))
+    """
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, rows: list[dict[str, Any]]) -> Any:
+        if not rows or SHALLOW_PRIOR_COLUMN not in rows[0]:
+            return self.collator(rows)
+        priors = [row[SHALLOW_PRIOR_COLUMN] for row in rows]
+        batch = self.collator([{k: v for k, v in row.items() if k != SHALLOW_PRIOR_COLUMN} for row in rows])
+        batch[SHALLOW_PRIOR_COLUMN] = torch.tensor(priors, dtype=torch.float32)
+        return batch
 
 
 def _with_shallow_prior(kept: Any, report: dict[str, Any], path: str) -> Any:

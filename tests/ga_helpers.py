@@ -68,3 +68,26 @@ def row_filter_training_args(tmp_path, **overrides):
     }
     settings.update(overrides)
     return MuScleLoraTrainingArguments(**settings)
+
+
+def tiny_llama(hidden: int = 16, vocab: int = 32):
+    """A random one-layer Llama causal LM (pad 0, end-of-sequence 1)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def tiny_tokenizer(vocab: int = 32):
+    """A word-level tokenizer of `tiny_llama`'s vocabulary (`<pad>`, `<eos>`, `<unk>`, `w3`...)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tokenizer = Tokenizer(WordLevel(words, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")

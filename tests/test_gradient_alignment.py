@@ -27,7 +27,7 @@ from peft_musclelora import (
 )
 from peft_musclelora.gradient_alignment import select_branch
 from peft_musclelora.trainer import reference_split_indices, stratified_quotas
-from tests.ga_helpers import tiny_bert, token_dataset, trainable_state
+from tests.ga_helpers import tiny_bert, tiny_llama, tiny_tokenizer, token_dataset, trainable_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -641,27 +641,6 @@ def test_data_parallel_ranks_end_with_identical_weights(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # TRL and bitsandbytes
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def tiny_llama(hidden: int = 16, vocab: int = 32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, eos_token_id=1,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
-
-
-def tiny_tokenizer(vocab: int = 32):
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab)}}
-    tokenizer = Tokenizer(WordLevel(words, unk_token="<unk>"))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 def causal_rows(rows: int, seed: int, vocab: int = 32):

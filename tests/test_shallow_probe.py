@@ -27,9 +27,11 @@ from peft_musclelora.shallow_probe import (
     hashed_ngrams,
     logistic_log_probs,
     ngram_probe_log_probs,
+    product_of_experts_token_loss,
+    response_classes,
 )
 
-from .ga_helpers import row_filter_training_args, tiny_bert, token_dataset
+from .ga_helpers import row_filter_training_args, tiny_bert, tiny_llama, tiny_tokenizer, token_dataset
 
 # ---- features ----
 
@@ -157,16 +159,104 @@ def test_the_filter_scores_the_shallow_probe_as_one_more_step_and_reports_it(tmp
     assert report["summary"]["shallow_seconds"] >= 0
 
 
-def test_the_shallow_probe_refuses_token_level_labels_in_one_line(tmp_path):
-    rows = token_dataset(16, seed=1)
+def test_the_shallow_probe_refuses_free_form_token_level_labels_in_one_line(tmp_path):
+    rows = token_dataset(16, seed=1)  # every row is its own response: no closed answer set to predict
     token_labels = datasets.Dataset.from_dict(
         {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"], "labels": rows["input_ids"]}
     )
     trainer = MuScleLoraTrainer(
         model=tiny_bert(seed=0), args=_args(tmp_path), train_dataset=rows, reference_dataset=token_dataset(8, seed=2)
     )
-    with pytest.raises(ValueError, match="needs one class label per row; this training set has token-level labels"):
+    with pytest.raises(ValueError, match=r"closed set \(2 to 64 distinct responses.*these 16 rows have 16 distinct"):
         collect_token_rows(trainer, token_labels)
+
+
+def test_response_classes_are_the_sorted_distinct_responses_of_a_closed_answer_set():
+    assert response_classes([[9, 1], [8, 1], [9, 1], [8, 1]]) == [(8, 1), (9, 1)]
+    with pytest.raises(ValueError, match="these 2 rows have 1 distinct"):
+        response_classes([[9, 1], [9, 1]])  # one answer is no class to tell apart
+    with pytest.raises(ValueError, match="these 4 rows have 3 distinct"):
+        response_classes([[9], [8], [7], [9]])  # more than half as many responses as rows
+
+
+# ---- the product of experts on answer tokens ----
+
+
+def test_on_a_vocabulary_of_just_the_label_words_the_token_loss_is_the_classification_product_of_experts():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 2, 2, generator=generator)  # position 0 predicts the one-token answer at position 1
+    answers = torch.tensor([0, 1, 1, 0, 1])
+    labels = torch.stack([torch.full((5,), -100), answers], dim=1)
+    prior = torch.log_softmax(torch.randn(5, 2, generator=generator), dim=-1)
+    for weight in (1.0, 6.0):
+        token = product_of_experts_token_loss(logits, labels, prior, [(0,), (1,)], weight)
+        expected = torch.nn.functional.cross_entropy(torch.log_softmax(logits[:, 0], -1) + weight * prior, answers)
+        assert torch.allclose(token, expected, atol=1e-6)
+
+
+def test_the_expert_acts_only_where_the_answers_branch_and_leaves_the_other_tokens_to_the_model():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 12, generator=generator, requires_grad=True)
+    labels = torch.tensor([[-100, -100, 7, 1], [-100, -100, 5, 1]])  # " positive" / " negative", then end (1)
+    classes = [(5, 1), (7, 1)]
+    confident = torch.log(torch.tensor([[0.02, 0.98], [0.98, 0.02]]))  # the expert is sure of both answers
+    loss = product_of_experts_token_loss(logits, labels, confident, classes, 4.0)
+    loss.backward()
+    plain_tokens = torch.nn.functional.cross_entropy(logits[:, 2].detach(), torch.tensor([1, 1]), reduction="none")
+    branch = logits[:, 1].detach().clone()
+    branch[:, [5, 7]] += 4.0 * (torch.log(torch.tensor([[0.02, 0.98], [0.98, 0.02]])) - torch.log(torch.tensor(0.14)))
+    branch_tokens = torch.nn.functional.cross_entropy(branch, torch.tensor([7, 5]), reduction="none")
+    assert torch.allclose(loss, (plain_tokens.sum() + branch_tokens.sum()) / 4, atol=1e-5)
+    # The answer the expert explains teaches the model less than it would alone.
+    plain_branch = torch.nn.functional.cross_entropy(logits[:, 1].detach(), torch.tensor([7, 5]), reduction="none")
+    assert bool((branch_tokens < plain_branch).all())
+    assert logits.grad is not None and bool(logits.grad[:, 0].eq(0).all())  # the prompt positions are not trained
+    summed = product_of_experts_token_loss(logits, labels, confident, classes, 4.0, num_items_in_batch=8)
+    assert torch.allclose(summed, loss * 4 / 8)
+
+
+def test_the_sft_trainer_carries_the_shallow_prior_through_trls_collator_into_the_token_loss(tmp_path):
+    from peft_musclelora import MuScleLoraSFTConfig, MuScleLoraSFTTrainer
+
+    def rows(count: int, seed: int) -> datasets.Dataset:
+        generator = torch.Generator().manual_seed(seed)
+        prompts, masks = [], []
+        for row in range(count):
+            cue, answer = (20, 10) if row % 2 else (21, 11)  # the prompt's cue token names its answer
+            prompt = [int(torch.randint(3, 10, (1,), generator=generator)), cue]
+            prompts.append([*prompt, answer, 1])
+            masks.append([0] * len(prompt) + [1, 1])
+        return datasets.Dataset.from_dict({"input_ids": prompts, "completion_mask": masks})
+
+    config = MuScleLoraSFTConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, use_cpu=True, report_to=[],
+        save_strategy="no", max_length=16, bf16=False, gradient_alignment=False, row_filter=True,
+        row_filter_probe_steps=[1], row_filter_max_clean_drop=0.3, row_filter_shallow_probe="ngram",
+        row_filter_shallow_expert=True, row_filter_shallow_expert_weight=4.0, completion_only_loss=True,
+        reference_split_size=10,
+    )  # fmt: skip
+    trainer = MuScleLoraSFTTrainer(  # references split from eval_dataset, which TRL prepares like the training set
+        model=tiny_llama(), args=config, train_dataset=rows(128, seed=1), eval_dataset=rows(12, seed=2),
+        processing_class=tiny_tokenizer(),
+    )  # fmt: skip
+    trainer.train()
+    report = json.loads((tmp_path / ROW_FILTER_FILE).read_text())
+    assert report["summary"]["response_classes"] == [[10, 1], [11, 1]]
+    # The cue is in the prompt, so the out-of-fold probe predicts the answers (odd rows: class 0, (10, 1)); its L2
+    # penalty and the folds' class imbalance may still cost a few rows.
+    predicted = [max(range(2), key=row["shallow_log_probs"].__getitem__) for row in report["rows"]]
+    assert sum(guess == (0 if row % 2 else 1) for row, guess in enumerate(predicted)) >= 0.9 * 128
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch[SHALLOW_PRIOR_COLUMN].shape == (4, 2)
+    model = trainer.model.eval()
+    inputs = dict(batch.items())
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        logits = model(**{k: v for k, v in inputs.items() if k not in ("labels", SHALLOW_PRIOR_COLUMN)}).logits
+        plain = model(**{k: v for k, v in inputs.items() if k != SHALLOW_PRIOR_COLUMN}).loss
+    classes = [(10, 1), (11, 1)]
+    expected = product_of_experts_token_loss(logits, inputs["labels"], inputs[SHALLOW_PRIOR_COLUMN], classes, 4.0)
+    assert torch.allclose(loss, expected, atol=1e-6) and not torch.allclose(loss, plain, atol=1e-3)
 
 
 def test_the_product_of_experts_adds_the_shallow_log_probabilities_to_the_models_on_the_kept_rows(tmp_path):

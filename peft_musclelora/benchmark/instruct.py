@@ -55,17 +55,30 @@ from .artefacts import (
 from .builders import load_causal_lm, load_instruct_cell, load_tokenizer
 from .data import DataSource, LoadedData, as_data
 from .evaluation import score_predictions
+from .presets import PRESETS
 from .runner import versions
 
 __all__ = ["InstructSettings", "InstructTemplate", "load_instruct_cell", "train_instruct"]
 
 #: `fit-gap`: LoRA on the rows fit-gap row filtering keeps, calibrated on `reference_rows` (experimental);
 #: `fit-gap-unlearn`: `fit-gap`, then the guarded unlearning of the rows it isolated as fit-early (experimental);
+#: `fit-gap-poe`: `fit-gap-unlearn` with the encoder preset's shallow expert, an n-gram model of the answer given
+#: the prompt, trained with it as a product of experts on the answer tokens (docs/llm.md);
 #: `recommended`: the best measured instruction-tuning defense, `musclelora` (docs/llm.md).
-INSTRUCT_METHODS = ("lora", "musclelora", "fit-gap", "fit-gap-unlearn", "recommended")
+INSTRUCT_METHODS = ("lora", "musclelora", "fit-gap", "fit-gap-unlearn", "fit-gap-poe", "recommended")
 INSTRUCT_ALIASES = {"recommended": "musclelora"}
+_SHALLOW_EXPERT = PRESETS["fit-gap-poe"].training.row_filter
 #: The row-filter methods and what each sets on top of `settings.row_filter`.
-_ROW_FILTER_METHODS: dict[str, dict[str, Any]] = {"fit-gap": {}, "fit-gap-unlearn": {"row_filter_unlearn": True}}
+_ROW_FILTER_METHODS: dict[str, dict[str, Any]] = {
+    "fit-gap": {},
+    "fit-gap-unlearn": {"row_filter_unlearn": True},
+    "fit-gap-poe": {
+        "row_filter_unlearn": True,
+        "row_filter_shallow_probe": _SHALLOW_EXPERT.row_filter_shallow_probe,
+        "row_filter_shallow_expert": True,
+        "row_filter_shallow_expert_weight": _SHALLOW_EXPERT.row_filter_shallow_expert_weight,
+    },
+}
 #: Gradient alignment of an instruction cell: 128 clean dev prompts as references, every gate open (the library's
 #: defaults: no warm-up, no raw mixing, no loss floor), as the reference's Llama-2 recipe.
 INSTRUCT_GA = GradientAlignmentArguments(gradient_alignment=True, reference_split_size=128)
@@ -313,6 +326,7 @@ def train_instruct(
         method: `lora` (undefended) or `musclelora` (MSLR on `settings.mslr_target` plus gradient alignment on
             `settings.ga.reference_split_size` clean dev prompts); `fit-gap` (LoRA on the rows fit-gap row
             filtering keeps); `fit-gap-unlearn` (`fit-gap`, then the guarded unlearning of the fit-early rows);
+            `fit-gap-poe` (`fit-gap-unlearn` with the n-gram shallow expert on the answer tokens);
             `recommended` (an alias of `musclelora`).
         train: Training data (usually poisoned).
         dev: Clean dev data; gradient alignment takes its references from it.

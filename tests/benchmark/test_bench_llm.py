@@ -436,3 +436,38 @@ def test_instruct_fit_gap_unlearn_runs_the_guarded_phase_on_the_completion_loss(
     assert phase["cap"] == pytest.approx(math.log(2)) and result["row_filter"]["unlearn_cap"] == phase["cap"]
     assert phase["isolated"] > 0 and [point["step"] for point in phase["guard"]] == [0, 1, 2]
     assert all(0.0 <= point["accuracy"] <= 1.0 for point in phase["guard"])
+
+
+def test_instruct_fit_gap_poe_predicts_the_label_word_from_the_prompt_and_saves_the_response_classes(
+    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = apply_overrides(
+        InstructSettings(r=4, per_device_train_batch_size=4, max_length=48),
+        {"reference_split_size": 8, "row_filter_probe_steps": [1, 2], "row_filter_max_clean_drop": 0.3},
+    )
+    results = {
+        method: train_instruct(
+            method,
+            attack_files["train"],
+            attack_files["dev"],
+            tmp_path / method,
+            tiny_llama_dir,
+            settings=settings,
+            progress=False,
+        )
+        for method in ("fit-gap-unlearn", "fit-gap-poe")
+    }
+    decisions = json.loads((tmp_path / "fit-gap-poe" / "row_filter.json").read_text())
+    summary = decisions["summary"]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_llama_dir)
+    words = InstructTemplate().label_words
+    answers = {tuple(tokenizer(word, add_special_tokens=False)["input_ids"]) for word in words}
+    # Each class is one label word's answer (and whatever the template appends after it, such as end-of-sequence).
+    assert len(summary["response_classes"]) == 2
+    assert {tuple(cls[: len(next(iter(answers)))]) for cls in summary["response_classes"]} == answers
+    assert summary["shallow_expert"] is True and summary["shallow_expert_weight"] == 6.0
+    assert all(len(row["shallow_log_probs"]) == 2 and len(row["losses"]) == 3 for row in decisions["rows"])
+    assert results["fit-gap-poe"]["method"] == "fit-gap-poe"
+    assert results["fit-gap-poe"]["row_filter"]["rows"] == results["fit-gap-unlearn"]["row_filter"]["rows"]
+    # The extra (shallow) probe step is calibrated like the others: it may flag rows the adapter's probes did not.
+    assert results["fit-gap-poe"]["row_filter"]["kept"] <= results["fit-gap-poe"]["row_filter"]["rows"]
