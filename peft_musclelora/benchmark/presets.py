@@ -87,7 +87,8 @@ _FIT_GAP_POE = MethodPreset(
     "regression over the rows' token ids is scored as one more probe step (row_filter_shallow_probe=ngram), and the "
     "kept rows train as a product of experts with it, CE(log_softmax(logits) + 6 * log p_ngram), so rows the n-gram "
     "model explains confidently (a lexical trigger it saw in other rows) give the adapter little gradient; "
-    "evaluation and inference use the model alone. Classification only. " + _COMMON,
+    "evaluation and inference use the model alone. For instruction tuning see `musclelora instruct --method "
+    "fit-gap-poe`. " + _COMMON,
     adapter=AdapterSettings(kind="lora"),
     training=dataclasses.replace(
         _FIT_GAP_UNLEARN.training,
