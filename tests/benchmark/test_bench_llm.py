@@ -368,13 +368,18 @@ def test_loading_a_directory_that_is_not_an_instruction_cell_says_so(tmp_path: P
         load_instruct_cell(tmp_path)
 
 
+def _row_filter_settings(**overrides: object) -> InstructSettings:
+    """A tiny instruction cell whose row filter probes 1 and 2 steps, calibrated on 8 trusted dev prompts."""
+    return apply_overrides(
+        InstructSettings(r=4, per_device_train_batch_size=4, max_length=48),
+        {"reference_split_size": 8, "row_filter_probe_steps": [1, 2], "row_filter_max_clean_drop": 0.3} | overrides,
+    )
+
+
 def test_instruct_fit_gap_filters_rows_by_their_completion_loss_and_saves_the_decisions(
     tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    settings = apply_overrides(
-        InstructSettings(r=4, per_device_train_batch_size=4, max_length=48),
-        {"reference_split_size": 8, "row_filter_probe_steps": [1, 2], "row_filter_max_clean_drop": 0.3},
-    )
+    settings = _row_filter_settings()
     result = train_instruct(
         "fit-gap",
         attack_files["train"],
@@ -417,10 +422,11 @@ def test_instruct_fit_gap_unlearn_caps_the_answer_loss_at_chance_among_the_label
 def test_instruct_fit_gap_unlearn_runs_the_guarded_phase_on_the_completion_loss(
     tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    settings = apply_overrides(
-        InstructSettings(r=4, per_device_train_batch_size=4, max_length=48),
-        {"reference_split_size": 8, "row_filter_probe_steps": [1, 2], "row_filter_max_clean_drop": 0.45}
-        | {"row_filter_unlearn_steps": 2, "row_filter_unlearn_eval_every": 1, "row_filter_unlearn_significance": None},
+    settings = _row_filter_settings(
+        row_filter_max_clean_drop=0.45,
+        row_filter_unlearn_steps=2,
+        row_filter_unlearn_eval_every=1,
+        row_filter_unlearn_significance=None,
     )
     result = train_instruct(
         "fit-gap-unlearn",
@@ -441,10 +447,7 @@ def test_instruct_fit_gap_unlearn_runs_the_guarded_phase_on_the_completion_loss(
 def test_instruct_fit_gap_poe_predicts_the_label_word_from_the_prompt_and_saves_the_response_classes(
     tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    settings = apply_overrides(
-        InstructSettings(r=4, per_device_train_batch_size=4, max_length=48),
-        {"reference_split_size": 8, "row_filter_probe_steps": [1, 2], "row_filter_max_clean_drop": 0.3},
-    )
+    settings = _row_filter_settings()
     results = {
         method: train_instruct(
             method,
