@@ -490,6 +490,12 @@ def collect_token_rows(
             )
         mask = batch.get("attention_mask")
         token_level = batch["labels"].dim() == 2
+        if token_level and batch["labels"].shape != batch["input_ids"].shape:
+            raise ValueError(
+                "row_filter_shallow_probe on token-level labels needs causal-LM labels (one per input token, the "
+                f"prompt masked with -100); got labels of shape {tuple(batch['labels'].shape)} for input_ids of "
+                f"shape {tuple(batch['input_ids'].shape)}."
+            )
         for row, ids in enumerate(batch["input_ids"]):
             kept = mask[row].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
             if token_level:

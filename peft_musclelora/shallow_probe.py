@@ -218,19 +218,28 @@ def expert_gradient_scale(log_probs: torch.Tensor, label_log_probs: torch.Tensor
 def response_classes(responses: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
     """The distinct responses (token-id sequences) of token-level rows, sorted: the classes the shallow probe
     predicts. Raises `ValueError` unless they are a closed set: 2 to [`MAX_RESPONSE_CLASSES`] of them, each row's
-    response shared with another row on average (at most half as many responses as rows).
+    response shared with another row on average (at most half as many responses as rows), none empty or a prefix of
+    another (a response cut short by truncation).
 
     Example:
         >>> response_classes([[7, 2], [5, 2], [7, 2], [5, 2]])
         [(5, 2), (7, 2)]
     """
     classes = sorted({tuple(int(token) for token in response) for response in responses})
+    for shorter, longer in zip(classes, classes[1:]):  # sorted: a prefix sorts right before a class it begins
+        if longer[: len(shorter)] == shorter:
+            raise ValueError(
+                f"row_filter_shallow_probe: the response {list(shorter)} is a prefix of the response {list(longer)} "
+                "(empty or cut short: raise max_length, or end every response with the end-of-sequence token), so "
+                "no token tells them apart."
+            )
     most = min(MAX_RESPONSE_CLASSES, len(responses) // 2)
     if not 2 <= len(classes) <= most:
         raise ValueError(
             "row_filter_shallow_probe='ngram' on token-level labels predicts each row's response from a closed set "
             f"(2 to {MAX_RESPONSE_CLASSES} distinct responses, at most half as many as rows); these {len(responses)} "
-            f"rows have {len(classes)} distinct responses."
+            f"rows have {len(classes)} distinct responses (with TRL, set completion_only_loss so only the answer is "
+            "labelled)."
         )
     return classes
 
@@ -297,9 +306,17 @@ def product_of_experts_token_loss(
         >>> round(float(plain), 4) == round(float(torch.log(torch.tensor(10.0))), 4), bool(confident < plain)
         (True, True)
     """
-    shifted, targets = logits[:, :-1].float(), labels[:, 1:].long()
+    if class_log_probs.size(0) != labels.size(0):
+        raise ValueError(
+            f"the shallow expert needs one prediction per row: {class_log_probs.size(0)} predictions for a batch of "
+            f"{labels.size(0)} label rows (padding-free or packed batches join rows; they are not supported with "
+            "row_filter_shallow_expert)."
+        )
+    shifted, targets = logits[:, :-1], labels[:, 1:].long()
     mask = targets != -100
-    selected = shifted[mask]  # (labelled tokens, vocab): a copy, so the biases never touch the model's logits
+    # (labelled tokens, vocab) in float32: a copy, so the biases never touch the model's logits, and only of the
+    # labelled positions, so a large vocabulary is not upcast at every position.
+    selected = shifted[mask].float()
     rows, positions = mask.nonzero(as_tuple=True)
     flat_index = torch.full_like(targets, -1)
     flat_index[mask] = torch.arange(selected.size(0), device=targets.device)
@@ -318,8 +335,11 @@ def product_of_experts_token_loss(
             accumulate=True,
         )
     loss = torch.nn.functional.cross_entropy(selected, targets[mask], reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else max(int(mask.sum()), 1)
-    return loss / count
+    if num_items_in_batch is None:
+        return loss / max(int(mask.sum()), 1)
+    count = torch.as_tensor(num_items_in_batch, device=loss.device)
+    # DataParallel hands each replica its share as an (n_gpu,) tensor: this device's rows are the whole batch here.
+    return loss / count.sum().clamp(min=1)
 
 
 SHALLOW_PROBES = {"ngram": ngram_probe_log_probs}

@@ -612,21 +612,30 @@ class GradientAlignmentMixin:
         prior = inputs.pop(SHALLOW_PRIOR_COLUMN, None) if isinstance(inputs, Mapping) else None
         if prior is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        if self.compute_loss_func is not None or getattr(self, "label_smoother", None) is not None:
+            raise ValueError(
+                "`row_filter_shallow_expert=True` computes its own product-of-experts loss and does not combine with "
+                "compute_loss_func or label_smoothing_factor; unset them."
+            )
         labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        logits = outputs.logits.float()
         weight = self.row_filter_args.row_filter_shallow_expert_weight
-        if logits.dim() == 3:
+        if labels.dim() == 2:  # causal-LM labels: the expert acts on the answer tokens
             classes = self._shallow_response_classes
             if classes is None:
                 raise ValueError(
-                    "a batch with causal-LM logits carries shallow-probe predictions, but the row filter's report "
-                    "names no response classes: it was made for classification labels. Delete row_filter.json."
+                    "a batch with token-level labels carries shallow-probe predictions, but the row filter's report "
+                    f"({os.path.join(self.args.output_dir, ROW_FILTER_FILE)}) names no response classes: it was made "
+                    "for classification labels. Delete it to probe again."
                 )
-            # The model's own loss divides by the accumulated batch's token count when it takes loss kwargs.
-            items = kwargs.get("num_items_in_batch") if self.model_accepts_loss_kwargs else None
-            loss = product_of_experts_token_loss(logits, labels, prior, classes, weight, items)
+            outputs = model(**inputs, use_cache=False)
+            # Divided by the accumulated batch's token count exactly when Trainer.training_step does not divide by
+            # the accumulation steps itself.
+            accumulated = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+            items = kwargs.get("num_items_in_batch") if accumulated else None
+            loss = product_of_experts_token_loss(outputs.logits, labels, prior, classes, weight, items)
             return (loss, outputs) if return_outputs else loss
+        outputs = model(**inputs)
+        logits = outputs.logits.float()
         combined = torch.log_softmax(logits, dim=-1) + weight * prior.to(logits)
         loss = torch.nn.functional.cross_entropy(combined, labels.long())
         return (loss, outputs) if return_outputs else loss

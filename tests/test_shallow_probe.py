@@ -179,6 +179,16 @@ def test_response_classes_are_the_sorted_distinct_responses_of_a_closed_answer_s
         response_classes([[9], [8], [7], [9]])  # more than half as many responses as rows
 
 
+@pytest.mark.parametrize(
+    ("responses", "shorter"),
+    [([[], [], [5, 1], [5, 1]], r"\[\]"), ([[5], [5, 1], [7, 1], [7, 1]], r"\[5\]")],
+    ids=["empty", "cut-short"],
+)
+def test_an_empty_or_cut_short_response_is_refused_because_no_token_tells_it_from_the_longer_one(responses, shorter):
+    with pytest.raises(ValueError, match=rf"the response {shorter} is a prefix of the response .*raise max_length"):
+        response_classes(responses)
+
+
 # ---- the product of experts on answer tokens ----
 
 
@@ -213,6 +223,18 @@ def test_the_expert_acts_only_where_the_answers_branch_and_leaves_the_other_toke
     assert logits.grad is not None and bool(logits.grad[:, 0].eq(0).all())  # the prompt positions are not trained
     summed = product_of_experts_token_loss(logits, labels, confident, classes, 4.0, num_items_in_batch=8)
     assert torch.allclose(summed, loss * 4 / 8)
+    # DataParallel passes each replica's share as a tensor; a batch of no labelled token counts as one, not NaN.
+    per_replica = product_of_experts_token_loss(logits, labels, confident, classes, 4.0, torch.tensor([4, 4]))
+    assert torch.allclose(per_replica, summed)
+    unlabelled = torch.full_like(labels, -100)
+    empty = product_of_experts_token_loss(logits, unlabelled, confident, classes, 4.0, torch.tensor(0))
+    assert float(empty) == 0.0
+
+
+def test_a_packed_batch_is_refused_because_the_expert_needs_one_prediction_per_row():
+    packed = torch.tensor([[-100, 7, 1, -100, 5, 1]])  # two rows joined by a padding-free collator
+    with pytest.raises(ValueError, match="2 predictions for a batch of 1 label rows.*padding-free"):
+        product_of_experts_token_loss(torch.zeros(1, 6, 12), packed, torch.zeros(2, 2), [(5, 1), (7, 1)], 4.0)
 
 
 def test_the_sft_trainer_carries_the_shallow_prior_through_trls_collator_into_the_token_loss(tmp_path):

@@ -466,8 +466,10 @@ def test_instruct_fit_gap_poe_predicts_the_label_word_from_the_prompt_and_saves_
     words = InstructTemplate().label_words
     answers = {tuple(tokenizer(word, add_special_tokens=False)["input_ids"]) for word in words}
     # Each class is one label word's answer (and whatever the template appends after it, such as end-of-sequence).
-    assert len(summary["response_classes"]) == 2
-    assert {tuple(cls[: len(next(iter(answers)))]) for cls in summary["response_classes"]} == answers
+    classes = [tuple(cls) for cls in summary["response_classes"]]
+    assert len(classes) == 2
+    assert all(any(cls[: len(answer)] == answer for answer in answers) for cls in classes)
+    assert all(any(cls[: len(answer)] == answer for cls in classes) for answer in answers)
     assert summary["shallow_expert"] is True and summary["shallow_expert_weight"] == 6.0
     assert all(len(row["shallow_log_probs"]) == 2 and len(row["losses"]) == 3 for row in decisions["rows"])
     assert results["fit-gap-poe"]["method"] == "fit-gap-poe"
