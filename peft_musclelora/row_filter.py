@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._checks import check_bool, check_int, check_number
-from .shallow_probe import SHALLOW_PROBES, expert_gradient_scale, response_classes
+from .shallow_probe import SHALLOW_EXPERT_LOSSES, SHALLOW_PROBES, expert_gradient_scale, response_classes
 
 ROW_FILTER_FILE = "row_filter.json"
 SHALLOW_PRIOR_COLUMN = "shallow_log_prior"  # the shallow probe's out-of-fold log-probabilities of a kept row
@@ -118,6 +118,16 @@ class RowFilterArguments:
             "row_filter_shallow_expert=True."
         },
     )
+    row_filter_shallow_expert_loss: str = field(
+        default="product",
+        metadata={
+            "help": "How the kept rows train with the shallow expert: 'product' (the product of experts, "
+            "CE(log_softmax(logits) + weight * log p_shallow)) or 'reweight' (the model's own cross-entropy, each "
+            "row weighted by 1 - p_shallow(label) sharpened by the weight, relative to chance and capped at 1: no "
+            "row is amplified and the model learns no correction against the expert). 'reweight' is for class "
+            "labels only. A value other than 'product' needs row_filter_shallow_expert=True."
+        },
+    )
     row_filter_unlearn: bool = field(
         default=False,
         metadata={
@@ -187,6 +197,16 @@ class RowFilterArguments:
                 "`row_filter_shallow_expert_weight` weighs the shallow expert in training: set "
                 f"row_filter_shallow_expert=True as well, or leave the weight at 1.0 "
                 f"(got {self.row_filter_shallow_expert_weight!r})."
+            )
+        loss = self.row_filter_shallow_expert_loss
+        if loss not in SHALLOW_EXPERT_LOSSES:
+            raise ValueError(
+                f"`row_filter_shallow_expert_loss` must be one of {sorted(SHALLOW_EXPERT_LOSSES)}, got {loss!r}."
+            )
+        if loss != "product" and not self.row_filter_shallow_expert:
+            raise ValueError(
+                "`row_filter_shallow_expert_loss` chooses how the shallow expert trains the kept rows: set "
+                f"row_filter_shallow_expert=True as well, or leave it at 'product' (got {loss!r})."
             )
         check_bool("row_filter_unlearn", self.row_filter_unlearn)
         if self.row_filter_unlearn and not self.row_filter:
@@ -675,6 +695,7 @@ def run_row_filter(
         "shallow_probe": args.row_filter_shallow_probe,
         "shallow_expert": args.row_filter_shallow_expert,
         "shallow_expert_weight": args.row_filter_shallow_expert_weight,
+        "shallow_expert_loss": args.row_filter_shallow_expert_loss,
         "response_classes": None if shallow is None or shallow.classes is None else [list(c) for c in shallow.classes],
         "expert_gradient_scale_quartiles": _quartiles(expert_scale, decisions.kept),
         "seconds": time.perf_counter() - start_time,

@@ -342,4 +342,60 @@ def product_of_experts_token_loss(
     return loss / count.sum().clamp(min=1)
 
 
+def product_of_experts_loss(
+    logits: torch.Tensor, labels: torch.Tensor, prior: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """`CE(log_softmax(logits) + weight * prior)`, the mean over the batch: the model learns only what the fixed
+    shallow expert (`prior`, its `(batch, classes)` log-probabilities) does not explain, and where the expert
+    contradicts a row's label the model must outweigh `weight` times the expert's confidence.
+
+    Example:
+        >>> logits, labels = torch.zeros(2, 2), torch.tensor([1, 1])
+        >>> prior = torch.log(torch.tensor([[0.1, 0.9], [0.9, 0.1]]))
+        >>> round(float(product_of_experts_loss(logits, labels, prior, 1.0)), 4)  # (-ln 0.9 - ln 0.1) / 2
+        1.204
+    """
+    combined = torch.log_softmax(logits.float(), dim=-1) + weight * prior.to(device=logits.device, dtype=torch.float32)
+    return torch.nn.functional.cross_entropy(combined, labels.long())
+
+
+def shallow_row_weights(prior: torch.Tensor, labels: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per row, the share of its loss that [`reweighted_loss`] keeps: `1 - p(label)` under the sharpened shallow
+    expert (`p ∝ exp(weight * prior)`, [`expert_gradient_scale`]) divided by its value at chance, `1 - 1/K`, and
+    capped at 1. A row the expert explains confidently weighs about 0; a row it is unsure of, or gets wrong, weighs
+    1, as in plain training, never more.
+
+    Example:
+        >>> prior = torch.log(torch.tensor([[0.1, 0.9], [0.5, 0.5], [0.9, 0.1]]))
+        >>> [round(w, 3) for w in shallow_row_weights(prior, torch.tensor([1, 1, 1]), 2.0).tolist()]
+        [0.024, 1.0, 1.0]
+    """
+    prior = prior.float()
+    label_log_probs = prior.gather(1, labels.long()[:, None].to(prior.device))[:, 0]
+    chance = 1.0 - 1.0 / prior.size(1)
+    return (expert_gradient_scale(prior, label_log_probs, weight) / chance).clamp(max=1.0)
+
+
+def reweighted_loss(logits: torch.Tensor, labels: torch.Tensor, prior: torch.Tensor, weight: float) -> torch.Tensor:
+    """The cross-entropy of the model alone, each row weighted by [`shallow_row_weights`] and averaged over the
+    batch: the rows the shallow expert explains (a lexical shortcut) teach the model little, as under the product
+    of experts, but no row is amplified and the model's own logits are never offset by the expert's, so the model
+    learns no correction against the words the expert leans on (the example reweighting of Clark et al., EMNLP 2019,
+    with the expert sharpened by `weight`).
+
+    Example:
+        >>> logits, labels = torch.zeros(2, 2), torch.tensor([1, 1])
+        >>> prior = torch.log(torch.tensor([[0.1, 0.9], [0.9, 0.1]]))
+        >>> round(float(reweighted_loss(logits, labels, prior, 1.0)), 4)  # (0.2 * ln 2 + 1 * ln 2) / 2
+        0.4159
+    """
+    weights = shallow_row_weights(prior, labels, weight).to(logits.device)
+    losses = torch.nn.functional.cross_entropy(logits.float(), labels.long(), reduction="none")
+    return (weights * losses).mean()
+
+
+#: How the kept rows train with the shallow expert (`row_filter_shallow_expert_loss`): each takes the model's
+#: `(batch, classes)` logits, the labels, the expert's log-probabilities and its weight, and returns the batch loss.
+SHALLOW_EXPERT_LOSSES = {"product": product_of_experts_loss, "reweight": reweighted_loss}
+
 SHALLOW_PROBES = {"ngram": ngram_probe_log_probs}

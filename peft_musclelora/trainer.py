@@ -27,7 +27,7 @@ from transformers.utils import logging
 from .bnb import keep_4bit_weights_trainable
 from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArguments, _is_dtensor, align_gradients
 from .row_filter import ROW_FILTER_FILE, SHALLOW_PRIOR_COLUMN, RowFilterArguments, run_row_filter, subset_rows
-from .shallow_probe import product_of_experts_token_loss
+from .shallow_probe import SHALLOW_EXPERT_LOSSES, product_of_experts_token_loss
 from .unlearning import isolation_evidence, run_unlearning
 
 # Resumable GA state, in a folder of its own inside each checkpoint so the Trainer's weight loading never sees it:
@@ -603,10 +603,11 @@ class GradientAlignmentMixin:
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
     ) -> Any:
         """The parent's loss; for a batch of rows with the shallow probe's log-probabilities
-        (`row_filter_shallow_expert`), the product-of-experts cross-entropy
-        `CE(log_softmax(logits) + weight * log p_shallow)` with `row_filter_shallow_expert_weight` (the shallow expert
-        is fixed: only the model learns, and only from what the shallow probe does not explain). For causal-LM logits
-        the expert acts on the response tokens where the answer set branches
+        (`row_filter_shallow_expert`), the loss `row_filter_shallow_expert_loss` names: the product-of-experts
+        cross-entropy `CE(log_softmax(logits) + weight * log p_shallow)` with `row_filter_shallow_expert_weight` (the
+        shallow expert is fixed: only the model learns, and only from what the shallow probe does not explain), or
+        the model's own cross-entropy reweighted per row ([`~shallow_probe.reweighted_loss`]). For causal-LM logits
+        the product of experts acts on the response tokens where the answer set branches
         ([`~shallow_probe.product_of_experts_token_loss`])."""
         # A Mapping, not a dict: DataCollatorWithPadding returns a BatchEncoding (a UserDict).
         prior = inputs.pop(SHALLOW_PRIOR_COLUMN, None) if isinstance(inputs, Mapping) else None
@@ -620,6 +621,12 @@ class GradientAlignmentMixin:
         labels = inputs.pop("labels")
         weight = self.row_filter_args.row_filter_shallow_expert_weight
         if labels.dim() == 2:  # causal-LM labels: the expert acts on the answer tokens
+            if self.row_filter_args.row_filter_shallow_expert_loss != "product":
+                raise ValueError(
+                    "`row_filter_shallow_expert_loss` must be 'product' for token-level (causal-LM) labels, got "
+                    f"{self.row_filter_args.row_filter_shallow_expert_loss!r}: the others need one class label per "
+                    "row."
+                )
             classes = self._shallow_response_classes
             if classes is None:
                 raise ValueError(
@@ -635,9 +642,9 @@ class GradientAlignmentMixin:
             loss = product_of_experts_token_loss(outputs.logits, labels, prior, classes, weight, items)
             return (loss, outputs) if return_outputs else loss
         outputs = model(**inputs)
-        logits = outputs.logits.float()
-        combined = torch.log_softmax(logits, dim=-1) + weight * prior.to(logits)
-        loss = torch.nn.functional.cross_entropy(combined, labels.long())
+        loss = SHALLOW_EXPERT_LOSSES[self.row_filter_args.row_filter_shallow_expert_loss](
+            outputs.logits, labels, prior, weight
+        )
         return (loss, outputs) if return_outputs else loss
 
     def _maybe_align_gradients(self, model: torch.nn.Module) -> None:

@@ -27,8 +27,11 @@ from peft_musclelora.shallow_probe import (
     hashed_ngrams,
     logistic_log_probs,
     ngram_probe_log_probs,
+    product_of_experts_loss,
     product_of_experts_token_loss,
     response_classes,
+    reweighted_loss,
+    shallow_row_weights,
 )
 
 from .ga_helpers import row_filter_training_args, tiny_bert, tiny_llama, tiny_tokenizer, token_dataset
@@ -320,6 +323,69 @@ def test_the_product_of_experts_adds_the_shallow_log_probabilities_to_the_models
         sharpened = trainer.compute_loss(model, dict(inputs))
     expected = torch.nn.functional.cross_entropy(torch.log_softmax(logits, -1) + 4.0 * prior, inputs["labels"])
     assert torch.allclose(sharpened, expected, atol=1e-6)
+
+
+def test_reweighting_trains_the_model_alone_on_each_rows_cross_entropy_times_its_shallow_weight(tmp_path):
+    trainer = MuScleLoraTrainer(
+        model=tiny_bert(seed=0),
+        args=_args(
+            tmp_path, row_filter_shallow_expert=True, row_filter_shallow_expert_loss="reweight",
+            row_filter_shallow_expert_weight=4.0,
+        ),
+        train_dataset=token_dataset(48, seed=1),
+        reference_dataset=token_dataset(40, seed=2),
+    )  # fmt: skip
+    trainer.train()
+    report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
+    assert report["summary"]["shallow_expert_loss"] == "reweight"
+    model = trainer.model.eval()
+    inputs = dict(next(iter(trainer.get_train_dataloader())).items())
+    prior, labels = inputs[SHALLOW_PRIOR_COLUMN].clone(), inputs["labels"]
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        logits = model(**{k: v for k, v in inputs.items() if k not in ("labels", SHALLOW_PRIOR_COLUMN)}).logits
+    sharpened = torch.softmax(4.0 * prior, dim=-1)[torch.arange(len(labels)), labels]
+    weights = ((1 - sharpened) / 0.5).clamp(max=1.0)  # 1 - p(label) relative to its value at chance, 1 - 1/2
+    per_row = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    assert torch.allclose(loss, (weights * per_row).mean(), atol=1e-6)
+    assert not torch.allclose(loss, product_of_experts_loss(logits, labels, prior, 4.0), atol=1e-4)
+    token_level = {**inputs, "labels": labels[:, None].expand(-1, 3)}  # causal-LM labels have no class per row
+    with pytest.raises(ValueError, match="`row_filter_shallow_expert_loss` must be 'product' for token-level"):
+        trainer.compute_loss(model, token_level)
+
+
+def test_reweighting_never_weighs_a_row_above_plain_training_and_drops_what_the_expert_explains():
+    prior = torch.log(torch.tensor([[0.001, 0.999], [0.5, 0.5], [0.95, 0.05], [0.4, 0.6]]))
+    labels = torch.tensor([1, 0, 1, 1])
+    weights = shallow_row_weights(prior, labels, 6.0)
+    assert weights[0] < 1e-6  # explained confidently: no gradient
+    assert weights[1] == pytest.approx(1.0)  # an expert at chance: plain training
+    assert weights[2] == pytest.approx(1.0)  # the expert contradicts the label: plain training, not amplified
+    assert 0.0 < weights[3] < 0.5  # leaning the label's way, sharpened by the weight: down-weighted
+    logits = torch.randn(4, 2)
+    expected = (weights * torch.nn.functional.cross_entropy(logits, labels, reduction="none")).mean()
+    assert torch.allclose(reweighted_loss(logits, labels, prior, 6.0), expected)
+    three = torch.log(torch.tensor([[1 / 3, 1 / 3, 1 / 3]]))  # chance for three classes is weight 1 too
+    assert shallow_row_weights(three, torch.tensor([2]), 6.0).item() == pytest.approx(1.0)
+
+
+def test_the_product_of_experts_loss_is_the_cross_entropy_of_the_summed_log_probabilities():
+    logits, labels = torch.randn(3, 2), torch.tensor([0, 1, 1])
+    prior = torch.log_softmax(torch.randn(3, 2), dim=-1)
+    expected = torch.nn.functional.cross_entropy(torch.log_softmax(logits, -1) + 6.0 * prior, labels)
+    assert torch.allclose(product_of_experts_loss(logits, labels, prior, 6.0), expected)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"row_filter_shallow_expert": True, "row_filter_shallow_expert_loss": "focal"}, "must be one of.*'focal'"),
+        ({"row_filter_shallow_expert_loss": "reweight"}, "chooses how the shallow expert.*got 'reweight'"),
+    ],
+)
+def test_the_shallow_experts_loss_is_refused_when_unknown_or_without_the_shallow_expert(fields, message):
+    with pytest.raises(ValueError, match=f"`row_filter_shallow_expert_loss` {message}"):
+        RowFilterArguments(row_filter=True, row_filter_shallow_probe="ngram", **fields)
 
 
 def test_the_product_of_experts_needs_the_shallow_probe():
