@@ -35,7 +35,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ._checks import check_bool, check_int, check_number
-from .shallow_probe import SHALLOW_EXPERT_LOSSES, SHALLOW_PROBES, expert_gradient_scale, response_classes
+from .shallow_probe import (
+    SHALLOW_EXPERT_LOSSES,
+    SHALLOW_PROBES,
+    balanced_log_probs,
+    expert_gradient_scale,
+    response_classes,
+)
 
 ROW_FILTER_FILE = "row_filter.json"
 SHALLOW_PRIOR_COLUMN = "shallow_log_prior"  # the shallow probe's out-of-fold log-probabilities of a kept row
@@ -128,6 +134,15 @@ class RowFilterArguments:
             "labels only. A value other than 'product' needs row_filter_shallow_expert=True."
         },
     )
+    row_filter_shallow_expert_balanced: bool = field(
+        default=False,
+        metadata={
+            "help": "Divide the shallow expert by its class prior (its mean prediction over the training rows) "
+            "before it is weighted, so that the weight sharpens what the expert sees in each row and not how often "
+            "each class occurs; otherwise the rows of the commoner class (on a poisoned set, the target) give the "
+            "model less gradient and the model alone ends up biased against it. Needs row_filter_shallow_expert=True."
+        },
+    )
     row_filter_unlearn: bool = field(
         default=False,
         metadata={
@@ -207,6 +222,12 @@ class RowFilterArguments:
             raise ValueError(
                 "`row_filter_shallow_expert_loss` chooses how the shallow expert trains the kept rows: set "
                 f"row_filter_shallow_expert=True as well, or leave it at 'product' (got {loss!r})."
+            )
+        check_bool("row_filter_shallow_expert_balanced", self.row_filter_shallow_expert_balanced)
+        if self.row_filter_shallow_expert_balanced and not self.row_filter_shallow_expert:
+            raise ValueError(
+                "`row_filter_shallow_expert_balanced` divides the shallow expert by its class prior: set "
+                "row_filter_shallow_expert=True as well, or leave it False (got True)."
             )
         check_bool("row_filter_unlearn", self.row_filter_unlearn)
         if self.row_filter_unlearn and not self.row_filter:
@@ -550,14 +571,15 @@ def _quartiles(values: Optional[torch.Tensor], rows: list[int]) -> Optional[list
 class ShallowProbeResult:
     """The shallow probe's out-of-fold predictions and losses: log-probabilities of the training rows `(rows,
     classes)` and of the trusted rows `(folds, refs, classes)`, the losses of the training rows `(folds, rows)` (a
-    row's loss in its own fold's slot, the others 0 and never read) and of the trusted rows `(folds, refs)`, and the
-    response classes of token-level labels (None for classification)."""
+    row's loss in its own fold's slot, the others 0 and never read) and of the trusted rows `(folds, refs)`, the
+    response classes of token-level labels (None for classification) and each training row's class `(rows,)`."""
 
     train_log_probs: torch.Tensor
     reference_log_probs: torch.Tensor
     train_losses: torch.Tensor
     reference_losses: torch.Tensor
     classes: Optional[list[tuple[int, ...]]]
+    train_labels: torch.Tensor
 
 
 def _shallow_probe(
@@ -576,8 +598,22 @@ def _shallow_probe(
         -1, torch.tensor(reference_labels).expand(args.row_filter_folds, -1)[..., None]
     )
     return ShallowProbeResult(
-        train_log_probs, reference_log_probs, train_losses, reference_losses.squeeze(-1), classes
+        train_log_probs,
+        reference_log_probs,
+        train_losses,
+        reference_losses.squeeze(-1),
+        classes,
+        torch.tensor(train_labels),
     )
+
+
+def shallow_expert_log_probs(log_probs: Any, class_prior: Any, args: RowFilterArguments) -> torch.Tensor:
+    """The shallow expert the kept rows train with: the probe's out-of-fold `log_probs` `(rows, classes)`, divided
+    by `class_prior` first with `row_filter_shallow_expert_balanced` ([`~shallow_probe.balanced_log_probs`])."""
+    log_probs = torch.as_tensor(log_probs, dtype=torch.float64)
+    if not args.row_filter_shallow_expert_balanced:
+        return log_probs
+    return balanced_log_probs(log_probs, torch.as_tensor(class_prior, dtype=torch.float64))
 
 
 def run_row_filter(
@@ -668,11 +704,14 @@ def run_row_filter(
         args.row_filter_max_clean_drop,
     )
     own = [train_losses[folds[row], :, row].tolist() for row in range(num_rows)]
-    expert_scale = None
+    expert_scale = class_prior = None
+    if shallow is not None:
+        class_prior = shallow.train_log_probs.exp().mean(dim=0)
     if shallow is not None and args.row_filter_shallow_expert:
-        label_log_probs = -shallow.train_losses[torch.tensor(folds), torch.arange(num_rows)]
+        expert = shallow_expert_log_probs(shallow.train_log_probs, class_prior, args)
+        label_log_probs = expert.gather(1, shallow.train_labels[:, None])[:, 0]
         weight = args.row_filter_shallow_expert_weight
-        expert_scale = expert_gradient_scale(shallow.train_log_probs, label_log_probs, weight)
+        expert_scale = expert_gradient_scale(expert, label_log_probs, weight)
     rows = [
         {
             "fold": folds[row],
@@ -696,6 +735,8 @@ def run_row_filter(
         "shallow_expert": args.row_filter_shallow_expert,
         "shallow_expert_weight": args.row_filter_shallow_expert_weight,
         "shallow_expert_loss": args.row_filter_shallow_expert_loss,
+        "shallow_expert_balanced": args.row_filter_shallow_expert_balanced,
+        "shallow_class_prior": None if class_prior is None else class_prior.tolist(),
         "response_classes": None if shallow is None or shallow.classes is None else [list(c) for c in shallow.classes],
         "expert_gradient_scale_quartiles": _quartiles(expert_scale, decisions.kept),
         "seconds": time.perf_counter() - start_time,

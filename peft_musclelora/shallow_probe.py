@@ -342,6 +342,24 @@ def product_of_experts_token_loss(
     return loss / count.sum().clamp(min=1)
 
 
+def balanced_log_probs(log_probs: torch.Tensor, class_prior: torch.Tensor) -> torch.Tensor:
+    """The shallow expert divided by its class prior and renormalised: `log_softmax(log p_shallow - log prior)`.
+
+    A weight above 1 sharpens whatever the expert says, its class prior included: at weight 6 an expert that gives
+    the target 57 % of the training rows (the poisoned sets' share) leans 1.6 nats towards it on every row, so the
+    rows of the target class give the model far less gradient than the others and the model alone ends up biased
+    against the target. Divided by its prior (`class_prior`, its mean prediction over the training rows), the
+    expert is at chance on a row with no evidence either way, and the weight sharpens only what it sees in the row.
+
+    Example:
+        >>> log_probs = torch.log(torch.tensor([[0.4, 0.6], [0.2, 0.8]]))
+        >>> balanced = balanced_log_probs(log_probs, torch.tensor([0.4, 0.6]))
+        >>> [round(p, 3) for p in balanced.exp()[:, 1].tolist()]
+        [0.5, 0.727]
+    """
+    return torch.log_softmax(log_probs - class_prior.to(log_probs).log(), dim=-1)
+
+
 def product_of_experts_loss(
     logits: torch.Tensor, labels: torch.Tensor, prior: torch.Tensor, weight: float
 ) -> torch.Tensor:

@@ -26,7 +26,14 @@ from transformers.utils import logging
 
 from .bnb import keep_4bit_weights_trainable
 from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArguments, _is_dtensor, align_gradients
-from .row_filter import ROW_FILTER_FILE, SHALLOW_PRIOR_COLUMN, RowFilterArguments, run_row_filter, subset_rows
+from .row_filter import (
+    ROW_FILTER_FILE,
+    SHALLOW_PRIOR_COLUMN,
+    RowFilterArguments,
+    run_row_filter,
+    shallow_expert_log_probs,
+    subset_rows,
+)
 from .shallow_probe import SHALLOW_EXPERT_LOSSES, product_of_experts_token_loss
 from .unlearning import isolation_evidence, run_unlearning
 
@@ -587,7 +594,7 @@ class GradientAlignmentMixin:
         }
         kept = subset_rows(self.train_dataset, report["kept"])
         if self.row_filter_args.row_filter_shallow_expert:
-            kept = _with_shallow_prior(kept, report, path)
+            kept = _with_shallow_prior(kept, report, path, self.row_filter_args)
             classes = report["summary"].get("response_classes")
             self._shallow_response_classes = None if classes is None else [tuple(c) for c in classes]
             if not isinstance(self.data_collator, ShallowPriorCollator):
@@ -947,15 +954,23 @@ class ShallowPriorCollator:
         return batch
 
 
-def _with_shallow_prior(kept: Any, report: dict[str, Any], path: str) -> Any:
-    """The kept rows with their shallow-probe log-probabilities as the column [`SHALLOW_PRIOR_COLUMN`]."""
+def _with_shallow_prior(kept: Any, report: dict[str, Any], path: str, args: RowFilterArguments) -> Any:
+    """The kept rows with the shallow expert's log-probabilities ([`~row_filter.shallow_expert_log_probs`]) as the
+    column [`SHALLOW_PRIOR_COLUMN`]."""
     rows = report["rows"]
     if any("shallow_log_probs" not in rows[i] for i in report["kept"]):
         raise ValueError(
             f"`row_filter_shallow_expert=True` needs the shallow probe's predictions, and {path} has none: it was "
             "made without row_filter_shallow_probe. Delete it to probe again."
         )
-    values = [rows[i]["shallow_log_probs"] for i in report["kept"]]
+    class_prior = report["summary"].get("shallow_class_prior")
+    if args.row_filter_shallow_expert_balanced and class_prior is None:
+        raise ValueError(
+            f"`row_filter_shallow_expert_balanced=True` needs the shallow probe's class prior, and {path} has none: "
+            "it was made by an earlier version. Delete it to probe again."
+        )
+    expert = shallow_expert_log_probs([rows[i]["shallow_log_probs"] for i in report["kept"]], class_prior, args)
+    values = expert.tolist()
     if hasattr(kept, "add_column"):
         return kept.add_column(SHALLOW_PRIOR_COLUMN, values)
     return _WithColumn(kept, SHALLOW_PRIOR_COLUMN, values)

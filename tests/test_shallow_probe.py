@@ -388,6 +388,37 @@ def test_the_shallow_experts_loss_is_refused_when_unknown_or_without_the_shallow
         RowFilterArguments(row_filter=True, row_filter_shallow_probe="ngram", **fields)
 
 
+def test_a_balanced_expert_is_divided_by_its_mean_prediction_over_the_training_rows_before_it_is_weighted(tmp_path):
+    trainer = MuScleLoraTrainer(
+        model=tiny_bert(seed=0),
+        args=_args(
+            tmp_path, row_filter_shallow_expert=True, row_filter_shallow_expert_balanced=True,
+            row_filter_shallow_expert_weight=4.0,
+        ),
+        train_dataset=token_dataset(48, seed=1),
+        reference_dataset=token_dataset(40, seed=2),
+    )  # fmt: skip
+    trainer.train()
+    report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
+    summary = report["summary"]
+    raw = torch.tensor([row["shallow_log_probs"] for row in report["rows"]], dtype=torch.float64)
+    prior = raw.exp().mean(dim=0)
+    assert summary["shallow_expert_balanced"] is True
+    assert summary["shallow_class_prior"] == pytest.approx(prior.tolist())
+    balanced = torch.log_softmax(raw - prior.log(), dim=-1)  # the expert at chance where it has no evidence
+    column = torch.tensor(trainer.train_dataset[SHALLOW_PRIOR_COLUMN], dtype=torch.float64)
+    assert torch.allclose(column, balanced[report["kept"]], atol=1e-12)
+    labels = torch.tensor(token_dataset(48, seed=1)["labels"])
+    label_log_probs = balanced[torch.arange(48), labels]
+    scales = [row["expert_gradient_scale"] for row in report["rows"]]  # reported for the expert it trains with
+    assert scales == pytest.approx(expert_gradient_scale(balanced, label_log_probs, 4.0).tolist())
+
+
+def test_balancing_the_expert_needs_the_shallow_expert():
+    with pytest.raises(ValueError, match="`row_filter_shallow_expert_balanced` divides.*got True"):
+        RowFilterArguments(row_filter=True, row_filter_shallow_probe="ngram", row_filter_shallow_expert_balanced=True)
+
+
 def test_the_product_of_experts_needs_the_shallow_probe():
     with pytest.raises(ValueError, match="`row_filter_shallow_expert=True` trains with the shallow probe"):
         RowFilterArguments(row_filter=True, row_filter_shallow_expert=True)
