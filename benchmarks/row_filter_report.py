@@ -7,7 +7,9 @@ poisoned and of clean rows with `low` below 0.025, and how many of the `fit-earl
 made with the shallow probe, also each shallow-expert weight's product-of-experts gradient share: with the model
 still at chance, a kept row's loss gradient under `CE(log_softmax(logits) + w * log p_shallow)` has the size
 `1 - p_comb(label)`, `p_comb` proportional to `p_shallow ** w`; the report gives the poisoned rows' share of that
-gradient mass over the kept rows and the mean per poisoned and per clean row.
+gradient mass over the kept rows and the mean per poisoned row and per clean row of the target label and of the
+others, for the expert as it is and for the balanced expert (divided by its class prior,
+`row_filter_shallow_expert_balanced`).
 
     python benchmarks/row_filter_report.py runs/full-size-fitgap/cells/badnets/fit-gap/seed0
 """
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from peft_musclelora.benchmark.data import load_records
-from peft_musclelora.shallow_probe import expert_gradient_scale
+from peft_musclelora.shallow_probe import balanced_log_probs, expert_gradient_scale
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -75,23 +77,35 @@ def main() -> None:
     ]
     if "shallow_log_probs" in rows[0]:
         kept = reasons == "keep"
-        report["product-of-experts gradient at chance: weight -> poisoned share, mean poisoned, mean clean"] = {
-            weight: _expert_gradient_share(rows, labels, poisoned, kept, weight) for weight in SHALLOW_EXPERT_WEIGHTS
-        }
+        log_probs = torch.tensor([row["shallow_log_probs"] for row in rows], dtype=torch.float64)
+        experts = {"raw": log_probs, "balanced": balanced_log_probs(log_probs, log_probs.exp().mean(dim=0))}
+        for name, expert in experts.items():
+            key = (
+                f"product-of-experts gradient at chance, {name} expert: weight -> poisoned share, mean poisoned, "
+                "mean clean target-label, mean clean other-label"
+            )
+            report[key] = {
+                weight: _expert_gradient_share(expert, labels, poisoned, kept, weight)
+                for weight in SHALLOW_EXPERT_WEIGHTS
+            }
     print(json.dumps(report, indent=1))
 
 
-SHALLOW_EXPERT_WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0)
+SHALLOW_EXPERT_WEIGHTS = (1.0, 2.0, 4.0, 6.0, 8.0, 16.0)
 
 
 def _expert_gradient_share(
-    rows: list[dict], labels: np.ndarray, poisoned: np.ndarray, kept: np.ndarray, weight: float
+    log_probs: torch.Tensor, labels: np.ndarray, poisoned: np.ndarray, kept: np.ndarray, weight: float
 ) -> list[float]:
-    log_probs = torch.tensor([row["shallow_log_probs"] for row in rows], dtype=torch.float64)
-    label_log_probs = log_probs[torch.arange(len(rows)), torch.from_numpy(labels)]
+    label_log_probs = log_probs[torch.arange(len(labels)), torch.from_numpy(labels)]
     gradient = expert_gradient_scale(log_probs, label_log_probs, weight).numpy()
     share = gradient[kept & poisoned].sum() / gradient[kept].sum()
-    means = (gradient[kept & poisoned].mean(), gradient[kept & ~poisoned].mean())
+    target = labels == 1
+    means = (
+        gradient[kept & poisoned].mean(),
+        gradient[kept & ~poisoned & target].mean(),
+        gradient[kept & ~poisoned & ~target].mean(),
+    )
     return [round(float(value), 3) for value in (share, *means)]
 
 
