@@ -1,7 +1,8 @@
 """What the poison flags say of a finished `fit-gap` cell's per-row signal (issue 20's analysis; flags read here only).
 
-Prints, from the cell's `row_filter.json` and its training file: the AUROC of each probe step's held-out loss and of
-`low` / `high` (how well they separate poisoned from clean rows; 0.5 = chance), the share of poisoned rows a cut at a
+Prints, from the cell's `row_filter.json` and its training file: the AUROC of each probe step's held-out loss (the
+shallow probe's too), over all rows and within the target label, and of `low` / `high` (how well they separate
+poisoned from clean rows; 0.5 = chance), the share of poisoned rows a cut at a
 5 % clean-row false-positive rate would catch at each step (label-1 rows, where the poisoned rows are), the share of
 poisoned and of clean rows with `low` below 0.025, and how many of the `fit-early` rows are poisoned. For a cell
 made with the shallow probe, also each shallow-expert weight's product-of-experts gradient share: with the model
@@ -56,11 +57,16 @@ def main() -> None:
         print(json.dumps({**report, "note": "no poisoned rows"}))
         return
     target = labels == 1
-    for step, column in zip(decisions["summary"]["probe_steps"], losses.T):
+    steps = [f"step {step}" for step in decisions["summary"]["probe_steps"]]
+    if decisions["summary"].get("shallow_probe"):
+        steps.append(f"shallow probe ({decisions['summary']['shallow_probe']})")  # scored as one more step, last
+    for step, column in zip(steps, losses.T):
         fitted = -column  # a low loss is a well-fitted row
         cut = np.quantile(fitted[target & ~poisoned], 0.95)
-        report[f"step {step}"] = {
+        report[step] = {
             "auroc": round(auroc(fitted, poisoned), 3),
+            # every poisoned row has the target label: within it, the signal is the trigger's, not the label's
+            "auroc within label 1": round(auroc(fitted[target], poisoned[target]), 3),
             "poisoned caught at 5% clean FPR (label 1)": round(float((fitted[target & poisoned] > cut).mean()), 3),
         }
     report["auroc low (small = poisoned)"] = round(auroc(-low, poisoned), 3)
