@@ -84,6 +84,14 @@ def main() -> None:
     if "shallow_log_probs" in rows[0]:
         kept = reasons == "keep"
         log_probs = torch.tensor([row["shallow_log_probs"] for row in rows], dtype=torch.float64)
+        predicted_target = (log_probs.argmax(dim=1) == 1).numpy()
+        report["shallow probe: rows predicted as the target (clean target-label, clean other-label, poisoned)"] = [
+            round(float(predicted_target[mask].mean()), 3)
+            for mask in (~poisoned & target, ~poisoned & ~target, poisoned)
+        ]
+        report["shallow probe: mean prediction over the training rows (the class prior)"] = [
+            round(float(value), 3) for value in log_probs.exp().mean(dim=0)
+        ]
         experts = {"raw": log_probs, "balanced": balanced_log_probs(log_probs, log_probs.exp().mean(dim=0))}
         for name, expert in experts.items():
             key = (
