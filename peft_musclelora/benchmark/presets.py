@@ -155,9 +155,12 @@ PRESETS: dict[str, MethodPreset] = {
             _FIT_GAP_POE,
             name="recommended",
             description="The project's recommended defense, the best measured so far (docs/results.md): fit-gap-poe. "
-            "At full size (seed 0) it keeps clean accuracy within 2.2 points of the oracle on four attacks (0.1-1.2 "
-            "on three) and within 0.1 on unpoisoned data, removes the insertion backdoors (BadNets, AddSent) and "
-            "leaves the paraphrase backdoors (StyleBkd, SynBkd) 2-4 points of ASR above the oracle. " + _COMMON,
+            "At full size (three seeds, against each seed's oracle) it removes the insertion backdoors (BadNets, "
+            "AddSent: ASR 6.5 points below the oracle's) at 0.7-1.6 points of clean accuracy, and brings the "
+            "paraphrase backdoors (StyleBkd, SynBkd) to the oracle's ASR at 2.8-3.2 points, partly by leaning "
+            "against the target class (false-target rate 6-9 % against the oracle's 13-14 %; with the class bias "
+            "refitted on the trusted rows, 12.6-16.0 points of ASR above the oracle). Within 0.1 of plain LoRA on "
+            "unpoisoned data (seed 0). " + _COMMON,
         ),
         MethodPreset(
             name="lora-llama",
