@@ -14,30 +14,53 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from peft_musclelora.benchmark.builders import load_cell
-from peft_musclelora.benchmark.data import load_records
+from peft_musclelora.benchmark.data import LoadedData, load_records
+from peft_musclelora.benchmark.evaluation import predict_logits
 from peft_musclelora.benchmark.metrics import attack_success_rate, clean_accuracy, false_target_rate
 from peft_musclelora.benchmark.splits import split_trusted
 
+DEFAULT_TRUSTED_ROWS = 400  # the row filters' and clean-only's trusted rows, for a cell whose preset names none
 
-def logits_of(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 128) -> torch.Tensor:
+
+def logits_of(model: Any, tokenizer: Any, texts: list[str], max_length: int) -> torch.Tensor:
     """The model's logits for `texts`, `(rows, classes)`, in float32."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            encoded = tokenizer(
-                texts[start : start + batch_size],
-                truncation=True,
-                max_length=max_length,
-                padding=True,
-                return_tensors="pt",
-            )
-            out.append(model(**encoded).logits.float())
-    return torch.cat(out)
+    return predict_logits(model, tokenizer, texts, batch_size=128, max_length=max_length, progress=False)
+
+
+@dataclass
+class TrustedCell:
+    """A finished cell's model and the data its defense saw: the attack's files and the trusted rows of its seed."""
+
+    metrics: dict[str, Any]
+    model: Any
+    tokenizer: Any
+    info: dict[str, Any]
+    files: Path
+    trusted: LoadedData
+
+    @classmethod
+    def load(cls, cell: Path, data: Path) -> TrustedCell:
+        metrics = json.loads((cell / "metrics.json").read_text())
+        model, tokenizer, info = load_cell(cell / "adapter")
+        files = data / "sst-2" / "poison" / (metrics.get("attack") or cell.parts[-3])
+        ga = metrics["preset"]["training"]["ga"]
+        trusted, _ = split_trusted(
+            load_records(files / "dev-clean.csv"),
+            ga["reference_split_size"] or DEFAULT_TRUSTED_ROWS,
+            metrics["seed"],
+            ga["reference_stratify"],
+        )
+        return cls(metrics, model, tokenizer, info, files, trusted)
+
+    def logits(self, texts: list[str]) -> torch.Tensor:
+        return logits_of(self.model, self.tokenizer, texts, self.info["max_length"])
 
 
 def fit_bias(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -64,41 +87,33 @@ def scores(clean: torch.Tensor, poison: torch.Tensor, clean_labels: list[int], t
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cells", nargs="+", type=Path, help="finished bench or train cell directories")
+def parse_cell_arguments(doc: str) -> argparse.Namespace:
+    """`cells` (finished bench cell directories) and `--data`, for the scripts that load cells with their trusted
+    rows; one thread, as beside the benchmark lanes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("cells", nargs="+", type=Path, help="finished bench cell directories")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
-    args = parser.parse_args()
     torch.set_num_threads(1)
-    for cell in args.cells:
-        metrics = json.loads((cell / "metrics.json").read_text())
-        model, tokenizer, info = load_cell(cell / "adapter")
-        attack = metrics.get("attack") or cell.parts[-3]
-        files = args.data / "sst-2" / "poison" / attack
-        training = metrics["preset"]["training"]
-        size = training["ga"]["reference_split_size"]
-        trusted, _ = split_trusted(
-            load_records(files / "dev-clean.csv"), size, metrics["seed"], training["ga"]["reference_stratify"]
-        )
-        test_clean, test_poison = load_records(files / "test-clean.csv"), load_records(files / "test-poison.csv")
-        max_length, target = info["max_length"], info["target_label"]
-        trusted_logits = logits_of(model, tokenizer, trusted.texts, max_length)
-        clean_logits = logits_of(model, tokenizer, test_clean.texts, max_length)
-        poison_logits = logits_of(model, tokenizer, test_poison.texts, max_length)
-        bias = fit_bias(trusted_logits, torch.tensor(trusted.labels))
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_cell_arguments(__doc__)
+    for path in args.cells:
+        cell = TrustedCell.load(path, args.data)
+        test_clean = load_records(cell.files / "test-clean.csv")
+        test_poison = load_records(cell.files / "test-poison.csv")
+        target = cell.info["target_label"]
+        clean_logits, poison_logits = cell.logits(test_clean.texts), cell.logits(test_poison.texts)
+        bias = fit_bias(cell.logits(cell.trusted.texts), torch.tensor(cell.trusted.labels))
         before = scores(clean_logits, poison_logits, test_clean.labels, target)
         after = scores(clean_logits + bias, poison_logits + bias, test_clean.labels, target)
         print(
             json.dumps(
-                {
-                    "cell": str(cell),
-                    "trusted_rows": len(trusted),
-                    "bias": bias.tolist(),
-                    "before": before,
-                    "after": after,
-                }
+                {"cell": str(path), "trusted_rows": len(cell.trusted), "bias": bias.tolist(), "before": before,
+                 "after": after}
             )
-        )
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

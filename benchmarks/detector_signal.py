@@ -12,7 +12,6 @@ clean and of the poisoned training rows. The poison flags are read for the repor
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,12 +20,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bias_correction import fit_bias, logits_of  # noqa: E402
+from bias_correction import TrustedCell, fit_bias, parse_cell_arguments  # noqa: E402
 from row_filter_report import auroc  # noqa: E402
 
-from peft_musclelora.benchmark.builders import load_cell  # noqa: E402
 from peft_musclelora.benchmark.data import load_records  # noqa: E402
-from peft_musclelora.benchmark.splits import split_trusted  # noqa: E402
 
 
 def label_probs(logits: torch.Tensor, labels: list[int]) -> np.ndarray:
@@ -36,26 +33,15 @@ def label_probs(logits: torch.Tensor, labels: list[int]) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cells", nargs="+", type=Path, help="finished bench cell directories")
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    for cell in args.cells:
-        metrics = json.loads((cell / "metrics.json").read_text())
-        model, tokenizer, info = load_cell(cell / "adapter")
-        files = args.data / "sst-2" / "poison" / (metrics.get("attack") or cell.parts[-3])
-        ga = metrics["preset"]["training"]["ga"]
-        trusted, _ = split_trusted(
-            load_records(files / "dev-clean.csv"), ga["reference_split_size"] or 400, metrics["seed"],
-            ga["reference_stratify"],
-        )  # fmt: skip
-        train = load_records(files / "train-mixed-0.1.csv")
-        target, max_length = info["target_label"], info["max_length"]
-        trusted_logits = logits_of(model, tokenizer, trusted.texts, max_length)
+    args = parse_cell_arguments(__doc__)
+    for path in args.cells:
+        cell = TrustedCell.load(path, args.data)
+        trusted = cell.trusted
+        train = load_records(cell.files / "train-mixed-0.1.csv")
+        target = cell.info["target_label"]
+        trusted_logits = cell.logits(trusted.texts)
         bias = fit_bias(trusted_logits, torch.tensor(trusted.labels))
-
-        train_p = label_probs(logits_of(model, tokenizer, train.texts, max_length) + bias, train.labels)
+        train_p = label_probs(cell.logits(train.texts) + bias, train.labels)
         trusted_p = label_probs(trusted_logits + bias, trusted.labels)
         labels, poisoned = np.array(train.labels), np.array([r.poisoned for r in train.records])
         in_target = labels == target
@@ -64,7 +50,7 @@ def main() -> None:
         print(
             json.dumps(
                 {
-                    "cell": str(cell),
+                    "cell": str(path),
                     "auroc within the target label": round(auroc(1 - train_p[in_target], poisoned[in_target]), 3),
                     "cut (p(label) below)": round(float(cut), 4),
                     "flagged: clean share, poisoned recall": [

@@ -325,17 +325,22 @@ def test_the_product_of_experts_adds_the_shallow_log_probabilities_to_the_models
     assert torch.allclose(sharpened, expected, atol=1e-6)
 
 
-def test_reweighting_trains_the_model_alone_on_each_rows_cross_entropy_times_its_shallow_weight(tmp_path):
+def _trained_shallow_expert(tmp_path, **fields):
+    """A tiny BERT trained with the row filter and a shallow expert (`fields` on top of it)."""
     trainer = MuScleLoraTrainer(
         model=tiny_bert(seed=0),
-        args=_args(
-            tmp_path, row_filter_shallow_expert=True, row_filter_shallow_expert_loss="reweight",
-            row_filter_shallow_expert_weight=4.0,
-        ),
+        args=_args(tmp_path, row_filter_shallow_expert=True, **fields),
         train_dataset=token_dataset(48, seed=1),
         reference_dataset=token_dataset(40, seed=2),
-    )  # fmt: skip
+    )
     trainer.train()
+    return trainer
+
+
+def test_reweighting_trains_the_model_alone_on_each_rows_cross_entropy_times_its_shallow_weight(tmp_path):
+    trainer = _trained_shallow_expert(
+        tmp_path, row_filter_shallow_expert_loss="reweight", row_filter_shallow_expert_weight=4.0
+    )
     report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
     assert report["summary"]["shallow_expert_loss"] == "reweight"
     model = trainer.model.eval()
@@ -389,16 +394,9 @@ def test_the_shallow_experts_loss_is_refused_when_unknown_or_without_the_shallow
 
 
 def test_a_balanced_expert_is_divided_by_its_mean_prediction_over_the_training_rows_before_it_is_weighted(tmp_path):
-    trainer = MuScleLoraTrainer(
-        model=tiny_bert(seed=0),
-        args=_args(
-            tmp_path, row_filter_shallow_expert=True, row_filter_shallow_expert_balanced=True,
-            row_filter_shallow_expert_weight=4.0,
-        ),
-        train_dataset=token_dataset(48, seed=1),
-        reference_dataset=token_dataset(40, seed=2),
-    )  # fmt: skip
-    trainer.train()
+    trainer = _trained_shallow_expert(
+        tmp_path, row_filter_shallow_expert_balanced=True, row_filter_shallow_expert_weight=4.0
+    )
     report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
     summary = report["summary"]
     raw = torch.tensor([row["shallow_log_probs"] for row in report["rows"]], dtype=torch.float64)

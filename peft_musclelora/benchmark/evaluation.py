@@ -33,12 +33,12 @@ from .metrics import backdoor_metrics, false_target_rate_by_label
 Predictor = Callable[[list[str]], list[int]]
 
 
-def predict(
+def predict_logits(
     model: Any, tokenizer: Any, texts: list[str], batch_size: int = 64, max_length: int = 64, progress: bool = True
-) -> list[int]:
-    """Predicted labels (argmax of the logits) for `texts`, in order, without gradients."""
+) -> torch.Tensor:
+    """The classifier's logits for `texts`, `(rows, classes)` in float32 on the CPU, in order, without gradients."""
     model.eval()
-    predictions: list[int] = []
+    logits: list[torch.Tensor] = []
     batches = range(0, len(texts), batch_size)
     with torch.no_grad():
         for start in tqdm(batches, desc="predict", disable=not progress, leave=False):
@@ -50,8 +50,17 @@ def predict(
                 return_tensors="pt",
             )
             encoded = {key: value.to(model.device) for key, value in encoded.items()}
-            predictions.extend(model(**encoded).logits.argmax(dim=-1).tolist())
-    return predictions
+            logits.append(model(**encoded).logits.float().cpu())
+    return torch.cat(logits) if logits else torch.zeros(0, 0)
+
+
+def predict(
+    model: Any, tokenizer: Any, texts: list[str], batch_size: int = 64, max_length: int = 64, progress: bool = True
+) -> list[int]:
+    """Predicted labels (argmax of the logits) for `texts`, in order, without gradients."""
+    if not texts:
+        return []
+    return predict_logits(model, tokenizer, texts, batch_size, max_length, progress).argmax(dim=-1).tolist()
 
 
 def score_predictions(
