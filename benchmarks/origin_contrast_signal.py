@@ -25,15 +25,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from row_filter_report import auroc  # noqa: E402
 
-from peft_musclelora import shallow_probe  # noqa: E402
 from peft_musclelora.benchmark.builders import default_model_dir, load_tokenizer  # noqa: E402
 from peft_musclelora.benchmark.data import load_records  # noqa: E402
 from peft_musclelora.benchmark.splits import split_trusted  # noqa: E402
 from peft_musclelora.row_filter import fold_assignment  # noqa: E402
-from peft_musclelora.shallow_probe import NgramFeatures, fit_logistic, logistic_log_probs  # noqa: E402
+from peft_musclelora.shallow_probe import (  # noqa: E402
+    INVERSE_REGULARISATION,
+    NgramFeatures,
+    fit_logistic,
+    logistic_log_probs,
+)
 
 
-def origin_scores(untrusted: list[list[int]], trusted: list[list[int]], folds: int, seed: int) -> tuple:
+def origin_scores(
+    untrusted: list[list[int]], trusted: list[list[int]], folds: int, seed: int, inverse_regularisation: float
+) -> tuple:
     """Out-of-fold log-odds of 'untrusted' for every untrusted and every trusted row."""
     rows = untrusted + trusted
     origin = torch.tensor([1] * len(untrusted) + [0] * len(trusted))
@@ -42,7 +48,7 @@ def origin_scores(untrusted: list[list[int]], trusted: list[list[int]], folds: i
     scores = torch.zeros(len(rows), dtype=torch.float64)
     for fold in range(folds):
         held_out, fit_rows = (fold_of == fold).nonzero().flatten(), (fold_of != fold).nonzero().flatten()
-        weight, bias = fit_logistic(features.index_select(0, fit_rows), origin[fit_rows], 2)
+        weight, bias = fit_logistic(features.index_select(0, fit_rows), origin[fit_rows], 2, inverse_regularisation)
         log_probs = logistic_log_probs(features.index_select(0, held_out), weight, bias)
         scores[held_out] = log_probs[:, 1] - log_probs[:, 0]
     return scores[: len(untrusted)].numpy(), scores[len(untrusted) :].numpy()
@@ -55,11 +61,10 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument(
-        "--inverse-regularisation", type=float, default=shallow_probe.INVERSE_REGULARISATION,
+        "--inverse-regularisation", type=float, default=INVERSE_REGULARISATION,
         help="C of the logistic regression (the library's shallow probe uses %(default)s)",
     )  # fmt: skip
     args = parser.parse_args()
-    shallow_probe.INVERSE_REGULARISATION = args.inverse_regularisation  # fit_logistic reads the module's C
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(default_model_dir())
 
@@ -74,7 +79,9 @@ def main() -> None:
         in_target = labels == 1
         untrusted_ids = ids([t for t, keep in zip(train.texts, in_target) if keep])
         trusted_ids = ids([t for t, label in zip(trusted.texts, trusted.labels) if label == 1])
-        train_score, trusted_score = origin_scores(untrusted_ids, trusted_ids, args.folds, args.seed)
+        train_score, trusted_score = origin_scores(
+            untrusted_ids, trusted_ids, args.folds, args.seed, args.inverse_regularisation
+        )
         cut = np.quantile(trusted_score, 0.98)
         flagged = train_score > cut
         target_poisoned = poisoned[in_target]

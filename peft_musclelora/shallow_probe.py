@@ -120,9 +120,14 @@ class NgramFeatures:
         ).coalesce()
 
 
-def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    inverse_regularisation: float = INVERSE_REGULARISATION,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`(weight, bias)` of a multinomial logistic regression minimising `C * sum(CE) + ||weight||^2 / 2` (C =
-    `INVERSE_REGULARISATION`, bias unpenalised), by full-batch L-BFGS with a strong-Wolfe line search; deterministic
+    `inverse_regularisation`, bias unpenalised), by full-batch L-BFGS with a strong-Wolfe line search; deterministic
     on one machine.
 
     Example:
@@ -141,7 +146,7 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int)
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         logits = features @ weight + bias
-        loss = INVERSE_REGULARISATION * torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+        loss = inverse_regularisation * torch.nn.functional.cross_entropy(logits, target, reduction="sum")
         loss = loss + 0.5 * (weight * weight).sum()
         loss.backward()
         return loss
