@@ -607,13 +607,14 @@ def _shallow_probe(
     )
 
 
-def shallow_expert_log_probs(log_probs: Any, class_prior: Any, args: RowFilterArguments) -> torch.Tensor:
-    """The shallow expert the kept rows train with: the probe's out-of-fold `log_probs` `(rows, classes)`, divided
-    by `class_prior` first with `row_filter_shallow_expert_balanced` ([`~shallow_probe.balanced_log_probs`])."""
+def shallow_expert_log_probs(log_probs: Any, args: RowFilterArguments) -> torch.Tensor:
+    """The shallow expert the rows train with: the probe's out-of-fold `log_probs` of every training row `(rows,
+    classes)`, divided by its class prior (its mean prediction over those rows) with
+    `row_filter_shallow_expert_balanced` ([`~shallow_probe.balanced_log_probs`])."""
     log_probs = torch.as_tensor(log_probs, dtype=torch.float64)
     if not args.row_filter_shallow_expert_balanced:
         return log_probs
-    return balanced_log_probs(log_probs, torch.as_tensor(class_prior, dtype=torch.float64))
+    return balanced_log_probs(log_probs, log_probs.exp().mean(dim=0))
 
 
 def run_row_filter(
@@ -704,11 +705,9 @@ def run_row_filter(
         args.row_filter_max_clean_drop,
     )
     own = [train_losses[folds[row], :, row].tolist() for row in range(num_rows)]
-    expert_scale = class_prior = None
-    if shallow is not None:
-        class_prior = shallow.train_log_probs.exp().mean(dim=0)
+    expert_scale = None
     if shallow is not None and args.row_filter_shallow_expert:
-        expert = shallow_expert_log_probs(shallow.train_log_probs, class_prior, args)
+        expert = shallow_expert_log_probs(shallow.train_log_probs, args)
         label_log_probs = expert.gather(1, shallow.train_labels[:, None])[:, 0]
         weight = args.row_filter_shallow_expert_weight
         expert_scale = expert_gradient_scale(expert, label_log_probs, weight)
@@ -736,7 +735,7 @@ def run_row_filter(
         "shallow_expert_weight": args.row_filter_shallow_expert_weight,
         "shallow_expert_loss": args.row_filter_shallow_expert_loss,
         "shallow_expert_balanced": args.row_filter_shallow_expert_balanced,
-        "shallow_class_prior": None if class_prior is None else class_prior.tolist(),
+        "shallow_class_prior": None if shallow is None else shallow.train_log_probs.exp().mean(dim=0).tolist(),
         "response_classes": None if shallow is None or shallow.classes is None else [list(c) for c in shallow.classes],
         "expert_gradient_scale_quartiles": _quartiles(expert_scale, decisions.kept),
         "seconds": time.perf_counter() - start_time,

@@ -958,19 +958,14 @@ def _with_shallow_prior(kept: Any, report: dict[str, Any], path: str, args: RowF
     """The kept rows with the shallow expert's log-probabilities ([`~row_filter.shallow_expert_log_probs`]) as the
     column [`SHALLOW_PRIOR_COLUMN`]."""
     rows = report["rows"]
-    if any("shallow_log_probs" not in rows[i] for i in report["kept"]):
+    if any("shallow_log_probs" not in row for row in rows):
         raise ValueError(
             f"`row_filter_shallow_expert=True` needs the shallow probe's predictions, and {path} has none: it was "
             "made without row_filter_shallow_probe. Delete it to probe again."
         )
-    class_prior = report["summary"].get("shallow_class_prior")
-    if args.row_filter_shallow_expert_balanced and class_prior is None:
-        raise ValueError(
-            f"`row_filter_shallow_expert_balanced=True` needs the shallow probe's class prior, and {path} has none: "
-            "it was made by an earlier version. Delete it to probe again."
-        )
-    expert = shallow_expert_log_probs([rows[i]["shallow_log_probs"] for i in report["kept"]], class_prior, args)
-    values = expert.tolist()
+    # The balanced expert's prior is its mean over every training row, not only the kept ones.
+    expert = shallow_expert_log_probs([row["shallow_log_probs"] for row in rows], args)
+    values = expert[torch.tensor(report["kept"], dtype=torch.long)].tolist()
     if hasattr(kept, "add_column"):
         return kept.add_column(SHALLOW_PRIOR_COLUMN, values)
     return _WithColumn(kept, SHALLOW_PRIOR_COLUMN, values)
