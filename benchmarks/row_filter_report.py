@@ -89,6 +89,20 @@ def main() -> None:
             round(float(predicted_target[mask].mean()), 3)
             for mask in (~poisoned & target, ~poisoned & ~target, poisoned)
         ]
+        # Soft down-weighting by the shallow step's percentile among the trusted rows of the same label (0: fitted
+        # better than every trusted row), weight min(1, percentile / q): what share of the weight the poisoned keep.
+        percentile = np.array([row["percentiles"][-1] for row in rows])
+        report["shallow percentile: median of poisoned, of clean target-label rows"] = [
+            round(float(np.median(percentile[poisoned])), 3),
+            round(float(np.median(percentile[~poisoned & target])), 3),
+        ]
+        shares = {}
+        for q in (0.05, 0.1, 0.25, 0.5):
+            weight = np.minimum(1, percentile / q)
+            shares[q] = round(float(weight[kept & poisoned].sum() / weight[kept].sum()), 3)
+        report["shallow percentile weight min(1, percentile / q): q -> poisoned share of the kept rows' weight"] = (
+            shares
+        )
         report["shallow probe: mean prediction over the training rows (the class prior)"] = [
             round(float(value), 3) for value in log_probs.exp().mean(dim=0)
         ]
