@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -45,6 +45,7 @@ from .shallow_probe import (
 
 ROW_FILTER_FILE = "row_filter.json"
 SHALLOW_PRIOR_COLUMN = "shallow_log_prior"  # the shallow probe's out-of-fold log-probabilities of a kept row
+TEACHER_COLUMN = "teacher_log_probs"  # the trusted teacher's log-probabilities of a kept row
 
 
 def _positive(value: float) -> bool:
@@ -143,6 +144,20 @@ class RowFilterArguments:
             "model less gradient and the model alone ends up biased against it. Needs row_filter_shallow_expert=True."
         },
     )
+    row_filter_teacher_mix: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Share of each kept row's training target taken from a trusted teacher: the model trained on the "
+            "trusted rows alone for row_filter_teacher_steps steps, whose predicted class distribution for the row "
+            "is mixed into its one-hot label. A row whose label the teacher contradicts (a relabelled row) then pulls "
+            "the model less far towards its label. In (0, 0.5], so the label keeps at least half of the target and "
+            "is never overturned; None: the label alone. Class labels only; needs row_filter=True."
+        },
+    )
+    row_filter_teacher_steps: int = field(
+        default=48,
+        metadata={"help": "AdamW steps the trusted teacher trains on the trusted rows (>= 1)."},
+    )
     row_filter_unlearn: bool = field(
         default=False,
         metadata={
@@ -229,6 +244,14 @@ class RowFilterArguments:
                 "`row_filter_shallow_expert_balanced` divides the shallow expert by its class prior: set "
                 "row_filter_shallow_expert=True as well, or leave it False (got True)."
             )
+        mix = self.row_filter_teacher_mix
+        check_number("row_filter_teacher_mix", mix, "in (0, 0.5]", lambda v: 0 < v <= 0.5, True)
+        if mix is not None and not self.row_filter:
+            raise ValueError(
+                f"`row_filter_teacher_mix` ({mix!r}) trains the kept rows with the trusted teacher: set "
+                "row_filter=True as well, or leave it None."
+            )
+        check_int("row_filter_teacher_steps", self.row_filter_teacher_steps)
         check_bool("row_filter_unlearn", self.row_filter_unlearn)
         if self.row_filter_unlearn and not self.row_filter:
             raise ValueError(
@@ -489,9 +512,13 @@ def length_order(dataset: Any) -> list[int]:
 
 
 @torch.no_grad()
-def _score(trainer: Any, model: torch.nn.Module, dataset: Any) -> tuple[torch.Tensor, list[int]]:
+def _per_row(
+    trainer: Any, model: torch.nn.Module, dataset: Any, measure: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, list[int]]:
+    """`measure(logits, labels)` of every row of `dataset` (rows scored longest first, returned in dataset order)
+    and each row's group, with the model in eval mode."""
     order = length_order(dataset)
-    losses, groups = [], []
+    values, groups = [], []
     model.eval()
     try:
         for batch in _loader(trainer, subset_rows(dataset, order), trainer.args.per_device_eval_batch_size):
@@ -501,15 +528,56 @@ def _score(trainer: Any, model: torch.nn.Module, dataset: Any) -> tuple[torch.Te
                     "row filtering scores each row by its loss and needs a `labels` column (or a collator that "
                     f"makes one); the batch has {sorted(inputs)}."
                 )
-            with trainer.autocast_smart_context_manager():
+            with torch.no_grad(), trainer.autocast_smart_context_manager():
                 logits = model(**inputs).logits
-            losses.append(per_row_loss(logits, inputs["labels"]).cpu())
+            values.append(measure(logits, inputs["labels"]).cpu())
             groups.extend(row_groups(inputs["labels"]))
     finally:
         model.train()
     restore = torch.empty(len(order), dtype=torch.long)
     restore[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    return torch.cat(losses).double()[restore], [groups[i] for i in restore.tolist()]
+    return torch.cat(values).double()[restore], [groups[i] for i in restore.tolist()]
+
+
+def _score(trainer: Any, model: torch.nn.Module, dataset: Any) -> tuple[torch.Tensor, list[int]]:
+    return _per_row(trainer, model, dataset, per_row_loss)
+
+
+def _class_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if logits.dim() != 2:
+        raise ValueError(
+            "`row_filter_teacher_mix` mixes a class distribution into each row's label and needs classification "
+            f"logits (batch, classes); got logits of shape {tuple(logits.shape)}."
+        )
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _train_steps(trainer: Any, params: list[torch.nn.Parameter], dataset: Any, total: int, lr: float) -> Iterator[int]:
+    """Train the trainer's model for `total` AdamW steps on `dataset` in its order (cycled), clipping as the
+    trainer does; yields the step count after each step."""
+    model = trainer.model
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=trainer.args.weight_decay)
+    step = 0
+    while step < total:
+        for batch in _loader(trainer, dataset, trainer.args.per_device_train_batch_size):
+            inputs = trainer._prepare_inputs(batch)
+            with trainer.compute_loss_context_manager():
+                loss = trainer.compute_loss(model, inputs)
+            loss.backward()
+            if trainer.args.max_grad_norm and trainer.args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, trainer.args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            yield step
+            if step >= total:
+                break
+
+
+def _restore(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for param, value in zip(params, values):
+            param.copy_(value)
 
 
 def collect_token_rows(
@@ -617,6 +685,13 @@ def shallow_expert_log_probs(log_probs: Any, args: RowFilterArguments) -> torch.
     return balanced_log_probs(log_probs, log_probs.exp().mean(dim=0))
 
 
+def _teacher_agreement(teacher_log_probs: Optional[torch.Tensor], labels: list[int]) -> Optional[float]:
+    """Share of the training rows whose label is the trusted teacher's most likely class (None without one)."""
+    if teacher_log_probs is None:
+        return None
+    return float((teacher_log_probs.argmax(dim=1) == torch.tensor(labels)).double().mean())
+
+
 def run_row_filter(
     trainer: Any, args: RowFilterArguments, reference_dataset: Any, seed: int, progress: bool = True
 ) -> dict[str, Any]:
@@ -640,7 +715,6 @@ def run_row_filter(
     initial = [param.detach().clone() for param in params]
     steps = args.row_filter_probe_steps
     lr = args.row_filter_probe_learning_rate or trainer.args.learning_rate
-    batch_size = trainer.args.per_device_train_batch_size
     train_losses = torch.zeros(args.row_filter_folds, len(steps), num_rows, dtype=torch.float64)
     reference_losses: list[torch.Tensor] = []
     train_groups: list[int] = [0] * num_rows
@@ -650,7 +724,9 @@ def run_row_filter(
     if args.row_filter_shallow_probe is not None:  # first: it is cheap and refuses token-level labels
         shallow = _shallow_probe(trainer, args, train_dataset, reference_dataset, folds)
     shallow_seconds = time.perf_counter() - start_time
-    bar = tqdm(total=args.row_filter_folds * steps[-1], desc="row filter probes", disable=not progress)
+    teacher_steps = args.row_filter_teacher_steps if args.row_filter_teacher_mix is not None else 0
+    teacher_log_probs, teacher_seconds = None, 0.0
+    bar = tqdm(total=args.row_filter_folds * steps[-1] + teacher_steps, desc="row filter probes", disable=not progress)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for fold in range(args.row_filter_folds):
@@ -658,37 +734,29 @@ def run_row_filter(
             others = [row for row in range(num_rows) if folds[row] != fold]
             order = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed + fold)).tolist()
             probe_rows = [others[i] for i in order]
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=trainer.args.weight_decay)
-            step, fold_reference = 0, []
-            while step < steps[-1]:
-                for batch in _loader(trainer, subset_rows(train_dataset, probe_rows), batch_size):
-                    inputs = trainer._prepare_inputs(batch)
-                    with trainer.compute_loss_context_manager():
-                        loss = trainer.compute_loss(model, inputs)
-                    loss.backward()
-                    if trainer.args.max_grad_norm and trainer.args.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(params, trainer.args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    bar.update(1)
-                    if step in steps:
-                        scoring_start = time.perf_counter()
-                        index = steps.index(step)
-                        held_losses, held_groups = _score(trainer, model, subset_rows(train_dataset, held_out))
-                        train_losses[fold, index, held_out] = held_losses
-                        for row, group in zip(held_out, held_groups):
-                            train_groups[row] = group
-                        ref_losses, reference_groups = _score(trainer, model, reference_dataset)
-                        fold_reference.append(ref_losses)
-                        scoring_seconds += time.perf_counter() - scoring_start
-                    if step >= steps[-1]:
-                        break
+            fold_reference = []
+            for step in _train_steps(trainer, params, subset_rows(train_dataset, probe_rows), steps[-1], lr):
+                bar.update(1)
+                if step in steps:
+                    scoring_start = time.perf_counter()
+                    index = steps.index(step)
+                    held_losses, held_groups = _score(trainer, model, subset_rows(train_dataset, held_out))
+                    train_losses[fold, index, held_out] = held_losses
+                    for row, group in zip(held_out, held_groups):
+                        train_groups[row] = group
+                    ref_losses, reference_groups = _score(trainer, model, reference_dataset)
+                    fold_reference.append(ref_losses)
+                    scoring_seconds += time.perf_counter() - scoring_start
             reference_losses.append(torch.stack(fold_reference))
-            with torch.no_grad():
-                for param, value in zip(params, initial):
-                    param.copy_(value)
-            del optimizer
+            _restore(params, initial)
+        if args.row_filter_teacher_mix is not None:
+            teacher_start = time.perf_counter()
+            order = torch.randperm(len(reference_dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+            for _ in _train_steps(trainer, params, subset_rows(reference_dataset, order), teacher_steps, lr):
+                bar.update(1)
+            teacher_log_probs, _ = _per_row(trainer, model, train_dataset, _class_log_probs)
+            _restore(params, initial)
+            teacher_seconds = time.perf_counter() - teacher_start
     bar.close()
     for param in params:
         param.grad = None
@@ -722,6 +790,7 @@ def run_row_filter(
         }
         | ({"shallow_log_probs": shallow.train_log_probs[row].tolist()} if shallow is not None else {})
         | ({"expert_gradient_scale": float(expert_scale[row])} if expert_scale is not None else {})
+        | ({"teacher_log_probs": teacher_log_probs[row].tolist()} if teacher_log_probs is not None else {})
         for row in range(num_rows)
     ]
     summary = {
@@ -738,6 +807,10 @@ def run_row_filter(
         "shallow_class_prior": None if shallow is None else shallow.train_log_probs.exp().mean(dim=0).tolist(),
         "response_classes": None if shallow is None or shallow.classes is None else [list(c) for c in shallow.classes],
         "expert_gradient_scale_quartiles": _quartiles(expert_scale, decisions.kept),
+        "teacher_mix": args.row_filter_teacher_mix,
+        "teacher_steps": teacher_steps or None,
+        "teacher_label_agreement": _teacher_agreement(teacher_log_probs, train_groups),
+        "teacher_seconds": teacher_seconds,
         "seconds": time.perf_counter() - start_time,
         "scoring_seconds": scoring_seconds,
         "shallow_seconds": shallow_seconds,

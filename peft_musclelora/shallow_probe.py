@@ -365,12 +365,42 @@ def balanced_log_probs(log_probs: torch.Tensor, class_prior: torch.Tensor) -> to
     return torch.log_softmax(log_probs - class_prior.to(log_probs).log(), dim=-1)
 
 
+def mixed_targets(labels: torch.Tensor, teacher_log_probs: torch.Tensor, mix: float) -> torch.Tensor:
+    """Per row, the training target `(1 - mix) * onehot(label) + mix * p_teacher` `(batch, classes)`, float32 on
+    the labels' device (`row_filter_teacher_mix`).
+
+    Example:
+        >>> teacher = torch.log(torch.tensor([[0.8, 0.2], [0.5, 0.5]]))
+        >>> mixed_targets(torch.tensor([1, 0]), teacher, 0.5).tolist()
+        [[0.4000000059604645, 0.6000000238418579], [0.75, 0.25]]
+    """
+    teacher = teacher_log_probs.to(device=labels.device, dtype=torch.float32).exp()
+    one_hot = torch.nn.functional.one_hot(labels.long(), teacher.size(-1)).float()
+    return (1.0 - mix) * one_hot + mix * teacher
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """`-sum_c target_c * log_softmax(logits)_c` per row, averaged over the batch (`reduction="none"`: per row).
+
+    Example:
+        >>> round(float(soft_cross_entropy(torch.zeros(1, 2), torch.tensor([[0.3, 0.7]]))), 4)  # ln 2
+        0.6931
+    """
+    losses = -(targets.to(logits.device) * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    return losses.mean() if reduction == "mean" else losses
+
+
 def product_of_experts_loss(
-    logits: torch.Tensor, labels: torch.Tensor, prior: torch.Tensor, weight: float
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    prior: torch.Tensor,
+    weight: float,
+    targets: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`CE(log_softmax(logits) + weight * prior)`, the mean over the batch: the model learns only what the fixed
     shallow expert (`prior`, its `(batch, classes)` log-probabilities) does not explain, and where the expert
-    contradicts a row's label the model must outweigh `weight` times the expert's confidence.
+    contradicts a row's label the model must outweigh `weight` times the expert's confidence. `targets` `(batch,
+    classes)` replaces the one-hot labels by a distribution ([`mixed_targets`]).
 
     Example:
         >>> logits, labels = torch.zeros(2, 2), torch.tensor([1, 1])
@@ -379,6 +409,8 @@ def product_of_experts_loss(
         1.204
     """
     combined = torch.log_softmax(logits.float(), dim=-1) + weight * prior.to(device=logits.device, dtype=torch.float32)
+    if targets is not None:
+        return soft_cross_entropy(combined, targets)
     return torch.nn.functional.cross_entropy(combined, labels.long())
 
 
@@ -399,12 +431,19 @@ def shallow_row_weights(prior: torch.Tensor, labels: torch.Tensor, weight: float
     return (expert_gradient_scale(prior, label_log_probs, weight) / chance).clamp(max=1.0)
 
 
-def reweighted_loss(logits: torch.Tensor, labels: torch.Tensor, prior: torch.Tensor, weight: float) -> torch.Tensor:
+def reweighted_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    prior: torch.Tensor,
+    weight: float,
+    targets: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """The cross-entropy of the model alone, each row weighted by [`shallow_row_weights`] and averaged over the
     batch: the rows the shallow expert explains (a lexical shortcut) teach the model little, as under the product
     of experts, but no row is amplified and the model's own logits are never offset by the expert's, so the model
     learns no correction against the words the expert leans on (the example reweighting of Clark et al., EMNLP 2019,
-    with the expert sharpened by `weight`).
+    with the expert sharpened by `weight`). `targets` `(batch, classes)` replaces the one-hot labels in the
+    cross-entropy ([`mixed_targets`]); the weights still read the labels.
 
     Example:
         >>> logits, labels = torch.zeros(2, 2), torch.tensor([1, 1])
@@ -413,12 +452,16 @@ def reweighted_loss(logits: torch.Tensor, labels: torch.Tensor, prior: torch.Ten
         0.4159
     """
     weights = shallow_row_weights(prior, labels, weight).to(logits.device)
-    losses = torch.nn.functional.cross_entropy(logits.float(), labels.long(), reduction="none")
+    if targets is not None:
+        losses = soft_cross_entropy(logits, targets, reduction="none")
+    else:
+        losses = torch.nn.functional.cross_entropy(logits.float(), labels.long(), reduction="none")
     return (weights * losses).mean()
 
 
 #: How the kept rows train with the shallow expert (`row_filter_shallow_expert_loss`): each takes the model's
-#: `(batch, classes)` logits, the labels, the expert's log-probabilities and its weight, and returns the batch loss.
+#: `(batch, classes)` logits, the labels, the expert's log-probabilities, its weight and optional soft targets
+#: `(batch, classes)`, and returns the batch loss.
 SHALLOW_EXPERT_LOSSES = {"product": product_of_experts_loss, "reweight": reweighted_loss}
 
 SHALLOW_PROBES = {"ngram": ngram_probe_log_probs}

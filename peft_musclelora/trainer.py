@@ -29,12 +29,13 @@ from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArgumen
 from .row_filter import (
     ROW_FILTER_FILE,
     SHALLOW_PRIOR_COLUMN,
+    TEACHER_COLUMN,
     RowFilterArguments,
     run_row_filter,
     shallow_expert_log_probs,
     subset_rows,
 )
-from .shallow_probe import SHALLOW_EXPERT_LOSSES, product_of_experts_token_loss
+from .shallow_probe import SHALLOW_EXPERT_LOSSES, mixed_targets, product_of_experts_token_loss, soft_cross_entropy
 from .unlearning import isolation_evidence, run_unlearning
 
 # Resumable GA state, in a folder of its own inside each checkpoint so the Trainer's weight loading never sees it:
@@ -597,14 +598,16 @@ class GradientAlignmentMixin:
             kept = _with_shallow_prior(kept, report, path, self.row_filter_args)
             classes = report["summary"].get("response_classes")
             self._shallow_response_classes = None if classes is None else [tuple(c) for c in classes]
-            if not isinstance(self.data_collator, ShallowPriorCollator):
-                self.data_collator = ShallowPriorCollator(self.data_collator)
+        if self.row_filter_args.row_filter_teacher_mix is not None:
+            kept = _with_teacher(kept, report, path)
+        if _row_signal_columns(self.row_filter_args) and not isinstance(self.data_collator, RowSignalCollator):
+            self.data_collator = RowSignalCollator(self.data_collator)
         self.train_dataset = kept
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if self.row_filter_args.row_filter_shallow_expert and SHALLOW_PRIOR_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, SHALLOW_PRIOR_COLUMN]
+        missing = [c for c in _row_signal_columns(self.row_filter_args) if c not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *missing]
 
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
@@ -615,15 +618,19 @@ class GradientAlignmentMixin:
         shallow expert is fixed: only the model learns, and only from what the shallow probe does not explain), or
         the model's own cross-entropy reweighted per row ([`~shallow_probe.reweighted_loss`]). For causal-LM logits
         the product of experts acts on the response tokens where the answer set branches
-        ([`~shallow_probe.product_of_experts_token_loss`])."""
+        ([`~shallow_probe.product_of_experts_token_loss`]). For a batch with the trusted teacher's log-probabilities
+        (`row_filter_teacher_mix`), each row's target is its one-hot label mixed with the teacher's distribution
+        ([`~shallow_probe.mixed_targets`])."""
         # A Mapping, not a dict: DataCollatorWithPadding returns a BatchEncoding (a UserDict).
-        prior = inputs.pop(SHALLOW_PRIOR_COLUMN, None) if isinstance(inputs, Mapping) else None
-        if prior is None:
+        mapping = isinstance(inputs, Mapping)
+        prior = inputs.pop(SHALLOW_PRIOR_COLUMN, None) if mapping else None
+        teacher = inputs.pop(TEACHER_COLUMN, None) if mapping else None
+        if prior is None and teacher is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         if self.compute_loss_func is not None or getattr(self, "label_smoother", None) is not None:
             raise ValueError(
-                "`row_filter_shallow_expert=True` computes its own product-of-experts loss and does not combine with "
-                "compute_loss_func or label_smoothing_factor; unset them."
+                "`row_filter_shallow_expert=True` and `row_filter_teacher_mix` compute their own loss and do not "
+                "combine with compute_loss_func or label_smoothing_factor; unset them."
             )
         labels = inputs.pop("labels")
         weight = self.row_filter_args.row_filter_shallow_expert_weight
@@ -649,9 +656,14 @@ class GradientAlignmentMixin:
             loss = product_of_experts_token_loss(outputs.logits, labels, prior, classes, weight, items)
             return (loss, outputs) if return_outputs else loss
         outputs = model(**inputs)
-        loss = SHALLOW_EXPERT_LOSSES[self.row_filter_args.row_filter_shallow_expert_loss](
-            outputs.logits, labels, prior, weight
-        )
+        mix = self.row_filter_args.row_filter_teacher_mix
+        targets = None if teacher is None else mixed_targets(labels, teacher, mix)
+        if prior is None:
+            loss = soft_cross_entropy(outputs.logits, targets)
+        else:
+            loss = SHALLOW_EXPERT_LOSSES[self.row_filter_args.row_filter_shallow_expert_loss](
+                outputs.logits, labels, prior, weight, targets
+            )
         return (loss, outputs) if return_outputs else loss
 
     def _maybe_align_gradients(self, model: torch.nn.Module) -> None:
@@ -929,29 +941,57 @@ class _WithColumn(TorchDataset):
         return {**self.dataset[index], self.name: self.values[index]}
 
 
-class ShallowPriorCollator:
-    """Wraps a data collator so the rows' shallow-probe predictions ([`SHALLOW_PRIOR_COLUMN`]) reach the loss as one
-    float tensor `(batch, classes)`, whatever the wrapped collator keeps (TRL's language-modelling collator keeps
-    only token columns). Rows without the column are collated as before.
+def _row_signal_columns(args: RowFilterArguments) -> list[str]:
+    """The per-row columns the row filter adds to the kept rows for the loss to read."""
+    return [SHALLOW_PRIOR_COLUMN] * args.row_filter_shallow_expert + [TEACHER_COLUMN] * (
+        args.row_filter_teacher_mix is not None
+    )
+
+
+class RowSignalCollator:
+    """Wraps a data collator so the row filter's per-row predictions (the shallow probe's, [`SHALLOW_PRIOR_COLUMN`],
+    and the trusted teacher's, [`TEACHER_COLUMN`]) reach the loss as float tensors `(batch, classes)`, whatever the
+    wrapped collator keeps (TRL's language-modelling collator keeps only token columns). Rows without them are
+    collated as before.
 
     Example:
-        >>> collate = ShallowPriorCollator(lambda rows: {"x": torch.tensor([row["x"] for row in rows])})
+        >>> collate = RowSignalCollator(lambda rows: {"x": torch.tensor([row["x"] for row in rows])})
         >>> rows = [{"x": 1, SHALLOW_PRIOR_COLUMN: [-0.1, -2.3]}, {"x": 2, SHALLOW_PRIOR_COLUMN: [-2.3, -0.1]}]
         >>> batch = collate(rows)
         >>> batch["x"].tolist(), batch[SHALLOW_PRIOR_COLUMN].shape
         ([1, 2], torch.Size([2, 2]))
     """
 
+    COLUMNS = (SHALLOW_PRIOR_COLUMN, TEACHER_COLUMN)
+
     def __init__(self, collator: Any) -> None:
         self.collator = collator
 
     def __call__(self, rows: list[dict[str, Any]]) -> Any:
-        if not rows or SHALLOW_PRIOR_COLUMN not in rows[0]:
+        present = [column for column in self.COLUMNS if rows and column in rows[0]]
+        if not present:
             return self.collator(rows)
-        priors = [row[SHALLOW_PRIOR_COLUMN] for row in rows]
-        batch = self.collator([{k: v for k, v in row.items() if k != SHALLOW_PRIOR_COLUMN} for row in rows])
-        batch[SHALLOW_PRIOR_COLUMN] = torch.tensor(priors, dtype=torch.float32)
+        batch = self.collator([{k: v for k, v in row.items() if k not in present} for row in rows])
+        for column in present:
+            batch[column] = torch.tensor([row[column] for row in rows], dtype=torch.float32)
         return batch
+
+
+def _with_column(kept: Any, name: str, values: list[Any]) -> Any:
+    if hasattr(kept, "add_column"):
+        return kept.add_column(name, values)
+    return _WithColumn(kept, name, values)
+
+
+def _with_teacher(kept: Any, report: dict[str, Any], path: str) -> Any:
+    """The kept rows with the trusted teacher's log-probabilities as the column [`TEACHER_COLUMN`]."""
+    rows = report["rows"]
+    if any("teacher_log_probs" not in row for row in rows):
+        raise ValueError(
+            f"`row_filter_teacher_mix` needs the trusted teacher's predictions, and {path} has none: it was made "
+            "without row_filter_teacher_mix. Delete it to probe again."
+        )
+    return _with_column(kept, TEACHER_COLUMN, [rows[index]["teacher_log_probs"] for index in report["kept"]])
 
 
 def _with_shallow_prior(kept: Any, report: dict[str, Any], path: str, args: RowFilterArguments) -> Any:
@@ -966,9 +1006,7 @@ def _with_shallow_prior(kept: Any, report: dict[str, Any], path: str, args: RowF
     # The balanced expert's prior is its mean over every training row, not only the kept ones.
     expert = shallow_expert_log_probs([row["shallow_log_probs"] for row in rows], args)
     values = expert[torch.tensor(report["kept"], dtype=torch.long)].tolist()
-    if hasattr(kept, "add_column"):
-        return kept.add_column(SHALLOW_PRIOR_COLUMN, values)
-    return _WithColumn(kept, SHALLOW_PRIOR_COLUMN, values)
+    return _with_column(kept, SHALLOW_PRIOR_COLUMN, values)
 
 
 def _row_filter_args(training_args: Any, row_filter_args: Optional[RowFilterArguments]) -> RowFilterArguments:

@@ -1,0 +1,178 @@
+"""The row filter's trusted teacher (`row_filter_teacher_mix`): a model trained on the trusted rows alone whose
+predicted class distribution is mixed into each kept row's one-hot label."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+
+from peft_musclelora import MuScleLoraTrainer
+from peft_musclelora.row_filter import (
+    ROW_FILTER_FILE,
+    SHALLOW_PRIOR_COLUMN,
+    TEACHER_COLUMN,
+    RowFilterArguments,
+    run_row_filter,
+)
+from peft_musclelora.shallow_probe import mixed_targets, product_of_experts_loss, soft_cross_entropy
+
+from .ga_helpers import row_filter_training_args, tiny_bert, tiny_llama, token_dataset, trainable_state
+
+
+def _trainer(tmp_path, **fields):
+    return MuScleLoraTrainer(
+        model=tiny_bert(seed=0),
+        args=row_filter_training_args(
+            tmp_path, **{"row_filter_teacher_mix": 0.5, "row_filter_teacher_steps": 6, **fields}
+        ),
+        train_dataset=token_dataset(48, seed=1),
+        reference_dataset=token_dataset(40, seed=2),
+    )
+
+
+# ---- settings ----
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        ({"row_filter_teacher_mix": 0.0}, ValueError, r"`row_filter_teacher_mix` must be None or in \(0, 0.5\], got 0.0"),
+        ({"row_filter_teacher_mix": 0.6}, ValueError, r"`row_filter_teacher_mix` must be None or in \(0, 0.5\], got 0.6"),
+        ({"row_filter_teacher_mix": "0.5"}, TypeError, r"`row_filter_teacher_mix`.*'0.5'"),
+        ({"row_filter_teacher_mix": float("nan")}, TypeError, r"`row_filter_teacher_mix`.*nan"),
+        ({"row_filter_teacher_steps": 0}, ValueError, r"`row_filter_teacher_steps`.*0"),
+        ({"row_filter_teacher_steps": 4.0}, TypeError, r"`row_filter_teacher_steps`.*4.0"),
+    ],
+)
+def test_invalid_teacher_settings_name_the_field_and_the_value(fields, error, message):
+    with pytest.raises(error, match=message):
+        RowFilterArguments(row_filter=True, **fields)
+
+
+def test_the_teacher_needs_the_row_filter():
+    with pytest.raises(ValueError, match=r"`row_filter_teacher_mix` \(0.3\).*set row_filter=True"):
+        RowFilterArguments(row_filter_teacher_mix=0.3)
+
+
+# ---- targets and losses ----
+
+
+def test_a_mixed_target_keeps_at_least_half_of_its_mass_on_the_label_so_no_label_is_overturned():
+    teacher = torch.log_softmax(torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) * 5, dim=-1)
+    labels = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(1))
+    targets = mixed_targets(labels, teacher, 0.5)
+    assert torch.allclose(targets.sum(dim=1), torch.ones(64))
+    assert bool((targets.gather(1, labels[:, None]) >= 0.5).all())
+
+
+def test_soft_cross_entropy_of_a_one_hot_target_is_the_cross_entropy():
+    logits, labels = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    one_hot = torch.nn.functional.one_hot(labels, 3).float()
+    assert torch.allclose(soft_cross_entropy(logits, one_hot), torch.nn.functional.cross_entropy(logits, labels))
+
+
+def test_the_product_of_experts_with_soft_targets_is_their_cross_entropy_with_the_summed_log_probabilities():
+    logits, labels = torch.randn(8, 2), torch.randint(0, 2, (8,))
+    prior, teacher = torch.log_softmax(torch.randn(8, 2), -1), torch.log_softmax(torch.randn(8, 2), -1)
+    targets = mixed_targets(labels, teacher, 0.25)
+    combined = torch.log_softmax(torch.log_softmax(logits, -1) + 3.0 * prior, -1)
+    expected = -(targets * combined).sum(-1).mean()
+    assert torch.allclose(product_of_experts_loss(logits, labels, prior, 3.0, targets), expected, atol=1e-6)
+
+
+# ---- the filter and the trainer ----
+
+
+def test_the_teacher_leaves_the_weights_and_the_random_state_as_it_found_them(tmp_path):
+    trainer = _trainer(tmp_path)
+    before, rng = trainable_state(trainer.model), torch.random.get_rng_state()
+    report = run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
+    after = trainable_state(trainer.model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert torch.equal(rng, torch.random.get_rng_state())
+    teacher = torch.tensor([row["teacher_log_probs"] for row in report["rows"]], dtype=torch.float64)
+    assert teacher.shape == (48, 2) and torch.allclose(teacher.exp().sum(dim=1), torch.ones(48, dtype=torch.float64))
+    summary = report["summary"]
+    assert (summary["teacher_mix"], summary["teacher_steps"]) == (0.5, 6) and summary["teacher_seconds"] > 0
+    labels = torch.tensor(trainer.train_dataset["labels"])
+    assert summary["teacher_label_agreement"] == pytest.approx(float((teacher.argmax(1) == labels).double().mean()))
+
+
+def test_the_teacher_learns_the_task_from_the_trusted_rows_alone(tmp_path):
+    trainer = _trainer(tmp_path, row_filter_teacher_steps=40)
+    report = run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
+    untrained = _trainer(tmp_path, row_filter_teacher_steps=1)
+    report_untrained = run_row_filter(untrained, untrained.row_filter_args, untrained.reference_dataset, 0, False)
+    # The task (is token 1 present?) is learnable: 40 steps on the trusted rows agree with the training labels
+    # more often than one step does.
+    assert report["summary"]["teacher_label_agreement"] > report_untrained["summary"]["teacher_label_agreement"]
+
+
+def test_the_kept_rows_train_on_their_label_mixed_with_the_teachers_prediction(tmp_path):
+    trainer = _trainer(tmp_path, row_filter_teacher_mix=0.25)
+    trainer.train()
+    report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
+    assert trainer.train_dataset[TEACHER_COLUMN] == [report["rows"][i]["teacher_log_probs"] for i in report["kept"]]
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert TEACHER_COLUMN in batch and SHALLOW_PRIOR_COLUMN not in batch
+    model, inputs = trainer.model.eval(), dict(batch.items())
+    teacher = inputs[TEACHER_COLUMN].clone()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        logits = model(**{k: v for k, v in inputs.items() if k not in ("labels", TEACHER_COLUMN)}).logits
+    one_hot = torch.nn.functional.one_hot(inputs["labels"], 2).float()
+    expected = -((0.75 * one_hot + 0.25 * teacher.exp()) * torch.log_softmax(logits, -1)).sum(-1).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_with_the_shallow_expert_the_mixed_target_trains_the_product_of_experts(tmp_path):
+    trainer = _trainer(
+        tmp_path,
+        row_filter_shallow_probe="ngram",
+        row_filter_shallow_expert=True,
+        row_filter_shallow_expert_weight=2.0,
+    )
+    trainer.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    model, inputs = trainer.model.eval(), dict(batch.items())
+    prior, teacher = inputs[SHALLOW_PRIOR_COLUMN].clone(), inputs[TEACHER_COLUMN].clone()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        logits = model(
+            **{k: v for k, v in inputs.items() if k not in ("labels", TEACHER_COLUMN, SHALLOW_PRIOR_COLUMN)}
+        )
+    targets = mixed_targets(inputs["labels"], teacher, 0.5)
+    assert torch.allclose(
+        loss, product_of_experts_loss(logits.logits, inputs["labels"], prior, 2.0, targets), atol=1e-6
+    )
+
+
+def test_a_saved_report_without_the_teachers_predictions_is_refused_in_one_line(tmp_path):
+    plain = MuScleLoraTrainer(
+        model=tiny_bert(seed=0),
+        args=row_filter_training_args(tmp_path),
+        train_dataset=token_dataset(48, seed=1),
+        reference_dataset=token_dataset(40, seed=2),
+    )
+    plain.train()  # writes a report made without the teacher
+    trainer = _trainer(tmp_path)
+    with pytest.raises(ValueError, match=r"needs the trusted teacher's predictions.*Delete it to probe again"):
+        trainer._filter_training_rows(resuming=True)
+
+
+def test_the_teacher_refuses_token_level_labels_in_one_line(tmp_path):
+    rows = token_dataset(16, seed=1)
+    token_labels = datasets.Dataset.from_dict(
+        {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"], "labels": rows["input_ids"]}
+    )
+    trainer = MuScleLoraTrainer(
+        model=tiny_llama(vocab=40),
+        args=row_filter_training_args(tmp_path, row_filter_teacher_mix=0.5, row_filter_teacher_steps=2),
+        train_dataset=token_labels,
+        reference_dataset=token_labels,
+    )
+    with pytest.raises(ValueError, match=r"`row_filter_teacher_mix` .* needs classification logits"):
+        run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
