@@ -10,7 +10,8 @@ still at chance, a kept row's loss gradient under `CE(log_softmax(logits) + w * 
 `1 - p_comb(label)`, `p_comb` proportional to `p_shallow ** w`; the report gives the poisoned rows' share of that
 gradient mass over the kept rows and the mean per poisoned row and per clean row of the target label and of the
 others, for the expert as it is and for the balanced expert (divided by its class prior,
-`row_filter_shallow_expert_balanced`).
+`row_filter_shallow_expert_balanced`). For a cell made with the trusted teacher (`row_filter_teacher_mix`), how
+well the teacher's disagreement separates the poisoned rows and how much of each group's target it moves.
 
     python benchmarks/row_filter_report.py runs/full-size-fitgap/cells/badnets/fit-gap/seed0
 """
@@ -116,7 +117,30 @@ def main() -> None:
                 weight: _expert_gradient_share(expert, labels, poisoned, kept, weight)
                 for weight in SHALLOW_EXPERT_WEIGHTS
             }
+    if "teacher_log_probs" in rows[0]:
+        report.update(_teacher_report(rows, decisions["summary"]["teacher_mix"], labels, poisoned, target))
     print(json.dumps(report, indent=1))
+
+
+def _teacher_report(rows: list, mix: float, labels: np.ndarray, poisoned: np.ndarray, target: np.ndarray) -> dict:
+    """How the trusted teacher (`row_filter_teacher_mix`) sees the poisoned rows: the AUROC of `1 - p_teacher(label)`,
+    the mixed target's mass on the label per group, and the share of rows whose label the teacher contradicts."""
+    teacher = np.exp(np.array([row["teacher_log_probs"] for row in rows]))
+    on_label = teacher[np.arange(len(rows)), labels]
+    label_mass = 1 - mix + mix * on_label
+    groups = (poisoned, ~poisoned & target, ~poisoned & ~target)
+    return {
+        "teacher: auroc of 1 - p(label), all rows / within label 1": [
+            round(auroc(1 - on_label, poisoned), 3),
+            round(auroc(1 - on_label[target], poisoned[target]), 3),
+        ],
+        "teacher: mean target mass on the label (poisoned, clean target-label, clean other-label)": [
+            round(float(label_mass[group].mean()), 3) for group in groups
+        ],
+        "teacher: share contradicting the label (poisoned, clean target-label, clean other-label)": [
+            round(float((on_label[group] < 0.5).mean()), 3) for group in groups
+        ],
+    }
 
 
 SHALLOW_EXPERT_WEIGHTS = (1.0, 2.0, 4.0, 6.0, 8.0, 16.0)

@@ -158,6 +158,15 @@ class RowFilterArguments:
         default=48,
         metadata={"help": "AdamW steps the trusted teacher trains on the trusted rows (>= 1)."},
     )
+    row_filter_refit_bias: bool = field(
+        default=False,
+        metadata={
+            "help": "After training (and unlearning), add to the output layer's bias the per-class offset that "
+            "maximises the likelihood of the trusted rows' labels: the product of experts leaves the model alone "
+            "leaning against the classes its expert favours, and the teacher's targets move the class balance; "
+            "nothing else of the model changes. Class labels and a trainable output bias only; needs row_filter=True."
+        },
+    )
     row_filter_unlearn: bool = field(
         default=False,
         metadata={
@@ -252,6 +261,12 @@ class RowFilterArguments:
                 "row_filter=True as well, or leave it None."
             )
         check_int("row_filter_teacher_steps", self.row_filter_teacher_steps)
+        check_bool("row_filter_refit_bias", self.row_filter_refit_bias)
+        if self.row_filter_refit_bias and not self.row_filter:
+            raise ValueError(
+                "`row_filter_refit_bias=True` refits the output bias on the row filter's trusted rows: set "
+                "row_filter=True as well."
+            )
         check_bool("row_filter_unlearn", self.row_filter_unlearn)
         if self.row_filter_unlearn and not self.row_filter:
             raise ValueError(
@@ -512,11 +527,11 @@ def length_order(dataset: Any) -> list[int]:
 
 
 @torch.no_grad()
-def _per_row(
+def per_row_values(
     trainer: Any, model: torch.nn.Module, dataset: Any, measure: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ) -> tuple[torch.Tensor, list[int]]:
-    """`measure(logits, labels)` of every row of `dataset` (rows scored longest first, returned in dataset order)
-    and each row's group, with the model in eval mode."""
+    """`measure(logits, labels)` of every row of `dataset` (rows scored longest first, returned in dataset order,
+    float64) and each row's group (its label for classification), with the model in eval mode and no gradient."""
     order = length_order(dataset)
     values, groups = [], []
     model.eval()
@@ -540,16 +555,22 @@ def _per_row(
 
 
 def _score(trainer: Any, model: torch.nn.Module, dataset: Any) -> tuple[torch.Tensor, list[int]]:
-    return _per_row(trainer, model, dataset, per_row_loss)
+    return per_row_values(trainer, model, dataset, per_row_loss)
 
 
-def _class_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    if logits.dim() != 2:
-        raise ValueError(
-            "`row_filter_teacher_mix` mixes a class distribution into each row's label and needs classification "
-            f"logits (batch, classes); got logits of shape {tuple(logits.shape)}."
-        )
-    return torch.log_softmax(logits.float(), dim=-1)
+def class_log_probs(field_name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A `measure` for [`per_row_values`]: each row's class log-probabilities, refusing logits that are not
+    `(batch, classes)` with a one-line error naming `field_name` (the knob that needs class labels)."""
+
+    def measure(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if logits.dim() != 2:
+            raise ValueError(
+                f"`{field_name}` works on class distributions and needs classification logits (batch, classes); "
+                f"got logits of shape {tuple(logits.shape)}."
+            )
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    return measure
 
 
 def _train_steps(trainer: Any, params: list[torch.nn.Parameter], dataset: Any, total: int, lr: float) -> Iterator[int]:
@@ -754,7 +775,8 @@ def run_row_filter(
             order = torch.randperm(len(reference_dataset), generator=torch.Generator().manual_seed(seed)).tolist()
             for _ in _train_steps(trainer, params, subset_rows(reference_dataset, order), teacher_steps, lr):
                 bar.update(1)
-            teacher_log_probs, _ = _per_row(trainer, model, train_dataset, _class_log_probs)
+            measure = class_log_probs("row_filter_teacher_mix")
+            teacher_log_probs, _ = per_row_values(trainer, model, train_dataset, measure)
             _restore(params, initial)
             teacher_seconds = time.perf_counter() - teacher_start
     bar.close()

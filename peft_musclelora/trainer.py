@@ -24,6 +24,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .bias_refit import refit_output_bias
 from .bnb import keep_4bit_weights_trainable
 from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArguments, _is_dtensor, align_gradients
 from .row_filter import (
@@ -516,7 +517,9 @@ class GradientAlignmentMixin:
         only; the decisions are written to `<output_dir>/row_filter.json`. A resumed run
         (`resume_from_checkpoint`) reads that file instead of probing again, so it trains on the same rows. With
         `row_filter_unlearn=True` the rows isolated as fit-early are then unlearned (see
-        [`peft_musclelora.unlearning`]); the phase's report is added to `row_filter.json` under `unlearning`.
+        [`peft_musclelora.unlearning`]); the phase's report is added to `row_filter.json` under `unlearning`. With
+        `row_filter_refit_bias=True` the output bias is last refitted on the trusted rows (see
+        [`peft_musclelora.bias_refit`]), reported under `bias_refit`.
         """
         self._reset_gradient_alignment_state()
         if self.row_filter_args.row_filter:
@@ -524,7 +527,19 @@ class GradientAlignmentMixin:
         output = super().train(*args, **kwargs)
         if self.row_filter_args.row_filter_unlearn:
             self._unlearn_isolated_rows()
+        if self.row_filter_args.row_filter_refit_bias:
+            self._refit_output_bias()
         return output
+
+    def _refit_output_bias(self) -> None:
+        refit = refit_output_bias(self, self.reference_dataset)
+        logger.info("row filter: output bias %s moved by %s", refit["parameter"], refit["offset"])
+        self.row_filter_report["bias_refit"] = refit
+        self._write_row_filter_report(self.row_filter_report)
+        self.log(
+            {f"row_filter/bias_offset_{label}": value for label, value in enumerate(refit["offset"])}
+            | {"row_filter/bias_refit_trusted_accuracy": refit["trusted_accuracy_after"]}
+        )
 
     def _unlearn_isolated_rows(self) -> None:
         report = self.row_filter_report

@@ -35,12 +35,14 @@ def _trainer(tmp_path, **fields):
 
 # ---- settings ----
 
+MIX_RANGE = r"`row_filter_teacher_mix` must be None or in \(0, 0.5\], "
+
 
 @pytest.mark.parametrize(
     ("fields", "error", "message"),
     [
-        ({"row_filter_teacher_mix": 0.0}, ValueError, r"`row_filter_teacher_mix` must be None or in \(0, 0.5\], got 0.0"),
-        ({"row_filter_teacher_mix": 0.6}, ValueError, r"`row_filter_teacher_mix` must be None or in \(0, 0.5\], got 0.6"),
+        ({"row_filter_teacher_mix": 0.0}, ValueError, MIX_RANGE + r"got 0.0"),
+        ({"row_filter_teacher_mix": 0.6}, ValueError, MIX_RANGE + r"got 0.6"),
         ({"row_filter_teacher_mix": "0.5"}, TypeError, r"`row_filter_teacher_mix`.*'0.5'"),
         ({"row_filter_teacher_mix": float("nan")}, TypeError, r"`row_filter_teacher_mix`.*nan"),
         ({"row_filter_teacher_steps": 0}, ValueError, r"`row_filter_teacher_steps`.*0"),

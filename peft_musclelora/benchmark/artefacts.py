@@ -166,16 +166,21 @@ def read_cell_info(adapter_dir: Path, filename: str, kind: str) -> dict[str, Any
 
 def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: Path) -> dict[str, Any]:
     """Write the per-row decisions, with each row's text and label, to the cell's `row_filter.json`; return the
-    summary (and the unlearning phase's, when it ran) plus what the poison flags say of it (flags are read for this
-    report only, never by the filter)."""
+    summary (and the unlearning phase's and the bias refit's, when they ran) plus what the poison flags say of it
+    (flags are read for this report only, never by the filter)."""
     rows = [
         {"index": index, "text": record.text, "label": record.label, **decision}
         for index, (record, decision) in enumerate(zip(train_data.records, report["rows"]))
     ]
-    phase = report.get("unlearning")
+    phase, refit = report.get("unlearning"), report.get("bias_refit")
     write_json(
         output_dir / ROW_FILTER_FILE,
-        {"summary": report["summary"], **({"unlearning": phase} if phase else {}), "rows": rows},
+        {
+            "summary": report["summary"],
+            **({"unlearning": phase} if phase else {}),
+            **({"bias_refit": refit} if refit else {}),
+            "rows": rows,
+        },
     )
     dropped = [decision["reason"] != "keep" for decision in report["rows"]]
     poisoned = [record.poisoned for record in train_data.records]
@@ -187,6 +192,7 @@ def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: 
     return {
         **report["summary"],
         **unlearning,
+        **({"bias_offset": refit["offset"]} if refit else {}),
         "clean_dropped": sum(d and not p for d, p in zip(dropped, poisoned)) / max(clean_rows, 1),
         "poisoned_recall": sum(d and p for d, p in zip(dropped, poisoned)) / poisoned_rows if poisoned_rows else None,
     }

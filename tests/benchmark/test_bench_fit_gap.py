@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from peft_musclelora.benchmark.cli import main
 
 
@@ -85,3 +88,26 @@ def test_a_recommended_cell_trains_the_kept_rows_against_the_sharpened_shallow_e
     assert _train(tiny_bert, attack_dir, tmp_path / "weight-1", "recommended", items + plain) == 0
     # Same seed, same rows kept, same first batch: only the product-of-experts loss differs.
     assert first_loss(tmp_path / "recommended") != first_loss(tmp_path / "weight-1")
+
+
+def test_a_cell_with_the_trusted_teacher_and_the_bias_refit_saves_both_and_the_adapter_carries_the_refit(
+    tiny_bert: Path, attack_dir: Path, tmp_path: Path
+) -> None:
+    items = ["row_filter_max_clean_drop=0.2", "row_filter_teacher_mix=0.5", "row_filter_teacher_steps=3"]
+    assert _train(tiny_bert, attack_dir, tmp_path / "refit", "fit-gap", items + ["row_filter_refit_bias=true"]) == 0
+    assert _train(tiny_bert, attack_dir, tmp_path / "plain", "fit-gap", items) == 0
+    decisions = json.loads((tmp_path / "refit" / "row_filter.json").read_text())
+    metrics = json.loads((tmp_path / "refit" / "metrics.json").read_text())
+    assert decisions["summary"]["teacher_mix"] == 0.5 and decisions["summary"]["teacher_steps"] == 3
+    assert all(len(row["teacher_log_probs"]) == 2 for row in decisions["rows"])
+    refit = decisions["bias_refit"]
+    assert metrics["row_filter"]["bias_offset"] == refit["offset"] and refit["trusted_rows"] == 12
+    assert "bias_refit" not in json.loads((tmp_path / "plain" / "row_filter.json").read_text())
+    # Same seed, same rows, same training: the saved adapters differ by the offset on the output bias alone.
+    weights = {
+        name: load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("refit", "plain")
+    }
+    (bias,) = [key for key in weights["plain"] if key.endswith("classifier.bias")]
+    moved = weights["refit"][bias] - weights["plain"][bias]
+    assert torch.allclose(moved.double(), torch.tensor(refit["offset"], dtype=torch.float64), atol=1e-6)
+    assert all(torch.equal(weights["refit"][key], weights["plain"][key]) for key in weights["plain"] if key != bias)
