@@ -25,6 +25,7 @@ from peft_musclelora.benchmark.data import LoadedData, load_records
 from peft_musclelora.benchmark.evaluation import predict_logits
 from peft_musclelora.benchmark.metrics import attack_success_rate, clean_accuracy, false_target_rate
 from peft_musclelora.benchmark.splits import split_trusted
+from peft_musclelora.bias_refit import fit_class_offset
 
 DEFAULT_TRUSTED_ROWS = 400  # the row filters' and clean-only's trusted rows, for a cell whose preset names none
 
@@ -64,18 +65,9 @@ class TrustedCell:
 
 
 def fit_bias(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The per-class offset (the first class's fixed at 0) maximising the likelihood of `labels`."""
-    free = torch.zeros(logits.size(1) - 1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([free], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits + torch.cat([torch.zeros(1), free]), labels)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return torch.cat([torch.zeros(1), free.detach()])
+    """The per-class offset (the first class's fixed at 0) maximising the likelihood of `labels`: the library's
+    `row_filter_refit_bias` fit ([`peft_musclelora.bias_refit.fit_class_offset`]), as float32."""
+    return fit_class_offset(logits, labels).float()
 
 
 def scores(clean: torch.Tensor, poison: torch.Tensor, clean_labels: list[int], target: int) -> dict[str, float]:
