@@ -5,7 +5,9 @@ the model alone biased against the classes the expert favours (on the poisoned s
 rate falls from LoRA's 12-14 % to 7-9 %), and that shift, not a lost feature, is the clean accuracy it costs. The
 check: refit only the classifier's output bias on the `reference_split_size` trusted clean rows the defense already
 holds (seeded exactly as the trainer draws them), by maximum likelihood, and score the test sets again. The poison
-flags are not read. Prints, per cell, CACC / ASR / false-target rate before and after and the fitted bias.
+flags are not read. Prints, per cell, CACC / ASR / false-target rate before and after and the fitted bias. For a
+cell trained with `row_filter_refit_bias=true` (whose saved model is already refitted) the saved offset is undone
+first, so "before" is the model as trained and "after" the model as saved.
 
     python benchmarks/bias_correction.py runs/s10-poe-l6-stylebkd-s2/cells/stylebkd/fit-gap-unlearn/seed2
 """
@@ -96,8 +98,11 @@ def main() -> None:
         test_clean = load_records(cell.files / "test-clean.csv")
         test_poison = load_records(cell.files / "test-poison.csv")
         target = cell.info["target_label"]
-        clean_logits, poison_logits = cell.logits(test_clean.texts), cell.logits(test_poison.texts)
-        bias = fit_bias(cell.logits(cell.trusted.texts), torch.tensor(cell.trusted.labels))
+        # A cell trained with row_filter_refit_bias saved its model refitted: undo the saved offset first, so that
+        # "before" is always the model as trained and "after" the model with the trusted refit.
+        saved = torch.tensor(cell.metrics.get("row_filter", {}).get("bias_offset") or [0.0])
+        clean_logits, poison_logits = cell.logits(test_clean.texts) - saved, cell.logits(test_poison.texts) - saved
+        bias = fit_bias(cell.logits(cell.trusted.texts) - saved, torch.tensor(cell.trusted.labels))
         before = scores(clean_logits, poison_logits, test_clean.labels, target)
         after = scores(clean_logits + bias, poison_logits + bias, test_clean.labels, target)
         print(
