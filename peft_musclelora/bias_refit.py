@@ -16,8 +16,6 @@ from typing import Any
 
 import torch
 
-from .row_filter import class_log_probs, per_row_values
-
 #: How far the logits may move from `offset` when the refitted bias is checked (float32 rounding, autocast).
 SHIFT_TOLERANCE = 1e-2
 
@@ -73,6 +71,8 @@ def refit_output_bias(trainer: Any, reference_dataset: Any) -> dict[str, Any]:
         The report stored under `bias_refit` in `row_filter.json`: `parameter`, `offset` (per class),
         `trusted_rows`, `trusted_accuracy_before` / `_after` and `seconds`.
     """
+    from .row_filter import class_log_probs, per_row_values  # row_filter imports this module for fit_class_offset
+
     start = time.perf_counter()
     model = trainer.model
     before, labels = per_row_values(trainer, model, reference_dataset, class_log_probs("row_filter_refit_bias"))

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._checks import check_bool, check_int, check_number
+from .bias_refit import fit_class_offset
 from .shallow_probe import (
     SHALLOW_EXPERT_LOSSES,
     SHALLOW_PROBES,
@@ -148,10 +149,12 @@ class RowFilterArguments:
         default=None,
         metadata={
             "help": "Share of each kept row's training target taken from a trusted teacher: the model trained on the "
-            "trusted rows alone for row_filter_teacher_steps steps, whose predicted class distribution for the row "
-            "is mixed into its one-hot label. A row whose label the teacher contradicts (a relabelled row) then pulls "
-            "the model less far towards its label. In (0, 0.5], so the label keeps at least half of the target and "
-            "is never overturned; None: the label alone. Class labels only; needs row_filter=True."
+            "trusted rows alone for row_filter_teacher_steps steps (seeded, learning rate decaying linearly), its "
+            "class bias shifted so that it predicts each class as often as the training labels give it, whose "
+            "predicted class distribution for the row is mixed into its one-hot label. A row whose label the teacher "
+            "contradicts (a relabelled row) then pulls the model less far towards its label. In (0, 0.5], so the "
+            "label keeps at least half of the target and is never overturned; None: the label alone. Class labels "
+            "only; needs row_filter=True."
         },
     )
     row_filter_teacher_steps: int = field(
@@ -573,11 +576,15 @@ def class_log_probs(field_name: str) -> Callable[[torch.Tensor, torch.Tensor], t
     return measure
 
 
-def _train_steps(trainer: Any, params: list[torch.nn.Parameter], dataset: Any, total: int, lr: float) -> Iterator[int]:
+def _train_steps(
+    trainer: Any, params: list[torch.nn.Parameter], dataset: Any, total: int, lr: float, decay: bool = False
+) -> Iterator[int]:
     """Train the trainer's model for `total` AdamW steps on `dataset` in its order (cycled), clipping as the
-    trainer does; yields the step count after each step."""
+    trainer does, the learning rate constant or (`decay`) falling linearly to 0; yields the step count after each
+    step."""
     model = trainer.model
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=trainer.args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0 - done / total if decay else 1.0)
     step = 0
     while step < total:
         for batch in _loader(trainer, dataset, trainer.args.per_device_train_batch_size):
@@ -588,6 +595,7 @@ def _train_steps(trainer: Any, params: list[torch.nn.Parameter], dataset: Any, t
             if trainer.args.max_grad_norm and trainer.args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, trainer.args.max_grad_norm)
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             yield step
@@ -746,7 +754,7 @@ def run_row_filter(
         shallow = _shallow_probe(trainer, args, train_dataset, reference_dataset, folds)
     shallow_seconds = time.perf_counter() - start_time
     teacher_steps = args.row_filter_teacher_steps if args.row_filter_teacher_mix is not None else 0
-    teacher_log_probs, teacher_seconds = None, 0.0
+    teacher_log_probs, teacher_offset, teacher_seconds = None, None, 0.0
     bar = tqdm(total=args.row_filter_folds * steps[-1] + teacher_steps, desc="row filter probes", disable=not progress)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -772,11 +780,18 @@ def run_row_filter(
             _restore(params, initial)
         if args.row_filter_teacher_mix is not None:
             teacher_start = time.perf_counter()
+            torch.manual_seed(seed)  # the same teacher whatever the probes drew: it sees the trusted rows only
             order = torch.randperm(len(reference_dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-            for _ in _train_steps(trainer, params, subset_rows(reference_dataset, order), teacher_steps, lr):
+            reference_rows = subset_rows(reference_dataset, order)
+            for _ in _train_steps(trainer, params, reference_rows, teacher_steps, lr, decay=True):
                 bar.update(1)
             measure = class_log_probs("row_filter_teacher_mix")
-            teacher_log_probs, _ = per_row_values(trainer, model, train_dataset, measure)
+            raw_teacher, labels = per_row_values(trainer, model, train_dataset, measure)
+            # The trusted rows' class balance is not the training set's: shift the teacher so that it predicts each
+            # class as often as the training labels give it (the maximum-likelihood offset's optimum), or it would
+            # contradict the rows of the commoner class for their class alone. Ranks within a class are unchanged.
+            teacher_offset = fit_class_offset(raw_teacher, torch.tensor(labels))
+            teacher_log_probs = torch.log_softmax(raw_teacher + teacher_offset, dim=-1)
             _restore(params, initial)
             teacher_seconds = time.perf_counter() - teacher_start
     bar.close()
@@ -832,6 +847,7 @@ def run_row_filter(
         "teacher_mix": args.row_filter_teacher_mix,
         "teacher_steps": teacher_steps or None,
         "teacher_label_agreement": _teacher_agreement(teacher_log_probs, train_groups),
+        "teacher_offset": None if teacher_offset is None else teacher_offset.tolist(),
         "teacher_seconds": teacher_seconds,
         "seconds": time.perf_counter() - start_time,
         "scoring_seconds": scoring_seconds,

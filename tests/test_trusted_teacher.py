@@ -103,6 +103,39 @@ def test_the_teacher_leaves_the_weights_and_the_random_state_as_it_found_them(tm
     assert summary["teacher_label_agreement"] == pytest.approx(float((teacher.argmax(1) == labels).double().mean()))
 
 
+def test_the_teacher_predicts_each_class_as_often_as_the_training_labels_give_it(tmp_path):
+    trainer = _trainer(tmp_path)
+    report = run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
+    teacher = torch.tensor([row["teacher_log_probs"] for row in report["rows"]], dtype=torch.float64).exp()
+    label_share = torch.bincount(torch.tensor(trainer.train_dataset["labels"]), minlength=2).double() / 48
+    assert torch.allclose(teacher.mean(dim=0), label_share, atol=1e-4)
+    assert report["summary"]["teacher_offset"][0] == 0.0
+
+
+def test_the_teacher_is_the_same_whatever_the_probes_before_it_drew(tmp_path):
+    rows = token_dataset(48, seed=1)
+    shorter = rows.select(range(40)).map(lambda row: {"labels": 1 - row["labels"]})  # other probes, other batches
+    reports = []
+    for name, train in (("all", rows), ("shorter", shorter)):
+        trainer = MuScleLoraTrainer(
+            model=tiny_bert(seed=0, dropout=0.1),  # dropout: the probes draw from torch's random state
+            args=row_filter_training_args(tmp_path / name, row_filter_teacher_mix=0.5, row_filter_teacher_steps=6),
+            train_dataset=train,
+            reference_dataset=token_dataset(40, seed=2),
+        )
+        reports.append(run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, 0, False))
+    # Each teacher is shifted to its own training labels' class balance; undone, the two are one model.
+    unshifted = [
+        torch.log_softmax(
+            torch.tensor([row["teacher_log_probs"] for row in report["rows"][:40]], dtype=torch.float64)
+            - torch.tensor(report["summary"]["teacher_offset"], dtype=torch.float64),
+            dim=-1,
+        )
+        for report in reports
+    ]
+    assert torch.allclose(unshifted[0], unshifted[1], atol=1e-6)
+
+
 def test_the_teacher_learns_the_task_from_the_trusted_rows_alone(tmp_path):
     trainer = _trainer(tmp_path, row_filter_teacher_steps=40)
     report = run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
