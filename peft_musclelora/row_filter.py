@@ -158,7 +158,7 @@ class RowFilterArguments:
         },
     )
     row_filter_teacher_steps: int = field(
-        default=48,
+        default=144,
         metadata={"help": "AdamW steps the trusted teacher trains on the trusted rows (>= 1)."},
     )
     row_filter_refit_bias: bool = field(
