@@ -1,5 +1,6 @@
 """The named, documented method presets: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, `ga-lora-tuned` (this
-project's gradient-alignment recipe), the row filters `fit-gap`, `fit-gap-unlearn` and `fit-gap-poe`, `recommended`
+project's gradient-alignment recipe), the row filters `fit-gap`, `fit-gap-unlearn`, `fit-gap-poe` and
+`fit-gap-teacher`, `recommended`
 (currently `fit-gap-poe`), and the decoder-LLM presets `lora-llama` / `musclelora-llama` (the reference's Llama-2
 hyper-parameters).
 
@@ -101,6 +102,26 @@ _FIT_GAP_POE = MethodPreset(
     ),
 )
 
+_FIT_GAP_TEACHER = MethodPreset(
+    name="fit-gap-teacher",
+    description="fit-gap-poe with the shallow expert at weight 4 and a trusted teacher (docs/row_filter.md): a model "
+    "trained on the 400 trusted rows alone (144 steps) predicts every training row, and each kept row trains on its "
+    "label mixed half and half with that prediction (row_filter_teacher_mix=0.5), so a relabelled row pulls the "
+    "adapter less far towards its label; after training the output bias is refitted on the trusted rows "
+    "(row_filter_refit_bias), which undoes the class shift the product of experts and the teacher leave. Class "
+    "labels only. " + _COMMON,
+    adapter=AdapterSettings(kind="lora"),
+    training=dataclasses.replace(
+        _FIT_GAP_POE.training,
+        row_filter=dataclasses.replace(
+            _FIT_GAP_POE.training.row_filter,
+            row_filter_shallow_expert_weight=4.0,
+            row_filter_teacher_mix=0.5,
+            row_filter_refit_bias=True,
+        ),
+    ),
+)
+
 PRESETS: dict[str, MethodPreset] = {
     preset.name: preset
     for preset in (
@@ -151,6 +172,7 @@ PRESETS: dict[str, MethodPreset] = {
         _FIT_GAP,
         _FIT_GAP_UNLEARN,
         _FIT_GAP_POE,
+        _FIT_GAP_TEACHER,
         dataclasses.replace(
             _FIT_GAP_POE,
             name="recommended",

@@ -28,7 +28,7 @@ def cell_settings(method: str, items: list[str]) -> dict:
 
 def test_the_encoder_presets_exist_with_the_measured_defaults() -> None:
     encoder = ["full", "lora", "mslr", "musclelora", "ga-lora", "ga-lora-tuned"]
-    row_filters = ["fit-gap", "fit-gap-unlearn", "fit-gap-poe"]
+    row_filters = ["fit-gap", "fit-gap-unlearn", "fit-gap-poe", "fit-gap-teacher"]
     assert list(PRESETS) == encoder + row_filters + ["recommended", "lora-llama", "musclelora-llama"]
     for preset in (PRESETS[name] for name in [*encoder, *row_filters, "recommended"]):
         assert preset.training.max_length == 64 and preset.training.per_device_train_batch_size == 32
@@ -266,6 +266,17 @@ def test_fit_gap_poe_is_fit_gap_unlearn_plus_the_shallow_probe_and_a_sharpened_s
         unlearn.training, row_filter=dataclasses.replace(unlearn.training.row_filter, **shallow)
     )
     assert poe.training.training_arguments_kwargs("out", seed=0).items() >= shallow.items()
+
+
+def test_fit_gap_teacher_is_fit_gap_poe_at_weight_4_with_the_trusted_teacher_and_the_bias_refit() -> None:
+    poe, teacher = PRESETS["fit-gap-poe"], PRESETS["fit-gap-teacher"]
+    assert teacher.adapter == poe.adapter
+    changes = {"row_filter_shallow_expert_weight": 4.0, "row_filter_teacher_mix": 0.5, "row_filter_refit_bias": True}
+    assert teacher.training == dataclasses.replace(
+        poe.training, row_filter=dataclasses.replace(poe.training.row_filter, **changes)
+    )
+    kwargs = teacher.training.training_arguments_kwargs("out", seed=0)
+    assert kwargs.items() >= changes.items() and kwargs["row_filter_teacher_steps"] == 144
 
 
 def test_recommended_is_fit_gap_poe_under_its_own_name() -> None:
