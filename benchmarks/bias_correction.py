@@ -52,7 +52,9 @@ class TrustedCell:
     def load(cls, cell: Path, data: Path) -> TrustedCell:
         metrics = json.loads((cell / "metrics.json").read_text())
         model, tokenizer, info = load_cell(cell / "adapter")
-        files = data / "sst-2" / "poison" / (metrics.get("attack") or cell.parts[-3])
+        # A bench cell names its attack; a `musclelora train` cell's files sit beside its training file.
+        attack = metrics.get("attack")
+        files = data / "sst-2" / "poison" / attack if attack else Path(metrics["data"]["train"]["source"]).parent
         ga = metrics["preset"]["training"]["ga"]
         trusted, _ = split_trusted(
             load_records(files / "dev-clean.csv"),

@@ -110,8 +110,8 @@ _FIT_GAP_TEACHER = MethodPreset(
     "mixed half and half with that prediction (row_filter_teacher_mix=0.5), so a relabelled row pulls the adapter "
     "less far towards its label. Class labels only. Full size, seed 0 only: StyleBkd 85.7 / 22.1 and SynBkd 86.2 / "
     "19.7 (CACC / ASR; the oracle 86.6 / 23.8 and 24.0), AddSent 86.4 / 6.1, but BadNets 83.8 / 4.2 (clean accuracy "
-    "2.8 under the oracle). Add row_filter_refit_bias=true to read its ASR at the oracle's false-target rate. "
-    + _COMMON,
+    "2.8 under the oracle) and 0.9 under plain LoRA on unpoisoned data. Add row_filter_refit_bias=true to read its "
+    "ASR at the oracle's false-target rate. " + _COMMON,
     adapter=AdapterSettings(kind="lora"),
     training=dataclasses.replace(
         _FIT_GAP_POE.training,
