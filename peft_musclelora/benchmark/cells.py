@@ -9,6 +9,7 @@ plan before anything trains.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import traceback
@@ -20,6 +21,7 @@ from .artefacts import METRICS_FILE, cell_dir, finished_cell, write_json
 from .data import ATTACK_INFO_FILE, DEFAULT_TASK, SharedData, attack_labels
 from .methods import CellContext, get_method
 from .overrides import SetItems, parse_set_items
+from .settings import AdapterSettings, TrainingSettings
 from .spec import CellSpec, resolve_cell
 from .splits import NotApplicable
 
@@ -92,8 +94,18 @@ def _recorded_settings(previous: dict[str, Any], method: str) -> dict[str, Any]:
         return {"bench_overrides": previous.get("bench_overrides")}
 
 
+def _knob_defaults() -> dict[str, Any]:
+    """Every preset knob's declared default, keyed as in a flattened `cell_settings`: under `preset.` (the cell's own
+    method) and `undefended.` (the `lora` cell a defense builds on)."""
+    preset = {"adapter": dataclasses.asdict(AdapterSettings()), "training": dataclasses.asdict(TrainingSettings())}
+    return _flatten(json.loads(json.dumps({"preset": preset, "undefended": preset}, default=str)))
+
+
 def settings_diff(previous: dict[str, Any], run: BenchRun, spec: CellSpec) -> list[str]:
-    """What differs between a finished cell's resolved settings and this run's, as `key: old -> new` items."""
+    """What differs between a finished cell's resolved settings and this run's, as `key: old -> new` items.
+
+    A knob the cell's `cell_settings` do not hold was added after the cell was written; at its declared default it
+    is not a difference, because a knob is added with the behaviour that existed before it as its default."""
     old = {"bench_preset": previous.get("bench_preset"), "model_dir": previous.get("model_dir")}
     old["load_in_4bit"] = previous.get("load_in_4bit", False)
     old["task"] = previous.get("task", DEFAULT_TASK)  # cells written before tasks were named are SST-2's
@@ -103,6 +115,11 @@ def settings_diff(previous: dict[str, Any], run: BenchRun, spec: CellSpec) -> li
     if run.num_labels is not None:  # found in the data otherwise, and the same data finds the same count
         old["num_labels"], new["num_labels"] = previous.get("num_labels", 2), run.num_labels
     new.update(_flatten(spec.settings()))
+    if isinstance(previous.get("cell_settings"), dict):
+        defaults = _knob_defaults()
+        added = [key for key in new if key not in old and key in defaults and new[key] == defaults[key]]
+        for key in added:
+            old[key] = new[key]
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in {**old, **new} if old.get(key) != new.get(key)]
 
 

@@ -121,7 +121,7 @@ def test_eval_of_a_directory_that_is_not_a_cell_fails_with_one_line(tmp_path: Pa
 
 
 def test_bench_runs_reuses_finished_cells_and_records_failures(
-    tiny_bert: Path, attack_dir: Path, tmp_path: Path
+    tiny_bert: Path, attack_dir: Path, tmp_path: Path, capsys
 ) -> None:
     data = tmp_path / "data"
     shutil.copytree(attack_dir, data)
@@ -158,6 +158,18 @@ def test_bench_runs_reuses_finished_cells_and_records_failures(
     assert main([*argv, "--attacks", "badnets", "--set", "lora_dropout=0.0", "--set", "r=4"]) == 0
     summary = json.loads((out / "results.json").read_text())
     assert [(c["attack"], c["reused"]) for c in summary["cells"]] == [("badnets", True)]
+
+    # a cell written before a knob existed holds no value for it: at the knob's default it is the same cell,
+    # set to anything else it is not
+    metrics_path = out / "cells" / "badnets" / "lora" / "seed0" / "metrics.json"
+    written = json.loads(metrics_path.read_text())
+    del written["cell_settings"]["preset"]["training"]["row_filter"]["row_filter_teacher_steps"]
+    metrics_path.write_text(json.dumps(written))
+    assert main([*argv, "--attacks", "badnets", "--set", "r=4"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert [(c["attack"], c["reused"]) for c in summary["cells"]] == [("badnets", True)]
+    assert main([*argv, "--attacks", "badnets", "--set", "r=4", "--set", "row_filter_teacher_steps=10"]) == 1
+    assert "row_filter_teacher_steps: None -> 10" in capsys.readouterr().err
 
     # an override for one method only (`<method>.<field>`) reaches that method's cells
     assert main([*argv, "--attacks", "badnets", "--set", "r=4", "--set", "lora.r=2", "--overwrite"]) == 0
