@@ -7,7 +7,8 @@ check: refit only the classifier's output bias on the `reference_split_size` tru
 holds (seeded exactly as the trainer draws them), by maximum likelihood, and score the test sets again. The poison
 flags are not read. Prints, per cell, CACC / ASR / false-target rate before and after and the fitted bias. For a
 cell trained with `row_filter_refit_bias=true` (whose saved model is already refitted) the saved offset is undone
-first, so "before" is the model as trained and "after" the model as saved.
+first, so "before" is the model as trained and "after" the model as saved. Last, per attack (a `musclelora train`
+cell on unpoisoned rows is `unpoisoned`), the mean and spread over the cells given of each column, before and after.
 
     python benchmarks/bias_correction.py runs/s10-poe-l6-stylebkd-s2/cells/stylebkd/fit-gap-unlearn/seed2
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,9 @@ from peft_musclelora.benchmark.evaluation import predict_logits
 from peft_musclelora.benchmark.metrics import attack_success_rate, clean_accuracy, false_target_rate
 from peft_musclelora.benchmark.splits import split_trusted
 from peft_musclelora.bias_refit import fit_class_offset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seed_summary import group_of_train_cell, mean_std  # noqa: E402
 
 DEFAULT_TRUSTED_ROWS = 400  # the row filters' and clean-only's trusted rows, for a cell whose preset names none
 
@@ -93,8 +99,22 @@ def parse_cell_arguments(doc: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def print_group_means(results: list[tuple[str, dict[str, Any]]]) -> None:
+    """One JSON line per attack: the mean ± sample standard deviation of each score before and after the refit."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for group, result in results:
+        groups[group].append(result)
+    for group, cells in groups.items():
+        means = {
+            side: {key: mean_std([cell[side][key] for cell in cells]) for key in cells[0][side]}
+            for side in ("before", "after")
+        }
+        print(json.dumps({"attack": group, "cells": len(cells), **means}, ensure_ascii=False))
+
+
 def main() -> None:
     args = parse_cell_arguments(__doc__)
+    results = []
     for path in args.cells:
         cell = TrustedCell.load(path, args.data)
         test_clean = load_records(cell.files / "test-clean.csv")
@@ -107,12 +127,11 @@ def main() -> None:
         bias = fit_bias(cell.logits(cell.trusted.texts) - saved, torch.tensor(cell.trusted.labels))
         before = scores(clean_logits, poison_logits, test_clean.labels, target)
         after = scores(clean_logits + bias, poison_logits + bias, test_clean.labels, target)
-        print(
-            json.dumps(
-                {"cell": str(path), "trusted_rows": len(cell.trusted), "bias": bias.tolist(), "before": before,
-                 "after": after}
-            )
-        )  # fmt: skip
+        result = {"cell": str(path), "trusted_rows": len(cell.trusted), "bias": bias.tolist(), "before": before,
+                  "after": after}  # fmt: skip
+        print(json.dumps(result))
+        results.append((cell.metrics.get("attack") or group_of_train_cell(cell.metrics, path), result))
+    print_group_means(results)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def cell_values(metrics: dict) -> dict[str, float | None]:
     return scaled
 
 
-def _group_of_train_cell(metrics: dict, path: Path) -> str:
+def group_of_train_cell(metrics: dict, path: Path) -> str:
     """`unpoisoned` for a `musclelora train` cell trained on rows with no poisoned row, else its directory's name."""
     return "unpoisoned" if metrics.get("data", {}).get("train", {}).get("poisoned") == 0 else path.parent.name
 
@@ -44,7 +44,7 @@ def _cell(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
     if not values:
         return "–"
     if len(values) == 1:
@@ -71,7 +71,7 @@ def main() -> None:
             metrics = json.loads(path.read_text())
             if metrics.get("status", "ok") != "ok":
                 continue
-            attack = metrics.get("attack") or _group_of_train_cell(metrics, path)
+            attack = metrics.get("attack") or group_of_train_cell(metrics, path)
             values = cell_values(metrics)
             groups[attack].append(values)
             shown = " | ".join(_cell(values[column]) for column in COLUMNS)
@@ -87,8 +87,8 @@ def main() -> None:
         if attack in oracle and column["asr"]:
             excess = f"{statistics.mean(column['asr']) - oracle[attack]:+.1f}"
         print(
-            f"| {attack} | {len(cells)} | {_mean_std(column['cacc'])} | {_mean_std(column['asr'])} | {excess} | "
-            f"{_mean_std(column['clean_dropped'])} | {_mean_std(column['poisoned_recall'])} |"
+            f"| {attack} | {len(cells)} | {mean_std(column['cacc'])} | {mean_std(column['asr'])} | {excess} | "
+            f"{mean_std(column['clean_dropped'])} | {mean_std(column['poisoned_recall'])} |"
         )
 
 
