@@ -104,14 +104,14 @@ _FIT_GAP_POE = MethodPreset(
 
 _FIT_GAP_TEACHER = MethodPreset(
     name="fit-gap-teacher",
-    description="Experimental (docs/results.md, session 13): fit-gap-poe with the shallow expert at weight 4 and a "
-    "trusted teacher (docs/row_filter.md): a model trained on the 400 trusted rows alone (144 steps, its class "
+    description="Experimental (docs/results.md, sessions 13-14): fit-gap-poe with the shallow expert at weight 4 and "
+    "a trusted teacher (docs/row_filter.md): a model trained on the 400 trusted rows alone (144 steps, its class "
     "balance matched to the training labels') predicts every training row, and each kept row trains on its label "
     "mixed half and half with that prediction (row_filter_teacher_mix=0.5), so a relabelled row pulls the adapter "
-    "less far towards its label. Class labels only. Full size, seed 0 only: StyleBkd 85.7 / 22.1 and SynBkd 86.2 / "
-    "19.7 (CACC / ASR; the oracle 86.6 / 23.8 and 24.0), AddSent 86.4 / 6.1, but BadNets 83.8 / 4.2 (clean accuracy "
-    "2.8 under the oracle) and 0.9 under plain LoRA on unpoisoned data. Add row_filter_refit_bias=true to read its "
-    "ASR at the oracle's false-target rate. " + _COMMON,
+    "less far towards its label. Class labels only. Full size, three seeds (docs/results.md, session 14): StyleBkd "
+    "85.1 / 19.3 and SynBkd 85.6 / 20.5 (CACC / ASR; the oracle 87.2 / 23.3 and 24.7), AddSent 86.1 / 6.4, BadNets "
+    "84.6 / 1.6, and 1.4 under plain LoRA on unpoisoned data, which is why it is not the default. Add "
+    "row_filter_refit_bias=true to read its ASR at the oracle's false-target rate. " + _COMMON,
     adapter=AdapterSettings(kind="lora"),
     training=dataclasses.replace(
         _FIT_GAP_POE.training,
