@@ -69,6 +69,12 @@ _FIT_GAP = MethodPreset(
     ),
 )
 
+
+def _row_filter_training(base: MethodPreset, **changes: Any) -> TrainingSettings:
+    """`base`'s training settings with `changes` to its row-filter arguments."""
+    return dataclasses.replace(base.training, row_filter=dataclasses.replace(base.training.row_filter, **changes))
+
+
 _FIT_GAP_UNLEARN = MethodPreset(
     name="fit-gap-unlearn",
     description="fit-gap, then unlearning of the rows it isolated as fitted early (row_filter_unlearn): 100 AdamW "
@@ -76,10 +82,7 @@ _FIT_GAP_UNLEARN = MethodPreset(
     "ending on the last state (checked every 10 steps) whose accuracy on the 400 trusted rows is at most 1 point "
     "below where it started. Experimental (docs/row_filter.md). " + _COMMON,
     adapter=AdapterSettings(kind="lora"),
-    training=dataclasses.replace(
-        _FIT_GAP.training,
-        row_filter=dataclasses.replace(_FIT_GAP.training.row_filter, row_filter_unlearn=True),
-    ),
+    training=_row_filter_training(_FIT_GAP, row_filter_unlearn=True),
 )
 
 _FIT_GAP_POE = MethodPreset(
@@ -91,14 +94,11 @@ _FIT_GAP_POE = MethodPreset(
     "evaluation and inference use the model alone. For instruction tuning see `musclelora instruct --method "
     "fit-gap-poe`. " + _COMMON,
     adapter=AdapterSettings(kind="lora"),
-    training=dataclasses.replace(
-        _FIT_GAP_UNLEARN.training,
-        row_filter=dataclasses.replace(
-            _FIT_GAP_UNLEARN.training.row_filter,
-            row_filter_shallow_probe="ngram",
-            row_filter_shallow_expert=True,
-            row_filter_shallow_expert_weight=6.0,
-        ),
+    training=_row_filter_training(
+        _FIT_GAP_UNLEARN,
+        row_filter_shallow_probe="ngram",
+        row_filter_shallow_expert=True,
+        row_filter_shallow_expert_weight=6.0,
     ),
 )
 
@@ -113,12 +113,7 @@ _FIT_GAP_TEACHER = MethodPreset(
     "84.6 / 1.6, and 1.4 under plain LoRA on unpoisoned data, which is why it is not the default. Add "
     "row_filter_refit_bias=true to read its ASR at the oracle's false-target rate. " + _COMMON,
     adapter=AdapterSettings(kind="lora"),
-    training=dataclasses.replace(
-        _FIT_GAP_POE.training,
-        row_filter=dataclasses.replace(
-            _FIT_GAP_POE.training.row_filter, row_filter_shallow_expert_weight=4.0, row_filter_teacher_mix=0.5
-        ),
-    ),
+    training=_row_filter_training(_FIT_GAP_POE, row_filter_shallow_expert_weight=4.0, row_filter_teacher_mix=0.5),
 )
 
 PRESETS: dict[str, MethodPreset] = {
