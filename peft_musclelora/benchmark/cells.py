@@ -117,9 +117,8 @@ def settings_diff(previous: dict[str, Any], run: BenchRun, spec: CellSpec) -> li
     new.update(_flatten(spec.settings()))
     if isinstance(previous.get("cell_settings"), dict):
         defaults = _knob_defaults()
-        added = [key for key in new if key not in old and key in defaults and new[key] == defaults[key]]
-        for key in added:
-            old[key] = new[key]
+        added = {key: value for key, value in new.items() if key not in old and key in defaults}
+        old.update({key: value for key, value in added.items() if defaults[key] == value})
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in {**old, **new} if old.get(key) != new.get(key)]
 
 

@@ -1,8 +1,7 @@
 """The named, documented method presets: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, `ga-lora-tuned` (this
 project's gradient-alignment recipe), the row filters `fit-gap`, `fit-gap-unlearn`, `fit-gap-poe` and
-`fit-gap-teacher`, `recommended`
-(currently `fit-gap-poe`), and the decoder-LLM presets `lora-llama` / `musclelora-llama` (the reference's Llama-2
-hyper-parameters).
+`fit-gap-teacher`, `recommended` (currently `fit-gap-poe`), and the decoder-LLM presets `lora-llama` /
+`musclelora-llama` (the reference's Llama-2 hyper-parameters).
 
 A preset is a [`MethodPreset`] (see [`peft_musclelora.benchmark.settings`]). The reference recipe freezes the
 classification layer at its random initialisation when LoRA is used; `mslr`, `musclelora` and `ga-lora` do that
