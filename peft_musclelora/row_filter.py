@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 
 from ._checks import check_bool, check_int, check_number
@@ -47,6 +48,56 @@ from .shallow_probe import (
 ROW_FILTER_FILE = "row_filter.json"
 SHALLOW_PRIOR_COLUMN = "shallow_log_prior"  # the shallow probe's out-of-fold log-probabilities of a kept row
 TEACHER_COLUMN = "teacher_log_probs"  # the trusted teacher's log-probabilities of a kept row
+
+
+class _WithColumn(TorchDataset):
+    """A map-style dataset of dict rows with one more key per row."""
+
+    def __init__(self, dataset: Any, name: str, values: list[Any]) -> None:
+        self.dataset, self.name, self.values = dataset, name, values
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], self.name: self.values[index]}
+
+
+class RowSignalCollator:
+    """Wraps a data collator so the row filter's per-row predictions (the shallow probe's, [`SHALLOW_PRIOR_COLUMN`],
+    and the trusted teacher's, [`TEACHER_COLUMN`]) reach the loss as float tensors `(batch, classes)`, whatever the
+    wrapped collator keeps (TRL's language-modelling collator keeps only token columns). Rows without them are
+    collated as before.
+
+    Example:
+        >>> collate = RowSignalCollator(lambda rows: {"x": torch.tensor([row["x"] for row in rows])})
+        >>> rows = [{"x": 1, SHALLOW_PRIOR_COLUMN: [-0.1, -2.3]}, {"x": 2, SHALLOW_PRIOR_COLUMN: [-2.3, -0.1]}]
+        >>> batch = collate(rows)
+        >>> batch["x"].tolist(), batch[SHALLOW_PRIOR_COLUMN].shape
+        ([1, 2], torch.Size([2, 2]))
+    """
+
+    COLUMNS = (SHALLOW_PRIOR_COLUMN, TEACHER_COLUMN)
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, rows: list[dict[str, Any]]) -> Any:
+        present = [column for column in self.COLUMNS if rows and column in rows[0]]
+        if not present:
+            return self.collator(rows)
+        batch = self.collator([{k: v for k, v in row.items() if k not in present} for row in rows])
+        for column in present:
+            batch[column] = torch.tensor([row[column] for row in rows], dtype=torch.float32)
+        return batch
+
+
+def with_column(dataset: Any, name: str, values: list[Any]) -> Any:
+    """`dataset` with one more column `name` (`add_column` of a `datasets.Dataset`; any other map-style dataset of dict
+    rows is wrapped)."""
+    if hasattr(dataset, "add_column"):
+        return dataset.add_column(name, values)
+    return _WithColumn(dataset, name, values)
 
 
 def _positive(value: float) -> bool:
@@ -143,6 +194,17 @@ class RowFilterArguments:
             "before it is weighted, so that the weight sharpens what the expert sees in each row and not how often "
             "each class occurs; otherwise the rows of the commoner class (on a poisoned set, the target) give the "
             "model less gradient and the model alone ends up biased against it. Needs row_filter_shallow_expert=True."
+        },
+    )
+    row_filter_expert_probe_steps: Optional[list[int]] = field(
+        default=None,
+        metadata={
+            "help": "Steps, each beyond the last of row_filter_probe_steps, to which each fold probe continues "
+            "training as a product of experts with the shallow expert (the loss the kept rows train with), scoring "
+            "the held-out and trusted rows by the model alone at each: what the shallow expert explains (a lexical "
+            "trigger) the probe no longer learns, so a relabelled row whose content says otherwise is fitted worse "
+            "than the trusted rows. These scores count for the contradicted side of the rule only. Needs "
+            "row_filter_shallow_expert=True; None: no such steps."
         },
     )
     row_filter_teacher_mix: Optional[float] = field(
@@ -256,6 +318,20 @@ class RowFilterArguments:
                 "`row_filter_shallow_expert_balanced` divides the shallow expert by its class prior: set "
                 "row_filter_shallow_expert=True as well, or leave it False (got True)."
             )
+        expert_steps = self.row_filter_expert_probe_steps
+        if expert_steps is not None:
+            _check_int_list("row_filter_expert_probe_steps", expert_steps)
+            self.row_filter_expert_probe_steps = expert_steps = sorted(set(expert_steps))
+            if expert_steps[0] <= self.row_filter_probe_steps[-1]:
+                raise ValueError(
+                    f"`row_filter_expert_probe_steps` continue the probes past their last step "
+                    f"({self.row_filter_probe_steps[-1]}): each must be larger, got {expert_steps!r}."
+                )
+            if not self.row_filter_shallow_expert:
+                raise ValueError(
+                    "`row_filter_expert_probe_steps` train the probes with the shallow expert: set "
+                    f"row_filter_shallow_expert=True as well, or leave them None (got {expert_steps!r})."
+                )
         mix = self.row_filter_teacher_mix
         check_number("row_filter_teacher_mix", mix, "in (0, 0.5]", lambda v: 0 < v <= 0.5, True)
         if mix is not None and not self.row_filter:
@@ -389,6 +465,7 @@ def decide_rows(
     reference_losses: torch.Tensor,
     reference_groups: Sequence[int],
     max_clean_drop: float,
+    low_columns: Optional[Sequence[bool]] = None,
 ) -> RowDecisions:
     """Per-row keep/drop decisions from probe losses.
 
@@ -400,6 +477,8 @@ def decide_rows(
         reference_losses: `(folds, steps, refs)`: the trusted rows' losses under each fold's probe.
         reference_groups: Each trusted row's group.
         max_clean_drop: Share of trusted rows the rule may flag (see [`choose_cutoffs`]).
+        low_columns: Per probe step, whether it counts for `low` (the fit-early side); None: every step. Every step
+            counts for `high`.
 
     Example:
         >>> ref = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 1.5, 2.5, 3.5, 4.5]]])  # one fold, one step, 8 trusted rows
@@ -408,6 +487,9 @@ def decide_rows(
         ['fit-early', 'keep', 'contradicted']
     """
     folds, steps, rows = train_losses.shape
+    low_mask = torch.ones(steps, dtype=torch.bool) if low_columns is None else torch.tensor(list(low_columns))
+    if low_mask.numel() != steps or not bool(low_mask.any()):
+        raise ValueError(f"`low_columns` must name {steps} probe steps, at least one of them True; got {low_columns}.")
     groups = sorted(set(reference_groups))
     missing = sorted(set(train_groups) - set(groups))
     if missing:
@@ -426,7 +508,7 @@ def decide_rows(
         for fold in range(folds):
             ref = reference_losses[fold][:, ref_mask]  # (steps, refs of the group)
             ref_pct = torch.stack([percentile_ranks(ref[s], ref[s], leave_one_out=True) for s in range(steps)])
-            per_fold_low.append(ref_pct.min(0).values)
+            per_fold_low.append(ref_pct[low_mask].min(0).values)
             per_fold_high.append(ref_pct.max(0).values)
             row_mask = (train_groups_t == group) & (folds_t == fold)
             if not bool(row_mask.any()):
@@ -436,7 +518,7 @@ def decide_rows(
         # A trusted row's score under every probe counts: the cut-offs must hold whichever probe scored a row.
         ref_low.append(torch.cat(per_fold_low))
         ref_high.append(torch.cat(per_fold_high))
-    low, high = percentiles.min(0).values, percentiles.max(0).values
+    low, high = percentiles[low_mask].min(0).values, percentiles.max(0).values
     all_low, all_high = torch.cat(ref_low), torch.cat(ref_high)
     low_cut, high_cut = choose_cutoffs(all_low, all_high, max_clean_drop)
     reasons = []
@@ -493,9 +575,11 @@ def subset_rows(dataset: Any, indices: list[int]) -> Any:
     return dataset.select(indices) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, indices)
 
 
-def _loader(trainer: Any, dataset: Any, batch_size: int) -> torch.utils.data.DataLoader:
-    """A plain, ordered loader with the trainer's collator and column handling (no sampler, no accelerate prepare:
-    the probes run in one process and are thrown away)."""
+def _loader(
+    trainer: Any, dataset: Any, batch_size: int, collator: Optional[Callable[..., Any]] = None
+) -> torch.utils.data.DataLoader:
+    """A plain, ordered loader with the trainer's collator (or `collator`) and column handling (no sampler, no
+    accelerate prepare: the probes run in one process and are thrown away)."""
     try:
         import datasets
 
@@ -503,7 +587,7 @@ def _loader(trainer: Any, dataset: Any, batch_size: int) -> torch.utils.data.Dat
             dataset = trainer._remove_unused_columns(dataset, description="row filter")
     except ImportError:  # pragma: no cover - datasets is a dependency of transformers' Trainer
         pass
-    collator = trainer._get_collator_with_removed_columns(trainer.data_collator, description="row filter")
+    collator = trainer._get_collator_with_removed_columns(collator or trainer.data_collator, description="row filter")
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
 
 
@@ -577,17 +661,24 @@ def class_log_probs(field_name: str) -> Callable[[torch.Tensor, torch.Tensor], t
 
 
 def _train_steps(
-    trainer: Any, params: list[torch.nn.Parameter], dataset: Any, total: int, lr: float, decay: bool = False
+    trainer: Any,
+    params: list[torch.nn.Parameter],
+    dataset: Any,
+    total: int,
+    lr: float,
+    decay: bool = False,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    collator: Optional[Callable[..., Any]] = None,
 ) -> Iterator[int]:
     """Train the trainer's model for `total` AdamW steps on `dataset` in its order (cycled), clipping as the
     trainer does, the learning rate constant or (`decay`) falling linearly to 0; yields the step count after each
-    step."""
+    step. `optimizer` continues an earlier call's AdamW (a constant rate); `collator` replaces the trainer's."""
     model = trainer.model
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=trainer.args.weight_decay)
+    optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=trainer.args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0 - done / total if decay else 1.0)
     step = 0
     while step < total:
-        for batch in _loader(trainer, dataset, trainer.args.per_device_train_batch_size):
+        for batch in _loader(trainer, dataset, trainer.args.per_device_train_batch_size, collator):
             inputs = trainer._prepare_inputs(batch)
             with trainer.compute_loss_context_manager():
                 loss = trainer.compute_loss(model, inputs)
@@ -601,6 +692,36 @@ def _train_steps(
             yield step
             if step >= total:
                 break
+
+
+def _fold_probe_steps(
+    trainer: Any,
+    params: list[torch.nn.Parameter],
+    train_dataset: Any,
+    probe_rows: list[int],
+    optimizer: torch.optim.Optimizer,
+    args: RowFilterArguments,
+    lr: float,
+    expert: Optional[torch.Tensor],
+) -> Iterator[int]:
+    """One fold probe's steps on `probe_rows`: the plain loss up to the last of `row_filter_probe_steps`, then, with
+    `row_filter_expert_probe_steps`, the same AdamW on through the rows (from where it stopped) as a product of
+    experts with `expert` (each training row's shallow-expert log-probabilities). Yields the step count."""
+    plain_steps = args.row_filter_probe_steps[-1]
+    yield from _train_steps(
+        trainer, params, subset_rows(train_dataset, probe_rows), plain_steps, lr, optimizer=optimizer
+    )
+    if not args.row_filter_expert_probe_steps:
+        return
+    assert expert is not None  # validated: expert steps need the shallow expert
+    seen = plain_steps * trainer.args.per_device_train_batch_size % len(probe_rows)
+    rows = probe_rows[seen:] + probe_rows[:seen]
+    dataset = with_column(subset_rows(train_dataset, rows), SHALLOW_PRIOR_COLUMN, expert[rows].tolist())
+    collator = trainer.data_collator
+    collator = collator if isinstance(collator, RowSignalCollator) else RowSignalCollator(collator)
+    extra = args.row_filter_expert_probe_steps[-1] - plain_steps
+    for step in _train_steps(trainer, params, dataset, extra, lr, optimizer=optimizer, collator=collator):
+        yield plain_steps + step
 
 
 def _restore(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
@@ -743,19 +864,30 @@ def run_row_filter(
         raise ValueError("`row_filter=True` but the model has no trainable parameters.")
     initial = [param.detach().clone() for param in params]
     steps = args.row_filter_probe_steps
+    expert_steps = args.row_filter_expert_probe_steps or []
+    scored_steps = [*steps, *expert_steps]
     lr = args.row_filter_probe_learning_rate or trainer.args.learning_rate
-    train_losses = torch.zeros(args.row_filter_folds, len(steps), num_rows, dtype=torch.float64)
+    train_losses = torch.zeros(args.row_filter_folds, len(scored_steps), num_rows, dtype=torch.float64)
     reference_losses: list[torch.Tensor] = []
     train_groups: list[int] = [0] * num_rows
     reference_groups: list[int] = []
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     start_time, scoring_seconds, shallow = time.perf_counter(), 0.0, None
     if args.row_filter_shallow_probe is not None:  # first: it is cheap and refuses token-level labels
-        shallow = _shallow_probe(trainer, args, train_dataset, reference_dataset, folds)
+        with torch.random.fork_rng(devices=devices):  # each DataLoader iterator draws a seed from torch
+            shallow = _shallow_probe(trainer, args, train_dataset, reference_dataset, folds)
     shallow_seconds = time.perf_counter() - start_time
     teacher_steps = args.row_filter_teacher_steps if args.row_filter_teacher_mix is not None else 0
     teacher_log_probs, teacher_offset, teacher_seconds = None, None, 0.0
-    bar = tqdm(total=args.row_filter_folds * steps[-1] + teacher_steps, desc="row filter probes", disable=not progress)
+    expert = None
+    if shallow is not None and args.row_filter_shallow_expert:
+        expert = shallow_expert_log_probs(shallow.train_log_probs, args)
+        if expert_steps and shallow.classes is not None:  # the token-level loss maps responses to these classes
+            trainer._shallow_response_classes = shallow.classes
+    total_probe_steps = scored_steps[-1]
+    bar = tqdm(
+        total=args.row_filter_folds * total_probe_steps + teacher_steps, desc="row filter probes", disable=not progress
+    )
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for fold in range(args.row_filter_folds):
@@ -764,11 +896,12 @@ def run_row_filter(
             order = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed + fold)).tolist()
             probe_rows = [others[i] for i in order]
             fold_reference = []
-            for step in _train_steps(trainer, params, subset_rows(train_dataset, probe_rows), steps[-1], lr):
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=trainer.args.weight_decay)
+            for step in _fold_probe_steps(trainer, params, train_dataset, probe_rows, optimizer, args, lr, expert):
                 bar.update(1)
-                if step in steps:
+                if step in scored_steps:
                     scoring_start = time.perf_counter()
-                    index = steps.index(step)
+                    index = scored_steps.index(step)
                     held_losses, held_groups = _score(trainer, model, subset_rows(train_dataset, held_out))
                     train_losses[fold, index, held_out] = held_losses
                     for row, group in zip(held_out, held_groups):
@@ -801,6 +934,8 @@ def run_row_filter(
     if shallow is not None:
         train_losses = torch.cat([train_losses, shallow.train_losses[:, None, :]], dim=1)
         stacked_reference = torch.cat([stacked_reference, shallow.reference_losses[:, None, :]], dim=1)
+    # The expert steps see only what the shallow expert does not explain: they tell contradicted rows, not shortcuts.
+    low_columns = [True] * len(steps) + [False] * len(expert_steps) + [True] * (shallow is not None)
     decisions = decide_rows(
         train_losses,
         train_groups,
@@ -808,11 +943,11 @@ def run_row_filter(
         stacked_reference,
         reference_groups,
         args.row_filter_max_clean_drop,
+        low_columns,
     )
     own = [train_losses[folds[row], :, row].tolist() for row in range(num_rows)]
     expert_scale = None
-    if shallow is not None and args.row_filter_shallow_expert:
-        expert = shallow_expert_log_probs(shallow.train_log_probs, args)
+    if shallow is not None and expert is not None:
         label_log_probs = expert.gather(1, shallow.train_labels[:, None])[:, 0]
         weight = args.row_filter_shallow_expert_weight
         expert_scale = expert_gradient_scale(expert, label_log_probs, weight)
@@ -833,6 +968,7 @@ def run_row_filter(
     summary = {
         **decisions.summary(),
         "probe_steps": list(steps),
+        "expert_probe_steps": list(expert_steps) or None,
         "folds": args.row_filter_folds,
         "max_clean_drop": args.row_filter_max_clean_drop,
         "probe_learning_rate": lr,

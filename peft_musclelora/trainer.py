@@ -32,9 +32,11 @@ from .row_filter import (
     SHALLOW_PRIOR_COLUMN,
     TEACHER_COLUMN,
     RowFilterArguments,
+    RowSignalCollator,
     run_row_filter,
     shallow_expert_log_probs,
     subset_rows,
+    with_column,
 )
 from .shallow_probe import SHALLOW_EXPERT_LOSSES, mixed_targets, product_of_experts_token_loss, soft_cross_entropy
 from .unlearning import isolation_evidence, run_unlearning
@@ -943,59 +945,11 @@ class GradientAlignmentMixin:
         self._ga_ref_loss = state["ref_loss"]
 
 
-class _WithColumn(TorchDataset):
-    """A map-style dataset of dict rows with one more key per row."""
-
-    def __init__(self, dataset: Any, name: str, values: list[Any]) -> None:
-        self.dataset, self.name, self.values = dataset, name, values
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {**self.dataset[index], self.name: self.values[index]}
-
-
 def _row_signal_columns(args: RowFilterArguments) -> list[str]:
     """The per-row columns the row filter adds to the kept rows for the loss to read."""
     return [SHALLOW_PRIOR_COLUMN] * args.row_filter_shallow_expert + [TEACHER_COLUMN] * (
         args.row_filter_teacher_mix is not None
     )
-
-
-class RowSignalCollator:
-    """Wraps a data collator so the row filter's per-row predictions (the shallow probe's, [`SHALLOW_PRIOR_COLUMN`],
-    and the trusted teacher's, [`TEACHER_COLUMN`]) reach the loss as float tensors `(batch, classes)`, whatever the
-    wrapped collator keeps (TRL's language-modelling collator keeps only token columns). Rows without them are
-    collated as before.
-
-    Example:
-        >>> collate = RowSignalCollator(lambda rows: {"x": torch.tensor([row["x"] for row in rows])})
-        >>> rows = [{"x": 1, SHALLOW_PRIOR_COLUMN: [-0.1, -2.3]}, {"x": 2, SHALLOW_PRIOR_COLUMN: [-2.3, -0.1]}]
-        >>> batch = collate(rows)
-        >>> batch["x"].tolist(), batch[SHALLOW_PRIOR_COLUMN].shape
-        ([1, 2], torch.Size([2, 2]))
-    """
-
-    COLUMNS = (SHALLOW_PRIOR_COLUMN, TEACHER_COLUMN)
-
-    def __init__(self, collator: Any) -> None:
-        self.collator = collator
-
-    def __call__(self, rows: list[dict[str, Any]]) -> Any:
-        present = [column for column in self.COLUMNS if rows and column in rows[0]]
-        if not present:
-            return self.collator(rows)
-        batch = self.collator([{k: v for k, v in row.items() if k not in present} for row in rows])
-        for column in present:
-            batch[column] = torch.tensor([row[column] for row in rows], dtype=torch.float32)
-        return batch
-
-
-def _with_column(kept: Any, name: str, values: list[Any]) -> Any:
-    if hasattr(kept, "add_column"):
-        return kept.add_column(name, values)
-    return _WithColumn(kept, name, values)
 
 
 def _with_teacher(kept: Any, report: dict[str, Any], path: str) -> Any:
@@ -1006,7 +960,7 @@ def _with_teacher(kept: Any, report: dict[str, Any], path: str) -> Any:
             f"`row_filter_teacher_mix` needs the trusted teacher's predictions, and {path} has none: it was made "
             "without row_filter_teacher_mix. Delete it to probe again."
         )
-    return _with_column(kept, TEACHER_COLUMN, [rows[index]["teacher_log_probs"] for index in report["kept"]])
+    return with_column(kept, TEACHER_COLUMN, [rows[index]["teacher_log_probs"] for index in report["kept"]])
 
 
 def _with_shallow_prior(kept: Any, report: dict[str, Any], path: str, args: RowFilterArguments) -> Any:
@@ -1021,7 +975,7 @@ def _with_shallow_prior(kept: Any, report: dict[str, Any], path: str, args: RowF
     # The balanced expert's prior is its mean over every training row, not only the kept ones.
     expert = shallow_expert_log_probs([row["shallow_log_probs"] for row in rows], args)
     values = expert[torch.tensor(report["kept"], dtype=torch.long)].tolist()
-    return _with_column(kept, SHALLOW_PRIOR_COLUMN, values)
+    return with_column(kept, SHALLOW_PRIOR_COLUMN, values)
 
 
 def _row_filter_args(training_args: Any, row_filter_args: Optional[RowFilterArguments]) -> RowFilterArguments:

@@ -91,3 +91,16 @@ def tiny_tokenizer(vocab: int = 32):
     words = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab)}}
     tokenizer = Tokenizer(WordLevel(words, unk_token="<unk>"))
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def cue_answer_rows(count: int, seed: int) -> datasets.Dataset:
+    """Prompt-completion rows for TRL (`input_ids`, `completion_mask`): a random token and a cue token (20 or 21, by
+    the row's parity) that names the one-token answer (10 or 11), then end-of-sequence (1)."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts, masks = [], []
+    for row in range(count):
+        cue, answer = (20, 10) if row % 2 else (21, 11)
+        prompt = [int(torch.randint(3, 10, (1,), generator=generator)), cue]
+        prompts.append([*prompt, answer, 1])
+        masks.append([0] * len(prompt) + [1, 1])
+    return datasets.Dataset.from_dict({"input_ids": prompts, "completion_mask": masks})

@@ -34,7 +34,14 @@ from peft_musclelora.shallow_probe import (
     shallow_row_weights,
 )
 
-from .ga_helpers import row_filter_training_args, tiny_bert, tiny_llama, tiny_tokenizer, token_dataset
+from .ga_helpers import (
+    cue_answer_rows,
+    row_filter_training_args,
+    tiny_bert,
+    tiny_llama,
+    tiny_tokenizer,
+    token_dataset,
+)
 
 # ---- features ----
 
@@ -243,16 +250,6 @@ def test_a_packed_batch_is_refused_because_the_expert_needs_one_prediction_per_r
 def test_the_sft_trainer_carries_the_shallow_prior_through_trls_collator_into_the_token_loss(tmp_path):
     from peft_musclelora import MuScleLoraSFTConfig, MuScleLoraSFTTrainer
 
-    def rows(count: int, seed: int) -> datasets.Dataset:
-        generator = torch.Generator().manual_seed(seed)
-        prompts, masks = [], []
-        for row in range(count):
-            cue, answer = (20, 10) if row % 2 else (21, 11)  # the prompt's cue token names its answer
-            prompt = [int(torch.randint(3, 10, (1,), generator=generator)), cue]
-            prompts.append([*prompt, answer, 1])
-            masks.append([0] * len(prompt) + [1, 1])
-        return datasets.Dataset.from_dict({"input_ids": prompts, "completion_mask": masks})
-
     config = MuScleLoraSFTConfig(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, use_cpu=True, report_to=[],
         save_strategy="no", max_length=16, bf16=False, gradient_alignment=False, row_filter=True,
@@ -261,8 +258,8 @@ def test_the_sft_trainer_carries_the_shallow_prior_through_trls_collator_into_th
         reference_split_size=10,
     )  # fmt: skip
     trainer = MuScleLoraSFTTrainer(  # references split from eval_dataset, which TRL prepares like the training set
-        model=tiny_llama(), args=config, train_dataset=rows(128, seed=1), eval_dataset=rows(12, seed=2),
-        processing_class=tiny_tokenizer(),
+        model=tiny_llama(), args=config, train_dataset=cue_answer_rows(128, seed=1),
+        eval_dataset=cue_answer_rows(12, seed=2), processing_class=tiny_tokenizer(),
     )  # fmt: skip
     trainer.train()
     report = json.loads((tmp_path / ROW_FILTER_FILE).read_text())
