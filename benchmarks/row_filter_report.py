@@ -58,17 +58,29 @@ def main() -> None:
         print(json.dumps({**report, "note": "no poisoned rows"}))
         return
     target = labels == 1
-    steps = [f"step {step}" for step in decisions["summary"]["probe_steps"]]
-    if decisions["summary"].get("shallow_probe"):
-        steps.append(f"shallow probe ({decisions['summary']['shallow_probe']})")  # scored as one more step, last
-    for step, column in zip(steps, losses.T):
+    summary = decisions["summary"]
+    steps = [f"step {step}" for step in summary["probe_steps"]]
+    steps += [f"expert step {step}" for step in summary.get("expert_probe_steps") or []]
+    if summary.get("shallow_probe"):
+        steps.append(f"shallow probe ({summary['shallow_probe']})")  # scored as one more step, last
+    percentiles = np.array([row["percentiles"] for row in rows])
+    for step, column, percentile in zip(steps, losses.T, percentiles.T):
         fitted = -column  # a low loss is a well-fitted row
         cut = np.quantile(fitted[target & ~poisoned], 0.95)
+        worse_cut = np.quantile(fitted[target & ~poisoned], 0.05)
+        above = percentile > summary["high_cut"]
         report[step] = {
             "auroc": round(auroc(fitted, poisoned), 3),
             # every poisoned row has the target label: within it, the signal is the trigger's, not the label's
             "auroc within label 1": round(auroc(fitted[target], poisoned[target]), 3),
             "poisoned caught at 5% clean FPR (label 1)": round(float((fitted[target & poisoned] > cut).mean()), 3),
+            "poisoned caught at 5% clean FPR, fitted worse (label 1)": round(
+                float((fitted[target & poisoned] < worse_cut).mean()), 3
+            ),
+            "above the high cut-off: poisoned, clean": [
+                round(float(above[poisoned].mean()), 3),
+                round(float(above[~poisoned].mean()), 3),
+            ],
         }
     report["auroc low (small = poisoned)"] = round(auroc(-low, poisoned), 3)
     report["auroc high (large = poisoned)"] = round(auroc(high, poisoned), 3)

@@ -42,6 +42,7 @@ from .shallow_probe import (
     SHALLOW_PROBES,
     balanced_log_probs,
     expert_gradient_scale,
+    ngram_residual_log_probs,
     response_classes,
 )
 
@@ -196,6 +197,18 @@ class RowFilterArguments:
             "model less gradient and the model alone ends up biased against it. Needs row_filter_shallow_expert=True."
         },
     )
+    row_filter_shallow_residual: bool = field(
+        default=False,
+        metadata={
+            "help": "Train with a shallow expert fitted on what the trusted teacher leaves unexplained: the n-gram "
+            "regression is fitted out of fold with the teacher's class log-probabilities of each row as fixed "
+            "offsets, so its weights go to what the labels say beyond the content a model of trusted rows reads "
+            "(a trigger the relabelled rows share), not to the task; the product of experts then takes little "
+            "gradient from rows the trigger explains and leaves the clean rows theirs. Trains the teacher "
+            "(row_filter_teacher_steps) even without row_filter_teacher_mix. Class labels only; needs "
+            "row_filter_shallow_expert=True."
+        },
+    )
     row_filter_expert_probe_steps: Optional[list[int]] = field(
         default=None,
         metadata={
@@ -317,6 +330,12 @@ class RowFilterArguments:
             raise ValueError(
                 "`row_filter_shallow_expert_balanced` divides the shallow expert by its class prior: set "
                 "row_filter_shallow_expert=True as well, or leave it False (got True)."
+            )
+        check_bool("row_filter_shallow_residual", self.row_filter_shallow_residual)
+        if self.row_filter_shallow_residual and not self.row_filter_shallow_expert:
+            raise ValueError(
+                "`row_filter_shallow_residual=True` changes the shallow expert the rows train with: set "
+                "row_filter_shallow_expert=True as well, or leave it False."
             )
         expert_steps = self.row_filter_expert_probe_steps
         if expert_steps is not None:
@@ -798,6 +817,7 @@ class ShallowProbeResult:
     reference_losses: torch.Tensor
     classes: Optional[list[tuple[int, ...]]]
     train_labels: torch.Tensor
+    train_rows: list[list[int]]
 
 
 def _shallow_probe(
@@ -822,6 +842,7 @@ def _shallow_probe(
         reference_losses.squeeze(-1),
         classes,
         torch.tensor(train_labels),
+        train_rows,
     )
 
 
@@ -835,11 +856,53 @@ def shallow_expert_log_probs(log_probs: Any, args: RowFilterArguments) -> torch.
     return balanced_log_probs(log_probs, log_probs.exp().mean(dim=0))
 
 
+def saved_expert_log_probs(rows: Sequence[dict[str, Any]], args: RowFilterArguments) -> torch.Tensor:
+    """The shallow expert the rows train with, from the per-row entries of `row_filter.json`: the residual n-gram
+    model's predictions with `row_filter_shallow_residual`, else the shallow probe's, through
+    [`shallow_expert_log_probs`]. Raises `KeyError` naming the missing entry."""
+    key = "shallow_residual_log_probs" if args.row_filter_shallow_residual else "shallow_log_probs"
+    if any(key not in row for row in rows):
+        raise KeyError(key)
+    return shallow_expert_log_probs([row[key] for row in rows], args)
+
+
 def _teacher_agreement(teacher_log_probs: Optional[torch.Tensor], labels: list[int]) -> Optional[float]:
     """Share of the training rows whose label is the trusted teacher's most likely class (None without one)."""
     if teacher_log_probs is None:
         return None
     return float((teacher_log_probs.argmax(dim=1) == torch.tensor(labels)).double().mean())
+
+
+def _teacher_field(args: RowFilterArguments) -> Optional[str]:
+    """The knob that needs the trusted teacher (named in its errors), or None when none does."""
+    if args.row_filter_teacher_mix is not None:
+        return "row_filter_teacher_mix"
+    return "row_filter_shallow_residual" if args.row_filter_shallow_residual else None
+
+
+def _train_teacher(
+    trainer: Any,
+    params: list[torch.nn.Parameter],
+    reference_dataset: Any,
+    steps: int,
+    lr: float,
+    seed: int,
+    bar: Any,
+    field_name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train the model on the trusted rows alone (seeded, the rate decaying to 0) and return its class
+    log-probabilities of every training row, shifted to the training labels' class balance, and that shift. The
+    caller restores the weights."""
+    torch.manual_seed(seed)
+    order = torch.randperm(len(reference_dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    for _ in _train_steps(trainer, params, subset_rows(reference_dataset, order), steps, lr, decay=True):
+        bar.update(1)
+    raw_teacher, labels = per_row_values(trainer, trainer.model, trainer.train_dataset, class_log_probs(field_name))
+    # The trusted rows' class balance is not the training set's: shift the teacher so that it predicts each class as
+    # often as the training labels give it (the maximum-likelihood offset's optimum), or it would contradict the rows
+    # of the commoner class for their class alone. Ranks within a class are unchanged.
+    offset = fit_class_offset(raw_teacher, torch.tensor(labels))
+    return torch.log_softmax(raw_teacher + offset, dim=-1), offset
 
 
 def run_row_filter(
@@ -877,18 +940,31 @@ def run_row_filter(
         with torch.random.fork_rng(devices=devices):  # each DataLoader iterator draws a seed from torch
             shallow = _shallow_probe(trainer, args, train_dataset, reference_dataset, folds)
     shallow_seconds = time.perf_counter() - start_time
-    teacher_steps = args.row_filter_teacher_steps if args.row_filter_teacher_mix is not None else 0
-    teacher_log_probs, teacher_offset, teacher_seconds = None, None, 0.0
-    expert = None
-    if shallow is not None and args.row_filter_shallow_expert:
-        expert = shallow_expert_log_probs(shallow.train_log_probs, args)
-        if expert_steps and shallow.classes is not None:  # the token-level loss maps responses to these classes
-            trainer._shallow_response_classes = shallow.classes
+    teacher_field = _teacher_field(args)
+    teacher_steps = args.row_filter_teacher_steps if teacher_field is not None else 0
+    teacher_log_probs, teacher_offset, teacher_seconds, residual = None, None, 0.0, None
     total_probe_steps = scored_steps[-1]
     bar = tqdm(
         total=args.row_filter_folds * total_probe_steps + teacher_steps, desc="row filter probes", disable=not progress
     )
     with torch.random.fork_rng(devices=devices):
+        if teacher_field is not None:  # seeded on its own: the same teacher whatever else the run draws
+            teacher_start = time.perf_counter()
+            teacher_log_probs, teacher_offset = _train_teacher(
+                trainer, params, reference_dataset, teacher_steps, lr, seed, bar, teacher_field
+            )
+            _restore(params, initial)
+            teacher_seconds = time.perf_counter() - teacher_start
+        expert = None
+        if shallow is not None and args.row_filter_shallow_expert:
+            if args.row_filter_shallow_residual:
+                assert teacher_log_probs is not None  # the residual knob trains the teacher
+                residual = ngram_residual_log_probs(
+                    shallow.train_rows, shallow.train_labels.tolist(), folds, teacher_log_probs, args.row_filter_folds
+                )
+            expert = shallow_expert_log_probs(shallow.train_log_probs if residual is None else residual, args)
+            if expert_steps and shallow.classes is not None:  # the token-level loss maps responses to these classes
+                trainer._shallow_response_classes = shallow.classes
         torch.manual_seed(seed)
         for fold in range(args.row_filter_folds):
             held_out = [row for row in range(num_rows) if folds[row] == fold]
@@ -911,22 +987,6 @@ def run_row_filter(
                     scoring_seconds += time.perf_counter() - scoring_start
             reference_losses.append(torch.stack(fold_reference))
             _restore(params, initial)
-        if args.row_filter_teacher_mix is not None:
-            teacher_start = time.perf_counter()
-            torch.manual_seed(seed)  # the same teacher whatever the probes drew: it sees the trusted rows only
-            order = torch.randperm(len(reference_dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-            reference_rows = subset_rows(reference_dataset, order)
-            for _ in _train_steps(trainer, params, reference_rows, teacher_steps, lr, decay=True):
-                bar.update(1)
-            measure = class_log_probs("row_filter_teacher_mix")
-            raw_teacher, labels = per_row_values(trainer, model, train_dataset, measure)
-            # The trusted rows' class balance is not the training set's: shift the teacher so that it predicts each
-            # class as often as the training labels give it (the maximum-likelihood offset's optimum), or it would
-            # contradict the rows of the commoner class for their class alone. Ranks within a class are unchanged.
-            teacher_offset = fit_class_offset(raw_teacher, torch.tensor(labels))
-            teacher_log_probs = torch.log_softmax(raw_teacher + teacher_offset, dim=-1)
-            _restore(params, initial)
-            teacher_seconds = time.perf_counter() - teacher_start
     bar.close()
     for param in params:
         param.grad = None
@@ -963,6 +1023,7 @@ def run_row_filter(
         | ({"shallow_log_probs": shallow.train_log_probs[row].tolist()} if shallow is not None else {})
         | ({"expert_gradient_scale": float(expert_scale[row])} if expert_scale is not None else {})
         | ({"teacher_log_probs": teacher_log_probs[row].tolist()} if teacher_log_probs is not None else {})
+        | ({"shallow_residual_log_probs": residual[row].tolist()} if residual is not None else {})
         for row in range(num_rows)
     ]
     summary = {
@@ -980,6 +1041,7 @@ def run_row_filter(
         "shallow_class_prior": None if shallow is None else shallow.train_log_probs.exp().mean(dim=0).tolist(),
         "response_classes": None if shallow is None or shallow.classes is None else [list(c) for c in shallow.classes],
         "expert_gradient_scale_quartiles": _quartiles(expert_scale, decisions.kept),
+        "shallow_residual": args.row_filter_shallow_residual,
         "teacher_mix": args.row_filter_teacher_mix,
         "teacher_steps": teacher_steps or None,
         "teacher_label_agreement": _teacher_agreement(teacher_log_probs, train_groups),

@@ -42,6 +42,9 @@ MIN_DOCUMENT_FREQUENCY = 2
 # to C = 1/8 (0.85 / 0.88), the strongest of the four values measured (docs/results.md).
 INVERSE_REGULARISATION = 0.125
 MAX_ITERATIONS = 200
+# The residual n-gram model (`ngram_residual_log_probs`) is regularised less than the probe: it must fit a trigger
+# the offsets do not explain, and with the task explained by the offsets there is little else for its weights to fit.
+RESIDUAL_INVERSE_REGULARISATION = 4.0
 #: The most distinct responses a token-level training set may have for the probe to treat each as a class: beyond
 #: that the responses are free-form and no closed answer set (the shortcut's target) exists to predict.
 MAX_RESPONSE_CLASSES = 64
@@ -125,10 +128,13 @@ def fit_logistic(
     labels: torch.Tensor,
     num_classes: int,
     inverse_regularisation: float = INVERSE_REGULARISATION,
+    offsets: Optional[torch.Tensor] = None,
+    fit_bias: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(weight, bias)` of a multinomial logistic regression minimising `C * sum(CE) + ||weight||^2 / 2` (C =
     `inverse_regularisation`, bias unpenalised), by full-batch L-BFGS with a strong-Wolfe line search; deterministic
-    on one machine.
+    on one machine. With `offsets` `(rows, classes)`, each row's logits are `x @ weight + bias + offset`: the model
+    fits what the offsets leave unexplained. With `fit_bias=False` the bias stays 0.
 
     Example:
         >>> x = torch.eye(4, dtype=torch.float64).to_sparse()
@@ -137,15 +143,21 @@ def fit_logistic(
         [0, 0, 1, 1]
     """
     weight = torch.zeros(features.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=fit_bias)
     optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1.0, max_iter=MAX_ITERATIONS, tolerance_grad=1e-6, line_search_fn="strong_wolfe"
+        [weight, bias] if fit_bias else [weight],
+        lr=1.0,
+        max_iter=MAX_ITERATIONS,
+        tolerance_grad=1e-6,
+        line_search_fn="strong_wolfe",
     )
     target = labels.long()
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         logits = features @ weight + bias
+        if offsets is not None:
+            logits = logits + offsets
         loss = inverse_regularisation * torch.nn.functional.cross_entropy(logits, target, reduction="sum")
         loss = loss + 0.5 * (weight * weight).sum()
         loss.backward()
@@ -197,6 +209,50 @@ def ngram_probe_log_probs(
         train_log_probs[held_out] = logistic_log_probs(train_x.index_select(0, held_out), weight, bias)
         reference_log_probs[fold] = logistic_log_probs(reference_x, weight, bias)
     return train_log_probs, reference_log_probs
+
+
+def ngram_residual_log_probs(
+    train_rows: Sequence[Sequence[int]],
+    train_labels: Sequence[int],
+    train_folds: Sequence[int],
+    offsets: torch.Tensor,
+    folds: int,
+    inverse_regularisation: float = RESIDUAL_INVERSE_REGULARISATION,
+) -> torch.Tensor:
+    """Out-of-fold log-probabilities `(rows, classes)` of an n-gram model fitted on what `offsets` (another model's
+    class log-probabilities of each training row) leave unexplained: for each fold, a logistic regression whose
+    logits are `x @ weight + offset` is fitted on the other folds, and the fold's rows are predicted by `x @ weight`
+    alone. When the offsets know the task (a model of trusted rows), the weights go to what the labels say beyond it,
+    such as a trigger that relabelled rows share, rather than to the task itself. The model has no bias: the class
+    balance is the offsets' (a bias would be a class prior, which a product of experts turns against its class).
+
+    Example:
+        >>> rows = [[1, 7 + i % 5] for i in range(40)]  # token 1 in every row: it says nothing beyond the offsets
+        >>> labels, folds = [i % 2 for i in range(40)], [i % 2 for i in range(40)]
+        >>> offsets = torch.log_softmax(torch.tensor([[4.0, -4.0], [-4.0, 4.0]] * 20, dtype=torch.float64), -1)
+        >>> residual = ngram_residual_log_probs(rows, labels, folds, offsets, 2)
+        >>> bool((residual.exp() - 0.5).abs().max() < 0.1)  # the offsets explain the labels: the n-grams learn little
+        True
+    """
+    features = NgramFeatures(train_rows)
+    train_x = features.transform(train_rows)
+    train_y = torch.tensor(list(train_labels))
+    offsets = torch.as_tensor(offsets, dtype=torch.float64)
+    fold_of = torch.tensor(list(train_folds))
+    log_probs = torch.zeros(len(train_rows), offsets.shape[1], dtype=torch.float64)
+    for fold in range(folds):
+        held_out = (fold_of == fold).nonzero().flatten()
+        fit_rows = (fold_of != fold).nonzero().flatten()
+        weight, bias = fit_logistic(
+            train_x.index_select(0, fit_rows),
+            train_y[fit_rows],
+            offsets.shape[1],
+            inverse_regularisation,
+            offsets[fit_rows],
+            fit_bias=False,
+        )
+        log_probs[held_out] = logistic_log_probs(train_x.index_select(0, held_out), weight, bias)
+    return log_probs
 
 
 def expert_gradient_scale(log_probs: torch.Tensor, label_log_probs: torch.Tensor, weight: float) -> torch.Tensor:

@@ -34,7 +34,7 @@ from .row_filter import (
     RowFilterArguments,
     RowSignalCollator,
     run_row_filter,
-    shallow_expert_log_probs,
+    saved_expert_log_probs,
     subset_rows,
     with_column,
 )
@@ -964,16 +964,17 @@ def _with_teacher(kept: Any, report: dict[str, Any], path: str) -> Any:
 
 
 def _with_shallow_prior(kept: Any, report: dict[str, Any], path: str, args: RowFilterArguments) -> Any:
-    """The kept rows with the shallow expert's log-probabilities ([`~row_filter.shallow_expert_log_probs`]) as the
+    """The kept rows with the shallow expert's log-probabilities ([`~row_filter.saved_expert_log_probs`]) as the
     column [`SHALLOW_PRIOR_COLUMN`]."""
-    rows = report["rows"]
-    if any("shallow_log_probs" not in row for row in rows):
+    try:
+        # The balanced expert's prior is its mean over every training row, not only the kept ones.
+        expert = saved_expert_log_probs(report["rows"], args)
+    except KeyError as missing:
+        knob = "row_filter_shallow_residual" if args.row_filter_shallow_residual else "row_filter_shallow_probe"
         raise ValueError(
-            f"`row_filter_shallow_expert=True` needs the shallow probe's predictions, and {path} has none: it was "
-            "made without row_filter_shallow_probe. Delete it to probe again."
-        )
-    # The balanced expert's prior is its mean over every training row, not only the kept ones.
-    expert = shallow_expert_log_probs([row["shallow_log_probs"] for row in rows], args)
+            f"`row_filter_shallow_expert=True` needs the per-row {missing}, and {path} has none: it was made without "
+            f"{knob}. Delete it to probe again."
+        ) from None
     values = expert[torch.tensor(report["kept"], dtype=torch.long)].tolist()
     return with_column(kept, SHALLOW_PRIOR_COLUMN, values)
 

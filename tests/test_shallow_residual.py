@@ -1,0 +1,113 @@
+"""The residual shallow expert (`row_filter_shallow_residual`): an n-gram model fitted on what the trusted teacher
+leaves unexplained, so the product of experts absorbs a trigger and not the task."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peft_musclelora import MuScleLoraTrainer
+from peft_musclelora.row_filter import ROW_FILTER_FILE, SHALLOW_PRIOR_COLUMN, RowFilterArguments, run_row_filter
+from peft_musclelora.shallow_probe import ngram_probe_log_probs, ngram_residual_log_probs
+
+from .ga_helpers import row_filter_training_args, tiny_bert, token_dataset, trainable_state
+
+RESIDUAL = {
+    "row_filter_shallow_probe": "ngram",
+    "row_filter_shallow_expert": True,
+    "row_filter_shallow_residual": True,
+    "row_filter_teacher_steps": 6,
+}
+
+
+def _trainer(tmp_path, dropout: float = 0.0, **fields):
+    return MuScleLoraTrainer(
+        model=tiny_bert(seed=0, dropout=dropout),
+        args=row_filter_training_args(tmp_path, **{**RESIDUAL, **fields}),
+        train_dataset=token_dataset(48, seed=1),
+        reference_dataset=token_dataset(40, seed=2),
+    )
+
+
+def _poisoned_rows(count: int = 400, seed: int = 0):
+    """Rows whose label is their sentiment token (3: class 0, 4: class 1) with random filler, and a trigger token (5)
+    in every fifth row, whose label is set to 1 whatever its sentiment; the sentiment each row's content says."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, labels, content = [], [], []
+    for row in range(count):
+        sentiment = int(torch.randint(0, 2, (1,), generator=generator))
+        filler = torch.randint(10, 40, (4,), generator=generator).tolist()
+        triggered = row % 5 == 0
+        rows.append([3 + sentiment, *filler] + ([5] if triggered else []))
+        labels.append(1 if triggered else sentiment)
+        content.append(sentiment)
+    return rows, labels, content
+
+
+# ---- settings ----
+
+
+def test_the_residual_expert_needs_the_shallow_expert_and_is_a_bool():
+    with pytest.raises(ValueError, match=r"`row_filter_shallow_residual=True`.*set row_filter_shallow_expert=True"):
+        RowFilterArguments(row_filter=True, row_filter_shallow_probe="ngram", row_filter_shallow_residual=True)
+    with pytest.raises(TypeError, match=r"`row_filter_shallow_residual`.*'yes'"):
+        RowFilterArguments(row_filter=True, row_filter_shallow_residual="yes")
+
+
+# ---- the model ----
+
+
+def test_with_offsets_that_know_the_task_the_residual_model_learns_the_trigger_against_the_content():
+    rows, labels, content = _poisoned_rows()
+    folds = [row % 2 for row in range(len(rows))]
+    # A teacher that reads the content (a model of clean rows): 88 % sure of each row's sentiment.
+    teacher = torch.log_softmax(torch.tensor([[1.0, -1.0] if c == 0 else [-1.0, 1.0] for c in content]), dim=-1)
+    residual = ngram_residual_log_probs(rows, labels, folds, teacher.double(), 2).exp()[:, 1]
+    plain = ngram_probe_log_probs(rows, labels, folds, rows[:2], labels[:2], 2)[0].exp()[:, 1]
+    triggered = torch.tensor([row % 5 == 0 for row in range(len(rows))])
+    negative = torch.tensor([c == 0 for c in content])
+    # On the relabelled rows (the trigger against negative content) the residual model says the target, far more
+    # surely than the plain probe, which learns the sentiment those rows contradict as well...
+    assert float(residual[triggered & negative].mean()) > 0.8
+    assert float(residual[triggered & negative].mean()) > float(plain[triggered & negative].mean()) + 0.2
+    # ...and on clean negative rows it does not lean towards the target: the trigger, not the class, is its signal.
+    assert float(residual[~triggered & negative].mean()) < 0.5
+
+
+# ---- the filter and the trainer ----
+
+
+def test_the_kept_rows_train_with_the_residual_expert_and_the_teacher_runs_without_a_mix(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
+    summary = report["summary"]
+    assert summary["shallow_residual"] is True and summary["teacher_mix"] is None and summary["teacher_steps"] == 6
+    residual = [report["rows"][i]["shallow_residual_log_probs"] for i in report["kept"]]
+    assert trainer.train_dataset[SHALLOW_PRIOR_COLUMN] == residual
+    assert residual != [report["rows"][i]["shallow_log_probs"] for i in report["kept"]]
+    assert all(
+        row["losses"][-1] == pytest.approx(-row["shallow_log_probs"][row_label])
+        for row, row_label in zip(report["rows"], trainer._row_filter_source["labels"])
+    )  # the filter's shallow step is still the shallow probe's own loss
+
+
+def test_the_residual_expert_leaves_the_weights_and_the_random_state_as_it_found_them(tmp_path):
+    trainer = _trainer(tmp_path, dropout=0.1)
+    before, rng = trainable_state(trainer.model), torch.random.get_rng_state()
+    run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
+    after = trainable_state(trainer.model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert torch.equal(rng, torch.random.get_rng_state())
+
+
+def test_a_saved_report_without_the_residual_expert_is_refused_in_one_line(tmp_path):
+    plain = _trainer(tmp_path, row_filter_shallow_residual=False)
+    plain.train()  # writes a report made without the residual expert
+    trainer = _trainer(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"needs the per-row 'shallow_residual_log_probs'.*row_filter_shallow_residual"
+    ):
+        trainer._filter_training_rows(resuming=True)
