@@ -40,10 +40,12 @@ from .bias_refit import fit_class_offset
 from .shallow_probe import (
     SHALLOW_EXPERT_LOSSES,
     SHALLOW_PROBES,
+    NgramFeatures,
     balanced_log_probs,
     expert_gradient_scale,
-    ngram_residual_log_probs,
+    residual_log_probs,
     response_classes,
+    standardised,
 )
 
 ROW_FILTER_FILE = "row_filter.json"
@@ -197,16 +199,17 @@ class RowFilterArguments:
             "model less gradient and the model alone ends up biased against it. Needs row_filter_shallow_expert=True."
         },
     )
-    row_filter_shallow_residual: bool = field(
-        default=False,
+    row_filter_residual_expert: Optional[str] = field(
+        default=None,
         metadata={
-            "help": "Train with a shallow expert fitted on what the trusted teacher leaves unexplained: the n-gram "
-            "regression is fitted out of fold with the teacher's class log-probabilities of each row as fixed "
-            "offsets, so its weights go to what the labels say beyond the content a model of trusted rows reads "
-            "(a trigger the relabelled rows share), not to the task; the product of experts then takes little "
-            "gradient from rows the trigger explains and leaves the clean rows theirs. Trains the teacher "
+            "help": "Train with a shallow expert fitted on what the trusted teacher leaves unexplained: a logistic "
+            "regression fitted out of fold with the teacher's class log-probabilities of each row as fixed offsets, "
+            "so its weights go to what the labels say beyond the content a model of trusted rows reads (a trigger "
+            "the relabelled rows share), not to the task; the product of experts then takes little gradient from "
+            "the rows the trigger explains. Over 'ngram' (the shallow probe's n-gram features) or 'hidden' (the "
+            "model's own mean-pooled middle-layer hidden states, as initialised). Trains the teacher "
             "(row_filter_teacher_steps) even without row_filter_teacher_mix. Class labels only; needs "
-            "row_filter_shallow_expert=True."
+            "row_filter_shallow_expert=True. None: the shallow probe is the expert."
         },
     )
     row_filter_expert_probe_steps: Optional[list[int]] = field(
@@ -331,11 +334,15 @@ class RowFilterArguments:
                 "`row_filter_shallow_expert_balanced` divides the shallow expert by its class prior: set "
                 "row_filter_shallow_expert=True as well, or leave it False (got True)."
             )
-        check_bool("row_filter_shallow_residual", self.row_filter_shallow_residual)
-        if self.row_filter_shallow_residual and not self.row_filter_shallow_expert:
+        residual = self.row_filter_residual_expert
+        if residual is not None and residual not in RESIDUAL_EXPERTS:
             raise ValueError(
-                "`row_filter_shallow_residual=True` changes the shallow expert the rows train with: set "
-                "row_filter_shallow_expert=True as well, or leave it False."
+                f"`row_filter_residual_expert` must be None or one of {sorted(RESIDUAL_EXPERTS)}, got {residual!r}."
+            )
+        if residual is not None and not self.row_filter_shallow_expert:
+            raise ValueError(
+                f"`row_filter_residual_expert` ({residual!r}) changes the shallow expert the rows train with: set "
+                "row_filter_shallow_expert=True as well, or leave it None."
             )
         expert_steps = self.row_filter_expert_probe_steps
         if expert_steps is not None:
@@ -634,10 +641,15 @@ def length_order(dataset: Any) -> list[int]:
 
 @torch.no_grad()
 def per_row_values(
-    trainer: Any, model: torch.nn.Module, dataset: Any, measure: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    trainer: Any,
+    model: torch.nn.Module,
+    dataset: Any,
+    measure: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    forward: Optional[Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """`measure(logits, labels)` of every row of `dataset` (rows scored longest first, returned in dataset order,
-    float64) and each row's group (its label for classification), with the model in eval mode and no gradient."""
+    float64) and each row's group (its label for classification), with the model in eval mode and no gradient.
+    `forward(model, inputs)` replaces the logits by another per-row output (default: `model(**inputs).logits`)."""
     order = length_order(dataset)
     values, groups = [], []
     model.eval()
@@ -650,7 +662,7 @@ def per_row_values(
                     f"makes one); the batch has {sorted(inputs)}."
                 )
             with torch.no_grad(), trainer.autocast_smart_context_manager():
-                logits = model(**inputs).logits
+                logits = model(**inputs).logits if forward is None else forward(model, inputs)
             values.append(measure(logits, inputs["labels"]).cpu())
             groups.extend(row_groups(inputs["labels"]))
     finally:
@@ -857,10 +869,10 @@ def shallow_expert_log_probs(log_probs: Any, args: RowFilterArguments) -> torch.
 
 
 def saved_expert_log_probs(rows: Sequence[dict[str, Any]], args: RowFilterArguments) -> torch.Tensor:
-    """The shallow expert the rows train with, from the per-row entries of `row_filter.json`: the residual n-gram
-    model's predictions with `row_filter_shallow_residual`, else the shallow probe's, through
-    [`shallow_expert_log_probs`]. Raises `KeyError` naming the missing entry."""
-    key = "shallow_residual_log_probs" if args.row_filter_shallow_residual else "shallow_log_probs"
+    """The shallow expert the rows train with, from the per-row entries of `row_filter.json`: the residual expert's
+    predictions with `row_filter_residual_expert`, else the shallow probe's, through [`shallow_expert_log_probs`].
+    Raises `KeyError` naming the missing entry."""
+    key = "residual_log_probs" if args.row_filter_residual_expert is not None else "shallow_log_probs"
     if any(key not in row for row in rows):
         raise KeyError(key)
     return shallow_expert_log_probs([row[key] for row in rows], args)
@@ -873,11 +885,60 @@ def _teacher_agreement(teacher_log_probs: Optional[torch.Tensor], labels: list[i
     return float((teacher_log_probs.argmax(dim=1) == torch.tensor(labels)).double().mean())
 
 
+def _mean_middle_hidden_state(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """Each row's hidden state at the model's middle layer, averaged over its attended positions `(rows, hidden)`."""
+    hidden_states = model(**inputs, output_hidden_states=True).hidden_states
+    middle = hidden_states[len(hidden_states) // 2].float()
+    mask = inputs.get("attention_mask")
+    mask = torch.ones(middle.shape[:2], device=middle.device) if mask is None else mask.to(middle.dtype)
+    return (middle * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp_min(1)
+
+
+def _ngram_rows(trainer: Any, shallow: ShallowProbeResult) -> torch.Tensor:
+    return NgramFeatures(shallow.train_rows).transform(shallow.train_rows)
+
+
+def _hidden_rows(trainer: Any, shallow: ShallowProbeResult) -> torch.Tensor:
+    values, _ = per_row_values(
+        trainer, trainer.model, trainer.train_dataset, lambda hidden, labels: hidden, _mean_middle_hidden_state
+    )
+    return standardised(values)
+
+
+@dataclass(frozen=True)
+class ResidualFeatures:
+    """What a residual expert ([`~shallow_probe.residual_log_probs`]) reads of each training row, and how strongly
+    its weights are regularised (the `C` of [`~shallow_probe.fit_logistic`])."""
+
+    rows: Callable[[Any, ShallowProbeResult], torch.Tensor]
+    inverse_regularisation: float
+
+
+#: The residual experts of `row_filter_residual_expert`. The n-gram model is regularised less than the shallow probe
+#: (C 4 against 0.125): with the task explained by the offsets it must fit a trigger the relabelled rows share. The
+#: hidden states are 384 dense, standardised features for MiniLM-L6 (C 0.01). Both values were chosen on StyleBkd at
+#: seed 0 (docs/results.md, session 15), from the share of the gradient the expert leaves the poisoned rows.
+RESIDUAL_EXPERTS: dict[str, ResidualFeatures] = {
+    "ngram": ResidualFeatures(_ngram_rows, 4.0),
+    "hidden": ResidualFeatures(_hidden_rows, 0.01),
+}
+
+
+def _residual_expert(
+    trainer: Any, args: RowFilterArguments, shallow: ShallowProbeResult, folds: list[int], teacher: torch.Tensor
+) -> torch.Tensor:
+    """The residual expert's out-of-fold log-probabilities of every training row `(rows, classes)`."""
+    features = RESIDUAL_EXPERTS[args.row_filter_residual_expert]
+    rows = features.rows(trainer, shallow)
+    labels = shallow.train_labels.tolist()
+    return residual_log_probs(rows, labels, folds, teacher, args.row_filter_folds, features.inverse_regularisation)
+
+
 def _teacher_field(args: RowFilterArguments) -> Optional[str]:
     """The knob that needs the trusted teacher (named in its errors), or None when none does."""
     if args.row_filter_teacher_mix is not None:
         return "row_filter_teacher_mix"
-    return "row_filter_shallow_residual" if args.row_filter_shallow_residual else None
+    return "row_filter_residual_expert" if args.row_filter_residual_expert is not None else None
 
 
 def _train_teacher(
@@ -957,11 +1018,9 @@ def run_row_filter(
             teacher_seconds = time.perf_counter() - teacher_start
         expert = None
         if shallow is not None and args.row_filter_shallow_expert:
-            if args.row_filter_shallow_residual:
-                assert teacher_log_probs is not None  # the residual knob trains the teacher
-                residual = ngram_residual_log_probs(
-                    shallow.train_rows, shallow.train_labels.tolist(), folds, teacher_log_probs, args.row_filter_folds
-                )
+            if args.row_filter_residual_expert is not None:
+                assert teacher_log_probs is not None  # the residual expert trains the teacher
+                residual = _residual_expert(trainer, args, shallow, folds, teacher_log_probs)
             expert = shallow_expert_log_probs(shallow.train_log_probs if residual is None else residual, args)
             if expert_steps and shallow.classes is not None:  # the token-level loss maps responses to these classes
                 trainer._shallow_response_classes = shallow.classes
@@ -1023,7 +1082,7 @@ def run_row_filter(
         | ({"shallow_log_probs": shallow.train_log_probs[row].tolist()} if shallow is not None else {})
         | ({"expert_gradient_scale": float(expert_scale[row])} if expert_scale is not None else {})
         | ({"teacher_log_probs": teacher_log_probs[row].tolist()} if teacher_log_probs is not None else {})
-        | ({"shallow_residual_log_probs": residual[row].tolist()} if residual is not None else {})
+        | ({"residual_log_probs": residual[row].tolist()} if residual is not None else {})
         for row in range(num_rows)
     ]
     summary = {
@@ -1041,7 +1100,7 @@ def run_row_filter(
         "shallow_class_prior": None if shallow is None else shallow.train_log_probs.exp().mean(dim=0).tolist(),
         "response_classes": None if shallow is None or shallow.classes is None else [list(c) for c in shallow.classes],
         "expert_gradient_scale_quartiles": _quartiles(expert_scale, decisions.kept),
-        "shallow_residual": args.row_filter_shallow_residual,
+        "residual_expert": args.row_filter_residual_expert,
         "teacher_mix": args.row_filter_teacher_mix,
         "teacher_steps": teacher_steps or None,
         "teacher_label_agreement": _teacher_agreement(teacher_log_probs, train_groups),

@@ -42,9 +42,6 @@ MIN_DOCUMENT_FREQUENCY = 2
 # to C = 1/8 (0.85 / 0.88), the strongest of the four values measured (docs/results.md).
 INVERSE_REGULARISATION = 0.125
 MAX_ITERATIONS = 200
-# The residual n-gram model (`ngram_residual_log_probs`) is regularised less than the probe: it must fit a trigger
-# the offsets do not explain, and with the task explained by the offsets there is little else for its weights to fit.
-RESIDUAL_INVERSE_REGULARISATION = 4.0
 #: The most distinct responses a token-level training set may have for the probe to treat each as a class: beyond
 #: that the responses are free-form and no closed answer set (the shortcut's target) exists to predict.
 MAX_RESPONSE_CLASSES = 64
@@ -211,48 +208,55 @@ def ngram_probe_log_probs(
     return train_log_probs, reference_log_probs
 
 
-def ngram_residual_log_probs(
-    train_rows: Sequence[Sequence[int]],
-    train_labels: Sequence[int],
-    train_folds: Sequence[int],
+def residual_log_probs(
+    features: torch.Tensor,
+    labels: Sequence[int],
+    folds_of_rows: Sequence[int],
     offsets: torch.Tensor,
     folds: int,
-    inverse_regularisation: float = RESIDUAL_INVERSE_REGULARISATION,
+    inverse_regularisation: float,
 ) -> torch.Tensor:
-    """Out-of-fold log-probabilities `(rows, classes)` of an n-gram model fitted on what `offsets` (another model's
-    class log-probabilities of each training row) leave unexplained: for each fold, a logistic regression whose
-    logits are `x @ weight + offset` is fitted on the other folds, and the fold's rows are predicted by `x @ weight`
-    alone. When the offsets know the task (a model of trusted rows), the weights go to what the labels say beyond it,
-    such as a trigger that relabelled rows share, rather than to the task itself. The model has no bias: the class
-    balance is the offsets' (a bias would be a class prior, which a product of experts turns against its class).
+    """Out-of-fold log-probabilities `(rows, classes)` of a logistic regression over `features` (sparse or dense,
+    `(rows, features)`) fitted on what `offsets` (another model's class log-probabilities of each row) leave
+    unexplained: for each fold, a model whose logits are `x @ weight + offset` is fitted on the other folds, and the
+    fold's rows are predicted by `x @ weight` alone. When the offsets know the task (a model of trusted rows), the
+    weights go to what the labels say beyond it, such as a trigger that relabelled rows share, rather than to the
+    task itself. The model has no bias: the class balance is the offsets' (a bias would be a class prior, which a
+    product of experts turns against its class).
 
     Example:
-        >>> rows = [[1, 7 + i % 5] for i in range(40)]  # token 1 in every row: it says nothing beyond the offsets
-        >>> labels, folds = [i % 2 for i in range(40)], [i % 2 for i in range(40)]
-        >>> offsets = torch.log_softmax(torch.tensor([[4.0, -4.0], [-4.0, 4.0]] * 20, dtype=torch.float64), -1)
-        >>> residual = ngram_residual_log_probs(rows, labels, folds, offsets, 2)
-        >>> bool((residual.exp() - 0.5).abs().max() < 0.1)  # the offsets explain the labels: the n-grams learn little
-        True
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]] * 20, dtype=torch.float64)  # feature 0: a trigger
+        >>> labels = [1] * 40  # every row labelled 1; the offsets say 1 only where the trigger is absent
+        >>> offsets = torch.log_softmax(torch.tensor([[2.0, -2.0], [-2.0, 2.0]] * 20, dtype=torch.float64), -1)
+        >>> folds = [(row // 2) % 2 for row in range(40)]
+        >>> residual = residual_log_probs(x, labels, folds, offsets, 2, 1.0).exp()[:, 1]
+        >>> round(float(residual[0]), 2), round(float(residual[1]), 2)  # the trigger explains its rows' label
+        (0.99, 0.57)
     """
-    features = NgramFeatures(train_rows)
-    train_x = features.transform(train_rows)
-    train_y = torch.tensor(list(train_labels))
+    labels_t = torch.tensor(list(labels))
     offsets = torch.as_tensor(offsets, dtype=torch.float64)
-    fold_of = torch.tensor(list(train_folds))
-    log_probs = torch.zeros(len(train_rows), offsets.shape[1], dtype=torch.float64)
+    fold_of = torch.tensor(list(folds_of_rows))
+    log_probs = torch.zeros(features.shape[0], offsets.shape[1], dtype=torch.float64)
     for fold in range(folds):
         held_out = (fold_of == fold).nonzero().flatten()
         fit_rows = (fold_of != fold).nonzero().flatten()
         weight, bias = fit_logistic(
-            train_x.index_select(0, fit_rows),
-            train_y[fit_rows],
+            features.index_select(0, fit_rows),
+            labels_t[fit_rows],
             offsets.shape[1],
             inverse_regularisation,
             offsets[fit_rows],
             fit_bias=False,
         )
-        log_probs[held_out] = logistic_log_probs(train_x.index_select(0, held_out), weight, bias)
+        log_probs[held_out] = logistic_log_probs(features.index_select(0, held_out), weight, bias)
     return log_probs
+
+
+def standardised(features: torch.Tensor) -> torch.Tensor:
+    """Dense `features` with each column shifted to mean 0 and scaled to standard deviation 1 over the rows (a
+    constant column stays 0), so one L2 penalty weighs every feature alike."""
+    features = features.double()
+    return (features - features.mean(dim=0)) / features.std(dim=0).clamp_min(1e-12)
 
 
 def expert_gradient_scale(log_probs: torch.Tensor, label_log_probs: torch.Tensor, weight: float) -> torch.Tensor:

@@ -970,7 +970,9 @@ def _with_shallow_prior(kept: Any, report: dict[str, Any], path: str, args: RowF
         # The balanced expert's prior is its mean over every training row, not only the kept ones.
         expert = saved_expert_log_probs(report["rows"], args)
     except KeyError as missing:
-        knob = "row_filter_shallow_residual" if args.row_filter_shallow_residual else "row_filter_shallow_probe"
+        knob = (
+            "row_filter_residual_expert" if args.row_filter_residual_expert is not None else "row_filter_shallow_probe"
+        )
         raise ValueError(
             f"`row_filter_shallow_expert=True` needs the per-row {missing}, and {path} has none: it was made without "
             f"{knob}. Delete it to probe again."

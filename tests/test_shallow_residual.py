@@ -1,5 +1,5 @@
-"""The residual shallow expert (`row_filter_shallow_residual`): an n-gram model fitted on what the trusted teacher
-leaves unexplained, so the product of experts absorbs a trigger and not the task."""
+"""The residual expert (`row_filter_residual_expert`): a shallow model fitted on what the trusted teacher leaves
+unexplained, so the product of experts absorbs a trigger and not the task."""
 
 from __future__ import annotations
 
@@ -9,15 +9,21 @@ import pytest
 import torch
 
 from peft_musclelora import MuScleLoraTrainer
-from peft_musclelora.row_filter import ROW_FILTER_FILE, SHALLOW_PRIOR_COLUMN, RowFilterArguments, run_row_filter
-from peft_musclelora.shallow_probe import ngram_probe_log_probs, ngram_residual_log_probs
+from peft_musclelora.row_filter import (
+    RESIDUAL_EXPERTS,
+    ROW_FILTER_FILE,
+    SHALLOW_PRIOR_COLUMN,
+    RowFilterArguments,
+    run_row_filter,
+)
+from peft_musclelora.shallow_probe import NgramFeatures, ngram_probe_log_probs, residual_log_probs
 
 from .ga_helpers import row_filter_training_args, tiny_bert, token_dataset, trainable_state
 
 RESIDUAL = {
     "row_filter_shallow_probe": "ngram",
     "row_filter_shallow_expert": True,
-    "row_filter_shallow_residual": True,
+    "row_filter_residual_expert": "ngram",
     "row_filter_teacher_steps": 6,
 }
 
@@ -49,11 +55,13 @@ def _poisoned_rows(count: int = 400, seed: int = 0):
 # ---- settings ----
 
 
-def test_the_residual_expert_needs_the_shallow_expert_and_is_a_bool():
-    with pytest.raises(ValueError, match=r"`row_filter_shallow_residual=True`.*set row_filter_shallow_expert=True"):
-        RowFilterArguments(row_filter=True, row_filter_shallow_probe="ngram", row_filter_shallow_residual=True)
-    with pytest.raises(TypeError, match=r"`row_filter_shallow_residual`.*'yes'"):
-        RowFilterArguments(row_filter=True, row_filter_shallow_residual="yes")
+def test_the_residual_expert_is_one_of_the_registered_features_and_needs_the_shallow_expert():
+    with pytest.raises(ValueError, match=r"`row_filter_residual_expert` must be None or one of \['hidden', 'ngram'\]"):
+        RowFilterArguments(row_filter=True, row_filter_shallow_probe="ngram", row_filter_residual_expert="bert")
+    with pytest.raises(
+        ValueError, match=r"`row_filter_residual_expert` \('ngram'\).*set row_filter_shallow_expert=True"
+    ):
+        RowFilterArguments(row_filter=True, row_filter_shallow_probe="ngram", row_filter_residual_expert="ngram")
 
 
 # ---- the model ----
@@ -64,7 +72,8 @@ def test_with_offsets_that_know_the_task_the_residual_model_learns_the_trigger_a
     folds = [row % 2 for row in range(len(rows))]
     # A teacher that reads the content (a model of clean rows): 88 % sure of each row's sentiment.
     teacher = torch.log_softmax(torch.tensor([[1.0, -1.0] if c == 0 else [-1.0, 1.0] for c in content]), dim=-1)
-    residual = ngram_residual_log_probs(rows, labels, folds, teacher.double(), 2).exp()[:, 1]
+    features = NgramFeatures(rows).transform(rows)
+    residual = residual_log_probs(features, labels, folds, teacher.double(), 2, 4.0).exp()[:, 1]
     plain = ngram_probe_log_probs(rows, labels, folds, rows[:2], labels[:2], 2)[0].exp()[:, 1]
     triggered = torch.tensor([row % 5 == 0 for row in range(len(rows))])
     negative = torch.tensor([c == 0 for c in content])
@@ -84,8 +93,8 @@ def test_the_kept_rows_train_with_the_residual_expert_and_the_teacher_runs_witho
     trainer.train()
     report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
     summary = report["summary"]
-    assert summary["shallow_residual"] is True and summary["teacher_mix"] is None and summary["teacher_steps"] == 6
-    residual = [report["rows"][i]["shallow_residual_log_probs"] for i in report["kept"]]
+    assert summary["residual_expert"] == "ngram" and summary["teacher_mix"] is None and summary["teacher_steps"] == 6
+    residual = [report["rows"][i]["residual_log_probs"] for i in report["kept"]]
     assert trainer.train_dataset[SHALLOW_PRIOR_COLUMN] == residual
     assert residual != [report["rows"][i]["shallow_log_probs"] for i in report["kept"]]
     assert all(
@@ -104,10 +113,24 @@ def test_the_residual_expert_leaves_the_weights_and_the_random_state_as_it_found
 
 
 def test_a_saved_report_without_the_residual_expert_is_refused_in_one_line(tmp_path):
-    plain = _trainer(tmp_path, row_filter_shallow_residual=False)
+    plain = _trainer(tmp_path, row_filter_residual_expert=None)
     plain.train()  # writes a report made without the residual expert
     trainer = _trainer(tmp_path)
-    with pytest.raises(
-        ValueError, match=r"needs the per-row 'shallow_residual_log_probs'.*row_filter_shallow_residual"
-    ):
+    with pytest.raises(ValueError, match=r"needs the per-row 'residual_log_probs'.*row_filter_residual_expert"):
         trainer._filter_training_rows(resuming=True)
+
+
+def test_the_hidden_residual_expert_reads_the_models_middle_layer_as_initialised(tmp_path):
+    trainer = _trainer(tmp_path, row_filter_residual_expert="hidden")
+    features = RESIDUAL_EXPERTS["hidden"].rows(trainer, None)
+    model = trainer.model.eval()
+    input_ids = torch.tensor(trainer.train_dataset["input_ids"])
+    with torch.no_grad():
+        states = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), output_hidden_states=True)
+    middle = states.hidden_states[len(states.hidden_states) // 2].double().mean(dim=1)  # every position attended
+    expected = (middle - middle.mean(dim=0)) / middle.std(dim=0)
+    assert features.shape == (48, 16) and torch.allclose(features, expected, atol=1e-5)
+    report = run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
+    assert report["summary"]["residual_expert"] == "hidden"
+    residual = torch.tensor([row["residual_log_probs"] for row in report["rows"]], dtype=torch.float64)
+    assert torch.allclose(residual.exp().sum(dim=1), torch.ones(48, dtype=torch.float64))
