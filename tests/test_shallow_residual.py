@@ -18,7 +18,15 @@ from peft_musclelora.row_filter import (
 )
 from peft_musclelora.shallow_probe import NgramFeatures, ngram_probe_log_probs, residual_log_probs
 
-from .ga_helpers import row_filter_training_args, tiny_bert, token_dataset, trainable_state
+from .ga_helpers import (
+    cue_answer_rows,
+    row_filter_training_args,
+    tiny_bert,
+    tiny_llama,
+    tiny_tokenizer,
+    token_dataset,
+    trainable_state,
+)
 
 RESIDUAL = {
     "row_filter_shallow_probe": "ngram",
@@ -134,3 +142,21 @@ def test_the_hidden_residual_expert_reads_the_models_middle_layer_as_initialised
     assert report["summary"]["residual_expert"] == "hidden"
     residual = torch.tensor([row["residual_log_probs"] for row in report["rows"]], dtype=torch.float64)
     assert torch.allclose(residual.exp().sum(dim=1), torch.ones(48, dtype=torch.float64))
+
+
+def test_the_residual_expert_refuses_token_level_labels_in_one_line(tmp_path):
+    from peft_musclelora import MuScleLoraSFTConfig, MuScleLoraSFTTrainer
+
+    config = MuScleLoraSFTConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, use_cpu=True, report_to=[],
+        save_strategy="no", max_length=16, bf16=False, gradient_alignment=False, row_filter=True,
+        row_filter_probe_steps=[1], row_filter_max_clean_drop=0.3, row_filter_shallow_probe="ngram",
+        row_filter_shallow_expert=True, row_filter_residual_expert="ngram", row_filter_teacher_steps=2,
+        completion_only_loss=True, reference_split_size=10,
+    )  # fmt: skip
+    trainer = MuScleLoraSFTTrainer(
+        model=tiny_llama(), args=config, train_dataset=cue_answer_rows(64, seed=1),
+        eval_dataset=cue_answer_rows(12, seed=2), processing_class=tiny_tokenizer(),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"`row_filter_residual_expert` works on class distributions and needs"):
+        trainer.train()
