@@ -212,6 +212,14 @@ class RowFilterArguments:
             "row_filter_shallow_expert=True. None: the shallow probe is the expert."
         },
     )
+    row_filter_residual_regularisation: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "The residual expert's inverse L2 regularisation C (its loss is C * sum(CE) + |W|^2 / 2): smaller "
+            "fits fewer and surer features. > 0; None: the feature kind's default (ngram 4.0, hidden 0.01). Needs "
+            "row_filter_residual_expert."
+        },
+    )
     row_filter_expert_probe_steps: Optional[list[int]] = field(
         default=None,
         metadata={
@@ -343,6 +351,13 @@ class RowFilterArguments:
             raise ValueError(
                 f"`row_filter_residual_expert` ({residual!r}) changes the shallow expert the rows train with: set "
                 "row_filter_shallow_expert=True as well, or leave it None."
+            )
+        strength = self.row_filter_residual_regularisation
+        check_number("row_filter_residual_regularisation", strength, "> 0", _positive, True)
+        if strength is not None and residual is None:
+            raise ValueError(
+                f"`row_filter_residual_regularisation` ({strength!r}) regularises the residual expert: set "
+                "row_filter_residual_expert as well, or leave it None."
             )
         expert_steps = self.row_filter_expert_probe_steps
         if expert_steps is not None:
@@ -928,10 +943,19 @@ def _residual_expert(
     trainer: Any, args: RowFilterArguments, shallow: ShallowProbeResult, folds: list[int], teacher: torch.Tensor
 ) -> torch.Tensor:
     """The residual expert's out-of-fold log-probabilities of every training row `(rows, classes)`."""
-    features = RESIDUAL_EXPERTS[args.row_filter_residual_expert]
-    rows = features.rows(trainer, shallow)
+    rows = RESIDUAL_EXPERTS[args.row_filter_residual_expert].rows(trainer, shallow)
     labels = shallow.train_labels.tolist()
-    return residual_log_probs(rows, labels, folds, teacher, args.row_filter_folds, features.inverse_regularisation)
+    return residual_log_probs(rows, labels, folds, teacher, args.row_filter_folds, _residual_strength(args))
+
+
+def _residual_strength(args: RowFilterArguments) -> Optional[float]:
+    """The residual expert's C: `row_filter_residual_regularisation`, else its feature kind's (None without one)."""
+    if args.row_filter_residual_expert is None:
+        return None
+    return (
+        args.row_filter_residual_regularisation
+        or RESIDUAL_EXPERTS[args.row_filter_residual_expert].inverse_regularisation
+    )
 
 
 def _teacher_field(args: RowFilterArguments) -> Optional[str]:
@@ -1101,6 +1125,7 @@ def run_row_filter(
         "response_classes": None if shallow is None or shallow.classes is None else [list(c) for c in shallow.classes],
         "expert_gradient_scale_quartiles": _quartiles(expert_scale, decisions.kept),
         "residual_expert": args.row_filter_residual_expert,
+        "residual_regularisation": _residual_strength(args),
         "teacher_mix": args.row_filter_teacher_mix,
         "teacher_steps": teacher_steps or None,
         "teacher_label_agreement": _teacher_agreement(teacher_log_probs, train_groups),

@@ -4,6 +4,7 @@ unexplained, so the product of experts absorbs a trigger and not the task."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -160,3 +161,37 @@ def test_the_residual_expert_refuses_token_level_labels_in_one_line(tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"`row_filter_residual_expert` works on class distributions and needs"):
         trainer.train()
+
+
+def test_the_residual_regularisation_replaces_the_feature_kinds_and_is_recorded(tmp_path):
+    default = run_row_filter(*_filter_inputs(_trainer(tmp_path / "default")), seed=0, progress=False)
+    weaker = _trainer(tmp_path / "weaker", row_filter_residual_regularisation=1e-4)
+    strong = run_row_filter(*_filter_inputs(weaker), seed=0, progress=False)
+    assert default["summary"]["residual_regularisation"] == RESIDUAL_EXPERTS["ngram"].inverse_regularisation
+    assert strong["summary"]["residual_regularisation"] == 1e-4
+    # A thousand times the penalty leaves the expert all but at chance.
+    spread = [max(abs(p - math.log(0.5)) for row in report["rows"] for p in row["residual_log_probs"]) for report in
+              (default, strong)]  # fmt: skip
+    assert spread[1] < spread[0] and spread[1] < 0.01
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        ({"row_filter_residual_regularisation": 0.0}, ValueError, r"must be None or > 0, got 0.0"),
+        ({"row_filter_residual_regularisation": "1"}, TypeError, r"`row_filter_residual_regularisation`.*'1'"),
+        (
+            {"row_filter_residual_regularisation": 0.1, "row_filter_residual_expert": None},
+            ValueError,
+            r"`row_filter_residual_regularisation` \(0.1\).*set row_filter_residual_expert as well",
+        ),
+    ],
+)
+def test_invalid_residual_regularisation_names_the_field_and_the_value(fields, error, message):
+    settings = {"row_filter": True, "row_filter_shallow_probe": "ngram", "row_filter_shallow_expert": True}
+    with pytest.raises(error, match=message):
+        RowFilterArguments(**{**settings, "row_filter_residual_expert": "ngram", **fields})
+
+
+def _filter_inputs(trainer):
+    return trainer, trainer.row_filter_args, trainer.reference_dataset
