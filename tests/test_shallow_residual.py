@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from peft_musclelora import MuScleLoraTrainer
+from peft_musclelora import MuScleLoraTrainer, row_filter
 from peft_musclelora.row_filter import (
     RESIDUAL_EXPERTS,
     ROW_FILTER_FILE,
@@ -195,3 +195,57 @@ def test_invalid_residual_regularisation_names_the_field_and_the_value(fields, e
 
 def _filter_inputs(trainer):
     return trainer, trainer.row_filter_args, trainer.reference_dataset
+
+
+def test_a_self_trained_teacher_learns_from_the_trusted_rows_and_the_training_rows_it_agrees_with(tmp_path):
+    relabelled = token_dataset(48, seed=1).map(lambda row, index: {"labels": 1 - row["labels"]} if index < 10 else {},
+                                               with_indices=True)  # fmt: skip
+    calls = []
+    train_teacher = row_filter._train_teacher
+
+    def recording(trainer, params, rows, *args, **kwargs):
+        calls.append(len(rows))
+        return train_teacher(trainer, params, rows, *args, **kwargs)
+
+    reports = []
+    for name, self_train in (("one", None), ("two", 0.6)):
+        trainer = MuScleLoraTrainer(
+            model=tiny_bert(seed=0),
+            args=row_filter_training_args(
+                tmp_path / name,
+                **{**RESIDUAL, "row_filter_teacher_steps": 20, "row_filter_teacher_self_train": self_train},
+            ),
+            train_dataset=relabelled,
+            reference_dataset=token_dataset(40, seed=2),
+        )
+        row_filter._train_teacher = recording
+        try:
+            reports.append(run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, 0, False))
+        finally:
+            row_filter._train_teacher = train_teacher
+    first_teacher = torch.tensor([row["teacher_log_probs"] for row in reports[0]["rows"]], dtype=torch.float64)
+    labels = torch.tensor(relabelled["labels"])
+    agreeing = (first_teacher.gather(1, labels[:, None])[:, 0] >= math.log(0.6)).nonzero().flatten().tolist()
+    # The first teacher contradicts the relabelled rows, which stay out of the second teacher's rows.
+    assert set(agreeing).isdisjoint(range(10)) and len(agreeing) > 30
+    assert calls == [40, 40, 40 + len(agreeing)]  # one round; then two: the trusted rows, with the agreeing rows
+    assert reports[1]["summary"]["teacher_self_train"] == 0.6
+    assert reports[1]["rows"][0]["teacher_log_probs"] != reports[0]["rows"][0]["teacher_log_probs"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        ({"row_filter_teacher_self_train": 0.5}, ValueError, r"must be None or in \(0.5, 1\), got 0.5"),
+        ({"row_filter_teacher_self_train": "0.8"}, TypeError, r"`row_filter_teacher_self_train`.*'0.8'"),
+        (
+            {"row_filter_teacher_self_train": 0.8, "row_filter_residual_expert": None},
+            ValueError,
+            r"`row_filter_teacher_self_train` \(0.8\) retrains the trusted teacher: set row_filter_teacher_mix",
+        ),
+    ],
+)
+def test_invalid_self_training_names_the_field_and_the_value(fields, error, message):
+    settings = {"row_filter": True, "row_filter_shallow_probe": "ngram", "row_filter_shallow_expert": True}
+    with pytest.raises(error, match=message):
+        RowFilterArguments(**{**settings, "row_filter_residual_expert": "ngram", **fields})
