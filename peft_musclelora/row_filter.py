@@ -975,18 +975,10 @@ def _residual_strength(args: RowFilterArguments) -> Optional[float]:
     )
 
 
-def _agreeing_rows(teacher_log_probs: torch.Tensor, train_dataset: Any, threshold: float) -> list[int]:
+def _agreeing_rows(teacher_log_probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> list[int]:
     """The training rows whose label the teacher gives a probability of at least `threshold`."""
-    labels = torch.tensor([int(label) for label in _labels_of(train_dataset)])
     label_log_probs = teacher_log_probs.gather(1, labels[:, None])[:, 0]
     return (label_log_probs >= math.log(threshold)).nonzero().flatten().tolist()
-
-
-def _labels_of(dataset: Any) -> list[Any]:
-    names = getattr(dataset, "column_names", None)
-    if isinstance(names, list) and "labels" in names:
-        return list(dataset["labels"])
-    return [dataset[row]["labels"] for row in range(len(dataset))]
 
 
 def _teacher_field(args: RowFilterArguments) -> Optional[str]:
@@ -1005,9 +997,9 @@ def _train_teacher(
     seed: int,
     bar: Any,
     field_name: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train the model on the trusted rows alone (seeded, the rate decaying to 0) and return its class
-    log-probabilities of every training row, shifted to the training labels' class balance, and that shift. The
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train the model on `reference_dataset` (seeded, the rate decaying to 0) and return its class log-probabilities
+    of every training row, shifted to the training labels' class balance, that shift and the training labels. The
     caller restores the weights."""
     torch.manual_seed(seed)
     order = torch.randperm(len(reference_dataset), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -1017,8 +1009,9 @@ def _train_teacher(
     # The trusted rows' class balance is not the training set's: shift the teacher so that it predicts each class as
     # often as the training labels give it (the maximum-likelihood offset's optimum), or it would contradict the rows
     # of the commoner class for their class alone. Ranks within a class are unchanged.
-    offset = fit_class_offset(raw_teacher, torch.tensor(labels))
-    return torch.log_softmax(raw_teacher + offset, dim=-1), offset
+    labels_t = torch.tensor(labels)
+    offset = fit_class_offset(raw_teacher, labels_t)
+    return torch.log_softmax(raw_teacher + offset, dim=-1), offset, labels_t
 
 
 def run_row_filter(
@@ -1069,14 +1062,14 @@ def run_row_filter(
     with torch.random.fork_rng(devices=devices):
         if teacher_field is not None:  # seeded on its own: the same teacher whatever else the run draws
             teacher_start = time.perf_counter()
-            teacher_log_probs, teacher_offset = _train_teacher(
+            teacher_log_probs, teacher_offset, labels = _train_teacher(
                 trainer, params, reference_dataset, teacher_steps, lr, seed, bar, teacher_field
             )
             _restore(params, initial)
             if args.row_filter_teacher_self_train is not None:
-                agreed = _agreeing_rows(teacher_log_probs, trainer.train_dataset, args.row_filter_teacher_self_train)
+                agreed = _agreeing_rows(teacher_log_probs, labels, args.row_filter_teacher_self_train)
                 extended = torch.utils.data.ConcatDataset([reference_dataset, subset_rows(train_dataset, agreed)])
-                teacher_log_probs, teacher_offset = _train_teacher(
+                teacher_log_probs, teacher_offset, _ = _train_teacher(
                     trainer, params, extended, teacher_steps, lr, seed, bar, teacher_field
                 )
                 _restore(params, initial)

@@ -200,6 +200,7 @@ def _filter_inputs(trainer):
 def test_a_self_trained_teacher_learns_from_the_trusted_rows_and_the_training_rows_it_agrees_with(tmp_path):
     relabelled = token_dataset(48, seed=1).map(lambda row, index: {"labels": 1 - row["labels"]} if index < 10 else {},
                                                with_indices=True)  # fmt: skip
+    relabelled = relabelled.rename_column("labels", "label")  # as the bench tokenises: the collator renames it
     calls = []
     train_teacher = row_filter._train_teacher
 
@@ -216,7 +217,7 @@ def test_a_self_trained_teacher_learns_from_the_trusted_rows_and_the_training_ro
                 **{**RESIDUAL, "row_filter_teacher_steps": 20, "row_filter_teacher_self_train": self_train},
             ),
             train_dataset=relabelled,
-            reference_dataset=token_dataset(40, seed=2),
+            reference_dataset=token_dataset(40, seed=2).rename_column("labels", "label"),
         )
         row_filter._train_teacher = recording
         try:
@@ -224,7 +225,7 @@ def test_a_self_trained_teacher_learns_from_the_trusted_rows_and_the_training_ro
         finally:
             row_filter._train_teacher = train_teacher
     first_teacher = torch.tensor([row["teacher_log_probs"] for row in reports[0]["rows"]], dtype=torch.float64)
-    labels = torch.tensor(relabelled["labels"])
+    labels = torch.tensor(relabelled["label"])
     agreeing = (first_teacher.gather(1, labels[:, None])[:, 0] >= math.log(0.6)).nonzero().flatten().tolist()
     # The first teacher contradicts the relabelled rows, which stay out of the second teacher's rows.
     assert set(agreeing).isdisjoint(range(10)) and len(agreeing) > 30
