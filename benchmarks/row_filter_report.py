@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -134,25 +135,30 @@ def main() -> None:
     print(json.dumps(report, indent=1))
 
 
-def _teacher_report(rows: list, mix: float, labels: np.ndarray, poisoned: np.ndarray, target: np.ndarray) -> dict:
-    """How the trusted teacher (`row_filter_teacher_mix`) sees the poisoned rows: the AUROC of `1 - p_teacher(label)`,
-    the mixed target's mass on the label per group, and the share of rows whose label the teacher contradicts."""
+def _teacher_report(
+    rows: list, mix: Optional[float], labels: np.ndarray, poisoned: np.ndarray, target: np.ndarray
+) -> dict:
+    """How the trusted teacher (`row_filter_teacher_mix`, or the residual expert's) sees the poisoned rows: the AUROC
+    of `1 - p_teacher(label)`, the mixed target's mass on the label per group (with a mix), and the share of rows
+    whose label the teacher contradicts."""
     teacher = np.exp(np.array([row["teacher_log_probs"] for row in rows]))
     on_label = teacher[np.arange(len(rows)), labels]
-    label_mass = 1 - mix + mix * on_label
     groups = (poisoned, ~poisoned & target, ~poisoned & ~target)
-    return {
+    report = {
         "teacher: auroc of 1 - p(label), all rows / within label 1": [
             round(auroc(1 - on_label, poisoned), 3),
             round(auroc(1 - on_label[target], poisoned[target]), 3),
-        ],
-        "teacher: mean target mass on the label (poisoned, clean target-label, clean other-label)": [
-            round(float(label_mass[group].mean()), 3) for group in groups
         ],
         "teacher: share contradicting the label (poisoned, clean target-label, clean other-label)": [
             round(float((on_label[group] < 0.5).mean()), 3) for group in groups
         ],
     }
+    if mix is not None:
+        label_mass = 1 - mix + mix * on_label
+        report["teacher: mean target mass on the label (poisoned, clean target-label, clean other-label)"] = [
+            round(float(label_mass[group].mean()), 3) for group in groups
+        ]
+    return report
 
 
 SHALLOW_EXPERT_WEIGHTS = (1.0, 2.0, 4.0, 6.0, 8.0, 16.0)
