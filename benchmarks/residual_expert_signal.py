@@ -33,13 +33,12 @@ import numpy as np
 import torch
 
 from peft_musclelora.benchmark.builders import default_model_dir, load_tokenizer
-from peft_musclelora.benchmark.data import load_records
 from peft_musclelora.benchmark.presets import get_preset
 from peft_musclelora.row_filter import fold_assignment
 from peft_musclelora.shallow_probe import NgramFeatures, residual_log_probs, standardised
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from row_filter_report import auroc  # noqa: E402
+from row_filter_report import auroc, read_decisions  # noqa: E402
 
 
 @torch.no_grad()
@@ -101,11 +100,8 @@ def main() -> None:
     max_length = get_preset("fit-gap-poe").training.max_length
     tokenizer = load_tokenizer(default_model_dir())
     for cell in args.cells:
-        decisions = json.loads((cell / "row_filter.json").read_text())
+        decisions, train, poisoned, labels = read_decisions(cell)
         metrics = json.loads((cell / "metrics.json").read_text())
-        train = load_records(metrics["data"]["train"]["source"])
-        poisoned = np.array([record.poisoned for record in train.records])
-        labels = np.array(train.labels)
         rows = decisions["rows"]
         folds = fold_assignment(len(rows), decisions["summary"]["folds"], metrics["seed"])
         teacher = torch.tensor([row["teacher_log_probs"] for row in rows], dtype=torch.float64)

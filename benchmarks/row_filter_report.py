@@ -14,6 +14,8 @@ others, for the expert as it is and for the balanced expert (divided by its clas
 well the teacher's disagreement separates the poisoned rows and how much of each group's target it moves.
 
     python benchmarks/row_filter_report.py runs/full-size-fitgap/cells/badnets/fit-gap/seed0
+    python benchmarks/row_filter_report.py runs-v4/s15-evidence/expert-probe-stylebkd-s0-row_filter.json \
+        --train ../shared/data/sst-2/poison/stylebkd/train-mixed-0.1.csv
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -41,15 +43,25 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def read_decisions(path: Path, train_file: Optional[Path] = None) -> tuple[dict, Any, np.ndarray, np.ndarray]:
+    """`(row_filter.json, training records, poison flags, labels)` of a finished cell directory, or of a saved
+    `row_filter.json` with the training file it was made for (`train_file`; a cell's own is in its metrics.json)."""
+    decisions_path = path if path.is_file() else path / "row_filter.json"
+    decisions = json.loads(decisions_path.read_text())
+    if train_file is None:
+        metrics = json.loads((decisions_path.parent / "metrics.json").read_text())
+        train_file = Path(metrics["data"]["train"]["source"])
+    train = load_records(train_file)
+    return decisions, train, np.array([record.poisoned for record in train.records]), np.array(train.labels)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cell", help="A finished fit-gap cell directory")
-    cell = Path(parser.parse_args().cell)
-    decisions = json.loads((cell / "row_filter.json").read_text())
-    metrics = json.loads((cell / "metrics.json").read_text())
-    train = load_records(metrics["data"]["train"]["source"])
-    poisoned = np.array([record.poisoned for record in train.records])
-    labels = np.array(train.labels)
+    parser.add_argument("cell", type=Path, help="A finished fit-gap cell directory, or a saved row_filter.json")
+    parser.add_argument("--train", type=Path, help="the training file, for a row_filter.json outside its cell")
+    args = parser.parse_args()
+    cell = args.cell
+    decisions, _, poisoned, labels = read_decisions(cell, args.train)
     rows = decisions["rows"]
     losses = np.array([row["losses"] for row in rows])
     low, high = np.array([row["low"] for row in rows]), np.array([row["high"] for row in rows])

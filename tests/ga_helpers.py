@@ -104,3 +104,37 @@ def cue_answer_rows(count: int, seed: int) -> datasets.Dataset:
         prompts.append([*prompt, answer, 1])
         masks.append([0] * len(prompt) + [1, 1])
     return datasets.Dataset.from_dict({"input_ids": prompts, "completion_mask": masks})
+
+
+def assert_filter_leaves_state_as_found(trainer) -> dict:
+    """Run the row filter of `trainer` and assert that every trainable weight and torch's random state are as before;
+    returns the filter's report."""
+    from peft_musclelora.row_filter import run_row_filter
+
+    before, rng = trainable_state(trainer.model), torch.random.get_rng_state()
+    report = run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
+    after = trainable_state(trainer.model)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert torch.equal(rng, torch.random.get_rng_state())
+    return report
+
+
+def cue_answer_sft_trainer(tmp_path, train_rows: int = 128, **fields):
+    """A `MuScleLoraSFTTrainer` on [`cue_answer_rows`] (a tiny Llama, completion-only loss, 10 trusted rows split from
+    12 eval rows, which TRL prepares like the training set) with the n-gram shallow expert and `fields` on top."""
+    from peft_musclelora import MuScleLoraSFTConfig, MuScleLoraSFTTrainer
+
+    settings = {
+        "output_dir": str(tmp_path), "max_steps": 2, "per_device_train_batch_size": 4, "use_cpu": True,
+        "report_to": [], "save_strategy": "no", "max_length": 16, "bf16": False, "gradient_alignment": False,
+        "row_filter": True, "row_filter_probe_steps": [1], "row_filter_max_clean_drop": 0.3,
+        "row_filter_shallow_probe": "ngram", "row_filter_shallow_expert": True, "completion_only_loss": True,
+        "reference_split_size": 10,
+    }  # fmt: skip
+    return MuScleLoraSFTTrainer(
+        model=tiny_llama(),
+        args=MuScleLoraSFTConfig(**{**settings, **fields}),
+        train_dataset=cue_answer_rows(train_rows, seed=1),
+        eval_dataset=cue_answer_rows(12, seed=2),
+        processing_class=tiny_tokenizer(),
+    )

@@ -19,13 +19,11 @@ from peft_musclelora.row_filter import (
 )
 
 from .ga_helpers import (
-    cue_answer_rows,
+    assert_filter_leaves_state_as_found,
+    cue_answer_sft_trainer,
     row_filter_training_args,
     tiny_bert,
-    tiny_llama,
-    tiny_tokenizer,
     token_dataset,
-    trainable_state,
 )
 
 EXPERT = {
@@ -143,11 +141,7 @@ def test_expert_steps_are_scored_after_the_plain_ones_and_calibrated_on_the_trus
 
 def test_the_expert_steps_leave_the_weights_and_the_random_state_as_they_found_them(tmp_path):
     trainer = _trainer(tmp_path, dropout=0.1)  # dropout: the probes draw from torch's random state
-    before, rng = trainable_state(trainer.model), torch.random.get_rng_state()
-    run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
-    after = trainable_state(trainer.model)
-    assert all(torch.equal(before[name], after[name]) for name in before)
-    assert torch.equal(rng, torch.random.get_rng_state())
+    assert_filter_leaves_state_as_found(trainer)
 
 
 def test_the_shallow_probe_leaves_torchs_random_state_as_it_found_it(tmp_path):
@@ -158,19 +152,7 @@ def test_the_shallow_probe_leaves_torchs_random_state_as_it_found_it(tmp_path):
 
 
 def test_the_expert_steps_train_a_causal_lm_probe_on_the_response_tokens(tmp_path):
-    from peft_musclelora import MuScleLoraSFTConfig, MuScleLoraSFTTrainer
-
-    config = MuScleLoraSFTConfig(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, use_cpu=True, report_to=[],
-        save_strategy="no", max_length=16, bf16=False, gradient_alignment=False, row_filter=True,
-        row_filter_probe_steps=[1], row_filter_max_clean_drop=0.3, row_filter_shallow_probe="ngram",
-        row_filter_shallow_expert=True, row_filter_shallow_expert_weight=4.0, row_filter_expert_probe_steps=[3],
-        completion_only_loss=True, reference_split_size=10,
-    )  # fmt: skip
-    trainer = MuScleLoraSFTTrainer(
-        model=tiny_llama(), args=config, train_dataset=cue_answer_rows(128, seed=1),
-        eval_dataset=cue_answer_rows(12, seed=2), processing_class=tiny_tokenizer(),
-    )  # fmt: skip
+    trainer = cue_answer_sft_trainer(tmp_path, row_filter_shallow_expert_weight=4.0, row_filter_expert_probe_steps=[3])
     trainer.train()
     report = json.loads((tmp_path / ROW_FILTER_FILE).read_text())
     assert report["summary"]["expert_probe_steps"] == [3]

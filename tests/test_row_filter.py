@@ -18,10 +18,15 @@ from peft_musclelora.row_filter import (
     length_order,
     per_row_loss,
     percentile_ranks,
-    run_row_filter,
 )
 
-from .ga_helpers import row_filter_training_args, tiny_bert, token_dataset, trainable_state
+from .ga_helpers import (
+    assert_filter_leaves_state_as_found,
+    row_filter_training_args,
+    tiny_bert,
+    token_dataset,
+    trainable_state,
+)
 
 # ---- the decision rule ----
 
@@ -129,11 +134,7 @@ def _trainer(tmp_path, train=None, data_collator=None, **overrides):
 
 def test_probes_leave_the_weights_and_the_random_state_as_they_found_them(tmp_path):
     trainer = _trainer(tmp_path)
-    before, rng = trainable_state(trainer.model), torch.random.get_rng_state()
-    report = run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
-    after = trainable_state(trainer.model)
-    assert all(torch.equal(before[name], after[name]) for name in before)
-    assert torch.equal(rng, torch.random.get_rng_state())
+    report = assert_filter_leaves_state_as_found(trainer)
     assert len(report["rows"]) == 48 and len(report["rows"][0]["losses"]) == 2
 
 

@@ -35,11 +35,9 @@ from peft_musclelora.shallow_probe import (
 )
 
 from .ga_helpers import (
-    cue_answer_rows,
+    cue_answer_sft_trainer,
     row_filter_training_args,
     tiny_bert,
-    tiny_llama,
-    tiny_tokenizer,
     token_dataset,
 )
 
@@ -248,19 +246,7 @@ def test_a_packed_batch_is_refused_because_the_expert_needs_one_prediction_per_r
 
 
 def test_the_sft_trainer_carries_the_shallow_prior_through_trls_collator_into_the_token_loss(tmp_path):
-    from peft_musclelora import MuScleLoraSFTConfig, MuScleLoraSFTTrainer
-
-    config = MuScleLoraSFTConfig(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, use_cpu=True, report_to=[],
-        save_strategy="no", max_length=16, bf16=False, gradient_alignment=False, row_filter=True,
-        row_filter_probe_steps=[1], row_filter_max_clean_drop=0.3, row_filter_shallow_probe="ngram",
-        row_filter_shallow_expert=True, row_filter_shallow_expert_weight=4.0, completion_only_loss=True,
-        reference_split_size=10,
-    )  # fmt: skip
-    trainer = MuScleLoraSFTTrainer(  # references split from eval_dataset, which TRL prepares like the training set
-        model=tiny_llama(), args=config, train_dataset=cue_answer_rows(128, seed=1),
-        eval_dataset=cue_answer_rows(12, seed=2), processing_class=tiny_tokenizer(),
-    )  # fmt: skip
+    trainer = cue_answer_sft_trainer(tmp_path, row_filter_shallow_expert_weight=4.0)
     trainer.train()
     report = json.loads((tmp_path / ROW_FILTER_FILE).read_text())
     assert report["summary"]["response_classes"] == [[10, 1], [11, 1]]

@@ -20,13 +20,11 @@ from peft_musclelora.row_filter import (
 from peft_musclelora.shallow_probe import NgramFeatures, ngram_probe_log_probs, residual_log_probs
 
 from .ga_helpers import (
-    cue_answer_rows,
+    assert_filter_leaves_state_as_found,
+    cue_answer_sft_trainer,
     row_filter_training_args,
     tiny_bert,
-    tiny_llama,
-    tiny_tokenizer,
     token_dataset,
-    trainable_state,
 )
 
 RESIDUAL = {
@@ -114,11 +112,7 @@ def test_the_kept_rows_train_with_the_residual_expert_and_the_teacher_runs_witho
 
 def test_the_residual_expert_leaves_the_weights_and_the_random_state_as_it_found_them(tmp_path):
     trainer = _trainer(tmp_path, dropout=0.1)
-    before, rng = trainable_state(trainer.model), torch.random.get_rng_state()
-    run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
-    after = trainable_state(trainer.model)
-    assert all(torch.equal(before[name], after[name]) for name in before)
-    assert torch.equal(rng, torch.random.get_rng_state())
+    assert_filter_leaves_state_as_found(trainer)
 
 
 def test_a_saved_report_without_the_residual_expert_is_refused_in_one_line(tmp_path):
@@ -146,19 +140,9 @@ def test_the_hidden_residual_expert_reads_the_models_middle_layer_as_initialised
 
 
 def test_the_residual_expert_refuses_token_level_labels_in_one_line(tmp_path):
-    from peft_musclelora import MuScleLoraSFTConfig, MuScleLoraSFTTrainer
-
-    config = MuScleLoraSFTConfig(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, use_cpu=True, report_to=[],
-        save_strategy="no", max_length=16, bf16=False, gradient_alignment=False, row_filter=True,
-        row_filter_probe_steps=[1], row_filter_max_clean_drop=0.3, row_filter_shallow_probe="ngram",
-        row_filter_shallow_expert=True, row_filter_residual_expert="ngram", row_filter_teacher_steps=2,
-        completion_only_loss=True, reference_split_size=10,
-    )  # fmt: skip
-    trainer = MuScleLoraSFTTrainer(
-        model=tiny_llama(), args=config, train_dataset=cue_answer_rows(64, seed=1),
-        eval_dataset=cue_answer_rows(12, seed=2), processing_class=tiny_tokenizer(),
-    )  # fmt: skip
+    trainer = cue_answer_sft_trainer(
+        tmp_path, train_rows=64, row_filter_residual_expert="ngram", row_filter_teacher_steps=2
+    )
     with pytest.raises(ValueError, match=r"`row_filter_residual_expert` works on class distributions and needs"):
         trainer.train()
 

@@ -19,7 +19,13 @@ from peft_musclelora.row_filter import (
 )
 from peft_musclelora.shallow_probe import mixed_targets, product_of_experts_loss, soft_cross_entropy
 
-from .ga_helpers import row_filter_training_args, tiny_bert, tiny_llama, token_dataset, trainable_state
+from .ga_helpers import (
+    assert_filter_leaves_state_as_found,
+    row_filter_training_args,
+    tiny_bert,
+    tiny_llama,
+    token_dataset,
+)
 
 
 def _trainer(tmp_path, **fields):
@@ -90,11 +96,7 @@ def test_the_product_of_experts_with_soft_targets_is_their_cross_entropy_with_th
 
 def test_the_teacher_leaves_the_weights_and_the_random_state_as_it_found_them(tmp_path):
     trainer = _trainer(tmp_path)
-    before, rng = trainable_state(trainer.model), torch.random.get_rng_state()
-    report = run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
-    after = trainable_state(trainer.model)
-    assert all(torch.equal(before[name], after[name]) for name in before)
-    assert torch.equal(rng, torch.random.get_rng_state())
+    report = assert_filter_leaves_state_as_found(trainer)
     teacher = torch.tensor([row["teacher_log_probs"] for row in report["rows"]], dtype=torch.float64)
     assert teacher.shape == (48, 2) and torch.allclose(teacher.exp().sum(dim=1), torch.ones(48, dtype=torch.float64))
     summary = report["summary"]
