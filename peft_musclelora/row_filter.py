@@ -38,11 +38,14 @@ from tqdm.auto import tqdm
 from ._checks import check_bool, check_int, check_number
 from .bias_refit import fit_class_offset
 from .shallow_probe import (
+    EXPERT_GATES,
     SHALLOW_EXPERT_LOSSES,
     SHALLOW_PROBES,
+    TEACHER_MIX_GATES,
     NgramFeatures,
     balanced_log_probs,
     expert_gradient_scale,
+    gated_log_probs,
     residual_log_probs,
     response_classes,
     standardised,
@@ -199,6 +202,17 @@ class RowFilterArguments:
             "model less gradient and the model alone ends up biased against it. Needs row_filter_shallow_expert=True."
         },
     )
+    row_filter_shallow_expert_gate: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Temper the shallow expert row by row before it is weighted: 'teacher_doubt' multiplies each "
+            "row's expert log-probabilities by 1 - p_teacher(label), the trusted teacher's doubt about the row's "
+            "label, so the product of experts acts where a model of the trusted rows contradicts the label (a "
+            "relabelled row) and a row the teacher confirms trains on the model's own cross-entropy. Trains the "
+            "teacher (row_filter_teacher_steps). Class labels only; needs row_filter_shallow_expert=True. None: the "
+            "whole expert on every row."
+        },
+    )
     row_filter_residual_expert: Optional[str] = field(
         default=None,
         metadata={
@@ -241,6 +255,17 @@ class RowFilterArguments:
             "contradicts (a relabelled row) then pulls the model less far towards its label. In (0, 0.5], so the "
             "label keeps at least half of the target and is never overturned; None: the label alone. Class labels "
             "only; needs row_filter=True."
+        },
+    )
+    row_filter_teacher_mix_gate: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Scale each kept row's teacher share row_filter_teacher_mix, at every step, by 'model_doubt': "
+            "1 - p(label) under the model being trained (alone, without the shallow expert; no gradient), so the "
+            "teacher pulls a row only while the model does not fit its label by itself: a clean row the model has "
+            "learned trains on its label alone, whatever the teacher's error, and a relabelled row the model does "
+            "not fit (under the product of experts) keeps the teacher's pull. Needs row_filter_teacher_mix. None: "
+            "the same share for every row."
         },
     )
     row_filter_teacher_self_train: Optional[float] = field(
@@ -352,6 +377,16 @@ class RowFilterArguments:
                 "`row_filter_shallow_expert_balanced` divides the shallow expert by its class prior: set "
                 "row_filter_shallow_expert=True as well, or leave it False (got True)."
             )
+        gate = self.row_filter_shallow_expert_gate
+        if gate is not None and gate not in EXPERT_GATES:
+            raise ValueError(
+                f"`row_filter_shallow_expert_gate` must be None or one of {sorted(EXPERT_GATES)}, got {gate!r}."
+            )
+        if gate is not None and not self.row_filter_shallow_expert:
+            raise ValueError(
+                f"`row_filter_shallow_expert_gate` ({gate!r}) tempers the shallow expert the rows train with: set "
+                "row_filter_shallow_expert=True as well, or leave it None."
+            )
         residual = self.row_filter_residual_expert
         if residual is not None and residual not in RESIDUAL_EXPERTS:
             raise ValueError(
@@ -389,6 +424,16 @@ class RowFilterArguments:
             raise ValueError(
                 f"`row_filter_teacher_mix` ({mix!r}) trains the kept rows with the trusted teacher: set "
                 "row_filter=True as well, or leave it None."
+            )
+        mix_gate = self.row_filter_teacher_mix_gate
+        if mix_gate is not None and mix_gate not in TEACHER_MIX_GATES:
+            raise ValueError(
+                f"`row_filter_teacher_mix_gate` must be None or one of {sorted(TEACHER_MIX_GATES)}, got {mix_gate!r}."
+            )
+        if mix_gate is not None and mix is None:
+            raise ValueError(
+                f"`row_filter_teacher_mix_gate` ({mix_gate!r}) scales the teacher's share of each target: set "
+                "row_filter_teacher_mix as well, or leave it None."
             )
         check_int("row_filter_teacher_steps", self.row_filter_teacher_steps)
         self_train = self.row_filter_teacher_self_train
@@ -902,12 +947,18 @@ def shallow_expert_log_probs(log_probs: Any, args: RowFilterArguments) -> torch.
 
 def saved_expert_log_probs(rows: Sequence[dict[str, Any]], args: RowFilterArguments) -> torch.Tensor:
     """The shallow expert the rows train with, from the per-row entries of `row_filter.json`: the residual expert's
-    predictions with `row_filter_residual_expert`, else the shallow probe's, through [`shallow_expert_log_probs`].
-    Raises `KeyError` naming the missing entry."""
+    predictions with `row_filter_residual_expert`, else the shallow probe's, through [`shallow_expert_log_probs`],
+    tempered by each row's saved `expert_gate` with `row_filter_shallow_expert_gate`
+    ([`~shallow_probe.gated_log_probs`]). Raises `KeyError` naming the missing entry."""
     key = "residual_log_probs" if args.row_filter_residual_expert is not None else "shallow_log_probs"
-    if any(key not in row for row in rows):
-        raise KeyError(key)
-    return shallow_expert_log_probs([row[key] for row in rows], args)
+    keys = [key] + ["expert_gate"] * (args.row_filter_shallow_expert_gate is not None)
+    for name in keys:
+        if any(name not in row for row in rows):
+            raise KeyError(name)
+    expert = shallow_expert_log_probs([row[key] for row in rows], args)
+    if args.row_filter_shallow_expert_gate is None:
+        return expert
+    return gated_log_probs(expert, torch.tensor([row["expert_gate"] for row in rows], dtype=torch.float64))
 
 
 def _teacher_agreement(teacher_log_probs: Optional[torch.Tensor], labels: list[int]) -> Optional[float]:
@@ -985,6 +1036,8 @@ def _teacher_field(args: RowFilterArguments) -> Optional[str]:
     """The knob that needs the trusted teacher (named in its errors), or None when none does."""
     if args.row_filter_teacher_mix is not None:
         return "row_filter_teacher_mix"
+    if args.row_filter_shallow_expert_gate is not None:
+        return "row_filter_shallow_expert_gate"
     return "row_filter_residual_expert" if args.row_filter_residual_expert is not None else None
 
 
@@ -1074,12 +1127,16 @@ def run_row_filter(
                 )
                 _restore(params, initial)
             teacher_seconds = time.perf_counter() - teacher_start
-        expert = None
+        expert, gate = None, None
         if shallow is not None and args.row_filter_shallow_expert:
             if args.row_filter_residual_expert is not None:
                 assert teacher_log_probs is not None  # the residual expert trains the teacher
                 residual = _residual_expert(trainer, args, shallow, folds, teacher_log_probs)
             expert = shallow_expert_log_probs(shallow.train_log_probs if residual is None else residual, args)
+            if args.row_filter_shallow_expert_gate is not None:
+                assert teacher_log_probs is not None  # the gate trains the teacher
+                gate = EXPERT_GATES[args.row_filter_shallow_expert_gate](teacher_log_probs, shallow.train_labels)
+                expert = gated_log_probs(expert, gate)
             if expert_steps and shallow.classes is not None:  # the token-level loss maps responses to these classes
                 trainer._shallow_response_classes = shallow.classes
         torch.manual_seed(seed)
@@ -1140,6 +1197,7 @@ def run_row_filter(
         | ({"shallow_log_probs": shallow.train_log_probs[row].tolist()} if shallow is not None else {})
         | ({"expert_gradient_scale": float(expert_scale[row])} if expert_scale is not None else {})
         | ({"teacher_log_probs": teacher_log_probs[row].tolist()} if teacher_log_probs is not None else {})
+        | ({"expert_gate": float(gate[row])} if gate is not None else {})
         | ({"residual_log_probs": residual[row].tolist()} if residual is not None else {})
         for row in range(num_rows)
     ]
@@ -1155,12 +1213,15 @@ def run_row_filter(
         "shallow_expert_weight": args.row_filter_shallow_expert_weight,
         "shallow_expert_loss": args.row_filter_shallow_expert_loss,
         "shallow_expert_balanced": args.row_filter_shallow_expert_balanced,
+        "shallow_expert_gate": args.row_filter_shallow_expert_gate,
+        "expert_gate_quartiles": _quartiles(gate, decisions.kept),
         "shallow_class_prior": None if shallow is None else shallow.train_log_probs.exp().mean(dim=0).tolist(),
         "response_classes": None if shallow is None or shallow.classes is None else [list(c) for c in shallow.classes],
         "expert_gradient_scale_quartiles": _quartiles(expert_scale, decisions.kept),
         "residual_expert": args.row_filter_residual_expert,
         "residual_regularisation": _residual_strength(args),
         "teacher_mix": args.row_filter_teacher_mix,
+        "teacher_mix_gate": args.row_filter_teacher_mix_gate,
         "teacher_steps": teacher_steps or None,
         "teacher_self_train": args.row_filter_teacher_self_train,
         "teacher_label_agreement": _teacher_agreement(teacher_log_probs, train_groups),

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -425,18 +425,73 @@ def balanced_log_probs(log_probs: torch.Tensor, class_prior: torch.Tensor) -> to
     return torch.log_softmax(log_probs - class_prior.to(log_probs).log(), dim=-1)
 
 
-def mixed_targets(labels: torch.Tensor, teacher_log_probs: torch.Tensor, mix: float) -> torch.Tensor:
+def teacher_doubt_gate(teacher_log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, `1 - p_teacher(label)`: how far the trusted teacher doubts the row's label, in [0, 1]
+    (`row_filter_shallow_expert_gate="teacher_doubt"`).
+
+    Example:
+        >>> teacher = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1]]))
+        >>> [round(g, 3) for g in teacher_doubt_gate(teacher, torch.tensor([0, 1])).tolist()]
+        [0.1, 0.9]
+    """
+    label_log_probs = teacher_log_probs.gather(1, labels.long()[:, None])[:, 0]
+    return (1.0 - label_log_probs.exp()).clamp(0.0, 1.0)
+
+
+def gated_log_probs(log_probs: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """The shallow expert tempered row by row, `gate * log p_shallow` (`(rows, classes)`): under the product of
+    experts a row with gate 0 trains on the model's own cross-entropy and a row with gate 1 on the whole expert.
+
+    The expert's class-prior sharpening pushes the model alone against the target on every row it is applied to,
+    the rows of the other class that a trusted model reads correctly included; gated by the teacher's doubt it
+    acts where the label is in question (a relabelled row) and leaves the rows the teacher confirms to train as
+    without it.
+
+    Example:
+        >>> log_probs = torch.log(torch.tensor([[0.2, 0.8], [0.2, 0.8]]))
+        >>> gated = gated_log_probs(log_probs, torch.tensor([0.0, 1.0]))
+        >>> [round(v, 3) for v in torch.log_softmax(gated, dim=-1).exp()[:, 1].tolist()]
+        [0.5, 0.8]
+    """
+    return log_probs * gate.to(log_probs)[:, None]
+
+
+EXPERT_GATES = {"teacher_doubt": teacher_doubt_gate}
+
+
+def mixed_targets(
+    labels: torch.Tensor, teacher_log_probs: torch.Tensor, mix: Union[float, torch.Tensor]
+) -> torch.Tensor:
     """Per row, the training target `(1 - mix) * onehot(label) + mix * p_teacher` `(batch, classes)`, float32 on
-    the labels' device (`row_filter_teacher_mix`).
+    the labels' device (`row_filter_teacher_mix`); `mix` is one share for every row or one per row `(batch,)`.
 
     Example:
         >>> teacher = torch.log(torch.tensor([[0.8, 0.2], [0.5, 0.5]]))
         >>> mixed_targets(torch.tensor([1, 0]), teacher, 0.5).tolist()
         [[0.4000000059604645, 0.6000000238418579], [0.75, 0.25]]
+        >>> mixed_targets(torch.tensor([1, 0]), teacher, torch.tensor([0.5, 0.0])).tolist()
+        [[0.4000000059604645, 0.6000000238418579], [1.0, 0.0]]
     """
     teacher = teacher_log_probs.to(device=labels.device, dtype=torch.float32).exp()
     one_hot = torch.nn.functional.one_hot(labels.long(), teacher.size(-1)).float()
-    return (1.0 - mix) * one_hot + mix * teacher
+    share = torch.as_tensor(mix, dtype=torch.float32, device=labels.device).reshape(-1, 1)
+    return (1.0 - share) * one_hot + share * teacher
+
+
+def model_doubt(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, `1 - p_model(label)` from the model's own `logits` `(batch, classes)`, without gradient
+    (`row_filter_teacher_mix_gate="model_doubt"`): the teacher's share of a row's target shrinks as the model
+    comes to fit the row's label by itself.
+
+    Example:
+        >>> [round(v, 3) for v in model_doubt(torch.tensor([[0.0, 0.0], [2.0, 0.0]]), torch.tensor([1, 0])).tolist()]
+        [0.5, 0.119]
+    """
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    return 1.0 - probs.gather(1, labels.long()[:, None])[:, 0]
+
+
+TEACHER_MIX_GATES = {"model_doubt": model_doubt}
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

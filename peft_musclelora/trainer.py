@@ -14,7 +14,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional, get_args
+from typing import Any, Optional, Union, get_args
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,7 +38,13 @@ from .row_filter import (
     subset_rows,
     with_column,
 )
-from .shallow_probe import SHALLOW_EXPERT_LOSSES, mixed_targets, product_of_experts_token_loss, soft_cross_entropy
+from .shallow_probe import (
+    SHALLOW_EXPERT_LOSSES,
+    TEACHER_MIX_GATES,
+    mixed_targets,
+    product_of_experts_token_loss,
+    soft_cross_entropy,
+)
 from .unlearning import isolation_evidence, run_unlearning
 
 # Resumable GA state, in a folder of its own inside each checkpoint so the Trainer's weight loading never sees it:
@@ -673,8 +679,7 @@ class GradientAlignmentMixin:
             loss = product_of_experts_token_loss(outputs.logits, labels, prior, classes, weight, items)
             return (loss, outputs) if return_outputs else loss
         outputs = model(**inputs)
-        mix = self.row_filter_args.row_filter_teacher_mix
-        targets = None if teacher is None else mixed_targets(labels, teacher, mix)
+        targets = None if teacher is None else mixed_targets(labels, teacher, self._teacher_share(outputs, labels))
         if prior is None:
             loss = soft_cross_entropy(outputs.logits, targets)
         else:
@@ -682,6 +687,11 @@ class GradientAlignmentMixin:
                 outputs.logits, labels, prior, weight, targets
             )
         return (loss, outputs) if return_outputs else loss
+
+    def _teacher_share(self, outputs: Any, labels: torch.Tensor) -> Union[float, torch.Tensor]:
+        """`row_filter_teacher_mix`, scaled per row by `row_filter_teacher_mix_gate` when one is set."""
+        mix, gate = self.row_filter_args.row_filter_teacher_mix, self.row_filter_args.row_filter_teacher_mix_gate
+        return mix if gate is None else mix * TEACHER_MIX_GATES[gate](outputs.logits, labels)
 
     def _maybe_align_gradients(self, model: torch.nn.Module) -> None:
         if not self.ga_args.gradient_alignment or self._ga_last_step == self.state.global_step:
@@ -970,9 +980,8 @@ def _with_shallow_prior(kept: Any, report: dict[str, Any], path: str, args: RowF
         # The balanced expert's prior is its mean over every training row, not only the kept ones.
         expert = saved_expert_log_probs(report["rows"], args)
     except KeyError as missing:
-        knob = (
-            "row_filter_residual_expert" if args.row_filter_residual_expert is not None else "row_filter_shallow_probe"
-        )
+        knobs = {"expert_gate": "row_filter_shallow_expert_gate", "residual_log_probs": "row_filter_residual_expert"}
+        knob = knobs.get(missing.args[0], "row_filter_shallow_probe")
         raise ValueError(
             f"`row_filter_shallow_expert=True` needs the per-row {missing}, and {path} has none: it was made without "
             f"{knob}. Delete it to probe again."

@@ -17,7 +17,13 @@ from peft_musclelora.row_filter import (
     RowFilterArguments,
     run_row_filter,
 )
-from peft_musclelora.shallow_probe import mixed_targets, product_of_experts_loss, soft_cross_entropy
+from peft_musclelora.shallow_probe import (
+    TEACHER_MIX_GATES,
+    mixed_targets,
+    model_doubt,
+    product_of_experts_loss,
+    soft_cross_entropy,
+)
 
 from .ga_helpers import (
     assert_filter_leaves_state_as_found,
@@ -184,6 +190,45 @@ def test_with_the_shallow_expert_the_mixed_target_trains_the_product_of_experts(
     targets = mixed_targets(inputs["labels"], teacher, 0.5)
     assert torch.allclose(
         loss, product_of_experts_loss(logits.logits, inputs["labels"], prior, 2.0, targets), atol=1e-6
+    )
+
+
+def test_the_mix_gate_is_one_of_the_registered_gates_and_needs_the_teacher_mix():
+    assert sorted(TEACHER_MIX_GATES) == ["model_doubt"]
+    with pytest.raises(
+        ValueError, match=r"`row_filter_teacher_mix_gate` must be None or one of \['model_doubt'\], got 'teacher'"
+    ):
+        RowFilterArguments(row_filter=True, row_filter_teacher_mix=0.5, row_filter_teacher_mix_gate="teacher")
+    with pytest.raises(ValueError, match=r"`row_filter_teacher_mix_gate` \('model_doubt'\).*row_filter_teacher_mix"):
+        RowFilterArguments(row_filter=True, row_filter_teacher_mix_gate="model_doubt")
+
+
+def test_the_model_doubt_is_one_minus_the_models_probability_of_the_label_and_carries_no_gradient():
+    logits = torch.tensor([[0.0, 0.0], [3.0, -1.0], [3.0, -1.0]], requires_grad=True)
+    doubt = model_doubt(logits, torch.tensor([1, 0, 1]))
+    p_first = 1 / (1 + torch.exp(torch.tensor(-4.0)))
+    assert torch.allclose(doubt, torch.stack([torch.tensor(0.5), 1 - p_first, p_first]))
+    assert not doubt.requires_grad
+
+
+def test_with_the_mix_gate_a_row_the_model_fits_trains_on_its_label_and_one_it_does_not_on_the_teacher_too(tmp_path):
+    trainer = _trainer(tmp_path, row_filter_teacher_mix_gate="model_doubt")
+    trainer.train()
+    report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
+    assert report["summary"]["teacher_mix_gate"] == "model_doubt"
+    batch = next(iter(trainer.get_train_dataloader()))
+    model, inputs = trainer.model.eval(), dict(batch.items())
+    teacher, labels = inputs[TEACHER_COLUMN].clone(), inputs["labels"]
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        logits = model(**{k: v for k, v in inputs.items() if k not in ("labels", TEACHER_COLUMN)}).logits
+    share = 0.5 * (1 - torch.softmax(logits, -1).gather(1, labels[:, None])[:, 0])
+    assert torch.allclose(loss, soft_cross_entropy(logits, mixed_targets(labels, teacher, share)), atol=1e-6)
+    # The share follows the model: a model sure of every label leaves every row its label alone.
+    sure = torch.where(torch.nn.functional.one_hot(labels, 2).bool(), 50.0, -50.0)
+    assert torch.allclose(
+        mixed_targets(labels, teacher, 0.5 * model_doubt(sure, labels)),
+        torch.nn.functional.one_hot(labels, 2).float(),
     )
 
 
