@@ -264,8 +264,9 @@ class RowFilterArguments:
             "1 - p(label) under the model being trained (alone, without the shallow expert; no gradient), so the "
             "teacher pulls a row only while the model does not fit its label by itself: a clean row the model has "
             "learned trains on its label alone, whatever the teacher's error, and a relabelled row the model does "
-            "not fit (under the product of experts) keeps the teacher's pull. Needs row_filter_teacher_mix. None: "
-            "the same share for every row."
+            "not fit (under the product of experts) keeps the teacher's pull; or by 'model_contradicts': 1 where the "
+            "model's most likely class is not the label, else 0. Needs row_filter_teacher_mix. None: the same share "
+            "for every row."
         },
     )
     row_filter_teacher_self_train: Optional[float] = field(

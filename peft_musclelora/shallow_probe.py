@@ -491,7 +491,19 @@ def model_doubt(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return 1.0 - probs.gather(1, labels.long()[:, None])[:, 0]
 
 
-TEACHER_MIX_GATES = {"model_doubt": model_doubt}
+def model_contradiction(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, 1 where the model's own most likely class (from `logits` `(batch, classes)`) is not the row's label
+    and 0 where it is (`row_filter_teacher_mix_gate="model_contradicts"`): the teacher pulls only the rows the model
+    does not yet predict correctly.
+
+    Example:
+        >>> model_contradiction(torch.tensor([[0.0, 1.0], [2.0, 0.0]]), torch.tensor([1, 1])).tolist()
+        [0.0, 1.0]
+    """
+    return (logits.detach().argmax(dim=-1) != labels).float()
+
+
+TEACHER_MIX_GATES = {"model_doubt": model_doubt, "model_contradicts": model_contradiction}
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

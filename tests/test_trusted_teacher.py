@@ -20,6 +20,7 @@ from peft_musclelora.row_filter import (
 from peft_musclelora.shallow_probe import (
     TEACHER_MIX_GATES,
     mixed_targets,
+    model_contradiction,
     model_doubt,
     product_of_experts_loss,
     soft_cross_entropy,
@@ -194,11 +195,12 @@ def test_with_the_shallow_expert_the_mixed_target_trains_the_product_of_experts(
 
 
 def test_the_mix_gate_is_one_of_the_registered_gates_and_needs_the_teacher_mix():
-    assert sorted(TEACHER_MIX_GATES) == ["model_doubt"]
+    assert sorted(TEACHER_MIX_GATES) == ["model_contradicts", "model_doubt"]
     with pytest.raises(
-        ValueError, match=r"`row_filter_teacher_mix_gate` must be None or one of \['model_doubt'\], got 'teacher'"
+        ValueError,
+        match=r"`row_filter_teacher_mix_gate` must be None or one of \['model_contradicts', 'model_doubt'\], got 't'",
     ):
-        RowFilterArguments(row_filter=True, row_filter_teacher_mix=0.5, row_filter_teacher_mix_gate="teacher")
+        RowFilterArguments(row_filter=True, row_filter_teacher_mix=0.5, row_filter_teacher_mix_gate="t")
     with pytest.raises(ValueError, match=r"`row_filter_teacher_mix_gate` \('model_doubt'\).*row_filter_teacher_mix"):
         RowFilterArguments(row_filter=True, row_filter_teacher_mix_gate="model_doubt")
 
@@ -209,6 +211,12 @@ def test_the_model_doubt_is_one_minus_the_models_probability_of_the_label_and_ca
     p_first = 1 / (1 + torch.exp(torch.tensor(-4.0)))
     assert torch.allclose(doubt, torch.stack([torch.tensor(0.5), 1 - p_first, p_first]))
     assert not doubt.requires_grad
+
+
+def test_the_model_contradiction_is_one_exactly_where_the_models_prediction_is_not_the_label():
+    logits = torch.tensor([[0.1, 0.0, 0.0], [0.0, 2.0, 1.0], [0.0, 2.0, 1.0]], requires_grad=True)
+    contradiction = model_contradiction(logits, torch.tensor([0, 2, 1]))
+    assert contradiction.tolist() == [0.0, 1.0, 0.0] and not contradiction.requires_grad
 
 
 def test_with_the_mix_gate_a_row_the_model_fits_trains_on_its_label_and_one_it_does_not_on_the_teacher_too(tmp_path):
