@@ -1,7 +1,7 @@
 """The named, documented method presets: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, `ga-lora-tuned` (this
-project's gradient-alignment recipe), the row filters `fit-gap`, `fit-gap-unlearn`, `fit-gap-poe` and
-`fit-gap-teacher`, `recommended` (currently `fit-gap-poe`), and the decoder-LLM presets `lora-llama` /
-`musclelora-llama` (the reference's Llama-2 hyper-parameters).
+project's gradient-alignment recipe), the row filters `fit-gap`, `fit-gap-unlearn`, `fit-gap-poe`,
+`fit-gap-teacher` and `fit-gap-gated`, `recommended` (currently `fit-gap-poe`), and the decoder-LLM presets
+`lora-llama` / `musclelora-llama` (the reference's Llama-2 hyper-parameters).
 
 A preset is a [`MethodPreset`] (see [`peft_musclelora.benchmark.settings`]). The reference recipe freezes the
 classification layer at its random initialisation when LoRA is used; `mslr`, `musclelora` and `ga-lora` do that
@@ -115,6 +115,20 @@ _FIT_GAP_TEACHER = MethodPreset(
     training=_row_filter_training(_FIT_GAP_POE, row_filter_shallow_expert_weight=4.0, row_filter_teacher_mix=0.5),
 )
 
+_FIT_GAP_GATED = MethodPreset(
+    name="fit-gap-gated",
+    description="Experimental (docs/results.md, session 16): fit-gap-teacher with the teacher's share gated by the "
+    "model being trained (row_filter_teacher_mix_gate=model_contradicts): a kept row trains on its label mixed half "
+    "and half with the trusted teacher's prediction only at the steps where the model's own most likely class is not "
+    "its label, so a clean row the model has learned trains on its label alone whatever the 400-row teacher thinks "
+    "of it, and a relabelled row, which the product of experts keeps the model from fitting, keeps the teacher's "
+    "pull. Class labels only. Full size, seed 2 (CACC / ASR): StyleBkd 86.2 / 22.9, SynBkd 86.9 / 26.0 (the "
+    "oracle 87.7 / 25.0 and 26.0), 0.4 under plain LoRA on unpoisoned data; the other seeds and attacks are in "
+    "docs/results.md. " + _COMMON,
+    adapter=AdapterSettings(kind="lora"),
+    training=_row_filter_training(_FIT_GAP_TEACHER, row_filter_teacher_mix_gate="model_contradicts"),
+)
+
 PRESETS: dict[str, MethodPreset] = {
     preset.name: preset
     for preset in (
@@ -166,6 +180,7 @@ PRESETS: dict[str, MethodPreset] = {
         _FIT_GAP_UNLEARN,
         _FIT_GAP_POE,
         _FIT_GAP_TEACHER,
+        _FIT_GAP_GATED,
         dataclasses.replace(
             _FIT_GAP_POE,
             name="recommended",

@@ -28,7 +28,7 @@ def cell_settings(method: str, items: list[str]) -> dict:
 
 def test_the_encoder_presets_exist_with_the_measured_defaults() -> None:
     encoder = ["full", "lora", "mslr", "musclelora", "ga-lora", "ga-lora-tuned"]
-    row_filters = ["fit-gap", "fit-gap-unlearn", "fit-gap-poe", "fit-gap-teacher"]
+    row_filters = ["fit-gap", "fit-gap-unlearn", "fit-gap-poe", "fit-gap-teacher", "fit-gap-gated"]
     assert list(PRESETS) == encoder + row_filters + ["recommended", "lora-llama", "musclelora-llama"]
     for preset in (PRESETS[name] for name in [*encoder, *row_filters, "recommended"]):
         assert preset.training.max_length == 64 and preset.training.per_device_train_batch_size == 32
@@ -278,6 +278,21 @@ def test_fit_gap_teacher_is_fit_gap_poe_at_weight_4_with_the_trusted_teacher() -
     kwargs = teacher.training.training_arguments_kwargs("out", seed=0)
     assert kwargs.items() >= changes.items() and kwargs["row_filter_teacher_steps"] == 144
     assert not kwargs["row_filter_refit_bias"]
+
+
+def test_fit_gap_gated_is_fit_gap_teacher_with_the_teachers_share_where_the_model_contradicts_the_label() -> None:
+    teacher, gated = PRESETS["fit-gap-teacher"], PRESETS["fit-gap-gated"]
+    assert gated.adapter == teacher.adapter
+    change = {"row_filter_teacher_mix_gate": "model_contradicts"}
+    assert gated.training == dataclasses.replace(
+        teacher.training, row_filter=dataclasses.replace(teacher.training.row_filter, **change)
+    )
+    # The settings session 16's cells ran with: fit-gap-unlearn and these `--set` items (benchmarks/fit_gap_cell.sh).
+    items = [
+        "row_filter_shallow_probe=ngram", "row_filter_shallow_expert=true", "row_filter_shallow_expert_weight=4",
+        "row_filter_teacher_mix=0.5", "row_filter_teacher_mix_gate=model_contradicts",
+    ]  # fmt: skip
+    assert get_preset("fit-gap-unlearn", items).training == gated.training
 
 
 def test_recommended_is_fit_gap_poe_under_its_own_name() -> None:
