@@ -497,6 +497,7 @@ class GradientAlignmentMixin:
         self._ga_last_step = -1
         self._ga_log: dict[str, float] = {}
         self._ga_logged_steps = 0
+        self._teacher_gate_sum, self._teacher_gate_rows = 0.0, 0  # `row_filter_teacher_mix_gate`, between logs
         self._ga_reference_source: Any = None
         self._ga_engine_checked = False
 
@@ -691,7 +692,13 @@ class GradientAlignmentMixin:
     def _teacher_share(self, outputs: Any, labels: torch.Tensor) -> Union[float, torch.Tensor]:
         """`row_filter_teacher_mix`, scaled per row by `row_filter_teacher_mix_gate` when one is set."""
         mix, gate = self.row_filter_args.row_filter_teacher_mix, self.row_filter_args.row_filter_teacher_mix_gate
-        return mix if gate is None else mix * TEACHER_MIX_GATES[gate](outputs.logits, labels)
+        if gate is None:
+            return mix
+        opened = TEACHER_MIX_GATES[gate](outputs.logits, labels)
+        if outputs.logits.requires_grad:  # a training step: logged as the mean since the last training log
+            self._teacher_gate_sum += float(opened.sum())
+            self._teacher_gate_rows += opened.numel()
+        return mix * opened
 
     def _maybe_align_gradients(self, model: torch.nn.Module) -> None:
         if not self.ga_args.gradient_alignment or self._ga_last_step == self.state.global_step:
@@ -848,10 +855,15 @@ class GradientAlignmentMixin:
         self._ga_logged_steps += 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """`Trainer.log`, adding the `ga/*` means since the last training log to training logs (those with `loss`)."""
+        """`Trainer.log`, adding to training logs (those with `loss`) the `ga/*` means since the last training log,
+        the row filter's summary once, and `row_filter/teacher_gate`, the mean teacher-mix gate over the rows trained
+        since the last training log (`row_filter_teacher_mix_gate`)."""
         if "loss" in logs and getattr(self, "_row_filter_log", None):
             logs.update(self._row_filter_log)  # once, with the first training log
             self._row_filter_log = {}
+        if "loss" in logs and self._teacher_gate_rows > 0:
+            logs["row_filter/teacher_gate"] = self._teacher_gate_sum / self._teacher_gate_rows
+            self._teacher_gate_sum, self._teacher_gate_rows = 0.0, 0
         if "loss" in logs and self._ga_logged_steps > 0:
             logs.update({key: value / self._ga_logged_steps for key, value in self._ga_log.items()})
             self._ga_log, self._ga_logged_steps = {}, 0

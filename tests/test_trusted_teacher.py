@@ -220,10 +220,12 @@ def test_the_model_contradiction_is_one_exactly_where_the_models_prediction_is_n
 
 
 def test_with_the_mix_gate_a_row_the_model_fits_trains_on_its_label_and_one_it_does_not_on_the_teacher_too(tmp_path):
-    trainer = _trainer(tmp_path, row_filter_teacher_mix_gate="model_doubt")
+    trainer = _trainer(tmp_path, row_filter_teacher_mix_gate="model_doubt", logging_steps=1)
     trainer.train()
     report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
     assert report["summary"]["teacher_mix_gate"] == "model_doubt"
+    gates = [entry["row_filter/teacher_gate"] for entry in trainer.state.log_history if "loss" in entry]
+    assert gates and all(0 < gate < 1 for gate in gates)  # the mean doubt over the rows trained since the last log
     batch = next(iter(trainer.get_train_dataloader()))
     model, inputs = trainer.model.eval(), dict(batch.items())
     teacher, labels = inputs[TEACHER_COLUMN].clone(), inputs["labels"]
