@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -345,10 +345,7 @@ class RowFilterArguments:
         check_number("row_filter_max_clean_drop", self.row_filter_max_clean_drop, "in (0, 0.5)", lambda v: 0 < v < 0.5)
         check_number("row_filter_probe_learning_rate", self.row_filter_probe_learning_rate, "> 0", _positive, True)
         shallow = self.row_filter_shallow_probe
-        if shallow is not None and shallow not in SHALLOW_PROBES:
-            raise ValueError(
-                f"`row_filter_shallow_probe` must be None or one of {sorted(SHALLOW_PROBES)}, got {shallow!r}."
-            )
+        _check_optional_choice("row_filter_shallow_probe", shallow, SHALLOW_PROBES)
         check_bool("row_filter_shallow_expert", self.row_filter_shallow_expert)
         if self.row_filter_shallow_expert and shallow is None:
             raise ValueError(
@@ -379,20 +376,14 @@ class RowFilterArguments:
                 "row_filter_shallow_expert=True as well, or leave it False (got True)."
             )
         gate = self.row_filter_shallow_expert_gate
-        if gate is not None and gate not in EXPERT_GATES:
-            raise ValueError(
-                f"`row_filter_shallow_expert_gate` must be None or one of {sorted(EXPERT_GATES)}, got {gate!r}."
-            )
+        _check_optional_choice("row_filter_shallow_expert_gate", gate, EXPERT_GATES)
         if gate is not None and not self.row_filter_shallow_expert:
             raise ValueError(
                 f"`row_filter_shallow_expert_gate` ({gate!r}) tempers the shallow expert the rows train with: set "
                 "row_filter_shallow_expert=True as well, or leave it None."
             )
         residual = self.row_filter_residual_expert
-        if residual is not None and residual not in RESIDUAL_EXPERTS:
-            raise ValueError(
-                f"`row_filter_residual_expert` must be None or one of {sorted(RESIDUAL_EXPERTS)}, got {residual!r}."
-            )
+        _check_optional_choice("row_filter_residual_expert", residual, RESIDUAL_EXPERTS)
         if residual is not None and not self.row_filter_shallow_expert:
             raise ValueError(
                 f"`row_filter_residual_expert` ({residual!r}) changes the shallow expert the rows train with: set "
@@ -427,10 +418,7 @@ class RowFilterArguments:
                 "row_filter=True as well, or leave it None."
             )
         mix_gate = self.row_filter_teacher_mix_gate
-        if mix_gate is not None and mix_gate not in TEACHER_MIX_GATES:
-            raise ValueError(
-                f"`row_filter_teacher_mix_gate` must be None or one of {sorted(TEACHER_MIX_GATES)}, got {mix_gate!r}."
-            )
+        _check_optional_choice("row_filter_teacher_mix_gate", mix_gate, TEACHER_MIX_GATES)
         if mix_gate is not None and mix is None:
             raise ValueError(
                 f"`row_filter_teacher_mix_gate` ({mix_gate!r}) scales the teacher's share of each target: set "
@@ -463,6 +451,12 @@ class RowFilterArguments:
         check_number("row_filter_unlearn_significance", significance, "in (0, 1)", lambda v: 0 < v < 1, True)
         guard = self.row_filter_unlearn_max_guard_drop
         check_number("row_filter_unlearn_max_guard_drop", guard, "in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def _check_optional_choice(name: str, value: Optional[str], registry: Mapping[str, Any]) -> None:
+    """`value` must be None or a key of `registry`; raises `ValueError` naming the field, the value and the keys."""
+    if value is not None and value not in registry:
+        raise ValueError(f"`{name}` must be None or one of {sorted(registry)}, got {value!r}.")
 
 
 def fold_assignment(num_rows: int, folds: int, seed: int) -> list[int]:
