@@ -425,17 +425,21 @@ def balanced_log_probs(log_probs: torch.Tensor, class_prior: torch.Tensor) -> to
     return torch.log_softmax(log_probs - class_prior.to(log_probs).log(), dim=-1)
 
 
-def teacher_doubt_gate(teacher_log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per row, `1 - p_teacher(label)`: how far the trusted teacher doubts the row's label, in [0, 1]
-    (`row_filter_shallow_expert_gate="teacher_doubt"`).
+def label_doubt(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, `1 - p(label)` with `p = softmax(scores)`, in float64 and without gradient: the doubt a model
+    (its logits) or a fixed predictor (its log-probabilities) has about each row's label. It is the gate
+    `"teacher_doubt"` of `row_filter_shallow_expert_gate` (on the trusted teacher's log-probabilities) and
+    `"model_doubt"` of `row_filter_teacher_mix_gate` (on the logits of the model being trained).
 
     Example:
         >>> teacher = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1]]))
-        >>> [round(g, 3) for g in teacher_doubt_gate(teacher, torch.tensor([0, 1])).tolist()]
+        >>> [round(g, 3) for g in label_doubt(teacher, torch.tensor([0, 1])).tolist()]
         [0.1, 0.9]
+        >>> [round(v, 3) for v in label_doubt(torch.tensor([[0.0, 0.0], [2.0, 0.0]]), torch.tensor([1, 0])).tolist()]
+        [0.5, 0.119]
     """
-    label_log_probs = teacher_log_probs.gather(1, labels.long()[:, None])[:, 0]
-    return (1.0 - label_log_probs.exp()).clamp(0.0, 1.0)
+    probs = torch.softmax(scores.detach().double(), dim=-1)
+    return 1.0 - probs.gather(1, labels.long().to(probs.device)[:, None])[:, 0]
 
 
 def gated_log_probs(log_probs: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -456,7 +460,7 @@ def gated_log_probs(log_probs: torch.Tensor, gate: torch.Tensor) -> torch.Tensor
     return log_probs * gate.to(log_probs)[:, None]
 
 
-EXPERT_GATES = {"teacher_doubt": teacher_doubt_gate}
+EXPERT_GATES = {"teacher_doubt": label_doubt}
 
 
 def mixed_targets(
@@ -478,19 +482,6 @@ def mixed_targets(
     return (1.0 - share) * one_hot + share * teacher
 
 
-def model_doubt(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per row, `1 - p_model(label)` from the model's own `logits` `(batch, classes)`, without gradient
-    (`row_filter_teacher_mix_gate="model_doubt"`): the teacher's share of a row's target shrinks as the model
-    comes to fit the row's label by itself.
-
-    Example:
-        >>> [round(v, 3) for v in model_doubt(torch.tensor([[0.0, 0.0], [2.0, 0.0]]), torch.tensor([1, 0])).tolist()]
-        [0.5, 0.119]
-    """
-    probs = torch.softmax(logits.detach().float(), dim=-1)
-    return 1.0 - probs.gather(1, labels.long()[:, None])[:, 0]
-
-
 def model_contradiction(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per row, 1 where the model's own most likely class (from `logits` `(batch, classes)`) is not the row's label
     and 0 where it is (`row_filter_teacher_mix_gate="model_contradicts"`): the teacher pulls only the rows the model
@@ -503,7 +494,7 @@ def model_contradiction(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return (logits.detach().argmax(dim=-1) != labels).float()
 
 
-TEACHER_MIX_GATES = {"model_doubt": model_doubt, "model_contradicts": model_contradiction}
+TEACHER_MIX_GATES = {"model_doubt": label_doubt, "model_contradicts": model_contradiction}
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

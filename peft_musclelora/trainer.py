@@ -497,7 +497,8 @@ class GradientAlignmentMixin:
         self._ga_last_step = -1
         self._ga_log: dict[str, float] = {}
         self._ga_logged_steps = 0
-        self._teacher_gate_sum, self._teacher_gate_rows = 0.0, 0  # `row_filter_teacher_mix_gate`, between logs
+        self._teacher_gate_sum: Any = 0.0  # `row_filter_teacher_mix_gate`: the gate's sum and rows between logs
+        self._teacher_gate_rows = 0
         self._ga_reference_source: Any = None
         self._ga_engine_checked = False
 
@@ -696,7 +697,7 @@ class GradientAlignmentMixin:
             return mix
         opened = TEACHER_MIX_GATES[gate](outputs.logits, labels)
         if outputs.logits.requires_grad:  # a training step: logged as the mean since the last training log
-            self._teacher_gate_sum += float(opened.sum())
+            self._teacher_gate_sum = self._teacher_gate_sum + opened.sum()  # a tensor: no device sync per step
             self._teacher_gate_rows += opened.numel()
         return mix * opened
 
@@ -862,7 +863,7 @@ class GradientAlignmentMixin:
             logs.update(self._row_filter_log)  # once, with the first training log
             self._row_filter_log = {}
         if "loss" in logs and self._teacher_gate_rows > 0:
-            logs["row_filter/teacher_gate"] = self._teacher_gate_sum / self._teacher_gate_rows
+            logs["row_filter/teacher_gate"] = float(self._teacher_gate_sum) / self._teacher_gate_rows
             self._teacher_gate_sum, self._teacher_gate_rows = 0.0, 0
         if "loss" in logs and self._ga_logged_steps > 0:
             logs.update({key: value / self._ga_logged_steps for key, value in self._ga_log.items()})

@@ -15,7 +15,7 @@ from peft_musclelora.row_filter import (
     RowFilterArguments,
     run_row_filter,
 )
-from peft_musclelora.shallow_probe import EXPERT_GATES, gated_log_probs, product_of_experts_loss, teacher_doubt_gate
+from peft_musclelora.shallow_probe import EXPERT_GATES, gated_log_probs, label_doubt, product_of_experts_loss
 
 from .ga_helpers import (
     assert_filter_leaves_state_as_found,
@@ -65,7 +65,7 @@ def test_the_gate_is_one_of_the_registered_gates_and_needs_the_shallow_expert():
 
 def test_the_teacher_doubt_is_one_minus_the_teachers_probability_of_the_label():
     teacher = torch.log(torch.tensor([[0.7, 0.3], [0.7, 0.3], [0.1, 0.9]], dtype=torch.float64))
-    gate = teacher_doubt_gate(teacher, torch.tensor([0, 1, 1]))
+    gate = label_doubt(teacher, torch.tensor([0, 1, 1]))
     assert torch.allclose(gate, torch.tensor([0.3, 0.7, 0.1], dtype=torch.float64))
 
 

@@ -19,9 +19,9 @@ from peft_musclelora.row_filter import (
 )
 from peft_musclelora.shallow_probe import (
     TEACHER_MIX_GATES,
+    label_doubt,
     mixed_targets,
     model_contradiction,
-    model_doubt,
     product_of_experts_loss,
     soft_cross_entropy,
 )
@@ -207,9 +207,9 @@ def test_the_mix_gate_is_one_of_the_registered_gates_and_needs_the_teacher_mix()
 
 def test_the_model_doubt_is_one_minus_the_models_probability_of_the_label_and_carries_no_gradient():
     logits = torch.tensor([[0.0, 0.0], [3.0, -1.0], [3.0, -1.0]], requires_grad=True)
-    doubt = model_doubt(logits, torch.tensor([1, 0, 1]))
+    doubt = label_doubt(logits, torch.tensor([1, 0, 1]))
     p_first = 1 / (1 + torch.exp(torch.tensor(-4.0)))
-    assert torch.allclose(doubt, torch.stack([torch.tensor(0.5), 1 - p_first, p_first]))
+    assert torch.allclose(doubt, torch.stack([torch.tensor(0.5), 1 - p_first, p_first]).double())
     assert not doubt.requires_grad
 
 
@@ -237,7 +237,7 @@ def test_with_the_mix_gate_a_row_the_model_fits_trains_on_its_label_and_one_it_d
     # The share follows the model: a model sure of every label leaves every row its label alone.
     sure = torch.where(torch.nn.functional.one_hot(labels, 2).bool(), 50.0, -50.0)
     assert torch.allclose(
-        mixed_targets(labels, teacher, 0.5 * model_doubt(sure, labels)),
+        mixed_targets(labels, teacher, 0.5 * label_doubt(sure, labels)),
         torch.nn.functional.one_hot(labels, 2).float(),
     )
 
