@@ -7,6 +7,7 @@
 # Variants: lora, musclelora (MSLR on down_proj + GA), ga-lora (LoRA + GA, no MSLR), mslr (MSLR, no GA),
 # fit-gap (LoRA on the rows the row filter keeps; the 64 references are its trusted rows), fit-gap-unlearn (fit-gap,
 # then the guarded unlearning of the fit-early rows), fit-gap-poe (fit-gap-unlearn with the n-gram shallow expert),
+# fit-gap-gated (fit-gap-poe at weight 4 with the gated trusted teacher on the answer tokens),
 # musclelora@MODULE (MSLR on MODULE + GA, e.g. musclelora@up_proj).
 # Usage: bash benchmarks/instruct_bench.sh MODEL_DIR [OUTPUT_DIR] [ATTACKS] [VARIANTS]
 set -euo pipefail
@@ -20,7 +21,7 @@ for attack in ${attacks//,/ }; do
     d="$data/sst-2/poison/$attack"
     for variant in ${variants//,/ }; do
         case "$variant" in
-            lora | musclelora | fit-gap | fit-gap-unlearn | fit-gap-poe) method=(--method "$variant") ;;
+            lora | musclelora | fit-gap | fit-gap-unlearn | fit-gap-poe | fit-gap-gated) method=(--method "$variant") ;;
             ga-lora) method=(--method lora --set gradient_alignment=true) ;;
             mslr) method=(--method musclelora --set gradient_alignment=false) ;;
             musclelora@*) method=(--method musclelora --set "mslr_target=${variant#musclelora@}") ;;

@@ -36,6 +36,7 @@ from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 
 from ._checks import check_bool, check_int, check_number
+from .answer_classes import answer_class_log_probs
 from .bias_refit import fit_class_offset
 from .shallow_probe import (
     EXPERT_GATES,
@@ -253,8 +254,10 @@ class RowFilterArguments:
             "class bias shifted so that it predicts each class as often as the training labels give it, whose "
             "predicted class distribution for the row is mixed into its one-hot label. A row whose label the teacher "
             "contradicts (a relabelled row) then pulls the model less far towards its label. In (0, 0.5], so the "
-            "label keeps at least half of the target and is never overturned; None: the label alone. Class labels "
-            "only; needs row_filter=True."
+            "label keeps at least half of the target and is never overturned; None: the label alone. With token-level "
+            "(causal-LM) labels whose answers form a closed set (label words), each distinct answer is a class, the "
+            "teacher's class distribution is read on the row's own answer tokens and the mixed target acts where the "
+            "answers branch (docs/row_filter.md). Needs row_filter=True."
         },
     )
     row_filter_teacher_mix_gate: Optional[str] = field(
@@ -265,8 +268,9 @@ class RowFilterArguments:
             "teacher pulls a row only while the model does not fit its label by itself: a clean row the model has "
             "learned trains on its label alone, whatever the teacher's error, and a relabelled row the model does "
             "not fit (under the product of experts) keeps the teacher's pull; or by 'model_contradicts': 1 where the "
-            "model's most likely class is not the label, else 0. Needs row_filter_teacher_mix. None: the same share "
-            "for every row."
+            "model's most likely class is not the label, else 0 (with token-level labels: the model's class "
+            "distribution on the row's own answer, peft_musclelora.answer_classes). Needs row_filter_teacher_mix. "
+            "None: the same share for every row."
         },
     )
     row_filter_teacher_self_train: Optional[float] = field(
@@ -904,6 +908,42 @@ class ShallowProbeResult:
     train_rows: list[list[int]]
 
 
+@dataclass(frozen=True)
+class TokenAnswers:
+    """The closed answer set of token-level training rows (`classes`, token-id sequences) and each row's class."""
+
+    classes: list[tuple[int, ...]]
+    labels: list[int]
+
+    def class_log_probs(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """A `measure` for [`per_row_values`]: each row's class log-probabilities under a causal LM's logits on
+        its own answer ([`~answer_classes.answer_class_log_probs`])."""
+        return answer_class_log_probs(logits, labels, self.classes)
+
+
+def _token_answers(trainer: Any, train_dataset: Any, shallow: Optional[ShallowProbeResult]) -> Optional[TokenAnswers]:
+    """The training rows' answer set when their labels are token-level (from the shallow probe when it ran), else
+    None."""
+    if shallow is not None:
+        classes, labels = shallow.classes, shallow.train_labels.tolist()
+    else:
+        _, labels, classes = collect_token_rows(trainer, train_dataset)
+    return None if classes is None else TokenAnswers(list(classes), labels)
+
+
+#: The knobs whose token-level form is not built: each needs one class label per row.
+_CLASS_LABEL_ONLY = ("row_filter_shallow_expert_gate", "row_filter_residual_expert")
+
+
+def _refuse_class_label_only(args: RowFilterArguments) -> None:
+    for name in _CLASS_LABEL_ONLY:
+        if getattr(args, name) is not None:
+            raise ValueError(
+                f"`{name}` ({getattr(args, name)!r}) works on class labels only and these rows have token-level "
+                "(causal-LM) labels; leave it None (row_filter_teacher_mix and its gate work on answer tokens)."
+            )
+
+
 def _shallow_probe(
     trainer: Any, args: RowFilterArguments, train_dataset: Any, reference_dataset: Any, folds: list[int]
 ) -> ShallowProbeResult:
@@ -954,6 +994,14 @@ def saved_expert_log_probs(rows: Sequence[dict[str, Any]], args: RowFilterArgume
     if args.row_filter_shallow_expert_gate is None:
         return expert
     return gated_log_probs(expert, torch.tensor([row["expert_gate"] for row in rows], dtype=torch.float64))
+
+
+def _response_classes(
+    shallow: Optional[ShallowProbeResult], answers: Optional[TokenAnswers]
+) -> Optional[list[list[int]]]:
+    """The answer set of token-level rows for the report (None for classification labels)."""
+    classes = answers.classes if answers is not None else None if shallow is None else shallow.classes
+    return None if classes is None else [list(c) for c in classes]
 
 
 def _teacher_agreement(teacher_log_probs: Optional[torch.Tensor], labels: list[int]) -> Optional[float]:
@@ -1045,15 +1093,19 @@ def _train_teacher(
     seed: int,
     bar: Any,
     field_name: str,
+    answers: Optional[TokenAnswers] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Train the model on `reference_dataset` (seeded, the rate decaying to 0) and return its class log-probabilities
-    of every training row, shifted to the training labels' class balance, that shift and the training labels. The
-    caller restores the weights."""
+    of every training row, shifted to the training labels' class balance, that shift and the training labels (the
+    rows' answer classes with token-level labels, `answers`). The caller restores the weights."""
     torch.manual_seed(seed)
     order = torch.randperm(len(reference_dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     for _ in _train_steps(trainer, params, subset_rows(reference_dataset, order), steps, lr, decay=True):
         bar.update(1)
-    raw_teacher, labels = per_row_values(trainer, trainer.model, trainer.train_dataset, class_log_probs(field_name))
+    measure = class_log_probs(field_name) if answers is None else answers.class_log_probs
+    raw_teacher, labels = per_row_values(trainer, trainer.model, trainer.train_dataset, measure)
+    if answers is not None:
+        labels = answers.labels
     # The trusted rows' class balance is not the training set's: shift the teacher so that it predicts each class as
     # often as the training labels give it (the maximum-likelihood offset's optimum), or it would contradict the rows
     # of the commoner class for their class alone. Ranks within a class are unchanged.
@@ -1101,6 +1153,12 @@ def run_row_filter(
     teacher_rounds = 1 + (args.row_filter_teacher_self_train is not None)
     teacher_steps = args.row_filter_teacher_steps if teacher_field is not None else 0
     teacher_log_probs, teacher_offset, teacher_seconds, residual = None, None, 0.0, None
+    answers = None
+    if teacher_field is not None:
+        with torch.random.fork_rng(devices=devices):
+            answers = _token_answers(trainer, train_dataset, shallow)
+        if answers is not None:
+            _refuse_class_label_only(args)
     total_probe_steps = scored_steps[-1]
     bar = tqdm(
         total=args.row_filter_folds * total_probe_steps + teacher_rounds * teacher_steps,
@@ -1111,14 +1169,14 @@ def run_row_filter(
         if teacher_field is not None:  # seeded on its own: the same teacher whatever else the run draws
             teacher_start = time.perf_counter()
             teacher_log_probs, teacher_offset, labels = _train_teacher(
-                trainer, params, reference_dataset, teacher_steps, lr, seed, bar, teacher_field
+                trainer, params, reference_dataset, teacher_steps, lr, seed, bar, teacher_field, answers
             )
             _restore(params, initial)
             if args.row_filter_teacher_self_train is not None:
                 agreed = _agreeing_rows(teacher_log_probs, labels, args.row_filter_teacher_self_train)
                 extended = torch.utils.data.ConcatDataset([reference_dataset, subset_rows(train_dataset, agreed)])
                 teacher_log_probs, teacher_offset, _ = _train_teacher(
-                    trainer, params, extended, teacher_steps, lr, seed, bar, teacher_field
+                    trainer, params, extended, teacher_steps, lr, seed, bar, teacher_field, answers
                 )
                 _restore(params, initial)
             teacher_seconds = time.perf_counter() - teacher_start
@@ -1133,7 +1191,7 @@ def run_row_filter(
                 gate = EXPERT_GATES[args.row_filter_shallow_expert_gate](teacher_log_probs, shallow.train_labels)
                 expert = gated_log_probs(expert, gate)
             if expert_steps and shallow.classes is not None:  # the token-level loss maps responses to these classes
-                trainer._shallow_response_classes = shallow.classes
+                trainer._response_classes = shallow.classes
         torch.manual_seed(seed)
         for fold in range(args.row_filter_folds):
             held_out = [row for row in range(num_rows) if folds[row] == fold]
@@ -1211,7 +1269,7 @@ def run_row_filter(
         "shallow_expert_gate": args.row_filter_shallow_expert_gate,
         "expert_gate_quartiles": _quartiles(gate, decisions.kept),
         "shallow_class_prior": None if shallow is None else shallow.train_log_probs.exp().mean(dim=0).tolist(),
-        "response_classes": None if shallow is None or shallow.classes is None else [list(c) for c in shallow.classes],
+        "response_classes": _response_classes(shallow, answers),
         "expert_gradient_scale_quartiles": _quartiles(expert_scale, decisions.kept),
         "residual_expert": args.row_filter_residual_expert,
         "residual_regularisation": _residual_strength(args),
@@ -1219,7 +1277,9 @@ def run_row_filter(
         "teacher_mix_gate": args.row_filter_teacher_mix_gate,
         "teacher_steps": teacher_steps or None,
         "teacher_self_train": args.row_filter_teacher_self_train,
-        "teacher_label_agreement": _teacher_agreement(teacher_log_probs, train_groups),
+        "teacher_label_agreement": _teacher_agreement(
+            teacher_log_probs, train_groups if answers is None else answers.labels
+        ),
         "teacher_offset": None if teacher_offset is None else teacher_offset.tolist(),
         "teacher_seconds": teacher_seconds,
         "seconds": time.perf_counter() - start_time,

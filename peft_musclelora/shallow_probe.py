@@ -34,6 +34,8 @@ from typing import Optional, Union
 
 import torch
 
+from .answer_classes import branch_token_log_probs
+
 NGRAM_ORDER = 3
 HASH_BUCKETS = 1 << 20
 MIN_DOCUMENT_FREQUENCY = 2
@@ -294,14 +296,16 @@ def response_classes(responses: Sequence[Sequence[int]]) -> list[tuple[int, ...]
     for shorter, longer in zip(classes, classes[1:]):  # sorted: a prefix sorts right before a class it begins
         if longer[: len(shorter)] == shorter:
             raise ValueError(
-                f"row_filter_shallow_probe: the response {list(shorter)} is a prefix of the response {list(longer)} "
+                f"the row filter's answer classes (row_filter_shallow_probe, row_filter_teacher_mix): the response "
+                f"{list(shorter)} is a prefix of the response {list(longer)} "
                 "(empty or cut short: raise max_length, or end every response with the end-of-sequence token), so "
                 "no token tells them apart."
             )
     most = min(MAX_RESPONSE_CLASSES, len(responses) // 2)
     if not 2 <= len(classes) <= most:
         raise ValueError(
-            "row_filter_shallow_probe='ngram' on token-level labels predicts each row's response from a closed set "
+            "row_filter_shallow_probe and row_filter_teacher_mix on token-level labels predict each row's response "
+            "from a closed set "
             f"(2 to {MAX_RESPONSE_CLASSES} distinct responses, at most half as many as rows); these {len(responses)} "
             f"rows have {len(classes)} distinct responses (with TRL, set completion_only_loss so only the answer is "
             "labelled)."
@@ -323,43 +327,29 @@ def branch_token_biases(
         ...  for pos, tokens, bias in branch_token_biases((7, 9), classes, torch.log(torch.tensor([0.2, 0.8])), 1.0)]
         [(0, [5, 7], [-0.693, 0.693])]
     """
-    response = tuple(int(token) for token in response)
-    branches = []
-    for position in range(len(response)):
-        consistent = [
-            index
-            for index, cls in enumerate(classes)
-            if len(cls) > position and tuple(cls[:position]) == response[:position]
-        ]
-        tokens = sorted({int(classes[index][position]) for index in consistent})
-        if len(tokens) < 2:
-            continue
-        mass = torch.stack(
-            [
-                torch.logsumexp(
-                    class_log_probs[[i for i in consistent if int(classes[i][position]) == token]].double(), dim=0
-                )
-                for token in tokens
-            ]
-        )
-        log_p = mass - torch.logsumexp(mass, dim=0)
-        branches.append((position, tokens, weight * (log_p - log_p.mean())))
-    return branches
+    return [
+        (position, tokens, weight * (log_p - log_p.mean()))
+        for position, tokens, log_p in branch_token_log_probs(response, classes, class_log_probs)
+    ]
 
 
 def product_of_experts_token_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    class_log_probs: torch.Tensor,
+    class_log_probs: Optional[torch.Tensor],
     classes: Sequence[Sequence[int]],
     weight: float,
     num_items_in_batch: Optional[int] = None,
+    targets: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy of causal-LM `logits` `(batch, seq, vocab)` against `labels` `(batch, seq)` (-100:
     not trained), with the shallow expert's [`branch_token_biases`] added to the logits at each row's branching
     positions: the token-level form of `CE(log_softmax(logits) + weight * log p_shallow)`. Summed over the labelled
     tokens and divided by `num_items_in_batch` (their count in the whole accumulated batch) or, when None, by their
-    count here. `class_log_probs` `(batch, classes)`: each row's out-of-fold probe prediction.
+    count here. `class_log_probs` `(batch, classes)`: each row's out-of-fold probe prediction (None: no expert, the
+    model's own logits). `targets` `(batch, classes)`, a distribution over the classes per row ([`mixed_targets`]),
+    replaces the one-hot answer at each branch of the row's answer by its [`~answer_classes.branch_token_log_probs`]
+    (the answer's own tokens elsewhere): the token-level form of `soft_cross_entropy(..., targets)`.
 
     Example:
         >>> logits = torch.zeros(1, 3, 10)
@@ -371,35 +361,49 @@ def product_of_experts_token_loss(
         >>> round(float(plain), 4) == round(float(torch.log(torch.tensor(10.0))), 4), bool(confident < plain)
         (True, True)
     """
-    if class_log_probs.size(0) != labels.size(0):
-        raise ValueError(
-            f"the shallow expert needs one prediction per row: {class_log_probs.size(0)} predictions for a batch of "
-            f"{labels.size(0)} label rows (padding-free or packed batches join rows; they are not supported with "
-            "row_filter_shallow_expert)."
-        )
-    shifted, targets = logits[:, :-1], labels[:, 1:].long()
-    mask = targets != -100
+    for name, per_row in (("the shallow expert", class_log_probs), ("the trusted teacher", targets)):
+        if per_row is not None and per_row.size(0) != labels.size(0):
+            raise ValueError(
+                f"{name} needs one prediction per row: {per_row.size(0)} predictions for a batch of {labels.size(0)} "
+                "label rows (padding-free or packed batches join rows; they are not supported with "
+                "row_filter_shallow_expert or row_filter_teacher_mix)."
+            )
+    shifted, next_tokens = logits[:, :-1], labels[:, 1:].long()
+    mask = next_tokens != -100
     # (labelled tokens, vocab) in float32: a copy, so the biases never touch the model's logits, and only of the
     # labelled positions, so a large vocabulary is not upcast at every position.
     selected = shifted[mask].float()
     rows, positions = mask.nonzero(as_tuple=True)
-    flat_index = torch.full_like(targets, -1)
-    flat_index[mask] = torch.arange(selected.size(0), device=targets.device)
+    flat_index = torch.full_like(next_tokens, -1)
+    flat_index[mask] = torch.arange(selected.size(0), device=next_tokens.device)
     bias_rows, bias_tokens, bias_values = [], [], []
-    for row in range(targets.size(0)):
+    soft_rows, soft_tokens, soft_weights = [], [], []  # target minus one-hot at each branch of each answer
+    for row in range(next_tokens.size(0)):
         row_positions = positions[rows == row]
-        response = targets[row, row_positions].tolist()
-        for position, tokens, biases in branch_token_biases(response, classes, class_log_probs[row], weight):
-            bias_rows.extend([int(flat_index[row, row_positions[position]])] * len(tokens))
-            bias_tokens.extend(tokens)
-            bias_values.append(biases)
+        response = next_tokens[row, row_positions].tolist()
+        if class_log_probs is not None:
+            for position, tokens, biases in branch_token_biases(response, classes, class_log_probs[row], weight):
+                bias_rows.extend([int(flat_index[row, row_positions[position]])] * len(tokens))
+                bias_tokens.extend(tokens)
+                bias_values.append(biases)
+        if targets is not None:
+            row_targets = targets[row].detach().double().cpu().clamp_min(0).log()
+            for position, tokens, log_p in branch_token_log_probs(response, classes, row_targets):
+                soft_rows.extend([int(flat_index[row, row_positions[position]])] * len(tokens))
+                soft_tokens.extend(tokens)
+                soft_weights.extend((p - float(t == response[position])) for t, p in zip(tokens, log_p.exp().tolist()))
     if bias_rows:
         selected = selected.index_put(
             (torch.tensor(bias_rows, device=selected.device), torch.tensor(bias_tokens, device=selected.device)),
             torch.cat(bias_values).to(selected),
             accumulate=True,
         )
-    loss = torch.nn.functional.cross_entropy(selected, targets[mask], reduction="sum")
+    loss = torch.nn.functional.cross_entropy(selected, next_tokens[mask], reduction="sum")
+    if soft_rows:
+        # -sum_t q_t log p_t = -log p_answer - sum_t (q_t - onehot_t) log p_t at a branch: the hard loss plus these.
+        log_probs = torch.log_softmax(selected, dim=-1)
+        at = (torch.tensor(soft_rows, device=selected.device), torch.tensor(soft_tokens, device=selected.device))
+        loss = loss - (torch.tensor(soft_weights, device=selected.device, dtype=selected.dtype) * log_probs[at]).sum()
     if num_items_in_batch is None:
         return loss / max(int(mask.sum()), 1)
     count = torch.as_tensor(num_items_in_batch, device=loss.device)

@@ -12,7 +12,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union, get_args
 
@@ -24,6 +24,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .answer_classes import answer_class_indices, answer_class_log_probs
 from .bias_refit import refit_output_bias
 from .bnb import keep_4bit_weights_trainable
 from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArguments, _is_dtensor, align_gradients
@@ -382,7 +383,7 @@ class GradientAlignmentMixin:
         keep_4bit_weights_trainable(self.model)  # evaluation passes must not freeze a 4-bit model on CPU
         self.ga_args = ga_args
         self._row_filter_source: Any = None  # the unfiltered training set, once train() has filtered it
-        self._shallow_response_classes: Optional[list[tuple[int, ...]]] = None  # token-level shallow expert
+        self._response_classes: Optional[list[tuple[int, ...]]] = None  # token-level expert and teacher
         self.row_filter_report: Optional[dict[str, Any]] = None
         if ga_args is not training_args:
             epoch_bounded = self.args.max_steps is None or self.args.max_steps <= 0
@@ -621,10 +622,10 @@ class GradientAlignmentMixin:
         kept = subset_rows(self.train_dataset, report["kept"])
         if self.row_filter_args.row_filter_shallow_expert:
             kept = _with_shallow_prior(kept, report, path, self.row_filter_args)
-            classes = report["summary"].get("response_classes")
-            self._shallow_response_classes = None if classes is None else [tuple(c) for c in classes]
         if self.row_filter_args.row_filter_teacher_mix is not None:
             kept = _with_teacher(kept, report, path)
+        classes = report["summary"].get("response_classes")
+        self._response_classes = None if classes is None else [tuple(c) for c in classes]
         if _row_signal_columns(self.row_filter_args) and not isinstance(self.data_collator, RowSignalCollator):
             self.data_collator = RowSignalCollator(self.data_collator)
         self.train_dataset = kept
@@ -659,29 +660,37 @@ class GradientAlignmentMixin:
             )
         labels = inputs.pop("labels")
         weight = self.row_filter_args.row_filter_shallow_expert_weight
-        if labels.dim() == 2:  # causal-LM labels: the expert acts on the answer tokens
-            if self.row_filter_args.row_filter_shallow_expert_loss != "product":
+        if labels.dim() == 2:  # causal-LM labels: the expert and the teacher act on the answer tokens
+            if prior is not None and self.row_filter_args.row_filter_shallow_expert_loss != "product":
                 raise ValueError(
                     "`row_filter_shallow_expert_loss` must be 'product' for token-level (causal-LM) labels, got "
                     f"{self.row_filter_args.row_filter_shallow_expert_loss!r}: the others need one class label per "
                     "row."
                 )
-            classes = self._shallow_response_classes
+            classes = self._response_classes
             if classes is None:
                 raise ValueError(
-                    "a batch with token-level labels carries shallow-probe predictions, but the row filter's report "
+                    "a batch with token-level labels carries the row filter's per-row predictions, but its report "
                     f"({os.path.join(self.args.output_dir, ROW_FILTER_FILE)}) names no response classes: it was made "
                     "for classification labels. Delete it to probe again."
                 )
             outputs = model(**inputs, use_cache=False)
+            targets = None
+            if teacher is not None:
+                class_labels = answer_class_indices(labels, classes)
+                scores = lambda: answer_class_log_probs(outputs.logits, labels, classes).to(labels.device)  # noqa: E731
+                share = self._teacher_share(scores, class_labels)
+                targets = mixed_targets(class_labels, teacher, share)
             # Divided by the accumulated batch's token count exactly when Trainer.training_step does not divide by
             # the accumulation steps itself.
             accumulated = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
             items = kwargs.get("num_items_in_batch") if accumulated else None
-            loss = product_of_experts_token_loss(outputs.logits, labels, prior, classes, weight, items)
+            loss = product_of_experts_token_loss(outputs.logits, labels, prior, classes, weight, items, targets)
             return (loss, outputs) if return_outputs else loss
         outputs = model(**inputs)
-        targets = None if teacher is None else mixed_targets(labels, teacher, self._teacher_share(outputs, labels))
+        targets = None
+        if teacher is not None:
+            targets = mixed_targets(labels, teacher, self._teacher_share(lambda: outputs.logits, labels))
         if prior is None:
             loss = soft_cross_entropy(outputs.logits, targets)
         else:
@@ -690,13 +699,16 @@ class GradientAlignmentMixin:
             )
         return (loss, outputs) if return_outputs else loss
 
-    def _teacher_share(self, outputs: Any, labels: torch.Tensor) -> Union[float, torch.Tensor]:
-        """`row_filter_teacher_mix`, scaled per row by `row_filter_teacher_mix_gate` when one is set."""
+    def _teacher_share(
+        self, class_scores: Callable[[], torch.Tensor], labels: torch.Tensor
+    ) -> Union[float, torch.Tensor]:
+        """`row_filter_teacher_mix`, scaled per row by `row_filter_teacher_mix_gate` when one is set, which reads
+        the model's class scores `(batch, classes)` (computed only then) against each row's class `labels`."""
         mix, gate = self.row_filter_args.row_filter_teacher_mix, self.row_filter_args.row_filter_teacher_mix_gate
         if gate is None:
             return mix
-        opened = TEACHER_MIX_GATES[gate](outputs.logits, labels)
-        if outputs.logits.requires_grad:  # a training step: logged as the mean since the last training log
+        opened = TEACHER_MIX_GATES[gate](class_scores(), labels)
+        if torch.is_grad_enabled():  # a training step: logged as the mean since the last training log
             self._teacher_gate_sum = self._teacher_gate_sum + opened.sum()  # a tensor: no device sync per step
             self._teacher_gate_rows += opened.numel()
         return mix * opened

@@ -143,7 +143,7 @@ def test_the_residual_expert_refuses_token_level_labels_in_one_line(tmp_path):
     trainer = cue_answer_sft_trainer(
         tmp_path, train_rows=64, row_filter_residual_expert="ngram", row_filter_teacher_steps=2
     )
-    with pytest.raises(ValueError, match=r"`row_filter_residual_expert` works on class distributions and needs"):
+    with pytest.raises(ValueError, match=r"`row_filter_residual_expert` \('ngram'\) works on class labels only"):
         trainer.train()
 
 

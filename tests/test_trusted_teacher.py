@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from peft_musclelora import MuScleLoraTrainer
+from peft_musclelora.answer_classes import answer_class_indices, answer_class_log_probs
 from peft_musclelora.row_filter import (
     ROW_FILTER_FILE,
     SHALLOW_PRIOR_COLUMN,
@@ -23,11 +24,13 @@ from peft_musclelora.shallow_probe import (
     mixed_targets,
     model_contradiction,
     product_of_experts_loss,
+    product_of_experts_token_loss,
     soft_cross_entropy,
 )
 
 from .ga_helpers import (
     assert_filter_leaves_state_as_found,
+    cue_answer_sft_trainer,
     row_filter_training_args,
     tiny_bert,
     tiny_llama,
@@ -255,7 +258,7 @@ def test_a_saved_report_without_the_teachers_predictions_is_refused_in_one_line(
         trainer._filter_training_rows(resuming=True)
 
 
-def test_the_teacher_refuses_token_level_labels_in_one_line(tmp_path):
+def test_the_teacher_refuses_free_form_token_level_answers_in_one_line(tmp_path):
     rows = token_dataset(16, seed=1)
     token_labels = datasets.Dataset.from_dict(
         {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"], "labels": rows["input_ids"]}
@@ -266,5 +269,69 @@ def test_the_teacher_refuses_token_level_labels_in_one_line(tmp_path):
         train_dataset=token_labels,
         reference_dataset=token_labels,
     )
-    with pytest.raises(ValueError, match=r"`row_filter_teacher_mix` .* needs classification logits"):
+    with pytest.raises(ValueError, match=r"row_filter_teacher_mix on token-level labels predict each row's response "):
         run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
+
+
+# ---- token-level labels (instruction tuning) ----
+
+
+def _sft_teacher(tmp_path, **fields):
+    settings = {"row_filter_teacher_mix": 0.5, "row_filter_teacher_steps": 4, "row_filter_shallow_expert_weight": 4.0}
+    return cue_answer_sft_trainer(tmp_path, **{**settings, **fields})
+
+
+def test_on_answer_tokens_the_teacher_predicts_each_rows_answer_class_from_what_it_learned_on_the_trusted_rows(
+    tmp_path,
+):
+    trainer = _sft_teacher(tmp_path)
+    report = assert_filter_leaves_state_as_found(trainer)
+    summary = report["summary"]
+    assert summary["response_classes"] == [[10, 1], [11, 1]] and summary["teacher_steps"] == 4
+    teacher = torch.tensor([row["teacher_log_probs"] for row in report["rows"]], dtype=torch.float64)
+    assert teacher.shape == (128, 2)
+    assert torch.allclose(teacher.exp().sum(dim=-1), torch.ones(128, dtype=torch.float64))
+    answers = torch.tensor([0 if row % 2 else 1 for row in range(128)])  # odd rows answer 10, class 0
+    agreement = (teacher.argmax(dim=-1) == answers).double().mean()
+    assert summary["teacher_label_agreement"] == pytest.approx(float(agreement))
+
+
+def test_on_answer_tokens_the_gated_teacher_mixes_its_prediction_into_the_answer_where_the_model_contradicts_it(
+    tmp_path,
+):
+    trainer = _sft_teacher(tmp_path, row_filter_teacher_mix_gate="model_contradicts", logging_steps=1)
+    trainer.train()
+    gates = [entry["row_filter/teacher_gate"] for entry in trainer.state.log_history if "loss" in entry]
+    assert gates and all(0 <= gate <= 1 for gate in gates)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch[TEACHER_COLUMN].shape == (4, 2) and batch[SHALLOW_PRIOR_COLUMN].shape == (4, 2)
+    model, inputs = trainer.model.eval(), dict(batch.items())
+    prior, teacher, labels = inputs[SHALLOW_PRIOR_COLUMN], inputs[TEACHER_COLUMN], inputs["labels"]
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        logits = model(
+            **{k: v for k, v in inputs.items() if k not in ("labels", TEACHER_COLUMN, SHALLOW_PRIOR_COLUMN)}
+        ).logits
+    classes = [(10, 1), (11, 1)]
+    answers = answer_class_indices(labels, classes)
+    share = 0.5 * model_contradiction(answer_class_log_probs(logits, labels, classes), answers)
+    targets = mixed_targets(answers, teacher, share)
+    expected = product_of_experts_token_loss(logits, labels, prior, classes, 4.0, targets=targets)
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_on_answer_tokens_the_teacher_trains_without_the_shallow_expert_too(tmp_path):
+    trainer = _sft_teacher(
+        tmp_path, row_filter_shallow_probe=None, row_filter_shallow_expert=False, row_filter_shallow_expert_weight=1.0
+    )
+    trainer.train()
+    summary = json.loads((tmp_path / ROW_FILTER_FILE).read_text())["summary"]
+    assert summary["response_classes"] == [[10, 1], [11, 1]] and summary["teacher_mix"] == 0.5
+    batch = next(iter(trainer.get_train_dataloader()))
+    model, inputs = trainer.model.eval(), dict(batch.items())
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        logits = model(**{k: v for k, v in inputs.items() if k not in ("labels", TEACHER_COLUMN)}).logits
+    labels, classes = inputs["labels"], [(10, 1), (11, 1)]
+    targets = mixed_targets(answer_class_indices(labels, classes), inputs[TEACHER_COLUMN], 0.5)
+    assert torch.allclose(loss, product_of_experts_token_loss(logits, labels, None, classes, 0.0, targets=targets))

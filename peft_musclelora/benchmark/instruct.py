@@ -64,20 +64,27 @@ __all__ = ["InstructSettings", "InstructTemplate", "load_instruct_cell", "train_
 #: `fit-gap-unlearn`: `fit-gap`, then the guarded unlearning of the rows it isolated as fit-early (experimental);
 #: `fit-gap-poe`: `fit-gap-unlearn` with the encoder preset's shallow expert, an n-gram model of the answer given
 #: the prompt, trained with it as a product of experts on the answer tokens (docs/llm.md);
+#: `fit-gap-gated`: `fit-gap-poe` with the encoder preset's weight, trusted teacher and gate, the teacher's class
+#: distribution read on the answer tokens (experimental, docs/llm.md);
 #: `recommended`: the best measured instruction-tuning defense, `musclelora` (docs/llm.md).
-INSTRUCT_METHODS = ("lora", "musclelora", "fit-gap", "fit-gap-unlearn", "fit-gap-poe", "recommended")
+INSTRUCT_METHODS = ("lora", "musclelora", "fit-gap", "fit-gap-unlearn", "fit-gap-poe", "fit-gap-gated", "recommended")
 INSTRUCT_ALIASES = {"recommended": "musclelora"}
-_SHALLOW_EXPERT = PRESETS["fit-gap-poe"].training.row_filter
+
+
+def _preset_fields(preset: str, *names: str) -> dict[str, Any]:
+    """The row-filter settings `names` of the encoder preset `preset`: one declaration for both paths."""
+    row_filter = PRESETS[preset].training.row_filter
+    return {name: getattr(row_filter, name) for name in names}
+
+
+_SHALLOW_EXPERT = ("row_filter_shallow_probe", "row_filter_shallow_expert", "row_filter_shallow_expert_weight")
+_TEACHER = ("row_filter_teacher_mix", "row_filter_teacher_mix_gate", "row_filter_teacher_steps")
 #: The row-filter methods and what each sets on top of `settings.row_filter`.
 _ROW_FILTER_METHODS: dict[str, dict[str, Any]] = {
     "fit-gap": {},
     "fit-gap-unlearn": {"row_filter_unlearn": True},
-    "fit-gap-poe": {
-        "row_filter_unlearn": True,
-        "row_filter_shallow_probe": _SHALLOW_EXPERT.row_filter_shallow_probe,
-        "row_filter_shallow_expert": True,
-        "row_filter_shallow_expert_weight": _SHALLOW_EXPERT.row_filter_shallow_expert_weight,
-    },
+    "fit-gap-poe": {"row_filter_unlearn": True, **_preset_fields("fit-gap-poe", *_SHALLOW_EXPERT)},
+    "fit-gap-gated": {"row_filter_unlearn": True, **_preset_fields("fit-gap-gated", *_SHALLOW_EXPERT, *_TEACHER)},
 }
 #: Gradient alignment of an instruction cell: 128 clean dev prompts as references, every gate open (the library's
 #: defaults: no warm-up, no raw mixing, no loss floor), as the reference's Llama-2 recipe.
@@ -298,7 +305,15 @@ def _sft_trainer(method: str, settings: InstructSettings, num_labels: int) -> tu
     if row_filter:
         fields = dataclasses.fields(settings.row_filter)
         kwargs.update({f.name: getattr(settings.row_filter, f.name) for f in fields if f.name != "row_filter"})
-        kwargs.update(_ROW_FILTER_METHODS[method])
+        # The method's settings fill what the user left at the library's default (a `--set` of one of them wins).
+        defaults = RowFilterArguments()
+        kwargs.update(
+            {
+                name: value
+                for name, value in _ROW_FILTER_METHODS[method].items()
+                if getattr(settings.row_filter, name) == getattr(defaults, name)
+            }
+        )
         if kwargs["row_filter_unlearn"] and kwargs["row_filter_unlearn_cap"] is None:
             kwargs["row_filter_unlearn_cap"] = math.log(num_labels)
     return MuScleLoraSFTTrainer, MuScleLoraSFTConfig, kwargs

@@ -476,3 +476,40 @@ def test_instruct_fit_gap_poe_predicts_the_label_word_from_the_prompt_and_saves_
     assert results["fit-gap-poe"]["row_filter"]["rows"] == results["fit-gap-unlearn"]["row_filter"]["rows"]
     # The extra (shallow) probe step is calibrated like the others: it may flag rows the adapter's probes did not.
     assert results["fit-gap-poe"]["row_filter"]["kept"] <= results["fit-gap-poe"]["row_filter"]["rows"]
+
+
+def test_instruct_fit_gap_gated_reads_the_trusted_teacher_on_the_answer_tokens_and_saves_its_predictions(
+    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from peft_musclelora.benchmark.instruct import _sft_trainer
+
+    gated = get_typed_preset("fit-gap-gated").training.row_filter
+    kwargs = _sft_trainer("fit-gap-gated", InstructSettings(), 2)[2]
+    for name in ("row_filter_shallow_expert_weight", "row_filter_teacher_mix", "row_filter_teacher_mix_gate"):
+        assert kwargs[name] == getattr(gated, name)  # the encoder preset's settings, declared once
+    assert kwargs["row_filter_teacher_steps"] == gated.row_filter_teacher_steps and kwargs["row_filter_unlearn"]
+    # A --set of a method setting is kept; 4 epochs of at least 9 kept rows reach the first log (every 10 steps).
+    settings = _row_filter_settings(row_filter_teacher_steps=3, num_train_epochs=4)
+    result = train_instruct(
+        "fit-gap-gated",
+        attack_files["train"],
+        attack_files["dev"],
+        tmp_path / "cell",
+        tiny_llama_dir,
+        settings=settings,
+        test_clean=attack_files["test_clean"],
+        test_poison=attack_files["test_poison"],
+        progress=False,
+    )
+    decisions = json.loads((tmp_path / "cell" / "row_filter.json").read_text())
+    summary = decisions["summary"]
+    assert result["method"] == "fit-gap-gated" and summary["teacher_steps"] == 3
+    assert summary["teacher_mix"] == 0.5 and summary["teacher_mix_gate"] == "model_contradicts"
+    assert len(summary["response_classes"]) == 2 and 0.0 <= summary["teacher_label_agreement"] <= 1.0
+    teacher = torch.tensor([row["teacher_log_probs"] for row in decisions["rows"]], dtype=torch.float64)
+    assert teacher.shape == (result["data"]["train"]["rows"], 2)
+    assert torch.allclose(teacher.exp().sum(dim=-1), torch.ones(len(teacher), dtype=torch.float64))
+    history = json.loads((tmp_path / "cell" / "log_history.json").read_text())
+    gates = [entry["row_filter/teacher_gate"] for entry in history if "row_filter/teacher_gate" in entry]
+    assert gates and all(0.0 <= gate <= 1.0 for gate in gates)
+    assert 0.0 <= result["cacc"] <= 1.0 and 0.0 <= result["asr"] <= 1.0

@@ -1,0 +1,140 @@
+"""Class distributions of token-level (causal-LM) rows whose answers form a closed set.
+
+An instruction-tuned classifier answers each prompt with one of a few responses (its label words, each a sequence of
+token ids): [`~shallow_probe.response_classes`] makes each distinct response a class. The responses form a trie: at
+a position where the responses still consistent with an answer's prefix continue with more than one token, the
+answer *branches*, and only there does the choice between classes happen. This module moves between a distribution
+over the classes and the token distributions at the branches of one row's answer, both ways:
+
+- [`branch_token_log_probs`]: a class distribution gives, at each branch on an answer's path, the distribution over
+  the branching tokens (the classes' mass summed per token and renormalised). The shallow expert's token biases and
+  the trusted teacher's soft targets on answer tokens are built from it.
+- [`answer_class_log_probs`]: a causal LM's logits on the rows' own answers give each row's class distribution, as
+  a model that may only answer from the set would have it: at each branch the model's probabilities of the branching
+  tokens are renormalised, and a class's probability is the product along its path. A class that leaves the row's
+  answer at a branch takes its token's probability there, shared equally with the other classes that leave by the
+  same token (teacher forcing on the row's answer never shows the model below that branch). This is exact for answer
+  sets that branch once, such as label words ([" negative", eos] and [" positive", eos]).
+
+Both read the same trie, so the class distribution the second returns gives back, through the first, the model's
+renormalised token probabilities at every branch of the row's own answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def branch_token_log_probs(
+    response: Sequence[int], classes: Sequence[Sequence[int]], class_log_probs: torch.Tensor
+) -> list[tuple[int, list[int], torch.Tensor]]:
+    """`(position, tokens, log_p)` at each position of `response` where the classes consistent with its prefix
+    continue with more than one token: the branching `tokens` (sorted) and their log-probabilities `log_p` (float64)
+    under the class distribution `class_log_probs` `(classes,)`, the consistent classes' probabilities summed per
+    token and renormalised.
+
+    Example:
+        >>> classes, class_probs = [(5, 9), (7, 9), (7, 8)], torch.tensor([0.5, 0.3, 0.2])
+        >>> [(pos, tokens, [round(v, 3) for v in log_p.exp().tolist()])
+        ...  for pos, tokens, log_p in branch_token_log_probs((7, 8), classes, class_probs.log())]
+        [(0, [5, 7], [0.5, 0.5]), (1, [8, 9], [0.4, 0.6])]
+    """
+    response = tuple(int(token) for token in response)
+    branches = []
+    for position, tokens in _branches(response, classes):
+        consistent = _consistent(response, classes, position)
+        mass = torch.stack(
+            [
+                torch.logsumexp(
+                    class_log_probs[[i for i in consistent if int(classes[i][position]) == token]].double(), dim=0
+                )
+                for token in tokens
+            ]
+        )
+        branches.append((position, tokens, mass - torch.logsumexp(mass, dim=0)))
+    return branches
+
+
+def answer_tokens(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The labelled next-token positions of causal-LM `labels` `(batch, seq)` (-100: not trained): `(rows,
+    positions, tokens)`, where `positions` index the logits that predict `tokens` (labels shifted by one)."""
+    targets = labels[:, 1:].long()
+    rows, positions = (targets != -100).nonzero(as_tuple=True)
+    return rows, positions, targets[rows, positions]
+
+
+def answer_class_indices(labels: torch.Tensor, classes: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Each row's class: the index in `classes` of its answer (the labelled tokens of `labels` `(batch, seq)`).
+    Raises `ValueError` for an answer that is not a class.
+
+    Example:
+        >>> answer_class_indices(torch.tensor([[-100, -100, 7, 9], [-100, -100, 5, 9]]), [(5, 9), (7, 9)]).tolist()
+        [1, 0]
+    """
+    index = {tuple(int(t) for t in cls): position for position, cls in enumerate(classes)}
+    rows, _, tokens = answer_tokens(labels)
+    found = []
+    for row in range(labels.size(0)):
+        answer = tuple(tokens[rows == row].tolist())
+        if answer not in index:
+            raise ValueError(
+                f"the answer {list(answer)} of a token-level row is not among the response classes "
+                f"{[list(c) for c in classes]} the row filter found in the training rows (cut short by max_length?)."
+            )
+        found.append(index[answer])
+    return torch.tensor(found, dtype=torch.long, device=labels.device)
+
+
+def answer_class_log_probs(
+    logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """Each row's class log-probabilities `(batch, classes)` (float64, without gradient) from a causal LM's
+    `logits` `(batch, seq, vocab)` on the rows' own answers (`labels`, -100 where not trained), restricted to the
+    answer set as the module docstring describes.
+
+    Example:
+        >>> logits = torch.zeros(1, 3, 10)
+        >>> logits[0, 0, 7] = math.log(3.0)  # after the one-token prompt, token 7 is three times as likely as 5
+        >>> labels = torch.tensor([[-100, 7, 9]])  # the answer (7, 9)
+        >>> [round(p, 3) for p in answer_class_log_probs(logits, labels, [(5, 9), (7, 9)]).exp()[0].tolist()]
+        [0.25, 0.75]
+    """
+    labels_of_rows = answer_class_indices(labels, classes)
+    log_probs = torch.full((labels.size(0), len(classes)), -math.inf, dtype=torch.float64)
+    rows, positions, tokens = answer_tokens(labels)
+    for row in range(labels.size(0)):
+        row_positions, answer = positions[rows == row], tuple(tokens[rows == row].tolist())
+        along = 0.0  # log-probability of the answer's prefix so far
+        for position, branching in _branches(answer, classes):
+            scores = logits[row, int(row_positions[position]), branching].detach().double().cpu()
+            token_log_probs = dict(zip(branching, torch.log_softmax(scores, dim=0).tolist()))
+            for token in branching:
+                if token != answer[position]:
+                    leaving = [i for i in _consistent(answer, classes, position) if int(classes[i][position]) == token]
+                    log_probs[row, leaving] = along + token_log_probs[token] - math.log(len(leaving))
+            along += token_log_probs[answer[position]]
+        log_probs[row, int(labels_of_rows[row])] = along
+    return log_probs
+
+
+def _consistent(answer: Sequence[int], classes: Sequence[Sequence[int]], position: int) -> list[int]:
+    """The classes that continue past `position` and agree with `answer` before it."""
+    return [
+        index
+        for index, cls in enumerate(classes)
+        if len(cls) > position and tuple(cls[:position]) == tuple(answer[:position])
+    ]
+
+
+def _branches(answer: Sequence[int], classes: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
+    """`(position, tokens)` at each position of `answer` where its consistent classes continue with more than one
+    token (sorted)."""
+    branches = []
+    for position in range(len(answer)):
+        tokens = sorted({int(classes[index][position]) for index in _consistent(answer, classes, position)})
+        if len(tokens) >= 2:
+            branches.append((position, tokens))
+    return branches
