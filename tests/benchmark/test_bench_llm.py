@@ -376,21 +376,28 @@ def _row_filter_settings(**overrides: object) -> InstructSettings:
     )
 
 
-def test_instruct_fit_gap_filters_rows_by_their_completion_loss_and_saves_the_decisions(
-    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
-) -> None:
-    settings = _row_filter_settings()
-    result = train_instruct(
-        "fit-gap",
+def _scored_cell(
+    method: str, settings: InstructSettings, model_dir: Path, attack_files: dict[str, Path], output_dir: Path
+) -> dict:
+    """One tiny instruction cell of `method`, trained and scored on both test sets."""
+    return train_instruct(
+        method,
         attack_files["train"],
         attack_files["dev"],
-        tmp_path / "cell",
-        tiny_llama_dir,
+        output_dir,
+        model_dir,
         settings=settings,
         test_clean=attack_files["test_clean"],
         test_poison=attack_files["test_poison"],
         progress=False,
     )
+
+
+def test_instruct_fit_gap_filters_rows_by_their_completion_loss_and_saves_the_decisions(
+    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
+) -> None:
+    settings = _row_filter_settings()
+    result = _scored_cell("fit-gap", settings, tiny_llama_dir, attack_files, tmp_path / "cell")
     report = result["row_filter"]
     rows = result["data"]["train"]["rows"]
     assert result["gradient_alignment"] is False and report["rows"] == rows
@@ -490,17 +497,7 @@ def test_instruct_fit_gap_gated_reads_the_trusted_teacher_on_the_answer_tokens_a
     assert kwargs["row_filter_teacher_steps"] == gated.row_filter_teacher_steps and kwargs["row_filter_unlearn"]
     # A --set of a method setting is kept; 4 epochs of at least 9 kept rows reach the first log (every 10 steps).
     settings = _row_filter_settings(row_filter_teacher_steps=3, num_train_epochs=4)
-    result = train_instruct(
-        "fit-gap-gated",
-        attack_files["train"],
-        attack_files["dev"],
-        tmp_path / "cell",
-        tiny_llama_dir,
-        settings=settings,
-        test_clean=attack_files["test_clean"],
-        test_poison=attack_files["test_poison"],
-        progress=False,
-    )
+    result = _scored_cell("fit-gap-gated", settings, tiny_llama_dir, attack_files, tmp_path / "cell")
     decisions = json.loads((tmp_path / "cell" / "row_filter.json").read_text())
     summary = decisions["summary"]
     assert result["method"] == "fit-gap-gated" and summary["teacher_steps"] == 3
