@@ -335,3 +335,20 @@ def test_on_answer_tokens_the_teacher_trains_without_the_shallow_expert_too(tmp_
     labels, classes = inputs["labels"], [(10, 1), (11, 1)]
     targets = mixed_targets(answer_class_indices(labels, classes), inputs[TEACHER_COLUMN], 0.5)
     assert torch.allclose(loss, product_of_experts_token_loss(logits, labels, None, classes, 0.0, targets=targets))
+
+
+def test_on_answer_tokens_the_teacher_retrains_on_the_rows_it_agrees_with(tmp_path):
+    reports = []
+    for name, self_train in (("once", None), ("twice", 0.6)):
+        trainer = _sft_teacher(
+            tmp_path / name, row_filter_probe_learning_rate=1e-2, row_filter_teacher_self_train=self_train
+        )
+        reports.append(run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, 0, False))
+    once, twice = reports
+    assert twice["summary"]["teacher_self_train"] == 0.6
+    first, second = (
+        torch.tensor([row["teacher_log_probs"] for row in report["rows"]], dtype=torch.float64)
+        for report in (once, twice)
+    )
+    assert not torch.allclose(first, second)  # more rows, another teacher
+    assert torch.allclose(second.exp().sum(dim=-1), torch.ones(len(second), dtype=torch.float64))
