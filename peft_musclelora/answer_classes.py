@@ -91,9 +91,9 @@ def answer_class_indices(labels: torch.Tensor, classes: Sequence[Sequence[int]])
 def answer_class_log_probs(
     logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[Sequence[int]]
 ) -> torch.Tensor:
-    """Each row's class log-probabilities `(batch, classes)` (float64, without gradient) from a causal LM's
-    `logits` `(batch, seq, vocab)` on the rows' own answers (`labels`, -100 where not trained), restricted to the
-    answer set as the module docstring describes.
+    """Each row's class log-probabilities `(batch, classes)` (float64 on the logits' device, without gradient) from a
+    causal LM's `logits` `(batch, seq, vocab)` on the rows' own answers (`labels`, -100 where not trained), restricted
+    to the answer set as the module docstring describes.
 
     Example:
         >>> logits = torch.zeros(1, 3, 10)
@@ -117,7 +117,7 @@ def answer_class_log_probs(
                     log_probs[row, leaving] = along + token_log_probs[token] - math.log(len(leaving))
             along += token_log_probs[answer[position]]
         log_probs[row, int(labels_of_rows[row])] = along
-    return log_probs
+    return log_probs.to(logits.device)
 
 
 def _consistent(answer: Sequence[int], classes: Sequence[Sequence[int]], position: int) -> list[int]:

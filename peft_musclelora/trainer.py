@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import math
@@ -678,7 +679,7 @@ class GradientAlignmentMixin:
             targets = None
             if teacher is not None:
                 class_labels = answer_class_indices(labels, classes)
-                scores = lambda: answer_class_log_probs(outputs.logits, labels, classes).to(labels.device)  # noqa: E731
+                scores = functools.partial(answer_class_log_probs, outputs.logits, labels, classes)
                 share = self._teacher_share(scores, class_labels)
                 targets = mixed_targets(class_labels, teacher, share)
             # Divided by the accumulated batch's token count exactly when Trainer.training_step does not divide by
