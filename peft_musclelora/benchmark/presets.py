@@ -107,7 +107,7 @@ _FIT_GAP_TEACHER = MethodPreset(
     "a trusted teacher (docs/row_filter.md): a model trained on the 400 trusted rows alone (144 steps, its class "
     "balance matched to the training labels') predicts every training row, and each kept row trains on its label "
     "mixed half and half with that prediction (row_filter_teacher_mix=0.5), so a relabelled row pulls the adapter "
-    "less far towards its label. Class labels only. Full size, three seeds (docs/results.md, session 14): StyleBkd "
+    "less far towards its label. Full size, three seeds (docs/results.md, session 14): StyleBkd "
     "85.1 / 19.3 and SynBkd 85.6 / 20.5 (CACC / ASR; the oracle 87.2 / 23.3 and 24.7), AddSent 86.1 / 6.4, BadNets "
     "84.6 / 1.6, and 1.4 under plain LoRA on unpoisoned data, which is why it is not the default. Add "
     "row_filter_refit_bias=true to read its ASR at the oracle's false-target rate. " + _COMMON,
@@ -122,8 +122,9 @@ _FIT_GAP_GATED = MethodPreset(
     "and half with the trusted teacher's prediction only at the steps where the model's own most likely class is not "
     "its label, so a clean row the model has learned trains on its label alone whatever the 400-row teacher thinks "
     "of it, and a relabelled row, which the product of experts keeps the model from fitting, keeps the teacher's "
-    "pull. Class labels only. Full size, seed 2 (CACC / ASR): StyleBkd 86.2 / 22.9, SynBkd 86.9 / 26.0 (the "
-    "oracle 87.7 / 25.0 and 26.0), 0.4 under plain LoRA on unpoisoned data; the other seeds and attacks are in "
+    "pull. Also `musclelora instruct --method fit-gap-gated`, on the answer tokens (docs/llm.md). Full size, seed 2 "
+    "(CACC / ASR): StyleBkd 86.2 / 22.9, SynBkd 86.9 / 26.0 (the oracle 87.7 / 25.0 and 26.0), 0.4 under plain "
+    "LoRA on unpoisoned data; the other seeds and attacks are in "
     "docs/results.md. " + _COMMON,
     adapter=AdapterSettings(kind="lora"),
     training=_row_filter_training(_FIT_GAP_TEACHER, row_filter_teacher_mix_gate="model_contradicts"),
