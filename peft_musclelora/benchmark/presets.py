@@ -1,6 +1,6 @@
 """The named, documented method presets: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, `ga-lora-tuned` (this
 project's gradient-alignment recipe), the row filters `fit-gap`, `fit-gap-unlearn`, `fit-gap-poe`,
-`fit-gap-teacher` and `fit-gap-gated`, `recommended` (currently `fit-gap-poe`), and the decoder-LLM presets
+`fit-gap-teacher` and `fit-gap-gated`, `recommended` (currently `fit-gap-gated`), and the decoder-LLM presets
 `lora-llama` / `musclelora-llama` (the reference's Llama-2 hyper-parameters).
 
 A preset is a [`MethodPreset`] (see [`peft_musclelora.benchmark.settings`]). The reference recipe freezes the
@@ -117,15 +117,15 @@ _FIT_GAP_TEACHER = MethodPreset(
 
 _FIT_GAP_GATED = MethodPreset(
     name="fit-gap-gated",
-    description="Experimental (docs/results.md, session 16): fit-gap-teacher with the teacher's share gated by the "
-    "model being trained (row_filter_teacher_mix_gate=model_contradicts): a kept row trains on its label mixed half "
+    description="fit-gap-teacher with the teacher's share gated by the model being trained "
+    "(row_filter_teacher_mix_gate=model_contradicts; docs/row_filter.md): a kept row trains on its label mixed half "
     "and half with the trusted teacher's prediction only at the steps where the model's own most likely class is not "
     "its label, so a clean row the model has learned trains on its label alone whatever the 400-row teacher thinks "
     "of it, and a relabelled row, which the product of experts keeps the model from fitting, keeps the teacher's "
-    "pull. Also `musclelora instruct --method fit-gap-gated`, on the answer tokens (docs/llm.md). Full size, seed 2 "
-    "(CACC / ASR): StyleBkd 86.2 / 22.9, SynBkd 86.9 / 26.0 (the oracle 87.7 / 25.0 and 26.0), 0.4 under plain "
-    "LoRA on unpoisoned data; the other seeds and attacks are in "
-    "docs/results.md. " + _COMMON,
+    "pull. Also `musclelora instruct --method fit-gap-gated`, on the answer tokens (docs/llm.md). Full size, three "
+    "seeds (docs/results.md, session 17; CACC / ASR, means): BadNets 86.2 / 2.0, AddSent 86.0 / 5.6, StyleBkd 85.9 / "
+    "25.4, SynBkd 86.2 / 20.7 (the oracle 87.2; ASR 8.1 / 12.3 / 23.3 / 24.7), 0.2 under plain LoRA on unpoisoned "
+    "data. " + _COMMON,
     adapter=AdapterSettings(kind="lora"),
     training=_row_filter_training(_FIT_GAP_TEACHER, row_filter_teacher_mix_gate="model_contradicts"),
 )
@@ -183,15 +183,16 @@ PRESETS: dict[str, MethodPreset] = {
         _FIT_GAP_TEACHER,
         _FIT_GAP_GATED,
         dataclasses.replace(
-            _FIT_GAP_POE,
+            _FIT_GAP_GATED,
             name="recommended",
-            description="The project's recommended defense, the best measured so far (docs/results.md): fit-gap-poe. "
-            "At full size (three seeds, against each seed's oracle) it removes the insertion backdoors (BadNets, "
-            "AddSent: ASR 6.5 points below the oracle's) at 0.7-1.6 points of clean accuracy, and brings the "
-            "paraphrase backdoors (StyleBkd, SynBkd) to the oracle's ASR at 2.8-3.2 points, partly by leaning "
-            "against the target class (false-target rate 6-9 % against the oracle's 13-14 %; with the class bias "
-            "refitted on the trusted rows, 12.6-16.0 points of ASR above the oracle). Within 0.1 of plain LoRA on "
-            "unpoisoned data (seed 0). " + _COMMON,
+            description="The project's recommended defense, the best measured so far (docs/results.md): "
+            "fit-gap-gated. At full size (three seeds, against the mean of each seed's oracle, CACC 87.2) it removes "
+            "the insertion backdoors (BadNets, AddSent: ASR 6.1-6.6 points below the oracle's) at 1.0-1.2 points of "
+            "clean accuracy, and holds the paraphrase backdoors (StyleBkd, SynBkd) to +2.1 / -4.0 points of the "
+            "oracle's ASR at 1.0-1.3 points, on StyleBkd partly by leaning against the target class (false-target "
+            "rate 8-9 % against the oracle's 13-14 %; with the class bias refitted on the trusted rows, 10.4 points "
+            "of ASR above the oracle). 0.0-0.4 under plain LoRA on unpoisoned data. It was fit-gap-poe until "
+            "session 17 (1.8-1.9 points less clean accuracy on the paraphrase attacks). " + _COMMON,
         ),
         MethodPreset(
             name="lora-llama",

@@ -72,18 +72,21 @@ def test_a_fit_gap_unlearn_cell_reports_a_skipped_phase_and_its_evidence(
     assert metrics["row_filter"]["unlearn_evidence_z"] == phase["evidence"]["z"] < phase["evidence"]["threshold"]
 
 
-def test_a_recommended_cell_trains_the_kept_rows_against_the_sharpened_shallow_expert(
+def test_a_recommended_cell_trains_the_kept_rows_against_the_shallow_expert_and_the_gated_teacher(
     tiny_bert: Path, attack_dir: Path, tmp_path: Path
 ) -> None:
     def first_loss(out: Path) -> float:
         history = json.loads((out / "log_history.json").read_text())
         return next(entry["loss"] for entry in history if "loss" in entry)
 
-    items = ["row_filter_max_clean_drop=0.2"]
+    items = ["row_filter_max_clean_drop=0.2", "row_filter_teacher_steps=3"]
     assert _train(tiny_bert, attack_dir, tmp_path / "recommended", "recommended", items) == 0
     decisions = json.loads((tmp_path / "recommended" / "row_filter.json").read_text())
-    assert decisions["summary"]["shallow_probe"] == "ngram" and decisions["summary"]["shallow_expert_weight"] == 6.0
+    summary = decisions["summary"]
+    assert summary["shallow_probe"] == "ngram" and summary["shallow_expert_weight"] == 4.0
+    assert summary["teacher_mix"] == 0.5 and summary["teacher_mix_gate"] == "model_contradicts"
     assert all(len(row["shallow_log_probs"]) == 2 and len(row["losses"]) == 3 for row in decisions["rows"])
+    assert all(len(row["teacher_log_probs"]) == 2 for row in decisions["rows"])
     plain = ["row_filter_shallow_expert_weight=1"]
     assert _train(tiny_bert, attack_dir, tmp_path / "weight-1", "recommended", items + plain) == 0
     # Same seed, same rows kept, same first batch: only the product-of-experts loss differs.

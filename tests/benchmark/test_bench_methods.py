@@ -295,10 +295,10 @@ def test_fit_gap_gated_is_fit_gap_teacher_with_the_teachers_share_where_the_mode
     assert get_preset("fit-gap-unlearn", items).training == gated.training
 
 
-def test_recommended_is_fit_gap_poe_under_its_own_name() -> None:
-    recommended, poe = PRESETS["recommended"], PRESETS["fit-gap-poe"]
-    assert (recommended.adapter, recommended.training) == (poe.adapter, poe.training)
-    assert recommended.name == "recommended" and "fit-gap-poe" in recommended.description
+def test_recommended_is_fit_gap_gated_under_its_own_name() -> None:
+    recommended, gated = PRESETS["recommended"], PRESETS["fit-gap-gated"]
+    assert (recommended.adapter, recommended.training) == (gated.adapter, gated.training)
+    assert recommended.name == "recommended" and "fit-gap-gated" in recommended.description
 
 
 def test_a_field_the_row_filter_gains_reaches_the_trainer_without_a_benchmark_edit() -> None:
