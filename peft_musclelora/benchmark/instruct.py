@@ -342,7 +342,8 @@ def train_instruct(
             `settings.ga.reference_split_size` clean dev prompts); `fit-gap` (LoRA on the rows fit-gap row
             filtering keeps); `fit-gap-unlearn` (`fit-gap`, then the guarded unlearning of the fit-early rows);
             `fit-gap-poe` (`fit-gap-unlearn` with the n-gram shallow expert on the answer tokens);
-            `recommended` (an alias of `musclelora`).
+            `fit-gap-gated` (`fit-gap-poe` at weight 4 with the trusted teacher, gated by the model, on the answer
+            tokens); `recommended` (an alias of `musclelora`).
         train: Training data (usually poisoned).
         dev: Clean dev data; gradient alignment takes its references from it.
         output_dir: Where `adapter/` and `metrics.json` go.
