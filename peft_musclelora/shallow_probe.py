@@ -34,7 +34,7 @@ from typing import Optional, Union
 
 import torch
 
-from .answer_classes import branch_token_log_probs
+from .answer_classes import answer_tokens, branch_token_log_probs
 
 NGRAM_ORDER = 3
 HASH_BUCKETS = 1 << 20
@@ -368,28 +368,27 @@ def product_of_experts_token_loss(
                 "label rows (padding-free or packed batches join rows; they are not supported with "
                 "row_filter_shallow_expert or row_filter_teacher_mix)."
             )
-    shifted, next_tokens = logits[:, :-1], labels[:, 1:].long()
-    mask = next_tokens != -100
+    rows, positions, answer = answer_tokens(labels)
     # (labelled tokens, vocab) in float32: a copy, so the biases never touch the model's logits, and only of the
     # labelled positions, so a large vocabulary is not upcast at every position.
-    selected = shifted[mask].float()
-    rows, positions = mask.nonzero(as_tuple=True)
-    flat_index = torch.full_like(next_tokens, -1)
-    flat_index[mask] = torch.arange(selected.size(0), device=next_tokens.device)
+    selected = logits[rows, positions].float()
+    if class_log_probs is not None:
+        class_log_probs = class_log_probs.detach().double().cpu()  # read row by row: one transfer, not one per row
+    if targets is not None:
+        targets = targets.detach().double().cpu().clamp_min(0).log()
     bias_rows, bias_tokens, bias_values = [], [], []
     soft_rows, soft_tokens, soft_weights = [], [], []  # target minus one-hot at each branch of each answer
-    for row in range(next_tokens.size(0)):
-        row_positions = positions[rows == row]
-        response = next_tokens[row, row_positions].tolist()
+    for row in range(labels.size(0)):
+        entries = (rows == row).nonzero().flatten().tolist()  # this row's labelled tokens, in order
+        response = answer[entries].tolist()
         if class_log_probs is not None:
             for position, tokens, biases in branch_token_biases(response, classes, class_log_probs[row], weight):
-                bias_rows.extend([int(flat_index[row, row_positions[position]])] * len(tokens))
+                bias_rows.extend([entries[position]] * len(tokens))
                 bias_tokens.extend(tokens)
                 bias_values.append(biases)
         if targets is not None:
-            row_targets = targets[row].detach().double().cpu().clamp_min(0).log()
-            for position, tokens, log_p in branch_token_log_probs(response, classes, row_targets):
-                soft_rows.extend([int(flat_index[row, row_positions[position]])] * len(tokens))
+            for position, tokens, log_p in branch_token_log_probs(response, classes, targets[row]):
+                soft_rows.extend([entries[position]] * len(tokens))
                 soft_tokens.extend(tokens)
                 soft_weights.extend((p - float(t == response[position])) for t, p in zip(tokens, log_p.exp().tolist()))
     if bias_rows:
@@ -398,14 +397,14 @@ def product_of_experts_token_loss(
             torch.cat(bias_values).to(selected),
             accumulate=True,
         )
-    loss = torch.nn.functional.cross_entropy(selected, next_tokens[mask], reduction="sum")
+    loss = torch.nn.functional.cross_entropy(selected, answer, reduction="sum")
     if soft_rows:
         # -sum_t q_t log p_t = -log p_answer - sum_t (q_t - onehot_t) log p_t at a branch: the hard loss plus these.
         log_probs = torch.log_softmax(selected, dim=-1)
         at = (torch.tensor(soft_rows, device=selected.device), torch.tensor(soft_tokens, device=selected.device))
         loss = loss - (torch.tensor(soft_weights, device=selected.device, dtype=selected.dtype) * log_probs[at]).sum()
     if num_items_in_batch is None:
-        return loss / max(int(mask.sum()), 1)
+        return loss / max(answer.numel(), 1)
     count = torch.as_tensor(num_items_in_batch, device=loss.device)
     # DataParallel hands each replica its share as an (n_gpu,) tensor: this device's rows are the whole batch here.
     return loss / count.sum().clamp(min=1)

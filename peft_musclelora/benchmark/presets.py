@@ -124,8 +124,8 @@ _FIT_GAP_GATED = MethodPreset(
     "of it, and a relabelled row, which the product of experts keeps the model from fitting, keeps the teacher's "
     "pull. Also `musclelora instruct --method fit-gap-gated`, on the answer tokens (docs/llm.md). Full size, three "
     "seeds (docs/results.md, session 17; CACC / ASR, means): BadNets 86.2 / 2.0, AddSent 86.0 / 5.6, StyleBkd 85.9 / "
-    "25.4, SynBkd 86.2 / 20.7 (the oracle 87.2; ASR 8.1 / 12.3 / 23.3 / 24.7), 0.2 under plain LoRA on unpoisoned "
-    "data. " + _COMMON,
+    "25.4, SynBkd 86.2 / 20.7 (the oracle 87.2; ASR 8.1 / 12.3 / 23.3 / 24.7), 0.0-0.4 under plain LoRA on "
+    "unpoisoned data (by seed). " + _COMMON,
     adapter=AdapterSettings(kind="lora"),
     training=_row_filter_training(_FIT_GAP_TEACHER, row_filter_teacher_mix_gate="model_contradicts"),
 )
