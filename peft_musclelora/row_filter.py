@@ -53,6 +53,7 @@ from .shallow_probe import (
 )
 
 ROW_FILTER_FILE = "row_filter.json"
+_SMALLEST_LOSS = 1e-30  # a loss of exactly 0 still has a finite log-loss distance
 SHALLOW_PRIOR_COLUMN = "shallow_log_prior"  # the shallow probe's out-of-fold log-probabilities of a kept row
 TEACHER_COLUMN = "teacher_log_probs"  # the trusted teacher's log-probabilities of a kept row
 
@@ -152,6 +153,14 @@ class RowFilterArguments:
         metadata={
             "help": "At most this share of the trusted rows may be flagged by the rule (half per tail); it bounds "
             "the share of clean training rows dropped. In (0, 0.5)."
+        },
+    )
+    row_filter_extend_tails: bool = field(
+        default=False,
+        metadata={
+            "help": "Score a row fitted better (or worse) than every trusted row by how far beyond them it lies, "
+            "not as a tie at the extreme percentile, so row_filter_max_clean_drop sets the cut-offs to the trusted "
+            "row it names; with ties a tighter bound can flag no row at all on a side."
         },
     )
     row_filter_probe_learning_rate: Optional[float] = field(
@@ -347,6 +356,7 @@ class RowFilterArguments:
         self.row_filter_probe_steps = sorted(set(self.row_filter_probe_steps))
         check_int("row_filter_folds", self.row_filter_folds, minimum=2)
         check_number("row_filter_max_clean_drop", self.row_filter_max_clean_drop, "in (0, 0.5)", lambda v: 0 < v < 0.5)
+        check_bool("row_filter_extend_tails", self.row_filter_extend_tails)
         check_number("row_filter_probe_learning_rate", self.row_filter_probe_learning_rate, "> 0", _positive, True)
         shallow = self.row_filter_shallow_probe
         _check_optional_choice("row_filter_shallow_probe", shallow, SHALLOW_PROBES)
@@ -479,14 +489,23 @@ def fold_assignment(num_rows: int, folds: int, seed: int) -> list[int]:
     return assignment
 
 
-def percentile_ranks(losses: torch.Tensor, reference: torch.Tensor, leave_one_out: bool = False) -> torch.Tensor:
+def percentile_ranks(
+    losses: torch.Tensor, reference: torch.Tensor, leave_one_out: bool = False, extend_tails: bool = False
+) -> torch.Tensor:
     """Each loss's mid-rank percentile in `reference`: (#below + #equal / 2) / len(reference), in [0, 1].
 
-    With `leave_one_out`, `losses` is `reference` itself and each row is ranked among the others.
+    With `leave_one_out`, `losses` is `reference` itself and each row is ranked among the others. With
+    `extend_tails`, a loss beyond every reference loss is not tied at 0 or 1 but scored by how far beyond it lies:
+    its log-loss distance from the nearest reference loss in units of the reference log-losses' interquartile range,
+    below 0 (fitted better than every reference row) or above 1 (worse). A cut-off in the tails then flags exactly
+    as many reference rows as it may, where ties at 0 or 1 would make it flag all of them or none.
 
     Example:
         >>> percentile_ranks(torch.tensor([0.0, 2.0, 9.0]), torch.tensor([1.0, 2.0, 3.0])).tolist()
         [0.0, 0.5, 1.0]
+        >>> losses, reference = torch.tensor([0.5, 2.0, 6.0]), torch.tensor([1.0, 2.0, 3.0])
+        >>> [round(value, 2) for value in percentile_ranks(losses, reference, extend_tails=True).tolist()]
+        [-1.26, 0.5, 2.26]
     """
     below = (reference.unsqueeze(0) < losses.unsqueeze(1)).sum(1).double()
     equal = (reference.unsqueeze(0) == losses.unsqueeze(1)).sum(1).double()
@@ -495,7 +514,29 @@ def percentile_ranks(losses: torch.Tensor, reference: torch.Tensor, leave_one_ou
         equal, size = equal - 1, size - 1
     if size < 1:
         raise ValueError("percentile ranks need at least one other trusted row per label.")
-    return (below + equal / 2) / size
+    ranks = (below + equal / 2) / size
+    if not extend_tails:
+        return ranks
+    return ranks + _tail_distances(losses.double(), reference.double(), leave_one_out)
+
+
+def _tail_distances(losses: torch.Tensor, reference: torch.Tensor, leave_one_out: bool) -> torch.Tensor:
+    """Log-loss distance of each loss beyond the reference's extremes (negative below, positive above, 0 inside), in
+    reference interquartile ranges; with `leave_one_out` each loss is its own reference row and the extremes are
+    the other rows'."""
+    log_losses = losses.clamp_min(_SMALLEST_LOSS).log()
+    log_reference = reference.clamp_min(_SMALLEST_LOSS).log()
+    spread = float(log_reference.quantile(0.75) - log_reference.quantile(0.25))
+    spread = spread if spread > 0 else 1.0
+    if leave_one_out and log_reference.numel() > 1:
+        # the extremes among the *other* rows: the second smallest / largest for the row that is the extreme itself
+        two_low = log_reference.topk(2, largest=False).values
+        two_high = log_reference.topk(2).values
+        lowest = torch.where(log_losses <= two_low[0], two_low[1], two_low[0])
+        highest = torch.where(log_losses >= two_high[0], two_high[1], two_high[0])
+    else:
+        lowest, highest = log_reference.min(), log_reference.max()
+    return ((log_losses - lowest).clamp_max(0) + (log_losses - highest).clamp_min(0)) / spread
 
 
 def choose_cutoffs(reference_low: torch.Tensor, reference_high: torch.Tensor, max_clean_drop: float) -> tuple:
@@ -568,6 +609,7 @@ def decide_rows(
     reference_groups: Sequence[int],
     max_clean_drop: float,
     low_columns: Optional[Sequence[bool]] = None,
+    extend_tails: bool = False,
 ) -> RowDecisions:
     """Per-row keep/drop decisions from probe losses.
 
@@ -581,6 +623,8 @@ def decide_rows(
         max_clean_drop: Share of trusted rows the rule may flag (see [`choose_cutoffs`]).
         low_columns: Per probe step, whether it counts for `low` (the fit-early side); None: every step. Every step
             counts for `high`.
+        extend_tails: Score rows beyond every trusted row by their distance (see [`percentile_ranks`]), so the
+            cut-offs flag as many trusted rows as `max_clean_drop` allows instead of a tie's all or none.
 
     Example:
         >>> ref = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 1.5, 2.5, 3.5, 4.5]]])  # one fold, one step, 8 trusted rows
@@ -609,14 +653,16 @@ def decide_rows(
         per_fold_low, per_fold_high = [], []
         for fold in range(folds):
             ref = reference_losses[fold][:, ref_mask]  # (steps, refs of the group)
-            ref_pct = torch.stack([percentile_ranks(ref[s], ref[s], leave_one_out=True) for s in range(steps)])
+            ref_pct = torch.stack([percentile_ranks(ref[s], ref[s], True, extend_tails) for s in range(steps)])
             per_fold_low.append(ref_pct[low_mask].min(0).values)
             per_fold_high.append(ref_pct.max(0).values)
             row_mask = (train_groups_t == group) & (folds_t == fold)
             if not bool(row_mask.any()):
                 continue
             losses = train_losses[fold][:, row_mask]
-            percentiles[:, row_mask] = torch.stack([percentile_ranks(losses[s], ref[s]) for s in range(steps)])
+            percentiles[:, row_mask] = torch.stack(
+                [percentile_ranks(losses[s], ref[s], extend_tails=extend_tails) for s in range(steps)]
+            )
         # A trusted row's score under every probe counts: the cut-offs must hold whichever probe scored a row.
         ref_low.append(torch.cat(per_fold_low))
         ref_high.append(torch.cat(per_fold_high))
@@ -1231,6 +1277,7 @@ def run_row_filter(
         reference_groups,
         args.row_filter_max_clean_drop,
         low_columns,
+        args.row_filter_extend_tails,
     )
     own = [train_losses[folds[row], :, row].tolist() for row in range(num_rows)]
     expert_scale = None
@@ -1260,6 +1307,7 @@ def run_row_filter(
         "expert_probe_steps": list(expert_steps) or None,
         "folds": args.row_filter_folds,
         "max_clean_drop": args.row_filter_max_clean_drop,
+        "extend_tails": args.row_filter_extend_tails,
         "probe_learning_rate": lr,
         "shallow_probe": args.row_filter_shallow_probe,
         "shallow_expert": args.row_filter_shallow_expert,
@@ -1286,4 +1334,5 @@ def run_row_filter(
         "scoring_seconds": scoring_seconds,
         "shallow_seconds": shallow_seconds,
     }
-    return {"summary": summary, "kept": decisions.kept, "rows": rows}
+    reference = {"groups": reference_groups, "losses": stacked_reference.tolist()}
+    return {"summary": summary, "kept": decisions.kept, "rows": rows, "reference": reference}

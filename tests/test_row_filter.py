@@ -54,6 +54,32 @@ def test_ties_never_make_a_cutoff_flag_more_rows():
     assert not bool((low < low_cut).any()) and not bool((high > high_cut).any())
 
 
+def test_extended_tails_score_rows_beyond_every_trusted_row_by_their_distance_and_leave_the_middle_alone():
+    reference = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    losses = torch.tensor([0.01, 0.5, 2.0, 5.0, 50.0])
+    plain = percentile_ranks(losses, reference)
+    extended = percentile_ranks(losses, reference, extend_tails=True)
+    assert extended[2] == plain[2]  # inside the trusted range: the mid-rank percentile
+    assert extended[0] < extended[1] < 0 and 1 < extended[3] < extended[4]  # the further out, the more extreme
+    # leave-one-out: the trusted extremes are scored against the other rows' extremes, so they too lie beyond 0 / 1
+    own = percentile_ranks(reference, reference, leave_one_out=True, extend_tails=True)
+    assert own[0] < 0 and own[3] > 1 and own[1:3].tolist() == [1 / 3, 2 / 3]
+
+
+def test_extended_tails_let_a_tight_bound_flag_what_it_allows_where_ties_flag_nothing():
+    # 100 trusted rows over 10 probe steps; at step k trusted row k is fitted better than every other row, so 10
+    # trusted rows tie at percentile 0 where the bound allows 5 per tail
+    refs = torch.linspace(1.0, 2.0, 100).repeat(10, 1)
+    for step in range(10):
+        refs[step, step] = 0.5 - 0.01 * step
+    train = torch.tensor([1e-6, 1.5]).repeat(10, 1)  # a far shortcut and a typical row, at every step
+    rule = {"train_groups": [0, 0], "train_folds": [0, 0], "reference_groups": [0] * 100, "max_clean_drop": 0.1}
+    tied = decide_rows(train[None], reference_losses=refs[None], **rule)
+    extended = decide_rows(train[None], reference_losses=refs[None], **rule, extend_tails=True)
+    assert tied.reasons == ["keep", "keep"] and tied.reference_low_flagged == 0.0
+    assert extended.reasons == ["fit-early", "keep"] and extended.reference_low_flagged == 0.05
+
+
 def test_rows_fitted_better_or_worse_than_every_trusted_row_are_dropped_typical_rows_kept():
     refs = torch.linspace(1.0, 2.0, 100).view(1, 1, -1)  # one fold, one probe step
     train = torch.tensor([[[0.001, 1.5, 1.2, 50.0]]])
@@ -104,6 +130,7 @@ def test_per_row_loss_of_a_causal_lm_averages_the_labelled_next_tokens():
         ("row_filter_max_clean_drop", 0.5, ValueError),
         ("row_filter_max_clean_drop", float("nan"), TypeError),
         ("row_filter_probe_learning_rate", -1e-3, ValueError),
+        ("row_filter_extend_tails", "yes", TypeError),
     ],
 )
 def test_invalid_settings_name_the_field_and_the_value(field, value, error):
@@ -136,6 +163,9 @@ def test_probes_leave_the_weights_and_the_random_state_as_they_found_them(tmp_pa
     trainer = _trainer(tmp_path)
     report = assert_filter_leaves_state_as_found(trainer)
     assert len(report["rows"]) == 48 and len(report["rows"][0]["losses"]) == 2
+    # the trusted rows' losses are saved too, so a cut-off can be recomputed from the report alone
+    assert report["reference"]["groups"] == token_dataset(40, seed=2)["labels"]
+    assert torch.tensor(report["reference"]["losses"]).shape == (2, 2, 40)  # (folds, probe steps, trusted rows)
 
 
 def _pad(rows):
