@@ -172,7 +172,7 @@ def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: 
         {"index": index, "text": record.text, "label": record.label, **decision}
         for index, (record, decision) in enumerate(zip(train_data.records, report["rows"]))
     ]
-    phase, refit = report.get("unlearning"), report.get("bias_refit")
+    phase, refit, reference = report.get("unlearning"), report.get("bias_refit"), report.get("reference")
     write_json(
         output_dir / ROW_FILTER_FILE,
         {
@@ -180,6 +180,7 @@ def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: 
             **({"unlearning": phase} if phase else {}),
             **({"bias_refit": refit} if refit else {}),
             "rows": rows,
+            **({"reference": reference} if reference else {}),
         },
     )
     dropped = [decision["reason"] != "keep" for decision in report["rows"]]

@@ -1,0 +1,103 @@
+"""Recompute a finished `fit-gap` cell's keep/drop decisions under other cut-off settings, without probing again.
+
+A cell's `row_filter.json` (made since the trusted rows' probe losses are saved in it, under `reference`) holds every
+loss the decision rule reads, so [`decide_rows`] can be rerun on it with another `max_clean_drop` and with or
+without extended tails. For each setting this prints the share of trusted rows the rule flags, the share of the
+clean training rows it drops and the share of the poisoned ones (the poison flags are read for this report only;
+the decisions never see them), per side (fit-early, contradicted). Training on the new decisions is not simulated:
+what a cut does to clean accuracy and ASR needs a trained cell.
+
+    python benchmarks/recut.py runs-v5/s18-ext3-stylebkd-s1/cells/stylebkd/fit-gap-unlearn/seed1 \
+        --max-clean-drop 0.02 0.03 0.04
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from peft_musclelora.row_filter import decide_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from row_filter_report import read_decisions  # noqa: E402
+
+
+def recut(report: dict, max_clean_drop: float, extend_tails: bool) -> tuple[list[str], float]:
+    """The per-row reasons and the trusted-row flag rate `decide_rows` gives on the saved losses of `report`."""
+    if "reference" not in report:
+        raise ValueError("this row_filter.json has no `reference` losses (made before they were saved): probe again.")
+    rows = report["rows"]
+    reference = torch.tensor(report["reference"]["losses"], dtype=torch.float64)
+    folds, steps, _ = reference.shape
+    train = torch.zeros(folds, steps, len(rows), dtype=torch.float64)
+    for index, row in enumerate(rows):
+        train[row["fold"], :, index] = torch.tensor(row["losses"], dtype=torch.float64)
+    groups = [row["label"] if "label" in row else 0 for row in rows]
+    expert_steps = report["summary"].get("expert_probe_steps") or []
+    low_columns = [True] * steps
+    for offset in range(len(expert_steps)):  # the expert steps follow the plain ones and count for `high` only
+        low_columns[len(report["summary"]["probe_steps"]) + offset] = False
+    decisions = decide_rows(
+        train,
+        groups,
+        [row["fold"] for row in rows],
+        reference,
+        report["reference"]["groups"],
+        max_clean_drop,
+        low_columns,
+        extend_tails,
+    )
+    return decisions.reasons, decisions.reference_flagged
+
+
+def _shares(reasons: np.ndarray):
+    """`share(mask, reason)`: the percentage of the rows in `mask` given `reason` (nan for an empty mask)."""
+
+    def share(mask: np.ndarray, reason: str) -> float:
+        return round(100 * float((reasons[mask] == reason).mean()), 1) if mask.any() else float("nan")
+
+    return share
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cells", type=Path, nargs="+", help="Finished fit-gap cell directories")
+    parser.add_argument("--max-clean-drop", type=float, nargs="+", default=[0.02, 0.03, 0.04])
+    parser.add_argument("--tails", choices=["tied", "extended", "both"], default="both")
+    args = parser.parse_args()
+    tails = {"tied": [False], "extended": [True], "both": [False, True]}[args.tails]
+    table = []
+    for cell in args.cells:
+        report, _, poisoned, labels = read_decisions(cell)
+        for row, label in zip(report["rows"], labels):
+            row.setdefault("label", int(label))
+        for extend in tails:
+            for bound in args.max_clean_drop:
+                reasons, reference_flagged = recut(report, bound, extend)
+                reasons = np.array(reasons)
+                clean, bad = ~poisoned, poisoned
+                share = _shares(reasons)
+                table.append(
+                    {
+                        "cell": str(cell),
+                        "tails": "extended" if extend else "tied",
+                        "max_clean_drop": bound,
+                        "trusted flagged %": round(100 * reference_flagged, 1),
+                        "clean dropped %": round(100 * float((reasons[clean] != "keep").mean()), 1),
+                        "clean fit-early / contradicted %": [share(clean, "fit-early"), share(clean, "contradicted")],
+                        "poisoned recall %": round(100 * float((reasons[bad] != "keep").mean()), 1)
+                        if bad.any()
+                        else None,
+                        "poisoned fit-early / contradicted %": [share(bad, "fit-early"), share(bad, "contradicted")],
+                    }
+                )
+    print(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()
