@@ -45,9 +45,12 @@ def fit_class_offset(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return torch.cat([zero, free.detach()])
 
 
-def output_bias(model: torch.nn.Module, num_classes: int) -> tuple[str, torch.nn.Parameter]:
+def output_bias(
+    model: torch.nn.Module, num_classes: int, field_name: str = "row_filter_refit_bias"
+) -> tuple[str, torch.nn.Parameter]:
     """The name and parameter of the model's output bias: the last trainable parameter named `*.bias` with shape
-    `(num_classes,)` (with peft's `modules_to_save`, the trained copy of the classifier's bias)."""
+    `(num_classes,)` (with peft's `modules_to_save`, the trained copy of the classifier's bias). `field_name` is the
+    knob named when there is none."""
     found = [
         (name, param)
         for name, param in model.named_parameters()
@@ -55,17 +58,19 @@ def output_bias(model: torch.nn.Module, num_classes: int) -> tuple[str, torch.nn
     ]
     if not found:
         raise ValueError(
-            f"`row_filter_refit_bias=True` refits the output layer's bias and found no trainable parameter `*.bias` "
+            f"`{field_name}=True` refits the output layer's bias and found no trainable parameter `*.bias` "
             f"of shape ({num_classes},): train the classifier (peft's modules_to_save) with a bias, or leave it False."
         )
     return found[-1]
 
 
-def refit_output_bias(trainer: Any, reference_dataset: Any) -> dict[str, Any]:
+def refit_output_bias(
+    trainer: Any, reference_dataset: Any, field_name: str = "row_filter_refit_bias"
+) -> dict[str, Any]:
     """Add [`fit_class_offset`] of the trusted rows' logits to the output bias of `trainer.model`, in place.
 
     The shift is checked on the trusted rows (their logits must move by the offset and nothing else); otherwise the
-    bias is restored and a `ValueError` names the parameter.
+    bias is restored and a `ValueError` names the parameter. Errors name `field_name`, the knob that asked for it.
 
     Returns:
         The report stored under `bias_refit` in `row_filter.json`: `parameter`, `offset` (per class),
@@ -75,20 +80,21 @@ def refit_output_bias(trainer: Any, reference_dataset: Any) -> dict[str, Any]:
 
     start = time.perf_counter()
     model = trainer.model
-    before, labels = per_row_values(trainer, model, reference_dataset, class_log_probs("row_filter_refit_bias"))
+    measure = class_log_probs(field_name)
+    before, labels = per_row_values(trainer, model, reference_dataset, measure)
     labels_t = torch.tensor(labels)
     offset = fit_class_offset(before, labels_t)
-    name, bias = output_bias(model, before.size(1))
+    name, bias = output_bias(model, before.size(1), field_name)
     with torch.no_grad():
         bias.add_(offset.to(device=bias.device, dtype=bias.dtype))
-    after, _ = per_row_values(trainer, model, reference_dataset, class_log_probs("row_filter_refit_bias"))
+    after, _ = per_row_values(trainer, model, reference_dataset, measure)
     expected = torch.log_softmax(before + offset, dim=-1)
     if not torch.allclose(after, expected, atol=SHIFT_TOLERANCE):
         with torch.no_grad():
             bias.sub_(offset.to(device=bias.device, dtype=bias.dtype))
         raise ValueError(
-            f"`row_filter_refit_bias=True`: adding the offset to `{name}` did not shift the logits by it (it is not "
-            "the output layer's own bias); the bias was restored. Leave row_filter_refit_bias False for this head."
+            f"`{field_name}=True`: adding the offset to `{name}` did not shift the logits by it (it is not the "
+            f"output layer's own bias); the bias was restored. Leave {field_name} False for this head."
         )
     return {
         "parameter": name,

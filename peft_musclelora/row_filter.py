@@ -338,6 +338,15 @@ class RowFilterArguments:
             "None: always unlearn."
         },
     )
+    row_filter_unlearn_refit_bias: bool = field(
+        default=False,
+        metadata={
+            "help": "After an unlearning phase that ran (not one skipped for want of evidence), refit the output "
+            "layer's bias on the trusted rows as row_filter_refit_bias does: pushing the isolated rows to chance "
+            "moves the class balance by an amount the accuracy guard does not hold. A model that was not unlearned "
+            "keeps its bias. Class labels and a trainable output bias only; needs row_filter_unlearn=True."
+        },
+    )
     row_filter_unlearn_max_guard_drop: float = field(
         default=0.01,
         metadata={
@@ -465,6 +474,12 @@ class RowFilterArguments:
         check_number("row_filter_unlearn_significance", significance, "in (0, 1)", lambda v: 0 < v < 1, True)
         guard = self.row_filter_unlearn_max_guard_drop
         check_number("row_filter_unlearn_max_guard_drop", guard, "in [0, 1)", lambda v: 0 <= v < 1)
+        check_bool("row_filter_unlearn_refit_bias", self.row_filter_unlearn_refit_bias)
+        if self.row_filter_unlearn_refit_bias and not self.row_filter_unlearn:
+            raise ValueError(
+                "`row_filter_unlearn_refit_bias=True` refits the output bias after the unlearning phase: set "
+                "row_filter_unlearn=True as well."
+            )
 
 
 def _check_optional_choice(name: str, value: Optional[str], registry: Mapping[str, Any]) -> None:

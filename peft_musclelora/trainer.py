@@ -531,20 +531,24 @@ class GradientAlignmentMixin:
         `row_filter_unlearn=True` the rows isolated as fit-early are then unlearned (see
         [`peft_musclelora.unlearning`]); the phase's report is added to `row_filter.json` under `unlearning`. With
         `row_filter_refit_bias=True` the output bias is last refitted on the trusted rows (see
-        [`peft_musclelora.bias_refit`]), reported under `bias_refit`.
+        [`peft_musclelora.bias_refit`]), reported under `bias_refit`; with `row_filter_unlearn_refit_bias=True`,
+        only when the unlearning phase ran.
         """
         self._reset_gradient_alignment_state()
         if self.row_filter_args.row_filter:
             self._filter_training_rows(resuming=bool(kwargs.get("resume_from_checkpoint") or (args and args[0])))
         output = super().train(*args, **kwargs)
+        unlearned = False
         if self.row_filter_args.row_filter_unlearn:
-            self._unlearn_isolated_rows()
+            unlearned = self._unlearn_isolated_rows()
         if self.row_filter_args.row_filter_refit_bias:
-            self._refit_output_bias()
+            self._refit_output_bias("row_filter_refit_bias")
+        elif unlearned and self.row_filter_args.row_filter_unlearn_refit_bias:
+            self._refit_output_bias("row_filter_unlearn_refit_bias")
         return output
 
-    def _refit_output_bias(self) -> None:
-        refit = refit_output_bias(self, self.reference_dataset)
+    def _refit_output_bias(self, field_name: str) -> None:
+        refit = refit_output_bias(self, self.reference_dataset, field_name)
         logger.info("row filter: output bias %s moved by %s", refit["parameter"], refit["offset"])
         self.row_filter_report["bias_refit"] = refit
         self._write_row_filter_report(self.row_filter_report)
@@ -553,7 +557,8 @@ class GradientAlignmentMixin:
             | {"row_filter/bias_refit_trusted_accuracy": refit["trusted_accuracy_after"]}
         )
 
-    def _unlearn_isolated_rows(self) -> None:
+    def _unlearn_isolated_rows(self) -> bool:
+        """Run the unlearning phase; whether it trained (False: skipped, for want of evidence or isolated rows)."""
         report = self.row_filter_report
         isolated = [row for row, decision in enumerate(report["rows"]) if decision["reason"] == "fit-early"]
         unlearning = run_unlearning(
@@ -579,6 +584,7 @@ class GradientAlignmentMixin:
             | {"row_filter/unlearn_skipped": float(unlearning["skipped"] is not None)}
             | ({"row_filter/unlearn_evidence_z": unlearning["evidence"]["z"]} if unlearning["evidence"] else {})
         )
+        return unlearning["skipped"] is None
 
     def _write_row_filter_report(self, report: dict[str, Any]) -> None:
         if not self.args.should_save:

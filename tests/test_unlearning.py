@@ -48,6 +48,8 @@ def test_the_default_cap_is_chance_among_the_classes_and_generation_must_set_one
         ({"row_filter_unlearn_max_guard_drop": 1.0}, ValueError, "`row_filter_unlearn_max_guard_drop`.*1.0"),
         ({"row_filter_unlearn_significance": 0.0}, ValueError, "`row_filter_unlearn_significance`.*0.0"),
         ({"row_filter_unlearn_significance": "1%"}, TypeError, "`row_filter_unlearn_significance`.*'1%'"),
+        ({"row_filter_unlearn_refit_bias": 1}, TypeError, "`row_filter_unlearn_refit_bias`.*1"),
+        ({"row_filter": True, "row_filter_unlearn_refit_bias": True}, ValueError, "set row_filter_unlearn=True"),
     ],
 )
 def test_invalid_unlearning_settings_name_the_field_and_the_value(overrides, error, match):
@@ -165,6 +167,35 @@ def test_without_evidence_the_phase_is_skipped_and_the_trained_model_kept(tmp_pa
     saved = json.loads((tmp_path / "gated" / "out" / ROW_FILTER_FILE).read_text())
     assert saved["unlearning"]["skipped"] == phase["skipped"]
     plain = _trainer(tmp_path / "plain")  # fit-gap alone: filter and train, no unlearning
+    plain.train()
+    a, b = trainable_state(gated.model), trainable_state(plain.model)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+# ---- the bias refit after unlearning ----
+
+
+def test_after_an_unlearning_phase_that_ran_the_output_bias_alone_is_refitted_on_the_trusted_rows(tmp_path):
+    unlearned = _unlearning_trainer(tmp_path / "plain")
+    unlearned.train()
+    refitted = _unlearning_trainer(tmp_path / "refit", row_filter_unlearn_refit_bias=True)
+    refitted.train()
+    assert unlearned.row_filter_report["unlearning"]["skipped"] is None
+    report = json.loads((tmp_path / "refit" / "out" / ROW_FILTER_FILE).read_text())["bias_refit"]
+    before, after = trainable_state(unlearned.model), trainable_state(refitted.model)
+    assert all(torch.equal(before[name], after[name]) for name in before if name != "classifier.bias")
+    moved = (after["classifier.bias"] - before["classifier.bias"]).double()
+    assert torch.allclose(moved, torch.tensor(report["offset"], dtype=torch.float64), atol=1e-6)
+
+
+def test_a_skipped_unlearning_phase_leaves_the_bias_as_trained(tmp_path):
+    gated = _unlearning_trainer(
+        tmp_path / "gated", row_filter_unlearn_significance=0.01, row_filter_unlearn_refit_bias=True
+    )
+    gated.train()
+    assert gated.row_filter_report["unlearning"]["skipped"] is not None
+    assert "bias_refit" not in json.loads((tmp_path / "gated" / "out" / ROW_FILTER_FILE).read_text())
+    plain = _trainer(tmp_path / "plain")
     plain.train()
     a, b = trainable_state(gated.model), trainable_state(plain.model)
     assert all(torch.equal(a[name], b[name]) for name in a)
