@@ -31,28 +31,32 @@ def recut(report: dict, max_clean_drop: float, extend_tails: bool) -> tuple[list
     """The per-row reasons and the trusted-row flag rate `decide_rows` gives on the saved losses of `report`."""
     if "reference" not in report:
         raise ValueError("this row_filter.json has no `reference` losses (made before they were saved): probe again.")
-    rows = report["rows"]
-    reference = torch.tensor(report["reference"]["losses"], dtype=torch.float64)
+    rows, saved = report["rows"], report["reference"]
+    reference = torch.tensor(saved["losses"], dtype=torch.float64)
     folds, steps, _ = reference.shape
     train = torch.zeros(folds, steps, len(rows), dtype=torch.float64)
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows):  # decide_rows reads each row's own fold only
         train[row["fold"], :, index] = torch.tensor(row["losses"], dtype=torch.float64)
-    groups = [row["label"] if "label" in row else 0 for row in rows]
-    expert_steps = report["summary"].get("expert_probe_steps") or []
-    low_columns = [True] * steps
-    for offset in range(len(expert_steps)):  # the expert steps follow the plain ones and count for `high` only
-        low_columns[len(report["summary"]["probe_steps"]) + offset] = False
+    folds_of_rows = [row["fold"] for row in rows]
+    row_groups, low_columns = _saved_rule(report)
     decisions = decide_rows(
-        train,
-        groups,
-        [row["fold"] for row in rows],
-        reference,
-        report["reference"]["groups"],
-        max_clean_drop,
-        low_columns,
-        extend_tails,
+        train, row_groups, folds_of_rows, reference, saved["groups"], max_clean_drop, low_columns, extend_tails
     )
     return decisions.reasons, decisions.reference_flagged
+
+
+def _saved_rule(report: dict) -> tuple[list[int], list[bool]]:
+    """The training rows' groups and the probe steps that count for `low`, as `decide_rows` read them. The first
+    reports with `reference` (session 18's first cells) lack both: there a row's group is its `label` (class-label
+    cells; the bench saves it per row) and every step counts for `low` but the expert probe steps."""
+    saved = report["reference"]
+    if "row_groups" in saved:
+        return saved["row_groups"], saved["low_columns"]
+    summary = report["summary"]
+    plain, expert = len(summary["probe_steps"]), len(summary.get("expert_probe_steps") or [])
+    steps = len(saved["losses"][0])
+    low_columns = [True] * plain + [False] * expert + [True] * (steps - plain - expert)
+    return [row["label"] for row in report["rows"]], low_columns
 
 
 def _shares(reasons: np.ndarray):
@@ -73,9 +77,7 @@ def main() -> None:
     tails = {"tied": [False], "extended": [True], "both": [False, True]}[args.tails]
     table = []
     for cell in args.cells:
-        report, _, poisoned, labels = read_decisions(cell)
-        for row, label in zip(report["rows"], labels):
-            row.setdefault("label", int(label))
+        report, _, poisoned, _ = read_decisions(cell)
         for extend in tails:
             for bound in args.max_clean_drop:
                 reasons, reference_flagged = recut(report, bound, extend)

@@ -1349,5 +1349,11 @@ def run_row_filter(
         "scoring_seconds": scoring_seconds,
         "shallow_seconds": shallow_seconds,
     }
-    reference = {"groups": reference_groups, "losses": stacked_reference.tolist()}
+    # what decide_rows read, so the decisions can be recomputed from the report alone (benchmarks/recut.py)
+    reference = {
+        "groups": reference_groups,
+        "losses": stacked_reference.tolist(),
+        "row_groups": train_groups,
+        "low_columns": low_columns,
+    }
     return {"summary": summary, "kept": decisions.kept, "rows": rows, "reference": reference}

@@ -166,6 +166,8 @@ def test_probes_leave_the_weights_and_the_random_state_as_they_found_them(tmp_pa
     # the trusted rows' losses are saved too, so a cut-off can be recomputed from the report alone
     assert report["reference"]["groups"] == token_dataset(40, seed=2)["labels"]
     assert torch.tensor(report["reference"]["losses"]).shape == (2, 2, 40)  # (folds, probe steps, trusted rows)
+    assert report["reference"]["row_groups"] == token_dataset(48, seed=1)["labels"]
+    assert report["reference"]["low_columns"] == [True, True]
 
 
 def _pad(rows):
