@@ -1,11 +1,11 @@
 """Recompute a finished `fit-gap` cell's keep/drop decisions under other cut-off settings, without probing again.
 
 A cell's `row_filter.json` (made since the trusted rows' probe losses are saved in it, under `reference`) holds every
-loss the decision rule reads, so [`decide_rows`] can be rerun on it with another `max_clean_drop` and with or
-without extended tails. For each setting this prints the share of trusted rows the rule flags, the share of the
-clean training rows it drops and the share of the poisoned ones (the poison flags are read for this report only;
-the decisions never see them), per side (fit-early, contradicted). Training on the new decisions is not simulated:
-what a cut does to clean accuracy and ASR needs a trained cell.
+loss the decision rule reads, so [`decide_rows`] can be rerun on it with another `max_clean_drop`, with or without
+extended tails, dropping or keeping the contradicted rows. For each setting this prints the share of trusted rows the
+rule flags, the share of the clean training rows it drops and the share of the poisoned ones (the poison flags are
+read for this report only; the decisions never see them), per side (fit-early, contradicted). Training on the new
+decisions is not simulated: what a cut does to clean accuracy and ASR needs a trained cell.
 
     python benchmarks/recut.py runs-v5/s18-ext3-stylebkd-s1/cells/stylebkd/fit-gap-unlearn/seed1 \
         --max-clean-drop 0.02 0.03 0.04
@@ -14,6 +14,7 @@ what a cut does to clean accuracy and ASR needs a trained cell.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -27,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from row_filter_report import read_decisions  # noqa: E402
 
 
-def recut(report: dict, max_clean_drop: float, extend_tails: bool) -> tuple[list[str], float]:
+def recut(
+    report: dict, max_clean_drop: float, extend_tails: bool, drop_contradicted: bool = True
+) -> tuple[list[str], float]:
     """The per-row reasons and the trusted-row flag rate `decide_rows` gives on the saved losses of `report`."""
     if "reference" not in report:
         raise ValueError("this row_filter.json has no `reference` losses (made before they were saved): probe again.")
@@ -40,7 +43,15 @@ def recut(report: dict, max_clean_drop: float, extend_tails: bool) -> tuple[list
     folds_of_rows = [row["fold"] for row in rows]
     row_groups, low_columns = _saved_rule(report)
     decisions = decide_rows(
-        train, row_groups, folds_of_rows, reference, saved["groups"], max_clean_drop, low_columns, extend_tails
+        train,
+        row_groups,
+        folds_of_rows,
+        reference,
+        saved["groups"],
+        max_clean_drop,
+        low_columns,
+        extend_tails,
+        drop_contradicted,
     )
     return decisions.reasons, decisions.reference_flagged
 
@@ -73,31 +84,33 @@ def main() -> None:
     parser.add_argument("cells", type=Path, nargs="+", help="Finished fit-gap cell directories")
     parser.add_argument("--max-clean-drop", type=float, nargs="+", default=[0.02, 0.03, 0.04])
     parser.add_argument("--tails", choices=["tied", "extended", "both"], default="both")
+    parser.add_argument(
+        "--contradicted", choices=["drop", "keep", "both"], default="drop", help="whether the high side cuts"
+    )
     args = parser.parse_args()
     tails = {"tied": [False], "extended": [True], "both": [False, True]}[args.tails]
+    sides = {"drop": [True], "keep": [False], "both": [True, False]}[args.contradicted]
     table = []
     for cell in args.cells:
         report, _, poisoned, _ = read_decisions(cell)
-        for extend in tails:
-            for bound in args.max_clean_drop:
-                reasons, reference_flagged = recut(report, bound, extend)
-                reasons = np.array(reasons)
-                clean, bad = ~poisoned, poisoned
-                share = _shares(reasons)
-                table.append(
-                    {
-                        "cell": str(cell),
-                        "tails": "extended" if extend else "tied",
-                        "max_clean_drop": bound,
-                        "trusted flagged %": round(100 * reference_flagged, 1),
-                        "clean dropped %": round(100 * float((reasons[clean] != "keep").mean()), 1),
-                        "clean fit-early / contradicted %": [share(clean, "fit-early"), share(clean, "contradicted")],
-                        "poisoned recall %": round(100 * float((reasons[bad] != "keep").mean()), 1)
-                        if bad.any()
-                        else None,
-                        "poisoned fit-early / contradicted %": [share(bad, "fit-early"), share(bad, "contradicted")],
-                    }
-                )
+        for extend, drop_contradicted, bound in itertools.product(tails, sides, args.max_clean_drop):
+            reasons, reference_flagged = recut(report, bound, extend, drop_contradicted)
+            reasons = np.array(reasons)
+            clean, bad = ~poisoned, poisoned
+            share = _shares(reasons)
+            table.append(
+                {
+                    "cell": str(cell),
+                    "tails": "extended" if extend else "tied",
+                    "contradicted": "drop" if drop_contradicted else "keep",
+                    "max_clean_drop": bound,
+                    "trusted flagged %": round(100 * reference_flagged, 1),
+                    "clean dropped %": round(100 * float((reasons[clean] != "keep").mean()), 1),
+                    "clean fit-early / contradicted %": [share(clean, "fit-early"), share(clean, "contradicted")],
+                    "poisoned recall %": round(100 * float((reasons[bad] != "keep").mean()), 1) if bad.any() else None,
+                    "poisoned fit-early / contradicted %": [share(bad, "fit-early"), share(bad, "contradicted")],
+                }
+            )
     print(json.dumps(table, indent=1))
 
 

@@ -83,7 +83,8 @@ def main() -> None:
                 label=f"poisoned, {name}",
             )
         axis.axvline(decisions["summary"]["low_cut"], color="tab:blue", linestyle="--", linewidth=1)
-        axis.axvline(decisions["summary"]["high_cut"], color="tab:red", linestyle="--", linewidth=1)
+        if decisions["summary"]["high_cut"] is not None:  # None: the contradicted side did not cut
+            axis.axvline(decisions["summary"]["high_cut"], color="tab:red", linestyle="--", linewidth=1)
         axis.set_title(f"{metrics.get('attack', cell.name)} (probe steps {','.join(map(str, steps))})", fontsize=9)
         axis.set_xlabel("percentile among trusted rows of the label")
         axis.set_yscale("log")

@@ -81,7 +81,8 @@ def main() -> None:
         fitted = -column  # a low loss is a well-fitted row
         cut = np.quantile(fitted[target & ~poisoned], 0.95)
         worse_cut = np.quantile(fitted[target & ~poisoned], 0.05)
-        above = percentile > summary["high_cut"]
+        high_cut = summary["high_cut"]  # None: the contradicted side did not cut
+        above = percentile > high_cut if high_cut is not None else np.zeros_like(percentile, dtype=bool)
         report[step] = {
             "auroc": round(auroc(fitted, poisoned), 3),
             # every poisoned row has the target label: within it, the signal is the trigger's, not the label's

@@ -163,6 +163,15 @@ class RowFilterArguments:
             "row it names; with ties a tighter bound can flag no row at all on a side."
         },
     )
+    row_filter_drop_contradicted: bool = field(
+        default=True,
+        metadata={
+            "help": "Drop the rows fitted worse than the trusted rows allow (`contradicted`). False: only the "
+            "fit-early side cuts, and contradicted rows train like any kept row (a trusted teacher, "
+            "row_filter_teacher_mix, then speaks for them), so at most half of row_filter_max_clean_drop of the "
+            "clean rows goes."
+        },
+    )
     row_filter_probe_learning_rate: Optional[float] = field(
         default=None, metadata={"help": "The probes' AdamW learning rate; None: the run's learning_rate."}
     )
@@ -366,6 +375,7 @@ class RowFilterArguments:
         check_int("row_filter_folds", self.row_filter_folds, minimum=2)
         check_number("row_filter_max_clean_drop", self.row_filter_max_clean_drop, "in (0, 0.5)", lambda v: 0 < v < 0.5)
         check_bool("row_filter_extend_tails", self.row_filter_extend_tails)
+        check_bool("row_filter_drop_contradicted", self.row_filter_drop_contradicted)
         check_number("row_filter_probe_learning_rate", self.row_filter_probe_learning_rate, "> 0", _positive, True)
         shallow = self.row_filter_shallow_probe
         _check_optional_choice("row_filter_shallow_probe", shallow, SHALLOW_PROBES)
@@ -579,7 +589,8 @@ def choose_cutoffs(reference_low: torch.Tensor, reference_high: torch.Tensor, ma
 @dataclass
 class RowDecisions:
     """What [`decide_rows`] decided: per training row its percentile at each probe step, `low`/`high` (their min and
-    max) and a reason (`keep`, `fit-early`, `contradicted`), the cut-offs, the share of trusted-row scores the same
+    max) and a reason (`keep`, `fit-early`, `contradicted`), the cut-offs (`high_cut` None where the contradicted
+    side does not cut), the share of trusted-row scores the same
     rule flags (both tails, and the low tail alone: the fit-early rate of clean rows) and the number of trusted
     rows."""
 
@@ -588,7 +599,7 @@ class RowDecisions:
     percentiles: list[list[float]]
     reasons: list[str]
     low_cut: float
-    high_cut: float
+    high_cut: Optional[float]
     reference_flagged: float
     reference_low_flagged: float
     reference_rows: int
@@ -625,6 +636,7 @@ def decide_rows(
     max_clean_drop: float,
     low_columns: Optional[Sequence[bool]] = None,
     extend_tails: bool = False,
+    drop_contradicted: bool = True,
 ) -> RowDecisions:
     """Per-row keep/drop decisions from probe losses.
 
@@ -640,6 +652,8 @@ def decide_rows(
             counts for `high`.
         extend_tails: Score rows beyond every trusted row by their distance (see [`percentile_ranks`]), so the
             cut-offs flag as many trusted rows as `max_clean_drop` allows instead of a tie's all or none.
+        drop_contradicted: Whether the high side cuts; False: `high_cut` is None, no row is `contradicted`, and
+            only the low side counts in `reference_flagged`.
 
     Example:
         >>> ref = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 1.5, 2.5, 3.5, 4.5]]])  # one fold, one step, 8 trusted rows
@@ -684,15 +698,18 @@ def decide_rows(
     low, high = percentiles[low_mask].min(0).values, percentiles.max(0).values
     all_low, all_high = torch.cat(ref_low), torch.cat(ref_high)
     low_cut, high_cut = choose_cutoffs(all_low, all_high, max_clean_drop)
+    if not drop_contradicted:
+        high_cut = None
     reasons = []
     for row in range(rows):
         if float(low[row]) < low_cut:
             reasons.append("fit-early")
-        elif float(high[row]) > high_cut:
+        elif high_cut is not None and float(high[row]) > high_cut:
             reasons.append("contradicted")
         else:
             reasons.append("keep")
-    flagged = float(((all_low < low_cut) | (all_high > high_cut)).double().mean())
+    high_flags = all_high > high_cut if high_cut is not None else torch.zeros_like(all_high, dtype=torch.bool)
+    flagged = float(((all_low < low_cut) | high_flags).double().mean())
     low_flagged = float((all_low < low_cut).double().mean())
     return RowDecisions(
         low.tolist(),
@@ -1293,6 +1310,7 @@ def run_row_filter(
         args.row_filter_max_clean_drop,
         low_columns,
         args.row_filter_extend_tails,
+        args.row_filter_drop_contradicted,
     )
     own = [train_losses[folds[row], :, row].tolist() for row in range(num_rows)]
     expert_scale = None
@@ -1323,6 +1341,7 @@ def run_row_filter(
         "folds": args.row_filter_folds,
         "max_clean_drop": args.row_filter_max_clean_drop,
         "extend_tails": args.row_filter_extend_tails,
+        "drop_contradicted": args.row_filter_drop_contradicted,
         "probe_learning_rate": lr,
         "shallow_probe": args.row_filter_shallow_probe,
         "shallow_expert": args.row_filter_shallow_expert,

@@ -625,6 +625,7 @@ class GradientAlignmentMixin:
             f"row_filter/{key}": float(value)
             for key, value in report["summary"].items()
             if key in ("kept", "fit_early", "contradicted", "low_cut", "high_cut", "reference_flagged")
+            and value is not None  # a high_cut of None: the contradicted side does not cut
         }
         kept = subset_rows(self.train_dataset, report["kept"])
         if self.row_filter_args.row_filter_shallow_expert:

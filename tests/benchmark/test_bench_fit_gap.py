@@ -46,20 +46,23 @@ def test_a_fit_gap_cell_saves_every_rows_decision_and_reports_recall_from_the_fl
     assert next(entry for entry in history if "loss" in entry)["row_filter/kept"] == report["kept"]
 
 
-@pytest.mark.parametrize("extend_tails", [False, True])
+@pytest.mark.parametrize(("extend_tails", "drop_contradicted"), [(False, True), (True, True), (False, False)])
 def test_a_cells_decisions_can_be_recomputed_from_its_row_filter_json_alone(
-    tiny_bert: Path, attack_dir: Path, tmp_path: Path, extend_tails: bool
+    tiny_bert: Path, attack_dir: Path, tmp_path: Path, extend_tails: bool, drop_contradicted: bool
 ) -> None:
     out = tmp_path / "cell"
     items = ["row_filter_max_clean_drop=0.2", f"row_filter_extend_tails={str(extend_tails).lower()}"]
+    items.append(f"row_filter_drop_contradicted={str(drop_contradicted).lower()}")
     assert _train(tiny_bert, attack_dir, out, "fit-gap", items) == 0
     decisions = json.loads((out / "row_filter.json").read_text())
     assert torch.tensor(decisions["reference"]["losses"]).shape == (2, 2, 12)  # (folds, probe steps, trusted rows)
     spec = importlib.util.spec_from_file_location("recut", Path(__file__).parents[2] / "benchmarks" / "recut.py")
     recut = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recut)
-    reasons, reference_flagged = recut.recut(decisions, 0.2, extend_tails)
+    reasons, reference_flagged = recut.recut(decisions, 0.2, extend_tails, drop_contradicted)
     assert reasons == [row["reason"] for row in decisions["rows"]]
+    assert decisions["summary"]["drop_contradicted"] is drop_contradicted
+    assert drop_contradicted or "contradicted" not in reasons
     assert reference_flagged == decisions["summary"]["reference_flagged"]
 
 
