@@ -2,7 +2,7 @@
 
 A cell's `row_filter.json` (made since the trusted rows' probe losses are saved in it, under `reference`) holds every
 loss the decision rule reads, so [`decide_rows`] can be rerun on it with another `max_clean_drop`, with or without
-extended tails, dropping or keeping the contradicted rows. For each setting this prints the share of trusted rows the
+extended tails, flagging contradicted rows or not. For each setting this prints the share of trusted rows the
 rule flags, the share of the clean training rows it drops and the share of the poisoned ones (the poison flags are
 read for this report only; the decisions never see them), per side (fit-early, contradicted). Training on the new
 decisions is not simulated: what a cut does to clean accuracy and ASR needs a trained cell.
@@ -29,7 +29,7 @@ from row_filter_report import read_decisions  # noqa: E402
 
 
 def recut(
-    report: dict, max_clean_drop: float, extend_tails: bool, drop_contradicted: bool = True
+    report: dict, max_clean_drop: float, extend_tails: bool, flag_contradicted: bool = True
 ) -> tuple[list[str], float]:
     """The per-row reasons and the trusted-row flag rate `decide_rows` gives on the saved losses of `report`."""
     if "reference" not in report:
@@ -51,7 +51,7 @@ def recut(
         max_clean_drop,
         low_columns,
         extend_tails,
-        drop_contradicted,
+        flag_contradicted,
     )
     return decisions.reasons, decisions.reference_flagged
 
@@ -85,16 +85,16 @@ def main() -> None:
     parser.add_argument("--max-clean-drop", type=float, nargs="+", default=[0.02, 0.03, 0.04])
     parser.add_argument("--tails", choices=["tied", "extended", "both"], default="both")
     parser.add_argument(
-        "--contradicted", choices=["drop", "keep", "both"], default="drop", help="whether the high side cuts"
+        "--contradicted", choices=["flag", "keep", "both"], default="flag", help="whether the high side cuts"
     )
     args = parser.parse_args()
     tails = {"tied": [False], "extended": [True], "both": [False, True]}[args.tails]
-    sides = {"drop": [True], "keep": [False], "both": [True, False]}[args.contradicted]
+    sides = {"flag": [True], "keep": [False], "both": [True, False]}[args.contradicted]
     table = []
     for cell in args.cells:
         report, _, poisoned, _ = read_decisions(cell)
-        for extend, drop_contradicted, bound in itertools.product(tails, sides, args.max_clean_drop):
-            reasons, reference_flagged = recut(report, bound, extend, drop_contradicted)
+        for extend, flag_contradicted, bound in itertools.product(tails, sides, args.max_clean_drop):
+            reasons, reference_flagged = recut(report, bound, extend, flag_contradicted)
             reasons = np.array(reasons)
             clean, bad = ~poisoned, poisoned
             share = _shares(reasons)
@@ -102,7 +102,7 @@ def main() -> None:
                 {
                     "cell": str(cell),
                     "tails": "extended" if extend else "tied",
-                    "contradicted": "drop" if drop_contradicted else "keep",
+                    "contradicted": "flagged" if flag_contradicted else "kept",
                     "max_clean_drop": bound,
                     "trusted flagged %": round(100 * reference_flagged, 1),
                     "clean dropped %": round(100 * float((reasons[clean] != "keep").mean()), 1),

@@ -56,6 +56,15 @@ ROW_FILTER_FILE = "row_filter.json"
 _SMALLEST_LOSS = 1e-30  # a loss of exactly 0 still has a finite log-loss distance
 SHALLOW_PRIOR_COLUMN = "shallow_log_prior"  # the shallow probe's out-of-fold log-probabilities of a kept row
 TEACHER_COLUMN = "teacher_log_probs"  # the trusted teacher's log-probabilities of a kept row
+TEACHER_ONLY_COLUMN = "teacher_only"  # 1.0 for a row trained on the teacher's distribution alone, else 0.0
+
+#: What becomes of a `contradicted` row (`row_filter_contradicted`): whether the high side cuts at all, and whether a
+#: row it flags is trained on, on the trusted teacher's distribution in place of its label.
+CONTRADICTED_ACTIONS: dict[str, tuple[bool, bool]] = {
+    "drop": (True, False),
+    "keep": (False, False),
+    "teacher": (True, True),
+}
 
 
 class _WithColumn(TorchDataset):
@@ -85,7 +94,7 @@ class RowSignalCollator:
         ([1, 2], torch.Size([2, 2]))
     """
 
-    COLUMNS = (SHALLOW_PRIOR_COLUMN, TEACHER_COLUMN)
+    COLUMNS = (SHALLOW_PRIOR_COLUMN, TEACHER_COLUMN, TEACHER_ONLY_COLUMN)
 
     def __init__(self, collator: Any) -> None:
         self.collator = collator
@@ -163,13 +172,12 @@ class RowFilterArguments:
             "row it names; with ties a tighter bound can flag no row at all on a side."
         },
     )
-    row_filter_drop_contradicted: bool = field(
-        default=True,
+    row_filter_contradicted: str = field(
+        default="drop",
         metadata={
-            "help": "Drop the rows fitted worse than the trusted rows allow (`contradicted`). False: only the "
-            "fit-early side cuts, and contradicted rows train like any kept row (a trusted teacher, "
-            "row_filter_teacher_mix, then speaks for them), so at most half of row_filter_max_clean_drop of the "
-            "clean rows goes."
+            "help": "What becomes of the rows fitted worse than the trusted rows allow (`contradicted`): 'drop' (not "
+            "trained on), 'keep' (the high side does not cut: they train like any kept row) or 'teacher' (trained "
+            "on the trusted teacher's distribution in place of their label; needs row_filter_teacher_mix)."
         },
     )
     row_filter_probe_learning_rate: Optional[float] = field(
@@ -375,7 +383,11 @@ class RowFilterArguments:
         check_int("row_filter_folds", self.row_filter_folds, minimum=2)
         check_number("row_filter_max_clean_drop", self.row_filter_max_clean_drop, "in (0, 0.5)", lambda v: 0 < v < 0.5)
         check_bool("row_filter_extend_tails", self.row_filter_extend_tails)
-        check_bool("row_filter_drop_contradicted", self.row_filter_drop_contradicted)
+        if self.row_filter_contradicted not in CONTRADICTED_ACTIONS:
+            raise ValueError(
+                f"`row_filter_contradicted` must be one of {sorted(CONTRADICTED_ACTIONS)}, got "
+                f"{self.row_filter_contradicted!r}."
+            )
         check_number("row_filter_probe_learning_rate", self.row_filter_probe_learning_rate, "> 0", _positive, True)
         shallow = self.row_filter_shallow_probe
         _check_optional_choice("row_filter_shallow_probe", shallow, SHALLOW_PROBES)
@@ -456,6 +468,11 @@ class RowFilterArguments:
             raise ValueError(
                 f"`row_filter_teacher_mix_gate` ({mix_gate!r}) scales the teacher's share of each target: set "
                 "row_filter_teacher_mix as well, or leave it None."
+            )
+        if self.row_filter_contradicted == "teacher" and mix is None:
+            raise ValueError(
+                "`row_filter_contradicted='teacher'` trains the contradicted rows on the trusted teacher's "
+                "distribution: set row_filter_teacher_mix as well, or choose 'drop' or 'keep'."
             )
         check_int("row_filter_teacher_steps", self.row_filter_teacher_steps)
         self_train = self.row_filter_teacher_self_train
@@ -636,7 +653,7 @@ def decide_rows(
     max_clean_drop: float,
     low_columns: Optional[Sequence[bool]] = None,
     extend_tails: bool = False,
-    drop_contradicted: bool = True,
+    flag_contradicted: bool = True,
 ) -> RowDecisions:
     """Per-row keep/drop decisions from probe losses.
 
@@ -652,7 +669,7 @@ def decide_rows(
             counts for `high`.
         extend_tails: Score rows beyond every trusted row by their distance (see [`percentile_ranks`]), so the
             cut-offs flag as many trusted rows as `max_clean_drop` allows instead of a tie's all or none.
-        drop_contradicted: Whether the high side cuts; False: `high_cut` is None, no row is `contradicted`, and
+        flag_contradicted: Whether the high side cuts; False: `high_cut` is None, no row is `contradicted`, and
             only the low side counts in `reference_flagged`.
 
     Example:
@@ -698,7 +715,7 @@ def decide_rows(
     low, high = percentiles[low_mask].min(0).values, percentiles.max(0).values
     all_low, all_high = torch.cat(ref_low), torch.cat(ref_high)
     low_cut, high_cut = choose_cutoffs(all_low, all_high, max_clean_drop)
-    if not drop_contradicted:
+    if not flag_contradicted:
         high_cut = None
     reasons = []
     for row in range(rows):
@@ -748,6 +765,24 @@ def per_row_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def row_groups(labels: torch.Tensor) -> list[int]:
     """The calibration group of each row: its class for classification labels `(batch,)`, 0 for token labels."""
     return labels.long().tolist() if labels.dim() == 1 else [0] * labels.size(0)
+
+
+def trained_rows(report: Mapping[str, Any], contradicted: str) -> tuple[list[int], list[float]]:
+    """The training rows a run with these decisions trains on, in dataset order, and per row 1.0 where it trains on
+    the trusted teacher's distribution alone (a `contradicted` row under `row_filter_contradicted="teacher"`).
+
+    Example:
+        >>> report = {"rows": [{"reason": "keep"}, {"reason": "fit-early"}, {"reason": "contradicted"}]}
+        >>> trained_rows(report, "drop"), trained_rows(report, "teacher")
+        (([0], [0.0]), ([0, 2], [0.0, 1.0]))
+    """
+    taught = CONTRADICTED_ACTIONS[contradicted][1]
+    rows = [
+        (index, float(row["reason"] == "contradicted"))
+        for index, row in enumerate(report["rows"])
+        if row["reason"] == "keep" or (taught and row["reason"] == "contradicted")
+    ]
+    return [index for index, _ in rows], [only for _, only in rows]
 
 
 def subset_rows(dataset: Any, indices: list[int]) -> Any:
@@ -1310,7 +1345,7 @@ def run_row_filter(
         args.row_filter_max_clean_drop,
         low_columns,
         args.row_filter_extend_tails,
-        args.row_filter_drop_contradicted,
+        CONTRADICTED_ACTIONS[args.row_filter_contradicted][0],
     )
     own = [train_losses[folds[row], :, row].tolist() for row in range(num_rows)]
     expert_scale = None
@@ -1341,7 +1376,7 @@ def run_row_filter(
         "folds": args.row_filter_folds,
         "max_clean_drop": args.row_filter_max_clean_drop,
         "extend_tails": args.row_filter_extend_tails,
-        "drop_contradicted": args.row_filter_drop_contradicted,
+        "contradicted_action": args.row_filter_contradicted,
         "probe_learning_rate": lr,
         "shallow_probe": args.row_filter_shallow_probe,
         "shallow_expert": args.row_filter_shallow_expert,

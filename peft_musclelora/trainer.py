@@ -33,11 +33,13 @@ from .row_filter import (
     ROW_FILTER_FILE,
     SHALLOW_PRIOR_COLUMN,
     TEACHER_COLUMN,
+    TEACHER_ONLY_COLUMN,
     RowFilterArguments,
     RowSignalCollator,
     run_row_filter,
     saved_expert_log_probs,
     subset_rows,
+    trained_rows,
     with_column,
 )
 from .shallow_probe import (
@@ -627,11 +629,14 @@ class GradientAlignmentMixin:
             if key in ("kept", "fit_early", "contradicted", "low_cut", "high_cut", "reference_flagged")
             and value is not None  # a high_cut of None: the contradicted side does not cut
         }
-        kept = subset_rows(self.train_dataset, report["kept"])
+        indices, teacher_only = trained_rows(report, self.row_filter_args.row_filter_contradicted)
+        kept = subset_rows(self.train_dataset, indices)
         if self.row_filter_args.row_filter_shallow_expert:
-            kept = _with_shallow_prior(kept, report, path, self.row_filter_args)
+            kept = _with_shallow_prior(kept, report, indices, path, self.row_filter_args)
         if self.row_filter_args.row_filter_teacher_mix is not None:
-            kept = _with_teacher(kept, report, path)
+            kept = _with_teacher(kept, report, indices, path)
+        if any(teacher_only):
+            kept = with_column(kept, TEACHER_ONLY_COLUMN, teacher_only)
         classes = report["summary"].get("response_classes")
         self._response_classes = None if classes is None else [tuple(c) for c in classes]
         if _row_signal_columns(self.row_filter_args) and not isinstance(self.data_collator, RowSignalCollator):
@@ -659,6 +664,7 @@ class GradientAlignmentMixin:
         mapping = isinstance(inputs, Mapping)
         prior = inputs.pop(SHALLOW_PRIOR_COLUMN, None) if mapping else None
         teacher = inputs.pop(TEACHER_COLUMN, None) if mapping else None
+        teacher_only = inputs.pop(TEACHER_ONLY_COLUMN, None) if mapping else None
         if prior is None and teacher is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         if self.compute_loss_func is not None or getattr(self, "label_smoother", None) is not None:
@@ -687,7 +693,7 @@ class GradientAlignmentMixin:
             if teacher is not None:
                 class_labels = answer_class_indices(labels, classes)
                 scores = functools.partial(answer_class_log_probs, outputs.logits, labels, classes)
-                share = self._teacher_share(scores, class_labels)
+                share = self._teacher_share(scores, class_labels, teacher_only)
                 targets = mixed_targets(class_labels, teacher, share)
             # Divided by the accumulated batch's token count exactly when Trainer.training_step does not divide by
             # the accumulation steps itself.
@@ -698,7 +704,8 @@ class GradientAlignmentMixin:
         outputs = model(**inputs)
         targets = None
         if teacher is not None:
-            targets = mixed_targets(labels, teacher, self._teacher_share(lambda: outputs.logits, labels))
+            share = self._teacher_share(lambda: outputs.logits, labels, teacher_only)
+            targets = mixed_targets(labels, teacher, share)
         if prior is None:
             loss = soft_cross_entropy(outputs.logits, targets)
         else:
@@ -708,18 +715,26 @@ class GradientAlignmentMixin:
         return (loss, outputs) if return_outputs else loss
 
     def _teacher_share(
-        self, class_scores: Callable[[], torch.Tensor], labels: torch.Tensor
+        self,
+        class_scores: Callable[[], torch.Tensor],
+        labels: torch.Tensor,
+        teacher_only: Optional[torch.Tensor] = None,
     ) -> Union[float, torch.Tensor]:
         """`row_filter_teacher_mix`, scaled per row by `row_filter_teacher_mix_gate` when one is set, which reads
-        the model's class scores `(batch, classes)` (computed only then) against each row's class `labels`."""
+        the model's class scores `(batch, classes)` (computed only then) against each row's class `labels`; 1 for
+        the rows `teacher_only` marks (a contradicted row the teacher speaks for, `row_filter_contradicted`)."""
         mix, gate = self.row_filter_args.row_filter_teacher_mix, self.row_filter_args.row_filter_teacher_mix_gate
-        if gate is None:
-            return mix
-        opened = TEACHER_MIX_GATES[gate](class_scores(), labels)
-        if torch.is_grad_enabled():  # a training step: logged as the mean since the last training log
-            self._teacher_gate_sum = self._teacher_gate_sum + opened.sum()  # a tensor: no device sync per step
-            self._teacher_gate_rows += opened.numel()
-        return mix * opened
+        share = mix
+        if gate is not None:
+            opened = TEACHER_MIX_GATES[gate](class_scores(), labels)
+            if torch.is_grad_enabled():  # a training step: logged as the mean since the last training log
+                self._teacher_gate_sum = self._teacher_gate_sum + opened.sum()  # a tensor: no device sync per step
+                self._teacher_gate_rows += opened.numel()
+            share = mix * opened
+        if teacher_only is None:
+            return share
+        only = teacher_only.to(device=labels.device, dtype=torch.float32)
+        return only + (1.0 - only) * torch.as_tensor(share, dtype=torch.float32, device=labels.device)
 
     def _maybe_align_gradients(self, model: torch.nn.Module) -> None:
         if not self.ga_args.gradient_alignment or self._ga_last_step == self.state.global_step:
@@ -990,25 +1005,29 @@ class GradientAlignmentMixin:
 
 def _row_signal_columns(args: RowFilterArguments) -> list[str]:
     """The per-row columns the row filter adds to the kept rows for the loss to read."""
-    return [SHALLOW_PRIOR_COLUMN] * args.row_filter_shallow_expert + [TEACHER_COLUMN] * (
-        args.row_filter_teacher_mix is not None
+    return (
+        [SHALLOW_PRIOR_COLUMN] * args.row_filter_shallow_expert
+        + [TEACHER_COLUMN] * (args.row_filter_teacher_mix is not None)
+        + [TEACHER_ONLY_COLUMN] * (args.row_filter_contradicted == "teacher")
     )
 
 
-def _with_teacher(kept: Any, report: dict[str, Any], path: str) -> Any:
-    """The kept rows with the trusted teacher's log-probabilities as the column [`TEACHER_COLUMN`]."""
+def _with_teacher(kept: Any, report: dict[str, Any], indices: list[int], path: str) -> Any:
+    """The trained rows (`indices`) with the trusted teacher's log-probabilities as the column [`TEACHER_COLUMN`]."""
     rows = report["rows"]
     if any("teacher_log_probs" not in row for row in rows):
         raise ValueError(
             f"`row_filter_teacher_mix` needs the trusted teacher's predictions, and {path} has none: it was made "
             "without row_filter_teacher_mix. Delete it to probe again."
         )
-    return with_column(kept, TEACHER_COLUMN, [rows[index]["teacher_log_probs"] for index in report["kept"]])
+    return with_column(kept, TEACHER_COLUMN, [rows[index]["teacher_log_probs"] for index in indices])
 
 
-def _with_shallow_prior(kept: Any, report: dict[str, Any], path: str, args: RowFilterArguments) -> Any:
-    """The kept rows with the shallow expert's log-probabilities ([`~row_filter.saved_expert_log_probs`]) as the
-    column [`SHALLOW_PRIOR_COLUMN`]."""
+def _with_shallow_prior(
+    kept: Any, report: dict[str, Any], indices: list[int], path: str, args: RowFilterArguments
+) -> Any:
+    """The trained rows (`indices`) with the shallow expert's log-probabilities
+    ([`~row_filter.saved_expert_log_probs`]) as the column [`SHALLOW_PRIOR_COLUMN`]."""
     try:
         # The balanced expert's prior is its mean over every training row, not only the kept ones.
         expert = saved_expert_log_probs(report["rows"], args)
@@ -1019,7 +1038,7 @@ def _with_shallow_prior(kept: Any, report: dict[str, Any], path: str, args: RowF
             f"`row_filter_shallow_expert=True` needs the per-row {missing}, and {path} has none: it was made without "
             f"{knob}. Delete it to probe again."
         ) from None
-    values = expert[torch.tensor(report["kept"], dtype=torch.long)].tolist()
+    values = expert[torch.tensor(indices, dtype=torch.long)].tolist()
     return with_column(kept, SHALLOW_PRIOR_COLUMN, values)
 
 

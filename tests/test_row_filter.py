@@ -94,7 +94,7 @@ def test_keeping_contradicted_rows_cuts_the_fit_early_side_only():
     refs = torch.linspace(1.0, 2.0, 100).view(1, 1, -1)
     train = torch.tensor([[[0.001, 1.5, 1.2, 50.0]]])
     both = decide_rows(train, [0] * 4, [0] * 4, refs, [0] * 100, max_clean_drop=0.04)
-    low_only = decide_rows(train, [0] * 4, [0] * 4, refs, [0] * 100, max_clean_drop=0.04, drop_contradicted=False)
+    low_only = decide_rows(train, [0] * 4, [0] * 4, refs, [0] * 100, max_clean_drop=0.04, flag_contradicted=False)
     assert low_only.reasons == ["fit-early", "keep", "keep", "keep"]
     assert low_only.low_cut == both.low_cut and low_only.high_cut is None
     # only the low side's trusted flags count: the rule now flags no more trusted rows than its fit-early side does
@@ -143,7 +143,8 @@ def test_per_row_loss_of_a_causal_lm_averages_the_labelled_next_tokens():
         ("row_filter_max_clean_drop", float("nan"), TypeError),
         ("row_filter_probe_learning_rate", -1e-3, ValueError),
         ("row_filter_extend_tails", "yes", TypeError),
-        ("row_filter_drop_contradicted", "no", TypeError),
+        ("row_filter_contradicted", "relabel", ValueError),
+        ("row_filter_contradicted", None, ValueError),
     ],
 )
 def test_invalid_settings_name_the_field_and_the_value(field, value, error):
@@ -235,10 +236,10 @@ def test_the_first_training_log_reports_what_the_filter_did(tmp_path):
 
 
 def test_a_filter_that_keeps_contradicted_rows_logs_no_high_cut(tmp_path):
-    trainer = _trainer(tmp_path, logging_steps=1, row_filter_drop_contradicted=False)
+    trainer = _trainer(tmp_path, logging_steps=1, row_filter_contradicted="keep")
     trainer.train()
     summary = trainer.row_filter_report["summary"]
-    assert summary["contradicted"] == 0 and summary["high_cut"] is None and summary["drop_contradicted"] is False
+    assert summary["contradicted"] == 0 and summary["high_cut"] is None and summary["contradicted_action"] == "keep"
     first = next(log for log in trainer.state.log_history if "loss" in log)
     assert "row_filter/low_cut" in first and "row_filter/high_cut" not in first
     saved = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())["summary"]

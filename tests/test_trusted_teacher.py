@@ -15,6 +15,7 @@ from peft_musclelora.row_filter import (
     ROW_FILTER_FILE,
     SHALLOW_PRIOR_COLUMN,
     TEACHER_COLUMN,
+    TEACHER_ONLY_COLUMN,
     RowFilterArguments,
     run_row_filter,
 )
@@ -243,6 +244,35 @@ def test_with_the_mix_gate_a_row_the_model_fits_trains_on_its_label_and_one_it_d
         mixed_targets(labels, teacher, 0.5 * label_doubt(sure, labels)),
         torch.nn.functional.one_hot(labels, 2).float(),
     )
+
+
+def test_contradicted_rows_under_the_teacher_action_train_on_the_teachers_distribution_alone(tmp_path):
+    # a loose high cut-off (20 % of the trusted rows) so that some of the 48 rows are contradicted
+    trainer = _trainer(tmp_path, row_filter_contradicted="teacher", row_filter_teacher_mix_gate="model_contradicts")
+    trainer.train()
+    report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
+    contradicted = [i for i, row in enumerate(report["rows"]) if row["reason"] == "contradicted"]
+    trained = sorted(report["kept"] + contradicted)
+    assert contradicted and report["summary"]["contradicted_action"] == "teacher"
+    assert len(trainer.train_dataset) == len(trained)  # flagged, and trained on: not dropped
+    assert trainer.train_dataset[TEACHER_ONLY_COLUMN] == [float(i in contradicted) for i in trained]
+    assert trainer.train_dataset[TEACHER_COLUMN] == [report["rows"][i]["teacher_log_probs"] for i in trained]
+    rows = trainer.train_dataset.select(range(len(trained)))
+    batch = trainer.data_collator([rows[i] for i in range(len(rows))])
+    model, inputs = trainer.model.eval(), dict(batch.items())
+    teacher, labels, only = inputs[TEACHER_COLUMN].clone(), inputs["labels"], inputs[TEACHER_ONLY_COLUMN].clone()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        logits = model(**{k: v for k, v in inputs.items() if k not in ("labels", TEACHER_COLUMN, TEACHER_ONLY_COLUMN)})
+    gated = 0.5 * model_contradiction(logits.logits, labels)
+    share = torch.where(only.bool(), 1.0, gated)  # a contradicted row's target is the teacher's distribution
+    assert torch.allclose(loss, soft_cross_entropy(logits.logits, mixed_targets(labels, teacher, share)), atol=1e-6)
+    assert torch.allclose(mixed_targets(labels, teacher, share)[only.bool()], teacher[only.bool()].exp(), atol=1e-6)
+
+
+def test_the_teacher_action_for_contradicted_rows_needs_the_teacher():
+    with pytest.raises(ValueError, match=r"`row_filter_contradicted='teacher'`.*row_filter_teacher_mix"):
+        RowFilterArguments(row_filter=True, row_filter_contradicted="teacher")
 
 
 def test_a_saved_report_without_the_teachers_predictions_is_refused_in_one_line(tmp_path):

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ..row_filter import trained_rows
 from .data import LoadedData
 
 ADAPTER_DIRNAME = "adapter"
@@ -167,7 +168,8 @@ def read_cell_info(adapter_dir: Path, filename: str, kind: str) -> dict[str, Any
 def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: Path) -> dict[str, Any]:
     """Write the per-row decisions, with each row's text and label, to the cell's `row_filter.json`; return the
     summary (and the unlearning phase's and the bias refit's, when they ran) plus what the poison flags say of it
-    (flags are read for this report only, never by the filter)."""
+    (flags are read for this report only, never by the filter): the clean rows not trained on, the poisoned rows
+    flagged, and, where contradicted rows train on the trusted teacher's distribution, the share of each so taught."""
     rows = [
         {"index": index, "text": record.text, "label": record.label, **decision}
         for index, (record, decision) in enumerate(zip(train_data.records, report["rows"]))
@@ -183,7 +185,12 @@ def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: 
             **({"reference": reference} if reference else {}),
         },
     )
-    dropped = [decision["reason"] != "keep" for decision in report["rows"]]
+    flagged = [decision["reason"] != "keep" for decision in report["rows"]]
+    trained, teacher_only = trained_rows(report, report["summary"].get("contradicted_action", "drop"))
+    dropped = [True] * len(flagged)
+    taught = [False] * len(flagged)
+    for index, only in zip(trained, teacher_only):
+        dropped[index], taught[index] = False, bool(only)
     poisoned = [record.poisoned for record in train_data.records]
     clean_rows, poisoned_rows = poisoned.count(False), poisoned.count(True)
     keys = ("isolated", "skipped", "cap", "chosen_step", "guard_start", "guard_end", "seconds")
@@ -195,5 +202,15 @@ def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: 
         **unlearning,
         **({"bias_offset": refit["offset"]} if refit else {}),
         "clean_dropped": sum(d and not p for d, p in zip(dropped, poisoned)) / max(clean_rows, 1),
-        "poisoned_recall": sum(d and p for d, p in zip(dropped, poisoned)) / poisoned_rows if poisoned_rows else None,
+        "poisoned_recall": sum(f and p for f, p in zip(flagged, poisoned)) / poisoned_rows if poisoned_rows else None,
+        **(
+            {  # rows trained on the trusted teacher's distribution in place of their label
+                "clean_taught": sum(t and not p for t, p in zip(taught, poisoned)) / max(clean_rows, 1),
+                "poisoned_taught": sum(t and p for t, p in zip(taught, poisoned)) / poisoned_rows
+                if poisoned_rows
+                else None,
+            }
+            if any(taught)
+            else {}
+        ),
     }

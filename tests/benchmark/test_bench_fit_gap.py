@@ -46,23 +46,23 @@ def test_a_fit_gap_cell_saves_every_rows_decision_and_reports_recall_from_the_fl
     assert next(entry for entry in history if "loss" in entry)["row_filter/kept"] == report["kept"]
 
 
-@pytest.mark.parametrize(("extend_tails", "drop_contradicted"), [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize(("extend_tails", "contradicted"), [(False, "drop"), (True, "drop"), (False, "keep")])
 def test_a_cells_decisions_can_be_recomputed_from_its_row_filter_json_alone(
-    tiny_bert: Path, attack_dir: Path, tmp_path: Path, extend_tails: bool, drop_contradicted: bool
+    tiny_bert: Path, attack_dir: Path, tmp_path: Path, extend_tails: bool, contradicted: str
 ) -> None:
     out = tmp_path / "cell"
     items = ["row_filter_max_clean_drop=0.2", f"row_filter_extend_tails={str(extend_tails).lower()}"]
-    items.append(f"row_filter_drop_contradicted={str(drop_contradicted).lower()}")
+    items.append(f"row_filter_contradicted={contradicted}")
     assert _train(tiny_bert, attack_dir, out, "fit-gap", items) == 0
     decisions = json.loads((out / "row_filter.json").read_text())
     assert torch.tensor(decisions["reference"]["losses"]).shape == (2, 2, 12)  # (folds, probe steps, trusted rows)
     spec = importlib.util.spec_from_file_location("recut", Path(__file__).parents[2] / "benchmarks" / "recut.py")
     recut = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recut)
-    reasons, reference_flagged = recut.recut(decisions, 0.2, extend_tails, drop_contradicted)
+    reasons, reference_flagged = recut.recut(decisions, 0.2, extend_tails, contradicted != "keep")
     assert reasons == [row["reason"] for row in decisions["rows"]]
-    assert decisions["summary"]["drop_contradicted"] is drop_contradicted
-    assert drop_contradicted or "contradicted" not in reasons
+    assert decisions["summary"]["contradicted_action"] == contradicted
+    assert contradicted == "drop" or "contradicted" not in reasons
     assert reference_flagged == decisions["summary"]["reference_flagged"]
 
 
@@ -136,3 +136,21 @@ def test_a_cell_with_the_trusted_teacher_and_the_bias_refit_saves_both_and_the_a
     moved = weights["refit"][bias] - weights["plain"][bias]
     assert torch.allclose(moved.double(), torch.tensor(refit["offset"], dtype=torch.float64), atol=1e-6)
     assert all(torch.equal(weights["refit"][key], weights["plain"][key]) for key in weights["plain"] if key != bias)
+
+
+def test_a_cell_whose_teacher_speaks_for_the_contradicted_rows_reports_them_taught_not_dropped(
+    tiny_bert: Path, attack_dir: Path, tmp_path: Path
+) -> None:
+    items = ["row_filter_max_clean_drop=0.45", "row_filter_teacher_mix=0.5", "row_filter_teacher_steps=3"]
+    assert (
+        _train(tiny_bert, attack_dir, tmp_path / "cell", "fit-gap", items + ["row_filter_contradicted=teacher"]) == 0
+    )
+    metrics = json.loads((tmp_path / "cell" / "metrics.json").read_text())["row_filter"]
+    reasons = [row["reason"] for row in json.loads((tmp_path / "cell" / "row_filter.json").read_text())["rows"]]
+    assert metrics["contradicted_action"] == "teacher" and "contradicted" in reasons
+    clean, poisoned = reasons[:40], reasons[40:]  # 40 clean + 4 poisoned rows
+    # dropped: not trained on (fit-early only); taught: trained on the teacher's distribution; recall: flagged at all
+    assert metrics["clean_dropped"] == clean.count("fit-early") / 40
+    assert metrics["clean_taught"] == clean.count("contradicted") / 40
+    assert metrics["poisoned_taught"] == poisoned.count("contradicted") / 4
+    assert metrics["poisoned_recall"] == sum(reason != "keep" for reason in poisoned) / 4
