@@ -50,19 +50,21 @@ MAX_RESPONSE_CLASSES = 64
 _HASH_MODULUS = (1 << 61) - 1
 
 
-def hashed_ngrams(token_ids: Sequence[int], order: int = NGRAM_ORDER, buckets: int = HASH_BUCKETS) -> list[int]:
-    """Bucket of every 1..`order`-gram of `token_ids`, by an explicit polynomial hash (the same on every machine and
-    Python version, unlike `hash`).
+def hashed_ngrams(
+    token_ids: Sequence[int], order: int = NGRAM_ORDER, buckets: int = HASH_BUCKETS, min_order: int = 1
+) -> list[int]:
+    """Bucket of every `min_order`..`order`-gram of `token_ids`, by an explicit polynomial hash (the same on every
+    machine and Python version, unlike `hash`).
 
     Example:
         >>> hashed_ngrams([5, 7], order=2, buckets=1000) == hashed_ngrams([5, 7], order=2, buckets=1000)
         True
-        >>> len(hashed_ngrams([5, 7, 9], order=2))  # 3 unigrams + 2 bigrams
-        5
+        >>> len(hashed_ngrams([5, 7, 9], order=2)), len(hashed_ngrams([5, 7, 9], order=2, min_order=2))  # + 3 unigrams
+        (5, 2)
     """
     ids = [int(token) for token in token_ids]
     grams = []
-    for n in range(1, order + 1):
+    for n in range(min_order, order + 1):
         for start in range(len(ids) - n + 1):
             value = n
             for token in ids[start : start + n]:
@@ -82,11 +84,17 @@ class NgramFeatures:
         (torch.Size([2, 2]), [1.0, 0.0])
     """
 
-    def __init__(self, rows: Sequence[Sequence[int]], order: int = NGRAM_ORDER, buckets: int = HASH_BUCKETS):
-        self.order, self.buckets = order, buckets
+    def __init__(
+        self,
+        rows: Sequence[Sequence[int]],
+        order: int = NGRAM_ORDER,
+        buckets: int = HASH_BUCKETS,
+        min_order: int = 1,
+    ):
+        self.order, self.buckets, self.min_order = order, buckets, min_order
         document_frequency: dict[int, int] = {}
         for row in rows:
-            for gram in set(hashed_ngrams(row, order, buckets)):
+            for gram in set(hashed_ngrams(row, order, buckets, min_order)):
                 document_frequency[gram] = document_frequency.get(gram, 0) + 1
         kept = sorted(gram for gram, count in document_frequency.items() if count >= MIN_DOCUMENT_FREQUENCY)
         self.column = {gram: column for column, gram in enumerate(kept)}
@@ -103,7 +111,7 @@ class NgramFeatures:
         row_index, columns, values = [], [], []
         for position, row in enumerate(rows):
             counts: dict[int, int] = {}
-            for gram in hashed_ngrams(row, self.order, self.buckets):
+            for gram in hashed_ngrams(row, self.order, self.buckets, self.min_order):
                 column = self.column.get(gram)
                 if column is not None:
                     counts[column] = counts.get(column, 0) + 1

@@ -52,6 +52,13 @@ def test_ngrams_are_every_1_to_n_gram_and_their_hash_does_not_depend_on_the_proc
     assert hashed_ngrams([4], order=1) == [(1 * 1_000_003 + 4 + 1) % (1 << 20)]  # fixed, not Python's `hash`
 
 
+def test_a_minimum_order_leaves_out_the_shorter_n_grams_and_keeps_the_hashes_of_the_longer_ones():
+    every = hashed_ngrams([4, 5, 6], order=3)
+    assert hashed_ngrams([4, 5, 6], order=3, min_order=2) == every[3:]  # the 2 bigrams and the trigram
+    phrases = NgramFeatures([[1, 2], [1, 2, 3]], order=2, min_order=2)
+    assert phrases.num_features == 1  # the bigram (1, 2); the unigrams 1 and 2 occur twice but are not features
+
+
 def test_tf_idf_matches_scikit_learns_sublinear_vectoriser_on_the_same_tokens():
     sklearn_text = pytest.importorskip("sklearn.feature_extraction.text")
     rows = [[1, 2, 2, 3], [1, 2, 4], [3, 3, 3, 5], [1, 5], [9]]
