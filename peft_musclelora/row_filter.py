@@ -383,11 +383,7 @@ class RowFilterArguments:
         check_int("row_filter_folds", self.row_filter_folds, minimum=2)
         check_number("row_filter_max_clean_drop", self.row_filter_max_clean_drop, "in (0, 0.5)", lambda v: 0 < v < 0.5)
         check_bool("row_filter_extend_tails", self.row_filter_extend_tails)
-        if self.row_filter_contradicted not in CONTRADICTED_ACTIONS:
-            raise ValueError(
-                f"`row_filter_contradicted` must be one of {sorted(CONTRADICTED_ACTIONS)}, got "
-                f"{self.row_filter_contradicted!r}."
-            )
+        _check_choice("row_filter_contradicted", self.row_filter_contradicted, CONTRADICTED_ACTIONS)
         check_number("row_filter_probe_learning_rate", self.row_filter_probe_learning_rate, "> 0", _positive, True)
         shallow = self.row_filter_shallow_probe
         _check_optional_choice("row_filter_shallow_probe", shallow, SHALLOW_PROBES)
@@ -510,9 +506,19 @@ class RowFilterArguments:
 
 
 def _check_optional_choice(name: str, value: Optional[str], registry: Mapping[str, Any]) -> None:
-    """`value` must be None or a key of `registry`; raises `ValueError` naming the field, the value and the keys."""
-    if value is not None and value not in registry:
-        raise ValueError(f"`{name}` must be None or one of {sorted(registry)}, got {value!r}.")
+    """`value` must be None or a key of `registry`; raises `TypeError` (not a string) or `ValueError` naming the
+    field, the value and the keys."""
+    if value is not None:
+        _check_choice(name, value, registry, "None or one of")
+
+
+def _check_choice(name: str, value: Any, registry: Mapping[str, Any], allowed: str = "one of") -> None:
+    """`value` must be a key of `registry`; raises `TypeError` (not a string) or `ValueError` naming the field, the
+    value and the keys."""
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be {allowed} {sorted(registry)}, got {value!r} ({type(value).__name__}).")
+    if value not in registry:
+        raise ValueError(f"`{name}` must be {allowed} {sorted(registry)}, got {value!r}.")
 
 
 def fold_assignment(num_rows: int, folds: int, seed: int) -> list[int]:
@@ -607,9 +613,8 @@ def choose_cutoffs(reference_low: torch.Tensor, reference_high: torch.Tensor, ma
 class RowDecisions:
     """What [`decide_rows`] decided: per training row its percentile at each probe step, `low`/`high` (their min and
     max) and a reason (`keep`, `fit-early`, `contradicted`), the cut-offs (`high_cut` None where the contradicted
-    side does not cut), the share of trusted-row scores the same
-    rule flags (both tails, and the low tail alone: the fit-early rate of clean rows) and the number of trusted
-    rows."""
+    side does not cut), the share of trusted-row scores the same rule flags (both tails, and the low tail alone: the
+    fit-early rate of clean rows) and the number of trusted rows."""
 
     low: list[float]
     high: list[float]

@@ -617,6 +617,12 @@ class GradientAlignmentMixin:
                     f"{path} holds decisions for {report.get('summary', {}).get('rows')!r} rows, the training set has "
                     f"{len(self.train_dataset)}: resume with the training set it was made for."
                 )
+            saved_action = report["summary"].get("contradicted_action", "drop")  # older reports: always dropped
+            if saved_action != self.row_filter_args.row_filter_contradicted:
+                raise ValueError(
+                    f"{path} was made with row_filter_contradicted={saved_action!r}, this run asks for "
+                    f"{self.row_filter_args.row_filter_contradicted!r}: resume with the setting it was made for."
+                )
         if report is None:
             report = run_row_filter(
                 self, self.row_filter_args, self.reference_dataset, self._ga_seed, progress=not self.args.disable_tqdm

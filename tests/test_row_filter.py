@@ -144,7 +144,9 @@ def test_per_row_loss_of_a_causal_lm_averages_the_labelled_next_tokens():
         ("row_filter_probe_learning_rate", -1e-3, ValueError),
         ("row_filter_extend_tails", "yes", TypeError),
         ("row_filter_contradicted", "relabel", ValueError),
-        ("row_filter_contradicted", None, ValueError),
+        ("row_filter_contradicted", None, TypeError),
+        ("row_filter_contradicted", ["drop"], TypeError),
+        ("row_filter_shallow_probe", ["ngram"], TypeError),
     ],
 )
 def test_invalid_settings_name_the_field_and_the_value(field, value, error):
@@ -260,6 +262,13 @@ def test_a_saved_decision_file_for_another_training_set_is_refused(tmp_path):
     _trainer(tmp_path).train()
     other = _trainer(tmp_path, train=token_dataset(30, seed=1))
     with pytest.raises(ValueError, match="decisions for 48 rows, the training set has 30"):
+        other._filter_training_rows(resuming=True)
+
+
+def test_a_saved_decision_file_made_under_another_contradicted_action_is_refused(tmp_path):
+    _trainer(tmp_path).train()
+    other = _trainer(tmp_path, row_filter_contradicted="keep")
+    with pytest.raises(ValueError, match=r"row_filter_contradicted='drop', this run asks for 'keep'"):
         other._filter_training_rows(resuming=True)
 
 

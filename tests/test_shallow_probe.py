@@ -149,7 +149,7 @@ def test_log_probabilities_of_the_fitted_model_are_normalised_per_row():
 # ---- the row filter with the shallow probe ----
 
 
-@pytest.mark.parametrize(("value", "error"), [("bow", ValueError), ("NGRAM", ValueError), (3, ValueError)])
+@pytest.mark.parametrize(("value", "error"), [("bow", ValueError), ("NGRAM", ValueError), (3, TypeError)])
 def test_an_unknown_shallow_probe_names_the_field_the_value_and_the_choices(value, error):
     with pytest.raises(error, match=rf"`row_filter_shallow_probe` must be None or one of \['ngram'\], got {value!r}"):
         RowFilterArguments(row_filter_shallow_probe=value)
