@@ -350,6 +350,33 @@ def test_on_answer_tokens_the_gated_teacher_mixes_its_prediction_into_the_answer
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
+def test_on_answer_tokens_a_contradicted_row_the_teacher_speaks_for_trains_its_answer_on_the_teacher_alone(tmp_path):
+    trainer = _sft_teacher(
+        tmp_path, row_filter_teacher_mix_gate="model_contradicts", row_filter_contradicted="teacher"
+    )
+    trainer.train()
+    report = json.loads((tmp_path / ROW_FILTER_FILE).read_text())
+    contradicted = [i for i, row in enumerate(report["rows"]) if row["reason"] == "contradicted"]
+    assert contradicted and len(trainer.train_dataset) == len(report["kept"]) + len(contradicted)
+    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    rows = [row for row in rows if row[TEACHER_ONLY_COLUMN] == 1.0][:2] + rows[:2]  # two taught rows, two of any kind
+    batch = trainer.data_collator(rows)
+    model, inputs = trainer.model.eval(), dict(batch.items())
+    prior, teacher, labels = inputs[SHALLOW_PRIOR_COLUMN], inputs[TEACHER_COLUMN], inputs["labels"]
+    only = inputs[TEACHER_ONLY_COLUMN]
+    assert only.tolist()[:2] == [1.0, 1.0]
+    signals = ("labels", TEACHER_COLUMN, SHALLOW_PRIOR_COLUMN, TEACHER_ONLY_COLUMN)
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        logits = model(**{k: v for k, v in inputs.items() if k not in signals}).logits
+    classes = [(10, 1), (11, 1)]
+    answers = answer_class_indices(labels, classes)
+    gated = 0.5 * model_contradiction(answer_class_log_probs(logits, labels, classes), answers)
+    targets = mixed_targets(answers, teacher, torch.where(only.bool(), 1.0, gated))
+    expected = product_of_experts_token_loss(logits, labels, prior, classes, 4.0, targets=targets)
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
 def test_on_answer_tokens_the_teacher_trains_without_the_shallow_expert_too(tmp_path):
     trainer = _sft_teacher(
         tmp_path, row_filter_shallow_probe=None, row_filter_shallow_expert=False, row_filter_shallow_expert_weight=1.0
