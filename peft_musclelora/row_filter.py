@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch.utils.data import Dataset as TorchDataset
@@ -58,12 +58,18 @@ SHALLOW_PRIOR_COLUMN = "shallow_log_prior"  # the shallow probe's out-of-fold lo
 TEACHER_COLUMN = "teacher_log_probs"  # the trusted teacher's log-probabilities of a kept row
 TEACHER_ONLY_COLUMN = "teacher_only"  # 1.0 for a row trained on the teacher's distribution alone, else 0.0
 
-#: What becomes of a `contradicted` row (`row_filter_contradicted`): whether the high side cuts at all, and whether a
-#: row it flags is trained on, on the trusted teacher's distribution in place of its label.
-CONTRADICTED_ACTIONS: dict[str, tuple[bool, bool]] = {
-    "drop": (True, False),
-    "keep": (False, False),
-    "teacher": (True, True),
+
+class ContradictedAction(NamedTuple):
+    """What becomes of a `contradicted` row (`row_filter_contradicted`)."""
+
+    flagged: bool  # the high side cuts at all
+    taught: bool  # a flagged row trains on the trusted teacher's distribution in place of its label
+
+
+CONTRADICTED_ACTIONS: dict[str, ContradictedAction] = {
+    "drop": ContradictedAction(flagged=True, taught=False),
+    "keep": ContradictedAction(flagged=False, taught=False),
+    "teacher": ContradictedAction(flagged=True, taught=True),
 }
 
 
@@ -781,7 +787,7 @@ def trained_rows(report: Mapping[str, Any], contradicted: str) -> tuple[list[int
         >>> trained_rows(report, "drop"), trained_rows(report, "teacher")
         (([0], [0.0]), ([0, 2], [0.0, 1.0]))
     """
-    taught = CONTRADICTED_ACTIONS[contradicted][1]
+    taught = CONTRADICTED_ACTIONS[contradicted].taught
     rows = [
         (index, float(row["reason"] == "contradicted"))
         for index, row in enumerate(report["rows"])
@@ -1350,7 +1356,7 @@ def run_row_filter(
         args.row_filter_max_clean_drop,
         low_columns,
         args.row_filter_extend_tails,
-        CONTRADICTED_ACTIONS[args.row_filter_contradicted][0],
+        CONTRADICTED_ACTIONS[args.row_filter_contradicted].flagged,
     )
     own = [train_losses[folds[row], :, row].tolist() for row in range(num_rows)]
     expert_scale = None

@@ -641,7 +641,7 @@ class GradientAlignmentMixin:
             kept = _with_shallow_prior(kept, report, indices, path, self.row_filter_args)
         if self.row_filter_args.row_filter_teacher_mix is not None:
             kept = _with_teacher(kept, report, indices, path)
-        if any(teacher_only):
+        if TEACHER_ONLY_COLUMN in _row_signal_columns(self.row_filter_args):
             kept = with_column(kept, TEACHER_ONLY_COLUMN, teacher_only)
         classes = report["summary"].get("response_classes")
         self._response_classes = None if classes is None else [tuple(c) for c in classes]

@@ -187,10 +187,9 @@ def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: 
     )
     flagged = [decision["reason"] != "keep" for decision in report["rows"]]
     trained, teacher_only = trained_rows(report, report["summary"].get("contradicted_action", "drop"))
-    dropped = [True] * len(flagged)
-    taught = [False] * len(flagged)
-    for index, only in zip(trained, teacher_only):
-        dropped[index], taught[index] = False, bool(only)
+    trained_set, taught_set = set(trained), {index for index, only in zip(trained, teacher_only) if only}
+    dropped = [index not in trained_set for index in range(len(flagged))]
+    taught = [index in taught_set for index in range(len(flagged))]
     poisoned = [record.poisoned for record in train_data.records]
     clean_rows, poisoned_rows = poisoned.count(False), poisoned.count(True)
     keys = ("isolated", "skipped", "cap", "chosen_step", "guard_start", "guard_end", "seconds")
