@@ -222,8 +222,11 @@ class RowFilterArguments:
             "help": "How the kept rows train with the shallow expert: 'product' (the product of experts, "
             "CE(log_softmax(logits) + weight * log p_shallow)) or 'reweight' (the model's own cross-entropy, each "
             "row weighted by 1 - p_shallow(label) sharpened by the weight, relative to chance and capped at 1: no "
-            "row is amplified and the model learns no correction against the expert). 'reweight' is for class "
-            "labels only. A value other than 'product' needs row_filter_shallow_expert=True."
+            "row is amplified and the model learns no correction against the expert) or 'product-gce' (the product of "
+            "experts under the generalised cross-entropy, q = 0.7, whose gradient is the cross-entropy's times "
+            "p(label) ** q: a row the product contradicts confidently, a relabelled row, pulls little). 'reweight' "
+            "and 'product-gce' are for class labels only. A value other than 'product' needs "
+            "row_filter_shallow_expert=True."
         },
     )
     row_filter_shallow_expert_balanced: bool = field(

@@ -588,9 +588,58 @@ def reweighted_loss(
     return (weights * losses).mean()
 
 
+#: The exponent of the generalised cross-entropy: Zhang & Sabuncu's (NeurIPS 2018) default, between the
+#: cross-entropy (q -> 0) and the mean absolute error (q = 1).
+GCE_EXPONENT = 0.7
+
+
+def generalised_cross_entropy(log_probs: torch.Tensor, targets: torch.Tensor, q: float = GCE_EXPONENT) -> torch.Tensor:
+    """`sum_c target_c * (1 - p_c ** q) / q` per row, averaged over the batch, with `p = exp(log_probs)`
+    (normalised log-probabilities `(batch, classes)`). Its gradient is the cross-entropy's times `p_label ** q`,
+    so a row the model contradicts confidently (a relabelled row, once the clean mapping is learned) pulls little:
+    the noise-robust loss of Zhang & Sabuncu (NeurIPS 2018).
+
+    Example:
+        >>> log_probs = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+        >>> [round(float(generalised_cross_entropy(log_probs[i:i + 1], torch.tensor([[0.0, 1.0]]), 1.0)), 4)
+        ...  for i in range(2)]  # q = 1: 1 - p_label
+        [0.5, 0.9]
+    """
+    powered = torch.exp(q * log_probs.float())
+    return ((targets.to(powered) * (1.0 - powered)).sum(dim=-1) / q).mean()
+
+
+def product_of_experts_gce_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    prior: torch.Tensor,
+    weight: float,
+    targets: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """[`generalised_cross_entropy`] of the product of experts' distribution (`softmax(log_softmax(logits) + weight
+    * prior)`, as in [`product_of_experts_loss`]): the model learns what the shallow expert does not explain, and a
+    row whose label the product contradicts confidently teaches little. `targets` `(batch, classes)` replaces the
+    one-hot labels by a distribution ([`mixed_targets`]).
+
+    Example:
+        >>> logits, labels = torch.zeros(2, 2), torch.tensor([1, 1])
+        >>> prior = torch.log(torch.tensor([[0.1, 0.9], [0.9, 0.1]]))
+        >>> round(float(product_of_experts_gce_loss(logits, labels, prior, 1.0)), 4)  # (2 - .9**.7 - .1**.7) / 1.4
+        0.6226
+    """
+    combined = torch.log_softmax(logits.float(), dim=-1) + weight * prior.to(device=logits.device, dtype=torch.float32)
+    if targets is None:
+        targets = torch.nn.functional.one_hot(labels.long().to(logits.device), logits.size(-1)).float()
+    return generalised_cross_entropy(torch.log_softmax(combined, dim=-1), targets)
+
+
 #: How the kept rows train with the shallow expert (`row_filter_shallow_expert_loss`): each takes the model's
 #: `(batch, classes)` logits, the labels, the expert's log-probabilities, its weight and optional soft targets
 #: `(batch, classes)`, and returns the batch loss.
-SHALLOW_EXPERT_LOSSES = {"product": product_of_experts_loss, "reweight": reweighted_loss}
+SHALLOW_EXPERT_LOSSES = {
+    "product": product_of_experts_loss,
+    "product-gce": product_of_experts_gce_loss,
+    "reweight": reweighted_loss,
+}
 
 SHALLOW_PROBES = {"ngram": ngram_probe_log_probs}

@@ -27,6 +27,8 @@ from peft_musclelora.shallow_probe import (
     hashed_ngrams,
     logistic_log_probs,
     ngram_probe_log_probs,
+    generalised_cross_entropy,
+    product_of_experts_gce_loss,
     product_of_experts_loss,
     product_of_experts_token_loss,
     response_classes,
@@ -369,6 +371,25 @@ def test_the_product_of_experts_loss_is_the_cross_entropy_of_the_summed_log_prob
     prior = torch.log_softmax(torch.randn(3, 2), dim=-1)
     expected = torch.nn.functional.cross_entropy(torch.log_softmax(logits, -1) + 6.0 * prior, labels)
     assert torch.allclose(product_of_experts_loss(logits, labels, prior, 6.0), expected)
+
+
+def test_under_the_generalised_cross_entropy_a_row_pulls_as_under_the_cross_entropy_times_p_label_to_the_q():
+    logits = torch.randn(4, 2, requires_grad=True)
+    labels, prior = torch.tensor([0, 1, 1, 0]), torch.log_softmax(torch.randn(4, 2), dim=-1)
+    combined = torch.log_softmax(logits, -1) + 4.0 * prior
+    (ce_grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(combined, labels, reduction="sum"), logits)
+    (gce_grad,) = torch.autograd.grad(4 * product_of_experts_gce_loss(logits, labels, prior, 4.0), logits)
+    p_label = torch.softmax(combined, -1)[torch.arange(4), labels].detach()
+    assert torch.allclose(gce_grad, ce_grad * p_label[:, None] ** 0.7, atol=1e-6)
+
+
+def test_the_generalised_cross_entropy_reads_soft_targets_and_is_one_minus_p_label_at_q_one():
+    log_probs = torch.log(torch.tensor([[0.2, 0.8]]))
+    assert generalised_cross_entropy(log_probs, torch.tensor([[0.0, 1.0]]), q=1.0).item() == pytest.approx(0.2)
+    soft = generalised_cross_entropy(log_probs, torch.tensor([[0.5, 0.5]]), q=1.0).item()
+    assert soft == pytest.approx(0.5 * 0.8 + 0.5 * 0.2)
+    hard = product_of_experts_gce_loss(torch.zeros(1, 2), torch.tensor([1]), log_probs, 1.0)
+    assert hard.item() == pytest.approx((1 - 0.8**0.7) / 0.7)
 
 
 @pytest.mark.parametrize(
