@@ -22,8 +22,10 @@ renormalised token probabilities at every branch of the row's own answer.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -89,11 +91,16 @@ def answer_class_indices(labels: torch.Tensor, classes: Sequence[Sequence[int]])
 
 
 def answer_class_log_probs(
-    logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[Sequence[int]]
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    classes: Sequence[Sequence[int]],
+    class_indices: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Each row's class log-probabilities `(batch, classes)` (float64 on the logits' device, without gradient) from a
     causal LM's `logits` `(batch, seq, vocab)` on the rows' own answers (`labels`, -100 where not trained), restricted
-    to the answer set as the module docstring describes.
+    to the answer set as the module docstring describes. `class_indices` `(batch,)` are the rows' classes when the
+    caller already has them ([`answer_class_indices`]). The branch logits of the whole batch are gathered on the
+    logits' device and copied to the host once.
 
     Example:
         >>> logits = torch.zeros(1, 3, 10)
@@ -102,21 +109,43 @@ def answer_class_log_probs(
         >>> [round(p, 3) for p in answer_class_log_probs(logits, labels, [(5, 9), (7, 9)]).exp()[0].tolist()]
         [0.25, 0.75]
     """
-    labels_of_rows = answer_class_indices(labels, classes)
-    log_probs = torch.full((labels.size(0), len(classes)), -math.inf, dtype=torch.float64)
+    if class_indices is None:
+        class_indices = answer_class_indices(labels, classes)
     rows, positions, tokens = answer_tokens(labels)
+    rows, positions, tokens = rows.tolist(), positions.tolist(), tokens.tolist()
+    answers: dict[int, list[int]] = {}
+    answer_positions: dict[int, list[int]] = {}
+    for row, position, token in zip(rows, positions, tokens):
+        answers.setdefault(row, []).append(token)
+        answer_positions.setdefault(row, []).append(position)
+    branches_of: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    plan = []  # (row, answer, its branches) in the order their logits are gathered
+    gather_rows, gather_positions, gather_tokens = [], [], []
     for row in range(labels.size(0)):
-        row_positions, answer = positions[rows == row], tuple(tokens[rows == row].tolist())
+        answer = tuple(answers.get(row, ()))
+        if answer not in branches_of:
+            branches_of[answer] = _branches(answer, classes)
+        plan.append((row, answer, branches_of[answer]))
+        for position, branching in branches_of[answer]:
+            gather_rows += [row] * len(branching)
+            gather_positions += [answer_positions[row][position]] * len(branching)
+            gather_tokens += branching
+    index = functools.partial(torch.tensor, dtype=torch.long, device=logits.device)
+    gathered = logits.detach()[index(gather_rows), index(gather_positions), index(gather_tokens)].double().cpu()
+    log_probs = torch.full((labels.size(0), len(classes)), -math.inf, dtype=torch.float64)
+    offset = 0
+    for row, answer, branches in plan:
         along = 0.0  # log-probability of the answer's prefix so far
-        for position, branching in _branches(answer, classes):
-            scores = logits[row, int(row_positions[position]), branching].detach().double().cpu()
+        for position, branching in branches:
+            scores = gathered[offset : offset + len(branching)]
+            offset += len(branching)
             token_log_probs = dict(zip(branching, torch.log_softmax(scores, dim=0).tolist()))
             for token in branching:
                 if token != answer[position]:
                     leaving = [i for i in _consistent(answer, classes, position) if int(classes[i][position]) == token]
                     log_probs[row, leaving] = along + token_log_probs[token] - math.log(len(leaving))
             along += token_log_probs[answer[position]]
-        log_probs[row, int(labels_of_rows[row])] = along
+        log_probs[row, int(class_indices[row])] = along
     return log_probs.to(logits.device)
 
 

@@ -698,7 +698,7 @@ class GradientAlignmentMixin:
             targets = None
             if teacher is not None:
                 class_labels = answer_class_indices(labels, classes)
-                scores = functools.partial(answer_class_log_probs, outputs.logits, labels, classes)
+                scores = functools.partial(answer_class_log_probs, outputs.logits, labels, classes, class_labels)
                 share = self._teacher_share(scores, class_labels, teacher_only)
                 targets = mixed_targets(class_labels, teacher, share)
             # Divided by the accumulated batch's token count exactly when Trainer.training_step does not divide by
