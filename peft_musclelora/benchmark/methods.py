@@ -10,6 +10,9 @@ fields (status, CACC, ASR, false-target rate, train time) plus what the method a
   split, [`split_trusted`]), removed from dev; the checkpoint is chosen on the rest of clean dev.
 * `oracle`: `lora` trained on the attack's `train-clean.csv` (the unpoisoned training set, which no defender has);
   its ASR is the floor a backdoor-free model reaches. n/a when the data has no such file.
+* `oracle-drop`: `lora` trained on the poisoned training set's rows that are not flagged poisoned (a perfect
+  detector that drops what it finds, which no defender has): the clean accuracy a defense that *discards* the
+  poisoned rows can reach at best, since the oracle also has their unpoisoned versions. n/a when no row is flagged.
 * filters (`zdefence`, `bki`, `cube`): the filter sees the (subsampled) poisoned training set, `lora` is trained on
   the kept rows; `bki`/`cube` first need the undefended `lora` model. Adds rows removed and, from the poison flags,
   poisoned recall and removal precision.
@@ -222,6 +225,18 @@ def _run_oracle(ctx: CellContext) -> dict[str, Any]:
     return ctx.train(ctx.spec.overrides, ctx.files.train_clean, ctx.files.dev, ctx.directory, extra=ctx.extra)
 
 
+def _run_oracle_drop(ctx: CellContext) -> dict[str, Any]:
+    ctx.check_tests()
+    train = load_records(ctx.files.train, ctx.num_labels).subsample(ctx.spec.preset.training.max_train_rows, ctx.seed)
+    if not train.num_poisoned:
+        raise NotApplicable(
+            f"{train.source} flags no row as poisoned: oracle-drop would train on every row, as lora does."
+        )
+    kept = train.replace([r for r in train.records if not r.poisoned], f"{train.source} (rows not flagged poisoned)")
+    extra = {**ctx.extra, "rows_dropped": len(train) - len(kept)}
+    return ctx.train({**ctx.spec.overrides, **NO_SUBSAMPLE}, kept, ctx.dev(), ctx.directory, extra=extra)
+
+
 def _clean_only_epochs(preset: MethodPreset) -> MethodPreset:
     return apply_overrides(preset, {"num_train_epochs": preset.training.clean_only_epochs})
 
@@ -241,6 +256,7 @@ for _name in PRESETS:
     register(Method(_name, "preset", _run_preset, trains=_name))
 register(Method("clean-only", "baseline", _run_clean_only, identity=_clean_only_epochs))
 register(Method("oracle", "baseline", _run_oracle))
+register(Method("oracle-drop", "baseline", _run_oracle_drop))
 
 
 # ---- filters: a defense picks the training rows, lora trains on them -----------------------------------------

@@ -385,7 +385,13 @@ def test_bench_runs_baselines_and_defenses_and_marks_what_the_data_lacks_na(tiny
     shutil.copytree(data / "sst-2" / "poison" / "badnets", clean_only)
     write_openbackdoor(clean_only / "test-poison.csv", [])
     out = tmp_path / "bench"
-    argv = ["bench", "--attacks", "badnets,noclean,triggerfree", "--methods", "lora,oracle,clean-only,zdefence"]
+    argv = [
+        "bench",
+        "--attacks",
+        "badnets,noclean,triggerfree",
+        "--methods",
+        "lora,oracle,oracle-drop,clean-only,zdefence",
+    ]
     argv += ["--data", str(data), "--model", str(tiny_bert), "--preset", "quick", "--output-dir", str(out)]
     argv += ["--set", "reference_split_size=16", "--set", "zdefence.z_threshold=3.8", "--seeds", "0", "--quiet"]
 
@@ -395,6 +401,9 @@ def test_bench_runs_baselines_and_defenses_and_marks_what_the_data_lacks_na(tiny
     assert oracle["status"] == "n/a" and "has no train-clean.csv" in oracle["reason"]
     free = json.loads((cells / "triggerfree" / "zdefence" / "seed0" / "metrics.json").read_text())
     assert free["status"] == "n/a" and "a trigger-free dataset has no ASR to measure" in free["reason"]
+    dropped = json.loads((cells / "noclean" / "oracle-drop" / "seed0" / "metrics.json").read_text())
+    assert dropped["status"] == "ok" and dropped["rows_dropped"] == 20, "needs no train-clean.csv: the flags suffice"
+    assert dropped["data"]["train"]["rows"] == 180 and dropped["data"]["train"]["poisoned"] == 0
     trusted = json.loads((cells / "badnets" / "clean-only" / "seed0" / "metrics.json").read_text())
     assert trusted["status"] == "ok" and trusted["trusted_rows"] == 16 and trusted["dev_rows_for_selection"] == 32
     assert trusted["data"]["train"]["rows"] == 16 and trusted["data"]["train"]["poisoned"] == 0
@@ -418,10 +427,25 @@ def test_bench_runs_baselines_and_defenses_and_marks_what_the_data_lacks_na(tiny
     # another defense's option does not invalidate finished cells: everything is reused
     assert main([*argv, "--attacks", "badnets", "--set", "onion.frr=0.1"]) == 0
     reused = {c["method"]: c["reused"] for c in json.loads((out / "results.json").read_text())["cells"]}
-    assert reused == {"lora": True, "oracle": True, "clean-only": True, "zdefence": True}
+    assert reused == {"lora": True, "oracle": True, "oracle-drop": True, "clean-only": True, "zdefence": True}
     assert rows[("badnets", "lora")]["excess_asr"] == pytest.approx(
         rows[("badnets", "lora")]["asr"] - rows[("badnets", "oracle")]["asr"]
     )
+
+
+def test_oracle_drop_is_not_applicable_to_a_training_set_that_flags_no_row(tiny_bert: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    attack = data / "sst-2" / "poison" / "unflagged"
+    write_attack(attack, seed=0)
+    shutil.copy(attack / "train-clean.csv", attack / "train-mixed-0.1.csv")  # the unpoisoned rows, none flagged
+    argv = ["bench", "--attacks", "unflagged", "--methods", "oracle-drop", "--data", str(data), "--model"]
+    argv += [str(tiny_bert), "--preset", "quick", "--output-dir", str(tmp_path / "bench"), "--seeds", "0", "--quiet"]
+
+    assert main(argv) == 0
+    cell = json.loads(
+        (tmp_path / "bench" / "cells" / "unflagged" / "oracle-drop" / "seed0" / "metrics.json").read_text()
+    )
+    assert cell["status"] == "n/a" and "flags no row as poisoned" in cell["reason"]
 
 
 # ---- the trusted-data curve --------------------------------------------------------------------------------------
