@@ -1,7 +1,7 @@
 """The named, documented method presets: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, `ga-lora-tuned` (this
 project's gradient-alignment recipe), the row filters `fit-gap`, `fit-gap-unlearn`, `fit-gap-poe`,
-`fit-gap-teacher` and `fit-gap-gated`, `recommended` (currently `fit-gap-gated`), and the decoder-LLM presets
-`lora-llama` / `musclelora-llama` (the reference's Llama-2 hyper-parameters).
+`fit-gap-teacher`, `fit-gap-gated` and `fit-gap-gated-refit`, `recommended` (currently `fit-gap-gated-refit`), and
+the decoder-LLM presets `lora-llama` / `musclelora-llama` (the reference's Llama-2 hyper-parameters).
 
 A preset is a [`MethodPreset`] (see [`peft_musclelora.benchmark.settings`]). The reference recipe freezes the
 classification layer at its random initialisation when LoRA is used; `mslr`, `musclelora` and `ga-lora` do that
@@ -130,6 +130,18 @@ _FIT_GAP_GATED = MethodPreset(
     training=_row_filter_training(_FIT_GAP_TEACHER, row_filter_teacher_mix_gate="model_contradicts"),
 )
 
+_FIT_GAP_GATED_REFIT = MethodPreset(
+    name="fit-gap-gated-refit",
+    description="fit-gap-gated with the output bias refitted on the 400 trusted rows after an unlearning phase that "
+    "ran (row_filter_unlearn_refit_bias=true; docs/row_filter.md): pushing the isolated rows to chance moves the "
+    "class balance by an amount the phase's accuracy guard does not hold (false-target rate anywhere from 6 to 22 % "
+    "after it), and the trusted rows give it back. A run whose phase is skipped for want of evidence (the paraphrase "
+    "attacks, unpoisoned data) is exactly fit-gap-gated. Full size, five seeds (docs/results.md, session 20; CACC / "
+    "ASR, means): BadNets 86.0 / 2.2, AddSent 86.1 / 9.5 (fit-gap-gated: 85.8 / 2.6 and 85.9 / 6.6). " + _COMMON,
+    adapter=AdapterSettings(kind="lora"),
+    training=_row_filter_training(_FIT_GAP_GATED, row_filter_unlearn_refit_bias=True),
+)
+
 PRESETS: dict[str, MethodPreset] = {
     preset.name: preset
     for preset in (
@@ -182,17 +194,17 @@ PRESETS: dict[str, MethodPreset] = {
         _FIT_GAP_POE,
         _FIT_GAP_TEACHER,
         _FIT_GAP_GATED,
+        _FIT_GAP_GATED_REFIT,
         dataclasses.replace(
-            _FIT_GAP_GATED,
+            _FIT_GAP_GATED_REFIT,
             name="recommended",
             description="The project's recommended defense, the best measured so far (docs/results.md): "
-            "fit-gap-gated. At full size (three seeds, against the mean of each seed's oracle, CACC 87.2) it removes "
-            "the insertion backdoors (BadNets, AddSent: ASR 6.1-6.6 points below the oracle's) at 1.0-1.2 points of "
-            "clean accuracy, and holds the paraphrase backdoors (StyleBkd, SynBkd) to +2.1 / -4.0 points of the "
-            "oracle's ASR at 1.0-1.3 points, on StyleBkd partly by leaning against the target class (false-target "
-            "rate 8-9 % against the oracle's 13-14 %; with the class bias refitted on the trusted rows, 10.4 points "
-            "of ASR above the oracle). 0.0-0.4 under plain LoRA on unpoisoned data. It was fit-gap-poe until "
-            "session 17 (1.8-1.9 points less clean accuracy on the paraphrase attacks). " + _COMMON,
+            "fit-gap-gated-refit. At full size (five seeds, against the mean of each seed's oracle, CACC 87.2) it "
+            "removes the insertion backdoors (BadNets, AddSent: ASR 5.8 and 2.9 points below the oracle's) at 1.1-1.2 "
+            "points of clean accuracy, and holds the paraphrase backdoors (StyleBkd, SynBkd) to +0.4 / -3.0 points of "
+            "the oracle's ASR at 1.2 / 0.9 points, on StyleBkd partly by leaning against the target class "
+            "(false-target rate 7-9 % against the oracle's 13-14 %). 0.0-0.4 under plain LoRA on unpoisoned data. "
+            "It was fit-gap-poe until session 17 and fit-gap-gated until session 20. " + _COMMON,
         ),
         MethodPreset(
             name="lora-llama",

@@ -109,6 +109,8 @@ def test_a_recommended_cell_trains_the_kept_rows_against_the_shallow_expert_and_
     assert summary["teacher_mix"] == 0.5 and summary["teacher_mix_gate"] == "model_contradicts"
     assert all(len(row["shallow_log_probs"]) == 2 and len(row["losses"]) == 3 for row in decisions["rows"])
     assert all(len(row["teacher_log_probs"]) == 2 for row in decisions["rows"])
+    # the output bias is refitted on the trusted rows exactly when the unlearning phase ran
+    assert ("bias_refit" in decisions) == (decisions["unlearning"]["skipped"] is None)
     plain = ["row_filter_shallow_expert_weight=1"]
     assert _train(tiny_bert, attack_dir, tmp_path / "weight-1", "recommended", items + plain) == 0
     # Same seed, same rows kept, same first batch: only the product-of-experts loss differs.

@@ -28,7 +28,14 @@ def cell_settings(method: str, items: list[str]) -> dict:
 
 def test_the_encoder_presets_exist_with_the_measured_defaults() -> None:
     encoder = ["full", "lora", "mslr", "musclelora", "ga-lora", "ga-lora-tuned"]
-    row_filters = ["fit-gap", "fit-gap-unlearn", "fit-gap-poe", "fit-gap-teacher", "fit-gap-gated"]
+    row_filters = [
+        "fit-gap",
+        "fit-gap-unlearn",
+        "fit-gap-poe",
+        "fit-gap-teacher",
+        "fit-gap-gated",
+        "fit-gap-gated-refit",
+    ]
     assert list(PRESETS) == encoder + row_filters + ["recommended", "lora-llama", "musclelora-llama"]
     for preset in (PRESETS[name] for name in [*encoder, *row_filters, "recommended"]):
         assert preset.training.max_length == 64 and preset.training.per_device_train_batch_size == 32
@@ -295,10 +302,20 @@ def test_fit_gap_gated_is_fit_gap_teacher_with_the_teachers_share_where_the_mode
     assert get_preset("fit-gap-unlearn", items).training == gated.training
 
 
-def test_recommended_is_fit_gap_gated_under_its_own_name() -> None:
-    recommended, gated = PRESETS["recommended"], PRESETS["fit-gap-gated"]
-    assert (recommended.adapter, recommended.training) == (gated.adapter, gated.training)
-    assert recommended.name == "recommended" and "fit-gap-gated" in recommended.description
+def test_fit_gap_gated_refit_is_fit_gap_gated_with_the_bias_refit_after_an_unlearning_phase_that_ran() -> None:
+    gated, refit = PRESETS["fit-gap-gated"], PRESETS["fit-gap-gated-refit"]
+    assert refit.adapter == gated.adapter
+    change = {"row_filter_unlearn_refit_bias": True}
+    assert refit.training == dataclasses.replace(
+        gated.training, row_filter=dataclasses.replace(gated.training.row_filter, **change)
+    )
+    assert refit.training.row_filter.row_filter_refit_bias is False  # a run whose phase was skipped keeps its bias
+
+
+def test_recommended_is_fit_gap_gated_refit_under_its_own_name() -> None:
+    recommended, refit = PRESETS["recommended"], PRESETS["fit-gap-gated-refit"]
+    assert (recommended.adapter, recommended.training) == (refit.adapter, refit.training)
+    assert recommended.name == "recommended" and "fit-gap-gated-refit" in recommended.description
 
 
 def test_a_field_the_row_filter_gains_reaches_the_trainer_without_a_benchmark_edit() -> None:
