@@ -200,8 +200,8 @@ PRESETS: dict[str, MethodPreset] = {
             name="recommended",
             description="The project's recommended defense, the best measured so far (docs/results.md): "
             "fit-gap-gated-refit. At full size (five seeds, against the mean of each seed's oracle, CACC 87.2) it "
-            "removes the insertion backdoors (BadNets, AddSent: ASR 5.8 and 2.9 points below the oracle's) at 1.1-1.2 "
-            "points of clean accuracy, and holds the paraphrase backdoors (StyleBkd, SynBkd) to +0.4 / -3.0 points of "
+            "removes the insertion backdoors (BadNets, AddSent: ASR 5.8 and 3.0 points below the oracle's) at 1.1-1.2 "
+            "points of clean accuracy, and holds the paraphrase backdoors (StyleBkd, SynBkd) to +0.4 / -3.1 points of "
             "the oracle's ASR at 1.2 / 0.9 points, on StyleBkd partly by leaning against the target class "
             "(false-target rate 7-9 % against the oracle's 13-14 %). 0.0-0.4 under plain LoRA on unpoisoned data. "
             "It was fit-gap-poe until session 17 and fit-gap-gated until session 20. " + _COMMON,
