@@ -519,6 +519,11 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: s
     return losses.mean() if reduction == "mean" else losses
 
 
+def _product_scores(logits: torch.Tensor, prior: torch.Tensor, weight: float) -> torch.Tensor:
+    """The product of experts' unnormalised log-probabilities, `log_softmax(logits) + weight * prior`, in float32."""
+    return torch.log_softmax(logits.float(), dim=-1) + weight * prior.to(device=logits.device, dtype=torch.float32)
+
+
 def product_of_experts_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -537,7 +542,7 @@ def product_of_experts_loss(
         >>> round(float(product_of_experts_loss(logits, labels, prior, 1.0)), 4)  # (-ln 0.9 - ln 0.1) / 2
         1.204
     """
-    combined = torch.log_softmax(logits.float(), dim=-1) + weight * prior.to(device=logits.device, dtype=torch.float32)
+    combined = _product_scores(logits, prior, weight)
     if targets is not None:
         return soft_cross_entropy(combined, targets)
     return torch.nn.functional.cross_entropy(combined, labels.long())
@@ -627,7 +632,7 @@ def product_of_experts_gce_loss(
         >>> round(float(product_of_experts_gce_loss(logits, labels, prior, 1.0)), 4)  # (2 - .9**.7 - .1**.7) / 1.4
         0.6226
     """
-    combined = torch.log_softmax(logits.float(), dim=-1) + weight * prior.to(device=logits.device, dtype=torch.float32)
+    combined = _product_scores(logits, prior, weight)
     if targets is None:
         targets = torch.nn.functional.one_hot(labels.long().to(logits.device), logits.size(-1)).float()
     return generalised_cross_entropy(torch.log_softmax(combined, dim=-1), targets)
