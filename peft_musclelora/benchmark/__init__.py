@@ -3,7 +3,7 @@ and the `musclelora` CLI.
 
 This sub-package is separate from the library: `import peft_musclelora` never imports it. It is what the
 `musclelora` console script runs (`musclelora train`, `eval`, `bench`, `curve`, `presets`, `instruct`, `analyze`,
-`export-model`). The baselines (`clean-only`, `oracle`) and the classic defenses
+`export-model`). The baselines (`clean-only`, `oracle`, `oracle-drop`) and the classic defenses
 (`peft_musclelora.benchmark.defenses`: Z-defence, BKI, CUBE, STRIP, RAP, ONION) are bench methods too (the
 registry in [`peft_musclelora.benchmark.methods`]). `docs/architecture.md` draws the modules and their imports.
 """
