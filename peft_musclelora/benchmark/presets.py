@@ -203,9 +203,9 @@ PRESETS: dict[str, MethodPreset] = {
             "removes the insertion backdoors (BadNets, AddSent: ASR 5.8 and 3.0 points below the oracle's) at 1.1-1.2 "
             "points of clean accuracy, and holds the paraphrase backdoors (StyleBkd, SynBkd) to +0.4 / -3.1 points of "
             "the oracle's ASR at 1.2 / 0.9 points, on StyleBkd partly by leaning against the target class "
-            "(false-target rate 7-9 % against the oracle's 13-14 %). On unpoisoned data 0.29 under plain LoRA on average "
-            "(0.0-0.8 by seed). "
-            "It was fit-gap-poe until session 17 and fit-gap-gated until session 20. " + _COMMON,
+            "(false-target rate 7-9 % against the oracle's 13-14 %). On unpoisoned data 0.29 under plain LoRA on "
+            "average (0.0-0.8 by seed). It was fit-gap-poe until session 17 and fit-gap-gated until session 20. "
+            + _COMMON,
         ),
         MethodPreset(
             name="lora-llama",
