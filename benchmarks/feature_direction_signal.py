@@ -1,7 +1,7 @@
 """Can a backdoor direction be projected out of a finished cell's pooled features? (session 20; flags for the report)
 
 A cell that defends a paraphrase attack partly by a class shift (`fit-gap-gated` on StyleBkd: the bias refit on its
-trusted rows brings back 6-9 points of ASR) still encodes the trigger somewhere. If the trigger had its own direction
+trusted rows brings back 8-9 points of ASR) still encodes the trigger somewhere. If the trigger had its own direction
 in the classifier's input, removing it (and refitting the output bias on the trusted rows) would lower ASR without
 the shift. For each cell this estimates candidate directions from what the defense holds, never the poison flags:
 

@@ -220,7 +220,7 @@ class RowFilterArguments:
         default="product",
         metadata={
             "help": "How the kept rows train with the shallow expert: 'product' (the product of experts, "
-            "CE(log_softmax(logits) + weight * log p_shallow)) or 'reweight' (the model's own cross-entropy, each "
+            "CE(log_softmax(logits) + weight * log p_shallow)), 'reweight' (the model's own cross-entropy, each "
             "row weighted by 1 - p_shallow(label) sharpened by the weight, relative to chance and capped at 1: no "
             "row is amplified and the model learns no correction against the expert) or 'product-gce' (the product of "
             "experts under the generalised cross-entropy, q = 0.7, whose gradient is the cross-entropy's times "

@@ -351,6 +351,23 @@ def test_reweighting_trains_the_model_alone_on_each_rows_cross_entropy_times_its
         trainer.compute_loss(model, token_level)
 
 
+def test_a_product_gce_run_trains_on_the_generalised_cross_entropy_of_the_product_of_experts(tmp_path):
+    trainer = _trained_shallow_expert(
+        tmp_path, row_filter_shallow_expert_loss="product-gce", row_filter_shallow_expert_weight=4.0
+    )
+    assert (
+        json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())["summary"]["shallow_expert_loss"] == "product-gce"
+    )
+    model = trainer.model.eval()
+    inputs = dict(next(iter(trainer.get_train_dataloader())).items())
+    prior, labels = inputs[SHALLOW_PRIOR_COLUMN].clone(), inputs["labels"]
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        logits = model(**{k: v for k, v in inputs.items() if k not in ("labels", SHALLOW_PRIOR_COLUMN)}).logits
+    p_label = torch.softmax(torch.log_softmax(logits, -1) + 4.0 * prior, -1)[torch.arange(len(labels)), labels]
+    assert torch.allclose(loss, ((1 - p_label**0.7) / 0.7).mean(), atol=1e-6)
+
+
 def test_reweighting_never_weighs_a_row_above_plain_training_and_drops_what_the_expert_explains():
     prior = torch.log(torch.tensor([[0.001, 0.999], [0.5, 0.5], [0.95, 0.05], [0.4, 0.6]]))
     labels = torch.tensor([1, 0, 1, 1])
