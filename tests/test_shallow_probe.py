@@ -329,18 +329,26 @@ def _trained_shallow_expert(tmp_path, **fields):
     return trainer
 
 
-def test_reweighting_trains_the_model_alone_on_each_rows_cross_entropy_times_its_shallow_weight(tmp_path):
+def _first_batch_loss(tmp_path, expert_loss: str):
+    """A run trained with `expert_loss` at weight 4: its trainer, its first training batch, the loss the trainer
+    computes on it, the model's own logits and the batch's shallow-expert log-probabilities and labels."""
     trainer = _trained_shallow_expert(
-        tmp_path, row_filter_shallow_expert_loss="reweight", row_filter_shallow_expert_weight=4.0
+        tmp_path, row_filter_shallow_expert_loss=expert_loss, row_filter_shallow_expert_weight=4.0
     )
-    report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
-    assert report["summary"]["shallow_expert_loss"] == "reweight"
+    assert (
+        json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())["summary"]["shallow_expert_loss"] == expert_loss
+    )
     model = trainer.model.eval()
     inputs = dict(next(iter(trainer.get_train_dataloader())).items())
     prior, labels = inputs[SHALLOW_PRIOR_COLUMN].clone(), inputs["labels"]
     with torch.no_grad():
         loss = trainer.compute_loss(model, dict(inputs))
         logits = model(**{k: v for k, v in inputs.items() if k not in ("labels", SHALLOW_PRIOR_COLUMN)}).logits
+    return trainer, inputs, loss, logits, prior, labels
+
+
+def test_reweighting_trains_the_model_alone_on_each_rows_cross_entropy_times_its_shallow_weight(tmp_path):
+    trainer, inputs, loss, logits, prior, labels = _first_batch_loss(tmp_path, "reweight")
     sharpened = torch.softmax(4.0 * prior, dim=-1)[torch.arange(len(labels)), labels]
     weights = ((1 - sharpened) / 0.5).clamp(max=1.0)  # 1 - p(label) relative to its value at chance, 1 - 1/2
     per_row = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
@@ -348,22 +356,11 @@ def test_reweighting_trains_the_model_alone_on_each_rows_cross_entropy_times_its
     assert not torch.allclose(loss, product_of_experts_loss(logits, labels, prior, 4.0), atol=1e-4)
     token_level = {**inputs, "labels": labels[:, None].expand(-1, 3)}  # causal-LM labels have no class per row
     with pytest.raises(ValueError, match="`row_filter_shallow_expert_loss` must be 'product' for token-level"):
-        trainer.compute_loss(model, token_level)
+        trainer.compute_loss(trainer.model, token_level)
 
 
 def test_a_product_gce_run_trains_on_the_generalised_cross_entropy_of_the_product_of_experts(tmp_path):
-    trainer = _trained_shallow_expert(
-        tmp_path, row_filter_shallow_expert_loss="product-gce", row_filter_shallow_expert_weight=4.0
-    )
-    assert (
-        json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())["summary"]["shallow_expert_loss"] == "product-gce"
-    )
-    model = trainer.model.eval()
-    inputs = dict(next(iter(trainer.get_train_dataloader())).items())
-    prior, labels = inputs[SHALLOW_PRIOR_COLUMN].clone(), inputs["labels"]
-    with torch.no_grad():
-        loss = trainer.compute_loss(model, dict(inputs))
-        logits = model(**{k: v for k, v in inputs.items() if k not in ("labels", SHALLOW_PRIOR_COLUMN)}).logits
+    _, _, loss, logits, prior, labels = _first_batch_loss(tmp_path, "product-gce")
     p_label = torch.softmax(torch.log_softmax(logits, -1) + 4.0 * prior, -1)[torch.arange(len(labels)), labels]
     assert torch.allclose(loss, ((1 - p_label**0.7) / 0.7).mean(), atol=1e-6)
 
