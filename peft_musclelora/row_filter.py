@@ -851,10 +851,12 @@ def per_row_values(
     forward: Optional[Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """`measure(logits, labels)` of every row of `dataset` (rows scored longest first, returned in dataset order,
-    float64) and each row's group (its label for classification), with the model in eval mode and no gradient.
-    `forward(model, inputs)` replaces the logits by another per-row output (default: `model(**inputs).logits`)."""
+    float64) and each row's group (its label for classification), with the model in eval mode and no gradient; the
+    model is left in the mode it was in. `forward(model, inputs)` replaces the logits by another per-row output
+    (default: `model(**inputs).logits`)."""
     order = length_order(dataset)
     values, groups = [], []
+    was_training = model.training
     model.eval()
     try:
         for batch in _loader(trainer, subset_rows(dataset, order), trainer.args.per_device_eval_batch_size):
@@ -869,7 +871,7 @@ def per_row_values(
             values.append(measure(logits, inputs["labels"]).cpu())
             groups.extend(row_groups(inputs["labels"]))
     finally:
-        model.train()
+        model.train(was_training)
     restore = torch.empty(len(order), dtype=torch.long)
     restore[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     return torch.cat(values).double()[restore], [groups[i] for i in restore.tolist()]
@@ -1246,8 +1248,10 @@ def run_row_filter(
 ) -> dict[str, Any]:
     """Run the fold probes of `trainer` on its training set and decide which rows to keep.
 
-    Every trainable parameter is restored to its value before the call, and so is torch's random state, so the run
-    that follows is the one `trainer` would make on the kept rows alone.
+    Every trainable parameter is restored to its value before the call, and so are torch's random state and the
+    model's train/eval mode, so the run that follows is the one `trainer` would make on the kept rows alone. The
+    trusted teacher trains in eval mode (no dropout) and the fold probes in train mode, as the trainer's own steps
+    do, whatever mode the model is in at the call.
 
     Returns:
         The report written to `row_filter.json`: `summary` (counts, cut-offs, trusted-row flag rate, probe steps,
@@ -1292,9 +1296,11 @@ def run_row_filter(
         desc="row filter probes",
         disable=not progress,
     )
+    was_training = model.training
     with torch.random.fork_rng(devices=devices):
         if teacher_field is not None:  # seeded on its own: the same teacher whatever else the run draws
             teacher_start = time.perf_counter()
+            model.eval()
             teacher_log_probs, teacher_offset, labels = _train_teacher(
                 trainer, params, reference_dataset, teacher_steps, lr, seed, bar, teacher_field, answers
             )
@@ -1320,6 +1326,7 @@ def run_row_filter(
             if expert_steps and shallow.classes is not None:  # the token-level loss maps responses to these classes
                 trainer._response_classes = shallow.classes
         torch.manual_seed(seed)
+        model.train()
         for fold in range(args.row_filter_folds):
             held_out = [row for row in range(num_rows) if folds[row] == fold]
             others = [row for row in range(num_rows) if folds[row] != fold]
@@ -1342,6 +1349,7 @@ def run_row_filter(
             reference_losses.append(torch.stack(fold_reference))
             _restore(params, initial)
     bar.close()
+    model.train(was_training)
     for param in params:
         param.grad = None
     stacked_reference = torch.stack(reference_losses)

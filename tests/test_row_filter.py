@@ -186,6 +186,34 @@ def test_probes_leave_the_weights_and_the_random_state_as_they_found_them(tmp_pa
     assert report["reference"]["low_columns"] == [True, True]
 
 
+@pytest.mark.parametrize("teacher", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_the_probes_train_in_train_mode_whatever_mode_the_model_is_in_and_whatever_trained_before_them(
+    tmp_path, teacher, training
+):
+    overrides = {"row_filter_teacher_mix": 0.5, "row_filter_teacher_steps": 6} if teacher else {}
+    trainer = MuScleLoraTrainer(
+        model=tiny_bert(seed=0, dropout=0.1),  # dropout: a probe step in eval mode would be another step
+        args=_args(tmp_path, row_filter_probe_steps=[1, 4], **overrides),
+        train_dataset=token_dataset(48, seed=1),
+        reference_dataset=token_dataset(40, seed=2),
+    )
+    trainer.model.train(training)
+    report = assert_filter_leaves_state_as_found(trainer)
+    assert trainer.model.training is training  # the mode is left as found
+    # Against a reference: no teacher, the model in train mode from the start.
+    reference = MuScleLoraTrainer(
+        model=tiny_bert(seed=0, dropout=0.1),
+        args=_args(tmp_path / "reference", row_filter_probe_steps=[1, 4]),
+        train_dataset=token_dataset(48, seed=1),
+        reference_dataset=token_dataset(40, seed=2),
+    )
+    reference.model.train()
+    expected = assert_filter_leaves_state_as_found(reference)
+    assert [row["losses"] for row in report["rows"]] == [row["losses"] for row in expected["rows"]]
+    assert report["reference"]["losses"] == expected["reference"]["losses"]
+
+
 def _pad(rows):
     width = max(len(row["input_ids"]) for row in rows)
     pad = [width - len(row["input_ids"]) for row in rows]
