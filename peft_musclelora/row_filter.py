@@ -364,6 +364,17 @@ class RowFilterArguments:
             "None: always unlearn."
         },
     )
+    row_filter_plain_significance: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "When the unlearning phase's evidence test also passes at this stricter level (the filter "
+            "isolated far more rows than the trusted rows' clean rate: a shortcut it caught), the kept rows train on "
+            "their labels alone, without the shallow expert and the trusted teacher, which cost clean accuracy to "
+            "hold back the triggers a filter misses; the unlearning phase then removes what the missed rows taught. "
+            "In (0, 1) and at most row_filter_unlearn_significance; needs row_filter_unlearn=True and "
+            "row_filter_shallow_expert or row_filter_teacher_mix. None: the kept rows always train with them."
+        },
+    )
     row_filter_unlearn_refit_bias: bool = field(
         default=False,
         metadata={
@@ -506,11 +517,40 @@ class RowFilterArguments:
         check_number("row_filter_unlearn_significance", significance, "in (0, 1)", lambda v: 0 < v < 1, True)
         guard = self.row_filter_unlearn_max_guard_drop
         check_number("row_filter_unlearn_max_guard_drop", guard, "in [0, 1)", lambda v: 0 <= v < 1)
+        self._validate_plain_significance()
         check_bool("row_filter_unlearn_refit_bias", self.row_filter_unlearn_refit_bias)
         if self.row_filter_unlearn_refit_bias and not self.row_filter_unlearn:
             raise ValueError(
                 "`row_filter_unlearn_refit_bias=True` refits the output bias after the unlearning phase: set "
                 "row_filter_unlearn=True as well."
+            )
+
+    def _validate_plain_significance(self) -> None:
+        plain = self.row_filter_plain_significance
+        check_number("row_filter_plain_significance", plain, "in (0, 1)", lambda v: 0 < v < 1, True)
+        if plain is None:
+            return
+        if not self.row_filter_unlearn:
+            raise ValueError(
+                f"`row_filter_plain_significance` ({plain!r}) leaves the rows the filter missed to the unlearning "
+                "phase: set row_filter_unlearn=True as well, or leave it None."
+            )
+        if not self.row_filter_shallow_expert and self.row_filter_teacher_mix is None:
+            raise ValueError(
+                f"`row_filter_plain_significance` ({plain!r}) trains the kept rows without the shallow expert and "
+                "the teacher: set row_filter_shallow_expert=True or row_filter_teacher_mix, or leave it None."
+            )
+        if self.row_filter_contradicted == "teacher":
+            raise ValueError(
+                f"`row_filter_plain_significance` ({plain!r}) trains the kept rows on their labels alone, and "
+                "row_filter_contradicted='teacher' trains rows on the teacher alone: choose 'drop' or 'keep', or "
+                "leave it None."
+            )
+        unlearn = self.row_filter_unlearn_significance
+        if unlearn is not None and plain > unlearn:
+            raise ValueError(
+                f"`row_filter_plain_significance` must be at most row_filter_unlearn_significance ({unlearn!r}), so "
+                f"that the unlearning phase runs whenever the kept rows train plainly; got {plain!r}."
             )
 
 

@@ -637,9 +637,10 @@ class GradientAlignmentMixin:
         }
         indices, teacher_only = trained_rows(report, self.row_filter_args.row_filter_contradicted)
         kept = subset_rows(self.train_dataset, indices)
-        if self.row_filter_args.row_filter_shallow_expert:
+        plain = self._kept_rows_train_plainly(report)
+        if self.row_filter_args.row_filter_shallow_expert and not plain:
             kept = _with_shallow_prior(kept, report, indices, path, self.row_filter_args)
-        if self.row_filter_args.row_filter_teacher_mix is not None:
+        if self.row_filter_args.row_filter_teacher_mix is not None and not plain:
             kept = _with_teacher(kept, report, indices, path)
         if TEACHER_ONLY_COLUMN in _row_signal_columns(self.row_filter_args):
             kept = with_column(kept, TEACHER_ONLY_COLUMN, teacher_only)
@@ -648,6 +649,27 @@ class GradientAlignmentMixin:
         if _row_signal_columns(self.row_filter_args) and not isinstance(self.data_collator, RowSignalCollator):
             self.data_collator = RowSignalCollator(self.data_collator)
         self.train_dataset = kept
+
+    def _kept_rows_train_plainly(self, report: dict[str, Any]) -> bool:
+        """Whether `row_filter_plain_significance` lets the kept rows train on their labels alone; the decision
+        and its evidence are added to `report` (and its file) under `plain_training`."""
+        significance = self.row_filter_args.row_filter_plain_significance
+        if significance is None:
+            return False
+        evidence = isolation_evidence(report["summary"], significance)
+        report["plain_training"] = {"plain": evidence["passed"], "evidence": evidence}
+        self._write_row_filter_report(report)
+        logger.info(
+            "row filter: the kept rows train %s (%.2f%% of the training rows isolated against %.2f%% of the trusted "
+            "rows, z = %.2f, plain above %.2f)",
+            "on their labels alone" if evidence["passed"] else "with the shallow expert and the teacher",
+            100 * evidence["isolated_share"],
+            100 * evidence["reference_share"],
+            evidence["z"],
+            evidence["threshold"],
+        )
+        self._row_filter_log["row_filter/plain_training"] = float(evidence["passed"])
+        return evidence["passed"]
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

@@ -8,7 +8,14 @@ import math
 import pytest
 import torch
 
-from peft_musclelora.row_filter import ROW_FILTER_FILE, RowFilterArguments, per_row_loss, subset_rows
+from peft_musclelora.row_filter import (
+    ROW_FILTER_FILE,
+    SHALLOW_PRIOR_COLUMN,
+    TEACHER_COLUMN,
+    RowFilterArguments,
+    per_row_loss,
+    subset_rows,
+)
 from peft_musclelora.unlearning import (
     _default_cap,
     correct_and_total,
@@ -199,3 +206,67 @@ def test_a_skipped_unlearning_phase_leaves_the_bias_as_trained(tmp_path):
     plain.train()
     a, b = trainable_state(gated.model), trainable_state(plain.model)
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+# ---- plain training of the kept rows on strong evidence ----
+
+
+def _defended_trainer(tmp_path, **overrides):
+    # The shallow expert and the trusted teacher; the phase runs whatever the evidence (significance None), so the
+    # plain decision alone differs between the runs below.
+    settings = {
+        "row_filter_shallow_probe": "ngram",
+        "row_filter_shallow_expert": True,
+        "row_filter_teacher_mix": 0.5,
+        "row_filter_teacher_steps": 6,
+    }
+    return _unlearning_trainer(tmp_path, **{**settings, **overrides})
+
+
+def test_on_strong_evidence_the_kept_rows_train_on_their_labels_alone_as_without_the_expert_and_the_teacher(tmp_path):
+    plain = _defended_trainer(tmp_path / "plain", row_filter_plain_significance=0.999, logging_steps=1)
+    plain.train()
+    decision = json.loads((tmp_path / "plain" / "out" / ROW_FILTER_FILE).read_text())["plain_training"]
+    assert decision["plain"] and decision["evidence"]["significance"] == 0.999
+    assert plain.state.log_history[0]["row_filter/plain_training"] == 1.0
+    assert {SHALLOW_PRIOR_COLUMN, TEACHER_COLUMN}.isdisjoint(plain.train_dataset.column_names)
+    bare = _unlearning_trainer(tmp_path / "bare", row_filter_shallow_probe="ngram")  # the same filter, no expert
+    bare.train()
+    a, b = trainable_state(plain.model), trainable_state(bare.model)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_without_strong_evidence_the_kept_rows_keep_the_expert_and_the_teacher(tmp_path):
+    trainer = _defended_trainer(tmp_path, row_filter_plain_significance=1e-9)
+    trainer.train()
+    decision = trainer.row_filter_report["plain_training"]
+    assert not decision["plain"] and decision["evidence"]["threshold"] > 5.9
+    assert {SHALLOW_PRIOR_COLUMN, TEACHER_COLUMN} <= set(trainer.train_dataset.column_names)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"row_filter_plain_significance": 0.0}, ValueError, r"`row_filter_plain_significance` must be .*0.0"),
+        ({"row_filter_plain_significance": "1e-4"}, TypeError, r"`row_filter_plain_significance`.*'1e-4'"),
+        ({"row_filter_unlearn": False}, ValueError, r"`row_filter_plain_significance` \(0.001\).*row_filter_unlearn"),
+        (
+            {"row_filter_shallow_expert": False, "row_filter_teacher_mix": None},
+            ValueError,
+            r"\(0.001\) trains the kept rows without the shallow expert and the teacher",
+        ),
+        ({"row_filter_contradicted": "teacher"}, ValueError, r"\(0.001\).*choose 'drop' or 'keep'"),
+        ({"row_filter_plain_significance": 0.05}, ValueError, r"at most row_filter_unlearn_significance .*got 0.05"),
+    ],
+)
+def test_invalid_plain_training_settings_name_the_field_and_the_value(overrides, error, match):
+    settings = {
+        "row_filter": True,
+        "row_filter_shallow_probe": "ngram",
+        "row_filter_shallow_expert": True,
+        "row_filter_teacher_mix": 0.5,
+        "row_filter_unlearn": True,
+        "row_filter_plain_significance": 0.001,
+    }
+    with pytest.raises(error, match=match):
+        RowFilterArguments(**{**settings, **overrides})
