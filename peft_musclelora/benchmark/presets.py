@@ -142,6 +142,18 @@ _FIT_GAP_GATED_REFIT = MethodPreset(
     training=_row_filter_training(_FIT_GAP_GATED, row_filter_unlearn_refit_bias=True),
 )
 
+_FIT_GAP_EVIDENCE = MethodPreset(
+    name="fit-gap-evidence",
+    description="fit-gap-gated-refit whose kept rows train on their labels alone when the filter's isolation "
+    "evidence is strong (row_filter_plain_significance=1e-4: z above 3.72, where the unlearning phase needs 2.33; "
+    "docs/row_filter.md): a filter that isolated that many more rows than the trusted rows' clean rate caught a "
+    "shortcut, so the shallow expert and the teacher, which cost clean accuracy to hold back the triggers a filter "
+    "misses, are left out, and the unlearning phase removes what the missed rows taught. Elsewhere (weaker evidence, "
+    "no evidence) exactly fit-gap-gated-refit. " + _COMMON,
+    adapter=AdapterSettings(kind="lora"),
+    training=_row_filter_training(_FIT_GAP_GATED_REFIT, row_filter_plain_significance=1e-4),
+)
+
 PRESETS: dict[str, MethodPreset] = {
     preset.name: preset
     for preset in (
@@ -195,6 +207,7 @@ PRESETS: dict[str, MethodPreset] = {
         _FIT_GAP_TEACHER,
         _FIT_GAP_GATED,
         _FIT_GAP_GATED_REFIT,
+        _FIT_GAP_EVIDENCE,
         dataclasses.replace(
             _FIT_GAP_GATED_REFIT,
             name="recommended",
