@@ -35,6 +35,7 @@ def test_the_encoder_presets_exist_with_the_measured_defaults() -> None:
         "fit-gap-teacher",
         "fit-gap-gated",
         "fit-gap-gated-refit",
+        "fit-gap-evidence",
     ]
     assert list(PRESETS) == encoder + row_filters + ["recommended", "lora-llama", "musclelora-llama"]
     for preset in (PRESETS[name] for name in [*encoder, *row_filters, "recommended"]):
@@ -310,6 +311,16 @@ def test_fit_gap_gated_refit_is_fit_gap_gated_with_the_bias_refit_after_an_unlea
         gated.training, row_filter=dataclasses.replace(gated.training.row_filter, **change)
     )
     assert refit.training.row_filter.row_filter_refit_bias is False  # a run whose phase was skipped keeps its bias
+
+
+def test_fit_gap_evidence_is_fit_gap_gated_refit_training_plainly_on_evidence_stricter_than_the_phases() -> None:
+    refit, evidence = PRESETS["fit-gap-gated-refit"], PRESETS["fit-gap-evidence"]
+    assert evidence.adapter == refit.adapter
+    change = {"row_filter_plain_significance": 1e-4}
+    assert evidence.training == dataclasses.replace(
+        refit.training, row_filter=dataclasses.replace(refit.training.row_filter, **change)
+    )
+    assert evidence.training.row_filter.row_filter_unlearn_significance == 0.01  # the phase runs whenever it is plain
 
 
 def test_recommended_is_fit_gap_gated_refit_under_its_own_name() -> None:
