@@ -66,8 +66,19 @@ __all__ = ["InstructSettings", "InstructTemplate", "load_instruct_cell", "train_
 #: the prompt, trained with it as a product of experts on the answer tokens (docs/llm.md);
 #: `fit-gap-gated`: `fit-gap-poe` with the encoder preset's weight, trusted teacher and gate, the teacher's class
 #: distribution read on the answer tokens (experimental, docs/llm.md);
+#: `fit-gap-evidence`: `fit-gap-gated` whose kept rows train plainly on strong isolation evidence, as the encoder
+#: preset (its bias refit needs class labels and is left out here);
 #: `recommended`: the best measured instruction-tuning defense, `musclelora` (docs/llm.md).
-INSTRUCT_METHODS = ("lora", "musclelora", "fit-gap", "fit-gap-unlearn", "fit-gap-poe", "fit-gap-gated", "recommended")
+INSTRUCT_METHODS = (
+    "lora",
+    "musclelora",
+    "fit-gap",
+    "fit-gap-unlearn",
+    "fit-gap-poe",
+    "fit-gap-gated",
+    "fit-gap-evidence",
+    "recommended",
+)
 INSTRUCT_ALIASES = {"recommended": "musclelora"}
 
 
@@ -85,6 +96,10 @@ _ROW_FILTER_METHODS: dict[str, dict[str, Any]] = {
     "fit-gap-unlearn": {"row_filter_unlearn": True},
     "fit-gap-poe": {"row_filter_unlearn": True, **_preset_fields("fit-gap-poe", *_SHALLOW_EXPERT)},
     "fit-gap-gated": {"row_filter_unlearn": True, **_preset_fields("fit-gap-gated", *_SHALLOW_EXPERT, *_TEACHER)},
+    "fit-gap-evidence": {
+        "row_filter_unlearn": True,
+        **_preset_fields("fit-gap-evidence", *_SHALLOW_EXPERT, *_TEACHER, "row_filter_plain_significance"),
+    },
 }
 #: Gradient alignment of an instruction cell: 128 clean dev prompts as references, every gate open (the library's
 #: defaults: no warm-up, no raw mixing, no loss floor), as the reference's Llama-2 recipe.

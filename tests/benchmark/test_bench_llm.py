@@ -510,3 +510,31 @@ def test_instruct_fit_gap_gated_reads_the_trusted_teacher_on_the_answer_tokens_a
     gates = [entry["row_filter/teacher_gate"] for entry in history if "row_filter/teacher_gate" in entry]
     assert gates and all(0.0 <= gate <= 1.0 for gate in gates)
     assert 0.0 <= result["cacc"] <= 1.0 and 0.0 <= result["asr"] <= 1.0
+
+
+def test_instruct_fit_gap_evidence_is_fit_gap_gated_training_plainly_on_strong_evidence(
+    tiny_llama_dir: Path, attack_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from peft_musclelora.benchmark.instruct import _sft_trainer
+
+    gated = _sft_trainer("fit-gap-gated", InstructSettings(), 2)[2]
+    evidence = _sft_trainer("fit-gap-evidence", InstructSettings(), 2)[2]
+    assert evidence == gated | {"row_filter_plain_significance": 1e-4}  # the encoder preset's level, declared once
+    # Evidence at any level (the phase always runs): the answer tokens train on their labels alone.
+    # A --set of the level is validated on its own, so it names what it needs.
+    needs = {"row_filter": True, "row_filter_unlearn": True}
+    needs |= {"row_filter_shallow_probe": "ngram", "row_filter_shallow_expert": True}
+    settings = _row_filter_settings(
+        row_filter_unlearn_significance=None,
+        row_filter_plain_significance=0.999,
+        row_filter_teacher_steps=3,
+        num_train_epochs=4,  # 4 epochs of at least 9 kept rows reach the first log (every 10 steps)
+        **needs,
+    )
+    result = _scored_cell("fit-gap-evidence", settings, tiny_llama_dir, attack_files, tmp_path / "cell")
+    decisions = json.loads((tmp_path / "cell" / "row_filter.json").read_text())
+    assert decisions["plain_training"]["plain"] and result["row_filter"]["plain_training"] is True
+    history = json.loads((tmp_path / "cell" / "log_history.json").read_text())
+    assert history[0]["row_filter/plain_training"] == 1.0
+    assert not any("row_filter/teacher_gate" in entry for entry in history)  # no teacher in the loss
+    assert result["method"] == "fit-gap-evidence" and 0.0 <= result["cacc"] <= 1.0
