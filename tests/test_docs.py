@@ -106,3 +106,38 @@ def test_pending_references_are_still_cited() -> None:
     fixed = [ref for ref in PENDING_REFERENCES if ref not in cited or (REPO / ref).exists()]
 
     assert not fixed, f"PENDING_REFERENCES entries {fixed} are fixed: remove them"
+
+
+def _readme_recipe_arguments() -> dict[str, object]:
+    """The keyword arguments of `MuScleLoraTrainingArguments(...)` in the README's recommended-defense recipe."""
+    import ast
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## The recommended defense in Python", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    calls = [
+        node
+        for node in ast.walk(ast.parse(code))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "MuScleLoraTrainingArguments"
+    ]
+    assert len(calls) == 1, "the recipe builds its training arguments once"
+    return {keyword.arg: ast.literal_eval(keyword.value) for keyword in calls[0].keywords}
+
+
+def test_the_readmes_python_recipe_is_the_recommended_preset() -> None:
+    from peft_musclelora.benchmark.presets import PRESETS
+    from peft_musclelora.row_filter import RowFilterArguments
+
+    preset = PRESETS["recommended"].training
+    defaults = RowFilterArguments()
+    chosen = {
+        f.name: getattr(preset.row_filter, f.name)
+        for f in dataclasses.fields(RowFilterArguments)
+        if getattr(preset.row_filter, f.name) != getattr(defaults, f.name)
+    }
+    recipe = _readme_recipe_arguments()
+    assert {name: value for name, value in recipe.items() if name.startswith("row_filter")} == chosen
+    assert recipe["learning_rate"] == preset.learning_rate
+    assert recipe["num_train_epochs"] == preset.num_train_epochs
+    assert recipe["per_device_train_batch_size"] == preset.per_device_train_batch_size
+    assert recipe["reference_split_size"] == preset.ga.reference_split_size

@@ -1,7 +1,8 @@
 """The named, documented method presets: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, `ga-lora-tuned` (this
 project's gradient-alignment recipe), the row filters `fit-gap`, `fit-gap-unlearn`, `fit-gap-poe`,
 `fit-gap-teacher`, `fit-gap-gated`, `fit-gap-gated-refit` and `fit-gap-evidence`, `recommended` (currently
-`fit-gap-gated-refit`), and the decoder-LLM presets `lora-llama` / `musclelora-llama` (the reference's Llama-2 hyper-parameters).
+`fit-gap-gated-refit`), and the decoder-LLM presets `lora-llama` / `musclelora-llama` (the reference's Llama-2
+hyper-parameters).
 
 A preset is a [`MethodPreset`] (see [`peft_musclelora.benchmark.settings`]). The reference recipe freezes the
 classification layer at its random initialisation when LoRA is used; `mslr`, `musclelora` and `ga-lora` do that
