@@ -1,7 +1,7 @@
 """The named, documented method presets: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, `ga-lora-tuned` (this
 project's gradient-alignment recipe), the row filters `fit-gap`, `fit-gap-unlearn`, `fit-gap-poe`,
 `fit-gap-teacher`, `fit-gap-gated`, `fit-gap-gated-refit` and `fit-gap-evidence`, `recommended` (currently
-`fit-gap-gated-refit`), and the decoder-LLM presets `lora-llama` / `musclelora-llama` (the reference's Llama-2
+`fit-gap-evidence`), and the decoder-LLM presets `lora-llama` / `musclelora-llama` (the reference's Llama-2
 hyper-parameters).
 
 A preset is a [`MethodPreset`] (see [`peft_musclelora.benchmark.settings`]). The reference recipe freezes the
@@ -210,16 +210,16 @@ PRESETS: dict[str, MethodPreset] = {
         _FIT_GAP_GATED_REFIT,
         _FIT_GAP_EVIDENCE,
         dataclasses.replace(
-            _FIT_GAP_GATED_REFIT,
+            _FIT_GAP_EVIDENCE,
             name="recommended",
             description="The project's recommended defense, the best measured so far (docs/results.md): "
-            "fit-gap-gated-refit. At full size (five seeds, against the mean of each seed's oracle, CACC 87.2) it "
-            "removes the insertion backdoors (BadNets, AddSent: ASR 5.8 and 3.0 points below the oracle's) at 1.1-1.2 "
+            "fit-gap-evidence. At full size (five seeds, against the mean of each seed's oracle, CACC 87.2) it "
+            "removes the insertion backdoors (BadNets, AddSent: ASR 5.5 points below the oracle's) at 0.5 and 0.3 "
             "points of clean accuracy, and holds the paraphrase backdoors (StyleBkd, SynBkd) to +0.4 / -3.1 points of "
             "the oracle's ASR at 1.2 / 0.9 points, on StyleBkd partly by leaning against the target class "
             "(false-target rate 7-9 % against the oracle's 13-14 %). On unpoisoned data 0.29 under plain LoRA on "
-            "average (0.0-0.8 by seed). It was fit-gap-poe until session 17 and fit-gap-gated until session 20. "
-            + _COMMON,
+            "average (0.0-0.8 by seed). It was fit-gap-poe until session 17, fit-gap-gated until session 20 and "
+            "fit-gap-gated-refit in session 20. " + _COMMON,
         ),
         MethodPreset(
             name="lora-llama",

@@ -323,10 +323,10 @@ def test_fit_gap_evidence_is_fit_gap_gated_refit_training_plainly_on_evidence_st
     assert evidence.training.row_filter.row_filter_unlearn_significance == 0.01  # the phase runs whenever it is plain
 
 
-def test_recommended_is_fit_gap_gated_refit_under_its_own_name() -> None:
-    recommended, refit = PRESETS["recommended"], PRESETS["fit-gap-gated-refit"]
-    assert (recommended.adapter, recommended.training) == (refit.adapter, refit.training)
-    assert recommended.name == "recommended" and "fit-gap-gated-refit" in recommended.description
+def test_recommended_is_fit_gap_evidence_under_its_own_name() -> None:
+    recommended, evidence = PRESETS["recommended"], PRESETS["fit-gap-evidence"]
+    assert (recommended.adapter, recommended.training) == (evidence.adapter, evidence.training)
+    assert recommended.name == "recommended" and "fit-gap-evidence" in recommended.description
 
 
 def test_a_field_the_row_filter_gains_reaches_the_trainer_without_a_benchmark_edit() -> None:
