@@ -150,7 +150,8 @@ _FIT_GAP_EVIDENCE = MethodPreset(
     "docs/row_filter.md): a filter that isolated that many more rows than the trusted rows' clean rate caught a "
     "shortcut, so the shallow expert and the teacher, which cost clean accuracy to hold back the triggers a filter "
     "misses, are left out, and the unlearning phase removes what the missed rows taught. Elsewhere (weaker evidence, "
-    "no evidence) exactly fit-gap-gated-refit. " + _COMMON,
+    "no evidence) exactly fit-gap-gated-refit. Full size, five seeds (docs/results.md, session 21; CACC / ASR, "
+    "means): BadNets 86.7 / 2.5, AddSent 86.9 / 7.0 (fit-gap-gated-refit: 86.0 / 2.2 and 86.1 / 9.5). " + _COMMON,
     adapter=AdapterSettings(kind="lora"),
     training=_row_filter_training(_FIT_GAP_GATED_REFIT, row_filter_plain_significance=1e-4),
 )
