@@ -1,0 +1,36 @@
+"""Do two finished row-filter cells of the same training set make the same per-row decisions? (session 21)
+
+Prints, for each cell, how many rows each reason (`keep`, `fit-early`, `contradicted`) took, the number of rows whose
+reason differs between the two, and whether every saved probe loss is equal. Session 21 used it to show that the
+probes' train mode depended on whether a teacher was trained before them (a teacher-free cell against a teacher
+cell of the same seed) and that the fix left the teacher presets' decisions as they were.
+
+    python benchmarks/compare_decisions.py runs-v6/s21-plain-badnets-s0/cells/badnets/fit-gap-unlearn/seed0 \
+        runs-v6/s19-gated-badnets-s0/cells/badnets/fit-gap-unlearn/seed0
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cells", type=Path, nargs=2, help="two finished cell directories (or row_filter.json files)")
+    args = parser.parse_args()
+    reports = [json.loads((cell if cell.is_file() else cell / "row_filter.json").read_text()) for cell in args.cells]
+    rows = [report["rows"] for report in reports]
+    if len(rows[0]) != len(rows[1]):
+        raise SystemExit(f"the cells hold {len(rows[0])} and {len(rows[1])} rows: not the same training set")
+    for cell, cell_rows in zip(args.cells, rows):
+        print(f"{cell}: {dict(collections.Counter(row['reason'] for row in cell_rows))}")
+    differ = sum(a["reason"] != b["reason"] for a, b in zip(*rows))
+    same_losses = all(a["losses"] == b["losses"] for a, b in zip(*rows))
+    print(f"rows whose reason differs: {differ} of {len(rows[0])}; every probe loss equal: {same_losses}")
+
+
+if __name__ == "__main__":
+    main()
