@@ -38,3 +38,7 @@ if __name__ == "__main__":
     torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, f"{output_dir}/rank{rank}.pt")
     with open(f"{output_dir}/log{rank}.json", "w") as handle:
         json.dump(trainer.state.log_history, handle)
+    # Left to interpreter shutdown, the gloo group's threads can abort the process ("terminate called without an
+    # active exception") after training succeeded; CI saw it once under load.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

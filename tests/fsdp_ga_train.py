@@ -218,3 +218,6 @@ if __name__ == "__main__":
     }
     with open(f"{output_dir}/report{rank}.json", "w") as handle:
         json.dump(report, handle)
+    # Tear the group down here, not at interpreter shutdown, where gloo's threads can abort a finished run.
+    dist.barrier()
+    dist.destroy_process_group()
