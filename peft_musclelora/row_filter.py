@@ -25,7 +25,9 @@ decisions to `row_filter.json` in the output directory.
 
 from __future__ import annotations
 
+import functools
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -370,8 +372,9 @@ class RowFilterArguments:
             "help": "When the unlearning phase's evidence test also passes at this stricter level (the filter "
             "isolated far more rows than the trusted rows' clean rate: a shortcut it caught), the kept rows train on "
             "their labels alone, without the shallow expert and the trusted teacher, which cost clean accuracy to "
-            "hold back the triggers a filter misses; the unlearning phase then removes what the missed rows taught. "
-            "In (0, 1) and at most row_filter_unlearn_significance; needs row_filter_unlearn=True and "
+            "hold back the triggers a filter misses; the unlearning phase then removes what the missed rows taught, "
+            "and the teacher is not trained unless the shallow expert's gate or residual expert reads it. In (0, 1) "
+            "and at most row_filter_unlearn_significance; needs row_filter_unlearn=True and "
             "row_filter_shallow_expert or row_filter_teacher_mix. None: the kept rows always train with them."
         },
     )
@@ -1283,6 +1286,94 @@ def _train_teacher(
     return torch.log_softmax(raw_teacher + offset, dim=-1), offset, labels_t
 
 
+def isolation_evidence(summary: Mapping[str, Any], significance: Optional[float]) -> dict[str, Any]:
+    """Whether the fit-early rows of a row-filter `summary` are more than the clean rate the trusted rows show.
+
+    The z statistic compares the training rows' fit-early share (`fit_early / rows`) with the trusted rows'
+    (`reference_low_flagged`, over `reference_rows`), pooled; `passed` when it exceeds the one-sided normal quantile
+    of `significance` (always, for `significance=None`). A summary written before the trusted low-tail share and
+    count were recorded falls back to the cut-off's bound, half of `max_clean_drop`, and to one trusted row (both
+    make the test harder to pass, never easier).
+
+    Example:
+        >>> summary = {"rows": 6920, "fit_early": 311, "reference_low_flagged": 0.016, "reference_rows": 400}
+        >>> evidence = isolation_evidence(summary, 0.01)
+        >>> round(evidence["z"], 2), evidence["passed"]
+        (2.76, True)
+        >>> isolation_evidence({**summary, "fit_early": 119}, 0.01)["passed"]  # 1.7 % isolated: no evidence
+        False
+    """
+    rows, isolated = int(summary["rows"]), int(summary["fit_early"])
+    reference_share = summary.get("reference_low_flagged")
+    if reference_share is None:
+        reference_share = float(summary["max_clean_drop"]) / 2
+    reference_rows = int(summary.get("reference_rows") or 1)
+    share = isolated / max(rows, 1)
+    pooled = (isolated + reference_share * reference_rows) / (rows + reference_rows)
+    spread = math.sqrt(pooled * (1 - pooled) * (1 / max(rows, 1) + 1 / reference_rows))
+    z = (share - reference_share) / spread if spread > 0 else (math.inf if share > reference_share else 0.0)
+    threshold = None if significance is None else statistics.NormalDist().inv_cdf(1 - significance)
+    return {
+        "isolated_share": share,
+        "reference_share": reference_share,
+        "z": z,
+        "significance": significance,
+        "threshold": threshold,
+        "passed": threshold is None or z > threshold,
+    }
+
+
+def plain_training(summary: Mapping[str, Any], args: RowFilterArguments) -> Optional[dict[str, Any]]:
+    """Whether the kept rows train on their labels alone (`row_filter_plain_significance`): `{"plain": bool,
+    "evidence": isolation_evidence(...)}` for the filter's `summary`, or None when the knob is unset.
+
+    Example:
+        >>> summary = {"rows": 6920, "fit_early": 600, "reference_low_flagged": 0.016, "reference_rows": 400}
+        >>> plain_training(summary, RowFilterArguments())  # the knob unset: always with the expert and the teacher
+        >>> args = RowFilterArguments(row_filter=True, row_filter_unlearn=True, row_filter_shallow_probe="ngram",
+        ...     row_filter_shallow_expert=True, row_filter_plain_significance=1e-4)
+        >>> plain_training(summary, args)["plain"]  # 8.7 % isolated against 1.6 % of the trusted rows
+        True
+    """
+    significance = args.row_filter_plain_significance
+    if significance is None:
+        return None
+    evidence = isolation_evidence(summary, significance)
+    return {"plain": evidence["passed"], "evidence": evidence}
+
+
+def _trusted_teacher(
+    trainer: Any,
+    args: RowFilterArguments,
+    params: list[torch.nn.Parameter],
+    initial: list[torch.Tensor],
+    reference_dataset: Any,
+    lr: float,
+    seed: int,
+    bar: Any,
+    field_name: str,
+    answers: Optional[TokenAnswers],
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Train the trusted teacher in eval mode (a second round on the rows it agrees with, for
+    `row_filter_teacher_self_train`), restore the weights and return its log-probabilities of every training row,
+    its class offset and the seconds it took. The bar's total grows by the steps it trains."""
+    start = time.perf_counter()
+    steps = args.row_filter_teacher_steps
+    bar.total += steps * (1 + (args.row_filter_teacher_self_train is not None))
+    bar.refresh()
+    trainer.model.eval()
+    log_probs, offset, labels = _train_teacher(
+        trainer, params, reference_dataset, steps, lr, seed, bar, field_name, answers
+    )
+    _restore(params, initial)
+    if args.row_filter_teacher_self_train is not None:
+        agreed = _agreeing_rows(log_probs, labels, args.row_filter_teacher_self_train)
+        extended = torch.utils.data.ConcatDataset([reference_dataset, subset_rows(trainer.train_dataset, agreed)])
+        log_probs, offset, _ = _train_teacher(trainer, params, extended, steps, lr, seed, bar, field_name, answers)
+        _restore(params, initial)
+    return log_probs, offset, time.perf_counter() - start
+
+
 def run_row_filter(
     trainer: Any, args: RowFilterArguments, reference_dataset: Any, seed: int, progress: bool = True
 ) -> dict[str, Any]:
@@ -1291,12 +1382,15 @@ def run_row_filter(
     Every trainable parameter is restored to its value before the call, and so are torch's random state and the
     model's train/eval mode, so the run that follows is the one `trainer` would make on the kept rows alone. The
     trusted teacher trains in eval mode (no dropout) and the fold probes in train mode, as the trainer's own steps
-    do, whatever mode the model is in at the call.
+    do, whatever mode the model is in at the call. The teacher trains after the probes, and not at all when the
+    decisions let the kept rows train on their labels alone ([`plain_training`]), unless the probes' shallow expert
+    reads it (its gate, a residual expert).
 
     Returns:
         The report written to `row_filter.json`: `summary` (counts, cut-offs, trusted-row flag rate, probe steps,
         `seconds` of the whole call and the `scoring_seconds` of it spent scoring rows),
-        `kept` (row indices) and `rows` (per row: fold, loss at each probe step, `low`, `high`, `reason`).
+        `kept` (row indices), `rows` (per row: fold, loss at each probe step, `low`, `high`, `reason`) and, with
+        `row_filter_plain_significance`, `plain_training`.
     """
     train_dataset = trainer.train_dataset
     num_rows = len(train_dataset)
@@ -1321,7 +1415,6 @@ def run_row_filter(
             shallow = _shallow_probe(trainer, args, train_dataset, reference_dataset, folds)
     shallow_seconds = time.perf_counter() - start_time
     teacher_field = _teacher_field(args)
-    teacher_rounds = 1 + (args.row_filter_teacher_self_train is not None)
     teacher_steps = args.row_filter_teacher_steps if teacher_field is not None else 0
     teacher_log_probs, teacher_offset, teacher_seconds, residual = None, None, 0.0, None
     answers = None
@@ -1331,28 +1424,18 @@ def run_row_filter(
         if answers is not None:
             _refuse_class_label_only(args)
     total_probe_steps = scored_steps[-1]
-    bar = tqdm(
-        total=args.row_filter_folds * total_probe_steps + teacher_rounds * teacher_steps,
-        desc="row filter probes",
-        disable=not progress,
-    )
+    bar = tqdm(total=args.row_filter_folds * total_probe_steps, desc="row filter probes", disable=not progress)
     was_training = model.training
+    teacher = functools.partial(
+        _trusted_teacher, trainer, args, params, initial, reference_dataset, lr, seed, bar, teacher_field, answers
+    )
+    # The teacher is seeded on its own and starts from the restored weights, so when it trains changes nothing it
+    # predicts: before the probes only when their shallow expert reads it, otherwise after the decisions, and not at
+    # all when those let the kept rows train on their labels alone.
+    teacher_first = args.row_filter_shallow_expert_gate is not None or args.row_filter_residual_expert is not None
     with torch.random.fork_rng(devices=devices):
-        if teacher_field is not None:  # seeded on its own: the same teacher whatever else the run draws
-            teacher_start = time.perf_counter()
-            model.eval()
-            teacher_log_probs, teacher_offset, labels = _train_teacher(
-                trainer, params, reference_dataset, teacher_steps, lr, seed, bar, teacher_field, answers
-            )
-            _restore(params, initial)
-            if args.row_filter_teacher_self_train is not None:
-                agreed = _agreeing_rows(teacher_log_probs, labels, args.row_filter_teacher_self_train)
-                extended = torch.utils.data.ConcatDataset([reference_dataset, subset_rows(train_dataset, agreed)])
-                teacher_log_probs, teacher_offset, _ = _train_teacher(
-                    trainer, params, extended, teacher_steps, lr, seed, bar, teacher_field, answers
-                )
-                _restore(params, initial)
-            teacher_seconds = time.perf_counter() - teacher_start
+        if teacher_field is not None and teacher_first:
+            teacher_log_probs, teacher_offset, teacher_seconds = teacher()
         expert, gate = None, None
         if shallow is not None and args.row_filter_shallow_expert:
             if args.row_filter_residual_expert is not None:
@@ -1388,8 +1471,6 @@ def run_row_filter(
                     scoring_seconds += time.perf_counter() - scoring_start
             reference_losses.append(torch.stack(fold_reference))
             _restore(params, initial)
-    bar.close()
-    model.train(was_training)
     for param in params:
         param.grad = None
     stacked_reference = torch.stack(reference_losses)
@@ -1409,6 +1490,14 @@ def run_row_filter(
         args.row_filter_extend_tails,
         CONTRADICTED_ACTIONS[args.row_filter_contradicted].flagged,
     )
+    plain = plain_training(decisions.summary(), args)
+    if teacher_field is not None and not teacher_first and not (plain is not None and plain["plain"]):
+        with torch.random.fork_rng(devices=devices):
+            teacher_log_probs, teacher_offset, teacher_seconds = teacher()
+    bar.close()
+    model.train(was_training)
+    for param in params:
+        param.grad = None
     own = [train_losses[folds[row], :, row].tolist() for row in range(num_rows)]
     expert_scale = None
     if shallow is not None and expert is not None:
@@ -1454,7 +1543,7 @@ def run_row_filter(
         "residual_regularisation": _residual_strength(args),
         "teacher_mix": args.row_filter_teacher_mix,
         "teacher_mix_gate": args.row_filter_teacher_mix_gate,
-        "teacher_steps": teacher_steps or None,
+        "teacher_steps": teacher_steps if teacher_log_probs is not None else None,
         "teacher_self_train": args.row_filter_teacher_self_train,
         "teacher_label_agreement": _teacher_agreement(
             teacher_log_probs, train_groups if answers is None else answers.labels
@@ -1472,4 +1561,5 @@ def run_row_filter(
         "row_groups": train_groups,
         "low_columns": low_columns,
     }
-    return {"summary": summary, "kept": decisions.kept, "rows": rows, "reference": reference}
+    report = {"summary": summary, "kept": decisions.kept, "rows": rows, "reference": reference}
+    return report | ({"plain_training": plain} if plain is not None else {})

@@ -36,6 +36,8 @@ from .row_filter import (
     TEACHER_ONLY_COLUMN,
     RowFilterArguments,
     RowSignalCollator,
+    isolation_evidence,
+    plain_training,
     run_row_filter,
     saved_expert_log_probs,
     subset_rows,
@@ -49,7 +51,7 @@ from .shallow_probe import (
     product_of_experts_token_loss,
     soft_cross_entropy,
 )
-from .unlearning import isolation_evidence, run_unlearning
+from .unlearning import run_unlearning
 
 # Resumable GA state, in a folder of its own inside each checkpoint so the Trainer's weight loading never sees it:
 # JSON for the sampler and scalars, safetensors for the cached reference gradient (nothing is pickled); under FSDP2 the
@@ -653,12 +655,13 @@ class GradientAlignmentMixin:
     def _kept_rows_train_plainly(self, report: dict[str, Any]) -> bool:
         """Whether `row_filter_plain_significance` lets the kept rows train on their labels alone; the decision
         and its evidence are added to `report` (and its file) under `plain_training`."""
-        significance = self.row_filter_args.row_filter_plain_significance
-        if significance is None:
+        decision = plain_training(report["summary"], self.row_filter_args)
+        if decision is None:
             return False
-        evidence = isolation_evidence(report["summary"], significance)
-        report["plain_training"] = {"plain": evidence["passed"], "evidence": evidence}
-        self._write_row_filter_report(report)
+        evidence = decision["evidence"]
+        if report.get("plain_training") != decision:  # a resumed report made under another setting
+            report["plain_training"] = decision
+            self._write_row_filter_report(report)
         logger.info(
             "row filter: the kept rows train %s (%.2f%% of the training rows isolated against %.2f%% of the trusted "
             "rows, z = %.2f, plain above %.2f)",
@@ -1046,7 +1049,8 @@ def _with_teacher(kept: Any, report: dict[str, Any], indices: list[int], path: s
     if any("teacher_log_probs" not in row for row in rows):
         raise ValueError(
             f"`row_filter_teacher_mix` needs the trusted teacher's predictions, and {path} has none: it was made "
-            "without row_filter_teacher_mix. Delete it to probe again."
+            "without row_filter_teacher_mix, or its kept rows trained on their labels alone "
+            "(row_filter_plain_significance) and the teacher was not trained. Delete it to probe again."
         )
     return with_column(kept, TEACHER_COLUMN, [rows[index]["teacher_log_probs"] for index in indices])
 

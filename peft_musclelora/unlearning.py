@@ -23,7 +23,6 @@ skipped and the trained model kept.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
@@ -32,6 +31,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .row_filter import RowFilterArguments, _loader, length_order, subset_rows
+
+# isolation_evidence moved to row_filter (plain training reads it there); importable from here as before.
+from .row_filter import isolation_evidence as isolation_evidence
 
 
 def correct_and_total(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -85,43 +87,6 @@ def _default_cap(logits: torch.Tensor) -> float:
             "does not have: set row_filter_unlearn_cap to a loss in nats (e.g. twice the trusted rows' loss)."
         )
     return math.log(logits.size(-1))
-
-
-def isolation_evidence(summary: Mapping[str, Any], significance: Optional[float]) -> dict[str, Any]:
-    """Whether the fit-early rows of a row-filter `summary` are more than the clean rate the trusted rows show.
-
-    The z statistic compares the training rows' fit-early share (`fit_early / rows`) with the trusted rows'
-    (`reference_low_flagged`, over `reference_rows`), pooled; `passed` when it exceeds the one-sided normal quantile
-    of `significance` (always, for `significance=None`). A summary written before the trusted low-tail share and
-    count were recorded falls back to the cut-off's bound, half of `max_clean_drop`, and to one trusted row (both
-    make the test harder to pass, never easier).
-
-    Example:
-        >>> summary = {"rows": 6920, "fit_early": 311, "reference_low_flagged": 0.016, "reference_rows": 400}
-        >>> evidence = isolation_evidence(summary, 0.01)
-        >>> round(evidence["z"], 2), evidence["passed"]
-        (2.76, True)
-        >>> isolation_evidence({**summary, "fit_early": 119}, 0.01)["passed"]  # 1.7 % isolated: no evidence
-        False
-    """
-    rows, isolated = int(summary["rows"]), int(summary["fit_early"])
-    reference_share = summary.get("reference_low_flagged")
-    if reference_share is None:
-        reference_share = float(summary["max_clean_drop"]) / 2
-    reference_rows = int(summary.get("reference_rows") or 1)
-    share = isolated / max(rows, 1)
-    pooled = (isolated + reference_share * reference_rows) / (rows + reference_rows)
-    spread = math.sqrt(pooled * (1 - pooled) * (1 / max(rows, 1) + 1 / reference_rows))
-    z = (share - reference_share) / spread if spread > 0 else (math.inf if share > reference_share else 0.0)
-    threshold = None if significance is None else statistics.NormalDist().inv_cdf(1 - significance)
-    return {
-        "isolated_share": share,
-        "reference_share": reference_share,
-        "z": z,
-        "significance": significance,
-        "threshold": threshold,
-        "passed": threshold is None or z > threshold,
-    }
 
 
 def run_unlearning(

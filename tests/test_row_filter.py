@@ -214,6 +214,24 @@ def test_the_probes_train_in_train_mode_whatever_mode_the_model_is_in_and_whatev
     assert report["reference"]["losses"] == expected["reference"]["losses"]
 
 
+def test_the_teacher_predicts_the_same_and_the_probes_score_the_same_whether_it_trains_before_or_after_them(tmp_path):
+    # An expert gate reads the teacher, so it trains before the probes; with the mix alone it trains after them.
+    common = {"row_filter_shallow_probe": "ngram", "row_filter_shallow_expert": True, "row_filter_teacher_steps": 6}
+    reports = []
+    for name, gate in (("before", {"row_filter_shallow_expert_gate": "teacher_doubt"}), ("after", {})):
+        trainer = MuScleLoraTrainer(
+            model=tiny_bert(seed=0, dropout=0.1),
+            args=_args(tmp_path / name, row_filter_probe_steps=[1, 4], row_filter_teacher_mix=0.5, **common, **gate),
+            train_dataset=token_dataset(48, seed=1),
+            reference_dataset=token_dataset(40, seed=2),
+        )
+        reports.append(assert_filter_leaves_state_as_found(trainer))
+    before, after = reports
+    assert [row["teacher_log_probs"] for row in before["rows"]] == [row["teacher_log_probs"] for row in after["rows"]]
+    assert [row["losses"] for row in before["rows"]] == [row["losses"] for row in after["rows"]]
+    assert before["summary"]["teacher_offset"] == after["summary"]["teacher_offset"]
+
+
 def _pad(rows):
     width = max(len(row["input_ids"]) for row in rows)
     pad = [width - len(row["input_ids"]) for row in rows]

@@ -13,6 +13,7 @@ from peft_musclelora.row_filter import (
     SHALLOW_PRIOR_COLUMN,
     TEACHER_COLUMN,
     RowFilterArguments,
+    isolation_evidence,
     per_row_loss,
     subset_rows,
 )
@@ -20,7 +21,6 @@ from peft_musclelora.unlearning import (
     _default_cap,
     correct_and_total,
     guard_accuracy,
-    isolation_evidence,
     run_unlearning,
 )
 
@@ -230,6 +230,9 @@ def test_on_strong_evidence_the_kept_rows_train_on_their_labels_alone_as_without
     assert decision["plain"] and decision["evidence"]["significance"] == 0.999
     assert plain.state.log_history[0]["row_filter/plain_training"] == 1.0
     assert {SHALLOW_PRIOR_COLUMN, TEACHER_COLUMN}.isdisjoint(plain.train_dataset.column_names)
+    summary = plain.row_filter_report["summary"]  # the teacher is not trained for a run that will not read it
+    assert summary["teacher_steps"] is None and summary["teacher_seconds"] == 0.0
+    assert all("teacher_log_probs" not in row for row in plain.row_filter_report["rows"])
     bare = _unlearning_trainer(tmp_path / "bare", row_filter_shallow_probe="ngram")  # the same filter, no expert
     bare.train()
     a, b = trainable_state(plain.model), trainable_state(bare.model)
@@ -242,6 +245,14 @@ def test_without_strong_evidence_the_kept_rows_keep_the_expert_and_the_teacher(t
     decision = trainer.row_filter_report["plain_training"]
     assert not decision["plain"] and decision["evidence"]["threshold"] > 5.9
     assert {SHALLOW_PRIOR_COLUMN, TEACHER_COLUMN} <= set(trainer.train_dataset.column_names)
+    assert trainer.row_filter_report["summary"]["teacher_steps"] == 6
+
+
+def test_a_saved_plain_decision_resumed_under_a_stricter_level_is_refused_for_want_of_the_teacher(tmp_path):
+    _defended_trainer(tmp_path, row_filter_plain_significance=0.999).train()
+    stricter = _defended_trainer(tmp_path, row_filter_plain_significance=1e-9)
+    with pytest.raises(ValueError, match=r"trained on their labels alone .* the teacher was not trained"):
+        stricter._filter_training_rows(resuming=True)
 
 
 @pytest.mark.parametrize(
