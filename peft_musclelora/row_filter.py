@@ -45,6 +45,7 @@ from .shallow_probe import (
     SHALLOW_EXPERT_LOSSES,
     SHALLOW_PROBES,
     TEACHER_MIX_GATES,
+    TEACHER_ROW_GATES,
     NgramFeatures,
     balanced_log_probs,
     expert_gradient_scale,
@@ -59,6 +60,7 @@ _SMALLEST_LOSS = 1e-30  # a loss of exactly 0 still has a finite log-loss distan
 SHALLOW_PRIOR_COLUMN = "shallow_log_prior"  # the shallow probe's out-of-fold log-probabilities of a kept row
 TEACHER_COLUMN = "teacher_log_probs"  # the trusted teacher's log-probabilities of a kept row
 TEACHER_ONLY_COLUMN = "teacher_only"  # 1.0 for a row trained on the teacher's distribution alone, else 0.0
+TEACHER_ROW_GATE_COLUMN = "teacher_row_gate"  # the row's fixed factor on its teacher share (0.0 or 1.0)
 
 
 class ContradictedAction(NamedTuple):
@@ -102,7 +104,7 @@ class RowSignalCollator:
         ([1, 2], torch.Size([2, 2]))
     """
 
-    COLUMNS = (SHALLOW_PRIOR_COLUMN, TEACHER_COLUMN, TEACHER_ONLY_COLUMN)
+    COLUMNS = (SHALLOW_PRIOR_COLUMN, TEACHER_COLUMN, TEACHER_ONLY_COLUMN, TEACHER_ROW_GATE_COLUMN)
 
     def __init__(self, collator: Any) -> None:
         self.collator = collator
@@ -310,6 +312,19 @@ class RowFilterArguments:
             "None: the same share for every row."
         },
     )
+    row_filter_teacher_row_gate: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Give the teacher's share (row_filter_teacher_mix, and its gate) only to the kept rows this fixed "
+            "per-row gate opens: 'shallow_supports', the rows whose label is the shallow probe's most likely class "
+            "out of fold. A relabelled row's label is carried by its surface (the trigger's n-grams, which the "
+            "shallow probe learns from the poisoned rows) and contradicted by its content (the teacher); a clean "
+            "row whose label not even its n-grams support is a hard row, where a teacher trained on a few hundred "
+            "rows is as likely wrong as the label, so it trains on its label alone. Each row's gate is saved as "
+            "teacher_row_gate in row_filter.json. Needs row_filter_teacher_mix and row_filter_shallow_probe. None: "
+            "every kept row."
+        },
+    )
     row_filter_teacher_self_train: Optional[float] = field(
         default=None,
         metadata={
@@ -488,6 +503,16 @@ class RowFilterArguments:
                 f"`row_filter_teacher_mix_gate` ({mix_gate!r}) scales the teacher's share of each target: set "
                 "row_filter_teacher_mix as well, or leave it None."
             )
+        row_gate = self.row_filter_teacher_row_gate
+        _check_optional_choice("row_filter_teacher_row_gate", row_gate, TEACHER_ROW_GATES)
+        if row_gate is not None:
+            needed = {"row_filter_teacher_mix": mix, "row_filter_shallow_probe": self.row_filter_shallow_probe}
+            missing = [name for name, value in needed.items() if value is None]
+            if missing:
+                raise ValueError(
+                    f"`row_filter_teacher_row_gate` ({row_gate!r}) opens the teacher's share row by row on the "
+                    f"shallow probe's predictions: set {' and '.join(missing)} as well, or leave it None."
+                )
         if self.row_filter_contradicted == "teacher" and mix is None:
             raise ValueError(
                 "`row_filter_contradicted='teacher'` trains the contradicted rows on the trusted teacher's "
@@ -1499,6 +1524,9 @@ def run_row_filter(
     for param in params:
         param.grad = None
     own = [train_losses[folds[row], :, row].tolist() for row in range(num_rows)]
+    row_gate = None
+    if shallow is not None and args.row_filter_teacher_row_gate is not None:
+        row_gate = TEACHER_ROW_GATES[args.row_filter_teacher_row_gate](shallow.train_log_probs, shallow.train_labels)
     expert_scale = None
     if shallow is not None and expert is not None:
         label_log_probs = expert.gather(1, shallow.train_labels[:, None])[:, 0]
@@ -1517,6 +1545,7 @@ def run_row_filter(
         | ({"expert_gradient_scale": float(expert_scale[row])} if expert_scale is not None else {})
         | ({"teacher_log_probs": teacher_log_probs[row].tolist()} if teacher_log_probs is not None else {})
         | ({"expert_gate": float(gate[row])} if gate is not None else {})
+        | ({"teacher_row_gate": float(row_gate[row])} if row_gate is not None else {})
         | ({"residual_log_probs": residual[row].tolist()} if residual is not None else {})
         for row in range(num_rows)
     ]
@@ -1543,6 +1572,8 @@ def run_row_filter(
         "residual_regularisation": _residual_strength(args),
         "teacher_mix": args.row_filter_teacher_mix,
         "teacher_mix_gate": args.row_filter_teacher_mix_gate,
+        "teacher_row_gate": args.row_filter_teacher_row_gate,
+        "teacher_row_gate_open": None if row_gate is None else float(row_gate[torch.tensor(decisions.kept)].mean()),
         "teacher_steps": teacher_steps if teacher_log_probs is not None else None,
         "teacher_self_train": args.row_filter_teacher_self_train,
         "teacher_label_agreement": _teacher_agreement(

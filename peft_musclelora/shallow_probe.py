@@ -508,6 +508,24 @@ def model_contradiction(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 TEACHER_MIX_GATES = {"model_doubt": label_doubt, "model_contradicts": model_contradiction}
 
 
+def shallow_support(shallow_log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, 1 where the shallow probe's most likely class (out of fold, `(rows, classes)`) is the row's label and
+    0 where it is not (`row_filter_teacher_row_gate="shallow_supports"`). A relabelled row's label is carried by its
+    surface, the trigger's n-grams the shallow probe learns from the poisoned rows, and contradicted by its content;
+    a clean row whose label not even its n-grams support is a hard row, where a teacher trained on a few hundred rows
+    is as likely wrong as the label.
+
+    Example:
+        >>> shallow_support(torch.log(torch.tensor([[0.3, 0.7], [0.8, 0.2]])), torch.tensor([1, 1])).tolist()
+        [1.0, 0.0]
+    """
+    return (shallow_log_probs.argmax(dim=-1) == labels.to(shallow_log_probs.device)).float()
+
+
+#: The static per-row gates of `row_filter_teacher_row_gate`: `(shallow_log_probs, labels) -> (rows,)` in [0, 1].
+TEACHER_ROW_GATES = {"shallow_supports": shallow_support}
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """`-sum_c target_c * log_softmax(logits)_c` per row, averaged over the batch (`reduction="none"`: per row).
 

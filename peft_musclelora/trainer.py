@@ -34,6 +34,7 @@ from .row_filter import (
     SHALLOW_PRIOR_COLUMN,
     TEACHER_COLUMN,
     TEACHER_ONLY_COLUMN,
+    TEACHER_ROW_GATE_COLUMN,
     RowFilterArguments,
     RowSignalCollator,
     isolation_evidence,
@@ -644,6 +645,8 @@ class GradientAlignmentMixin:
             kept = _with_shallow_prior(kept, report, indices, path, self.row_filter_args)
         if self.row_filter_args.row_filter_teacher_mix is not None and not plain:
             kept = _with_teacher(kept, report, indices, path)
+            if self.row_filter_args.row_filter_teacher_row_gate is not None:
+                kept = _with_teacher_row_gate(kept, report, indices, path)
         if TEACHER_ONLY_COLUMN in _row_signal_columns(self.row_filter_args):
             kept = with_column(kept, TEACHER_ONLY_COLUMN, teacher_only)
         classes = report["summary"].get("response_classes")
@@ -696,6 +699,7 @@ class GradientAlignmentMixin:
         prior = inputs.pop(SHALLOW_PRIOR_COLUMN, None) if mapping else None
         teacher = inputs.pop(TEACHER_COLUMN, None) if mapping else None
         teacher_only = inputs.pop(TEACHER_ONLY_COLUMN, None) if mapping else None
+        row_gate = inputs.pop(TEACHER_ROW_GATE_COLUMN, None) if mapping else None
         if prior is None and teacher is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         if self.compute_loss_func is not None or getattr(self, "label_smoother", None) is not None:
@@ -724,7 +728,7 @@ class GradientAlignmentMixin:
             if teacher is not None:
                 class_labels = answer_class_indices(labels, classes)
                 scores = functools.partial(answer_class_log_probs, outputs.logits, labels, classes, class_labels)
-                share = self._teacher_share(scores, class_labels, teacher_only)
+                share = self._teacher_share(scores, class_labels, teacher_only, row_gate)
                 targets = mixed_targets(class_labels, teacher, share)
             # Divided by the accumulated batch's token count exactly when Trainer.training_step does not divide by
             # the accumulation steps itself.
@@ -735,7 +739,7 @@ class GradientAlignmentMixin:
         outputs = model(**inputs)
         targets = None
         if teacher is not None:
-            share = self._teacher_share(lambda: outputs.logits, labels, teacher_only)
+            share = self._teacher_share(lambda: outputs.logits, labels, teacher_only, row_gate)
             targets = mixed_targets(labels, teacher, share)
         if prior is None:
             loss = soft_cross_entropy(outputs.logits, targets)
@@ -750,10 +754,12 @@ class GradientAlignmentMixin:
         class_scores: Callable[[], torch.Tensor],
         labels: torch.Tensor,
         teacher_only: Optional[torch.Tensor] = None,
+        row_gate: Optional[torch.Tensor] = None,
     ) -> Union[float, torch.Tensor]:
         """`row_filter_teacher_mix`, scaled per row by `row_filter_teacher_mix_gate` when one is set, which reads
-        the model's class scores `(batch, classes)` (computed only then) against each row's class `labels`; 1 for
-        the rows `teacher_only` marks (a contradicted row the teacher speaks for, `row_filter_contradicted`)."""
+        the model's class scores `(batch, classes)` (computed only then) against each row's class `labels`, and by
+        the fixed `row_gate` of `row_filter_teacher_row_gate`; 1 for the rows `teacher_only` marks (a contradicted
+        row the teacher speaks for, `row_filter_contradicted`)."""
         mix, gate = self.row_filter_args.row_filter_teacher_mix, self.row_filter_args.row_filter_teacher_mix_gate
         share = mix
         if gate is not None:
@@ -762,6 +768,8 @@ class GradientAlignmentMixin:
                 self._teacher_gate_sum = self._teacher_gate_sum + opened.sum()  # a tensor: no device sync per step
                 self._teacher_gate_rows += opened.numel()
             share = mix * opened
+        if row_gate is not None:
+            share = share * row_gate.to(device=labels.device, dtype=torch.float32)
         if teacher_only is None:
             return share
         only = teacher_only.to(device=labels.device, dtype=torch.float32)
@@ -1040,6 +1048,7 @@ def _row_signal_columns(args: RowFilterArguments) -> list[str]:
         [SHALLOW_PRIOR_COLUMN] * args.row_filter_shallow_expert
         + [TEACHER_COLUMN] * (args.row_filter_teacher_mix is not None)
         + [TEACHER_ONLY_COLUMN] * (args.row_filter_contradicted == "teacher")
+        + [TEACHER_ROW_GATE_COLUMN] * (args.row_filter_teacher_row_gate is not None)
     )
 
 
@@ -1053,6 +1062,18 @@ def _with_teacher(kept: Any, report: dict[str, Any], indices: list[int], path: s
             "(row_filter_plain_significance) and the teacher was not trained. Delete it to probe again."
         )
     return with_column(kept, TEACHER_COLUMN, [rows[index]["teacher_log_probs"] for index in indices])
+
+
+def _with_teacher_row_gate(kept: Any, report: dict[str, Any], indices: list[int], path: str) -> Any:
+    """The trained rows (`indices`) with their `row_filter_teacher_row_gate` as the column
+    [`TEACHER_ROW_GATE_COLUMN`]."""
+    rows = report["rows"]
+    if any("teacher_row_gate" not in row for row in rows):
+        raise ValueError(
+            f"`row_filter_teacher_row_gate` needs each row's gate, and {path} has none: it was made without "
+            "row_filter_teacher_row_gate. Delete it to probe again."
+        )
+    return with_column(kept, TEACHER_ROW_GATE_COLUMN, [rows[index]["teacher_row_gate"] for index in indices])
 
 
 def _with_shallow_prior(

@@ -16,16 +16,19 @@ from peft_musclelora.row_filter import (
     SHALLOW_PRIOR_COLUMN,
     TEACHER_COLUMN,
     TEACHER_ONLY_COLUMN,
+    TEACHER_ROW_GATE_COLUMN,
     RowFilterArguments,
     run_row_filter,
 )
 from peft_musclelora.shallow_probe import (
     TEACHER_MIX_GATES,
+    TEACHER_ROW_GATES,
     label_doubt,
     mixed_targets,
     model_contradiction,
     product_of_experts_loss,
     product_of_experts_token_loss,
+    shallow_support,
     soft_cross_entropy,
 )
 
@@ -244,6 +247,57 @@ def test_with_the_mix_gate_a_row_the_model_fits_trains_on_its_label_and_one_it_d
         mixed_targets(labels, teacher, 0.5 * label_doubt(sure, labels)),
         torch.nn.functional.one_hot(labels, 2).float(),
     )
+
+
+def test_the_row_gate_is_one_of_the_registered_gates_and_needs_the_teacher_mix_and_the_shallow_probe():
+    assert sorted(TEACHER_ROW_GATES) == ["shallow_supports"]
+    base = {"row_filter": True, "row_filter_teacher_mix": 0.5, "row_filter_shallow_probe": "ngram"}
+    with pytest.raises(
+        ValueError, match=r"`row_filter_teacher_row_gate` must be None or one of \['shallow_supports'\], got 'x'"
+    ):
+        RowFilterArguments(**base, row_filter_teacher_row_gate="x")
+    for missing in ("row_filter_teacher_mix", "row_filter_shallow_probe"):
+        with pytest.raises(ValueError, match=r"`row_filter_teacher_row_gate` \('shallow_supports'\).*set " + missing):
+            RowFilterArguments(**{**base, missing: None}, row_filter_teacher_row_gate="shallow_supports")
+
+
+def test_the_shallow_support_gate_opens_exactly_the_rows_whose_label_is_the_shallow_probes_most_likely_class():
+    log_probs = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5], [0.2, 0.3, 0.5]]))
+    assert shallow_support(log_probs, torch.tensor([0, 2, 1])).tolist() == [1.0, 1.0, 0.0]
+
+
+def test_with_the_row_gate_a_row_the_shallow_probe_does_not_support_trains_on_its_label_alone(tmp_path):
+    trainer = _trainer(
+        tmp_path,
+        row_filter_shallow_probe="ngram",
+        row_filter_teacher_mix_gate="model_contradicts",
+        row_filter_teacher_row_gate="shallow_supports",
+    )
+    trainer.train()
+    report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
+    labels = [row["labels"] for row in token_dataset(48, seed=1)]
+    shallow = torch.tensor([row["shallow_log_probs"] for row in report["rows"]])
+    expected = shallow_support(shallow, torch.tensor(labels))
+    assert [row["teacher_row_gate"] for row in report["rows"]] == expected.tolist()
+    kept_gates = expected[torch.tensor(report["kept"])]
+    assert 0 < kept_gates.sum() < len(kept_gates)  # the tiny set has rows of both kinds
+    assert report["summary"]["teacher_row_gate_open"] == pytest.approx(float(kept_gates.mean()))
+    assert trainer.train_dataset[TEACHER_ROW_GATE_COLUMN] == kept_gates.tolist()
+    batch = next(iter(trainer.get_train_dataloader()))
+    model, inputs = trainer.model.eval(), dict(batch.items())
+    teacher, labels, row_gate = inputs[TEACHER_COLUMN], inputs["labels"], inputs[TEACHER_ROW_GATE_COLUMN]
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(inputs))
+        logits = model(**{k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}).logits
+    share = 0.5 * model_contradiction(logits, labels) * row_gate
+    assert torch.allclose(loss, soft_cross_entropy(logits, mixed_targets(labels, teacher, share)), atol=1e-6)
+
+
+def test_a_saved_report_without_the_row_gate_is_refused_in_one_line(tmp_path):
+    _trainer(tmp_path, row_filter_shallow_probe="ngram").train()
+    again = _trainer(tmp_path, row_filter_shallow_probe="ngram", row_filter_teacher_row_gate="shallow_supports")
+    with pytest.raises(ValueError, match=r"`row_filter_teacher_row_gate` needs each row's gate, and .* has none"):
+        again._filter_training_rows(resuming=True)
 
 
 def test_contradicted_rows_under_the_teacher_action_train_on_the_teachers_distribution_alone(tmp_path):
