@@ -3,7 +3,9 @@
 Prints, for each cell, how many rows each reason (`keep`, `fit-early`, `contradicted`) took, the number of rows whose
 reason differs between the two, and whether every saved probe loss is equal. Session 21 used it to show that the
 probes' train mode depended on whether a teacher was trained before them (a teacher-free cell against a teacher
-cell of the same seed) and that the fix left the teacher presets' decisions as they were.
+cell of the same seed) and that the fix left the teacher presets' decisions as they were. Where both cells saved the
+trusted teacher's predictions, says whether they are equal too (session 22: the teacher trained after the probes
+predicts what it did before them).
 
     python benchmarks/compare_decisions.py runs-v6/s21-plain-badnets-s0/cells/badnets/fit-gap-unlearn/seed0 \
         runs-v6/s19-gated-badnets-s0/cells/badnets/fit-gap-unlearn/seed0
@@ -30,6 +32,11 @@ def main() -> None:
     differ = sum(a["reason"] != b["reason"] for a, b in zip(*rows))
     same_losses = all(a["losses"] == b["losses"] for a, b in zip(*rows))
     print(f"rows whose reason differs: {differ} of {len(rows[0])}; every probe loss equal: {same_losses}")
+    teachers = [[row.get("teacher_log_probs") for row in cell_rows] for cell_rows in rows]
+    if all(None not in teacher for teacher in teachers):
+        print(f"every trusted-teacher prediction equal: {teachers[0] == teachers[1]}")
+    else:
+        print("trusted-teacher predictions: " + " / ".join("saved" if None not in t else "none" for t in teachers))
 
 
 if __name__ == "__main__":
