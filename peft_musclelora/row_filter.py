@@ -393,6 +393,15 @@ class RowFilterArguments:
             "row_filter_shallow_expert or row_filter_teacher_mix. None: the kept rows always train with them."
         },
     )
+    row_filter_keep_isolated_without_evidence: bool = field(
+        default=False,
+        metadata={
+            "help": "When the unlearning phase's evidence test finds no shortcut (row_filter_unlearn_significance: "
+            "no more rows isolated as fit-early than the trusted rows' clean rate), train the isolated rows like any "
+            "kept row instead of dropping them: they are then most likely clean. The decision is saved under "
+            "isolated_rows in row_filter.json. Needs row_filter_unlearn=True and row_filter_unlearn_significance."
+        },
+    )
     row_filter_unlearn_refit_bias: bool = field(
         default=False,
         metadata={
@@ -546,6 +555,12 @@ class RowFilterArguments:
         guard = self.row_filter_unlearn_max_guard_drop
         check_number("row_filter_unlearn_max_guard_drop", guard, "in [0, 1)", lambda v: 0 <= v < 1)
         self._validate_plain_significance()
+        check_bool("row_filter_keep_isolated_without_evidence", self.row_filter_keep_isolated_without_evidence)
+        if self.row_filter_keep_isolated_without_evidence and (not self.row_filter_unlearn or significance is None):
+            raise ValueError(
+                "`row_filter_keep_isolated_without_evidence=True` reads the unlearning phase's evidence test: set "
+                "row_filter_unlearn=True and row_filter_unlearn_significance as well."
+            )
         check_bool("row_filter_unlearn_refit_bias", self.row_filter_unlearn_refit_bias)
         if self.row_filter_unlearn_refit_bias and not self.row_filter_unlearn:
             raise ValueError(
@@ -851,7 +866,9 @@ def row_groups(labels: torch.Tensor) -> list[int]:
 
 def trained_rows(report: Mapping[str, Any], contradicted: str) -> tuple[list[int], list[float]]:
     """The training rows a run with these decisions trains on, in dataset order, and per row 1.0 where it trains on
-    the trusted teacher's distribution alone (a `contradicted` row under `row_filter_contradicted="teacher"`).
+    the trusted teacher's distribution alone (a `contradicted` row under `row_filter_contradicted="teacher"`). The
+    `fit-early` rows train too where the report's `isolated_rows` decision kept them
+    (`row_filter_keep_isolated_without_evidence`).
 
     Example:
         >>> report = {"rows": [{"reason": "keep"}, {"reason": "fit-early"}, {"reason": "contradicted"}]}
@@ -859,10 +876,13 @@ def trained_rows(report: Mapping[str, Any], contradicted: str) -> tuple[list[int
         (([0], [0.0]), ([0, 2], [0.0, 1.0]))
     """
     taught = CONTRADICTED_ACTIONS[contradicted].taught
+    isolated_kept = bool(report.get("isolated_rows", {}).get("kept"))  # [`isolated_rows_decision`]
     rows = [
         (index, float(row["reason"] == "contradicted"))
         for index, row in enumerate(report["rows"])
-        if row["reason"] == "keep" or (taught and row["reason"] == "contradicted")
+        if row["reason"] == "keep"
+        or (taught and row["reason"] == "contradicted")
+        or (isolated_kept and row["reason"] == "fit-early")
     ]
     return [index for index, _ in rows], [only for _, only in rows]
 
@@ -1367,6 +1387,26 @@ def plain_training(summary: Mapping[str, Any], args: RowFilterArguments) -> Opti
     return {"plain": evidence["passed"], "evidence": evidence}
 
 
+def isolated_rows_decision(summary: Mapping[str, Any], args: RowFilterArguments) -> Optional[dict[str, Any]]:
+    """Whether the rows isolated as fit-early train as kept rows (`row_filter_keep_isolated_without_evidence`):
+    `{"kept": bool, "evidence": isolation_evidence(...)}` at the unlearning phase's level, kept when that finds no
+    shortcut; None when the knob is off.
+
+    Example:
+        >>> summary = {"rows": 6920, "fit_early": 120, "reference_low_flagged": 0.016, "reference_rows": 400}
+        >>> args = RowFilterArguments(row_filter=True, row_filter_unlearn=True,
+        ...     row_filter_keep_isolated_without_evidence=True)
+        >>> isolated_rows_decision(summary, args)["kept"]  # 1.7 % isolated against 1.6 % of the trusted rows
+        True
+        >>> isolated_rows_decision({**summary, "fit_early": 600}, args)["kept"]  # 8.7 %: a shortcut, dropped
+        False
+    """
+    if not args.row_filter_keep_isolated_without_evidence:
+        return None
+    evidence = isolation_evidence(summary, args.row_filter_unlearn_significance)
+    return {"kept": not evidence["passed"], "evidence": evidence}
+
+
 def _trusted_teacher(
     trainer: Any,
     args: RowFilterArguments,
@@ -1593,4 +1633,9 @@ def run_row_filter(
         "low_columns": low_columns,
     }
     report = {"summary": summary, "kept": decisions.kept, "rows": rows, "reference": reference}
-    return report | ({"plain_training": plain} if plain is not None else {})
+    isolated = isolated_rows_decision(summary, args)
+    return (
+        report
+        | ({"plain_training": plain} if plain is not None else {})
+        | ({"isolated_rows": isolated} if isolated is not None else {})
+    )

@@ -37,6 +37,7 @@ from .row_filter import (
     TEACHER_ROW_GATE_COLUMN,
     RowFilterArguments,
     RowSignalCollator,
+    isolated_rows_decision,
     isolation_evidence,
     plain_training,
     run_row_filter,
@@ -638,6 +639,7 @@ class GradientAlignmentMixin:
             if key in ("kept", "fit_early", "contradicted", "low_cut", "high_cut", "reference_flagged")
             and value is not None  # a high_cut of None: the contradicted side does not cut
         }
+        self._isolated_rows_decision(report)
         indices, teacher_only = trained_rows(report, self.row_filter_args.row_filter_contradicted)
         kept = subset_rows(self.train_dataset, indices)
         plain = self._kept_rows_train_plainly(report)
@@ -654,6 +656,28 @@ class GradientAlignmentMixin:
         if _row_signal_columns(self.row_filter_args) and not isinstance(self.data_collator, RowSignalCollator):
             self.data_collator = RowSignalCollator(self.data_collator)
         self.train_dataset = kept
+
+    def _isolated_rows_decision(self, report: dict[str, Any]) -> None:
+        """Put this run's `row_filter_keep_isolated_without_evidence` decision in `report` (and its file) under
+        `isolated_rows`, where [`~row_filter.trained_rows`] reads it; remove a resumed report's when the knob is
+        off."""
+        decision = isolated_rows_decision(report["summary"], self.row_filter_args)
+        if report.get("isolated_rows") != decision:
+            if decision is None:
+                del report["isolated_rows"]
+            else:
+                report["isolated_rows"] = decision
+            self._write_row_filter_report(report)
+        if decision is None:
+            return
+        self._row_filter_log["row_filter/isolated_kept"] = float(decision["kept"])
+        logger.info(
+            "row filter: the %d rows isolated as fit-early %s (z = %.2f, a shortcut above %.2f)",
+            report["summary"]["fit_early"],
+            "train as kept rows" if decision["kept"] else "are dropped",
+            decision["evidence"]["z"],
+            decision["evidence"]["threshold"],
+        )
 
     def _kept_rows_train_plainly(self, report: dict[str, Any]) -> bool:
         """Whether `row_filter_plain_significance` lets the kept rows train on their labels alone; the decision

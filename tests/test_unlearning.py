@@ -281,3 +281,52 @@ def test_invalid_plain_training_settings_name_the_field_and_the_value(overrides,
     }
     with pytest.raises(error, match=match):
         RowFilterArguments(**{**settings, **overrides})
+
+
+# ---- the isolated rows kept when there is no evidence of a shortcut ----
+
+
+def _isolating_trainer(tmp_path, significance):
+    # A loose low cut-off (20 % of the trusted rows) so that some of the 48 rows are isolated as fit-early.
+    return _unlearning_trainer(
+        tmp_path,
+        row_filter_max_clean_drop=0.4,
+        row_filter_unlearn_significance=significance,
+        row_filter_keep_isolated_without_evidence=True,
+        logging_steps=1,
+    )
+
+
+def test_without_evidence_of_a_shortcut_the_isolated_rows_train_as_kept_rows(tmp_path):
+    trainer = _isolating_trainer(tmp_path, significance=1e-9)  # no tiny set passes this test
+    trainer.train()
+    report = json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())
+    isolated = [i for i, row in enumerate(report["rows"]) if row["reason"] == "fit-early"]
+    assert isolated and report["isolated_rows"]["kept"] and not report["isolated_rows"]["evidence"]["passed"]
+    trained = sorted(report["kept"] + isolated)
+    assert len(trainer.train_dataset) == len(trained)
+    assert trainer.state.log_history[0]["row_filter/isolated_kept"] == 1.0
+    assert "unlearning" not in report or report["unlearning"]["skipped"]  # nothing to unlearn without evidence
+
+
+def test_on_evidence_of_a_shortcut_the_isolated_rows_are_dropped_and_unlearned(tmp_path):
+    trainer = _isolating_trainer(tmp_path, significance=0.999)  # every tiny set passes this test
+    trainer.train()
+    report = trainer.row_filter_report
+    assert not report["isolated_rows"]["kept"] and report["summary"]["fit_early"] > 0
+    assert len(trainer.train_dataset) == len(report["kept"])
+    assert trainer.state.log_history[0]["row_filter/isolated_kept"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"row_filter_keep_isolated_without_evidence": 1}, TypeError, r"`row_filter_keep_isolated_without_eviden.*1"),
+        ({"row_filter_unlearn": False}, ValueError, r"reads the unlearning phase's evidence test: set row_filter_un"),
+        ({"row_filter_unlearn_significance": None}, ValueError, r"reads the unlearning phase's evidence test"),
+    ],
+)
+def test_invalid_isolated_row_settings_name_the_field_and_the_value(overrides, error, match):
+    settings = {"row_filter": True, "row_filter_unlearn": True, "row_filter_keep_isolated_without_evidence": True}
+    with pytest.raises(error, match=match):
+        RowFilterArguments(**{**settings, **overrides})

@@ -167,21 +167,22 @@ def read_cell_info(adapter_dir: Path, filename: str, kind: str) -> dict[str, Any
 
 def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: Path) -> dict[str, Any]:
     """Write the per-row decisions, with each row's text and label, to the cell's `row_filter.json`; return the
-    summary (and the plain-training decision, the unlearning phase's and the bias refit's, when they were made) plus
-    what the poison flags say of it (flags are read for this report only, never by the filter): the clean rows not
-    trained on, the poisoned rows flagged, and, where contradicted rows train on the trusted teacher's distribution,
-    the share of each so taught."""
+    summary (and the plain-training decision, the isolated rows', the unlearning phase's and the bias refit's, when
+    they were made) plus what the poison flags say of it (flags are read for this report only, never by the filter):
+    the clean rows not trained on, the poisoned rows flagged, and, where contradicted rows train on the trusted
+    teacher's distribution, the share of each so taught."""
     rows = [
         {"index": index, "text": record.text, "label": record.label, **decision}
         for index, (record, decision) in enumerate(zip(train_data.records, report["rows"]))
     ]
     phase, refit, reference = report.get("unlearning"), report.get("bias_refit"), report.get("reference")
-    plain = report.get("plain_training")
+    plain, isolated = report.get("plain_training"), report.get("isolated_rows")
     write_json(
         output_dir / ROW_FILTER_FILE,
         {
             "summary": report["summary"],
             **({"plain_training": plain} if plain else {}),
+            **({"isolated_rows": isolated} if isolated else {}),
             **({"unlearning": phase} if phase else {}),
             **({"bias_refit": refit} if refit else {}),
             "rows": rows,
@@ -203,6 +204,7 @@ def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: 
         **report["summary"],
         **unlearning,
         **({"plain_training": plain["plain"]} if plain else {}),
+        **({"isolated_kept": isolated["kept"]} if isolated else {}),
         **({"bias_offset": refit["offset"]} if refit else {}),
         "clean_dropped": sum(d and not p for d, p in zip(dropped, poisoned)) / max(clean_rows, 1),
         "poisoned_recall": sum(f and p for f, p in zip(flagged, poisoned)) / poisoned_rows if poisoned_rows else None,
