@@ -42,9 +42,8 @@ def main() -> None:
         )
         for name, weight in (("as trained", np.ones_like(gate)), ("shallow_supports", gate)):
             pull = (1 - teacher) * kept * weight
-            print(
-                f"  {name:17s} teacher pull: poisoned rows {pull[poisoned].sum():7.1f}, clean rows {pull[~poisoned].sum():7.1f}"
-            )
+            poisoned_pull, clean_pull = pull[poisoned].sum(), pull[~poisoned].sum()
+            print(f"  {name:17s} teacher pull: poisoned rows {poisoned_pull:7.1f}, clean rows {clean_pull:7.1f}")
 
 
 if __name__ == "__main__":
