@@ -1480,7 +1480,6 @@ def run_row_filter(
             shallow = _shallow_probe(trainer, args, train_dataset, reference_dataset, folds)
     shallow_seconds = time.perf_counter() - start_time
     teacher_field = _teacher_field(args)
-    teacher_steps = args.row_filter_teacher_steps if teacher_field is not None else 0
     teacher_log_probs, teacher_offset, teacher_seconds, residual = None, None, 0.0, None
     answers = None
     if teacher_field is not None:
@@ -1561,8 +1560,6 @@ def run_row_filter(
             teacher_log_probs, teacher_offset, teacher_seconds = teacher()
     bar.close()
     model.train(was_training)
-    for param in params:
-        param.grad = None
     own = [train_losses[folds[row], :, row].tolist() for row in range(num_rows)]
     row_gate = None
     if shallow is not None and args.row_filter_teacher_row_gate is not None:
@@ -1614,7 +1611,7 @@ def run_row_filter(
         "teacher_mix_gate": args.row_filter_teacher_mix_gate,
         "teacher_row_gate": args.row_filter_teacher_row_gate,
         "teacher_row_gate_open": None if row_gate is None else float(row_gate[torch.tensor(decisions.kept)].mean()),
-        "teacher_steps": teacher_steps if teacher_log_probs is not None else None,
+        "teacher_steps": args.row_filter_teacher_steps if teacher_log_probs is not None else None,
         "teacher_self_train": args.row_filter_teacher_self_train,
         "teacher_label_agreement": _teacher_agreement(
             teacher_log_probs, train_groups if answers is None else answers.labels
@@ -1633,9 +1630,4 @@ def run_row_filter(
         "low_columns": low_columns,
     }
     report = {"summary": summary, "kept": decisions.kept, "rows": rows, "reference": reference}
-    isolated = isolated_rows_decision(summary, args)
-    return (
-        report
-        | ({"plain_training": plain} if plain is not None else {})
-        | ({"isolated_rows": isolated} if isolated is not None else {})
-    )
+    return report | ({"plain_training": plain} if plain is not None else {})
