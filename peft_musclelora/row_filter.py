@@ -419,6 +419,17 @@ class RowFilterArguments:
         },
     )
 
+    row_filter_weight_average_decay: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Train the kept rows as usual but evaluate, checkpoint and keep an exponential moving average of "
+            "the trainable weights (bias-corrected, updated after every optimizer step, this decay per step; "
+            "peft_musclelora.weight_averaging): checkpoint selection compares the averages, and the run ends on the "
+            "selected one (or the last one) before the unlearning phase and the bias refit. In (0, 1); None: the "
+            "trained weights."
+        },
+    )
+
     def __post_init__(self) -> None:
         self.validate_row_filter_args()
 
@@ -566,6 +577,13 @@ class RowFilterArguments:
             raise ValueError(
                 "`row_filter_unlearn_refit_bias=True` refits the output bias after the unlearning phase: set "
                 "row_filter_unlearn=True as well."
+            )
+        decay = self.row_filter_weight_average_decay
+        check_number("row_filter_weight_average_decay", decay, "in (0, 1)", lambda v: 0 < v < 1, True)
+        if decay is not None and not self.row_filter:
+            raise ValueError(
+                f"`row_filter_weight_average_decay` ({decay!r}) averages the weights the kept rows train: set "
+                "row_filter=True as well, or leave it None."
             )
 
     def _validate_plain_significance(self) -> None:

@@ -54,6 +54,7 @@ from .shallow_probe import (
     soft_cross_entropy,
 )
 from .unlearning import run_unlearning
+from .weight_averaging import WEIGHT_AVERAGE_DIR, WeightAverageCallback
 
 # Resumable GA state, in a folder of its own inside each checkpoint so the Trainer's weight loading never sees it:
 # JSON for the sampler and scalars, safetensors for the cached reference gradient (nothing is pickled); under FSDP2 the
@@ -400,8 +401,16 @@ class GradientAlignmentMixin:
         if ga_args.gradient_alignment:
             _check_distributed_engine(self)
         self._reset_gradient_alignment_state()
+        decay = self.row_filter_args.row_filter_weight_average_decay
+        self._weight_averaging = None if decay is None else WeightAverageCallback(decay, self._trainable_parameters)
+        if self._weight_averaging is not None:
+            self.add_callback(self._weight_averaging)
 
     # ---- construction helpers ----
+
+    def _trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        model = self.accelerator.unwrap_model(self.model)
+        return {name: param for name, param in model.named_parameters() if param.requires_grad}
 
     @property
     def _ga_seed(self) -> int:
@@ -538,12 +547,16 @@ class GradientAlignmentMixin:
         [`peft_musclelora.unlearning`]); the phase's report is added to `row_filter.json` under `unlearning`. With
         `row_filter_refit_bias=True` the output bias is last refitted on the trusted rows (see
         [`peft_musclelora.bias_refit`]), reported under `bias_refit`; with `row_filter_unlearn_refit_bias=True`,
-        only when the unlearning phase ran.
+        only when the unlearning phase ran. With `row_filter_weight_average_decay` the evaluations and checkpoints
+        see the average of the weights, and training ends on the average the best checkpoint holds (or the last one)
+        before those phases, reported under `weight_average`.
         """
         self._reset_gradient_alignment_state()
         if self.row_filter_args.row_filter:
             self._filter_training_rows(resuming=bool(kwargs.get("resume_from_checkpoint") or (args and args[0])))
         output = super().train(*args, **kwargs)
+        if self._weight_averaging is not None:
+            self._end_on_weight_average()
         unlearned = False
         if self.row_filter_args.row_filter_unlearn:
             unlearned = self._unlearn_isolated_rows()
@@ -552,6 +565,26 @@ class GradientAlignmentMixin:
         elif unlearned and self.row_filter_args.row_filter_unlearn_refit_bias:
             self._refit_output_bias("row_filter_unlearn_refit_bias")
         return output
+
+    def _end_on_weight_average(self) -> None:
+        """Leave the model on the average: the best checkpoint's (already loaded, `load_best_model_at_end`) or the
+        last one; the average stops there, so later evaluations and phases see the model as it now is."""
+        averaging = self._weight_averaging
+        average, averaging.average = averaging.average, None
+        best = self.state.best_model_checkpoint if self.args.load_best_model_at_end else None
+        if best is None and average is not None and average.updates:
+            with torch.no_grad():
+                for name, value in average.value().items():
+                    average.parameters[name].copy_(value)
+        report = {
+            "decay": averaging.decay,
+            "updates": 0 if average is None else average.updates,
+            "kept": "best checkpoint" if best is not None else "last average",
+            "checkpoint": best,
+        }
+        logger.info("row filter: training ends on the weight average (%s)", report["kept"])
+        self.row_filter_report["weight_average"] = report
+        self._write_row_filter_report(self.row_filter_report)
 
     def _refit_output_bias(self, field_name: str) -> None:
         refit = refit_output_bias(self, self.reference_dataset, field_name)
@@ -970,13 +1003,29 @@ class GradientAlignmentMixin:
 
     # ---- resumable state ----
 
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """`Trainer.evaluate`; during a run with `row_filter_weight_average_decay`, of the weight average."""
+        with self._weight_average_swapped_in():
+            return super().evaluate(*args, **kwargs)
+
+    def _weight_average_swapped_in(self) -> contextlib.AbstractContextManager[None]:
+        if self._weight_averaging is None:
+            return contextlib.nullcontext()
+        return self._weight_averaging.swapped_in()
+
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
+        # With weight averaging the checkpoint's model is the average (what checkpoint selection compared); the
+        # trained weights, which a resumed run goes on from, are saved beside it.
+        with self._weight_average_swapped_in():
+            super()._save_checkpoint(model, trial)
+        checkpoint_dir = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
         if self.ga_args.gradient_alignment:
-            output_dir = self._get_output_dir(trial=trial)
-            self.save_gradient_alignment_state(
-                os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            )
+            self.save_gradient_alignment_state(checkpoint_dir)
+        averaging = self._weight_averaging
+        if averaging is not None and averaging.average is not None and self.args.should_save:
+            averaging.average.save(os.path.join(checkpoint_dir, WEIGHT_AVERAGE_DIR))
 
     def save_gradient_alignment_state(self, checkpoint_dir: str) -> None:
         """Write the resumable GA state (reference order, cached reference gradients) into `checkpoint_dir`.
@@ -1021,6 +1070,8 @@ class GradientAlignmentMixin:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self.ga_args.gradient_alignment:
             self.load_gradient_alignment_state(checkpoint)
+        if checkpoint is not None and self._weight_averaging is not None:
+            self._weight_averaging.resume(checkpoint)
 
     def load_gradient_alignment_state(self, checkpoint_dir: str) -> None:
         """Restore what [`save_gradient_alignment_state`] wrote, onto this trainer's (possibly sharded) parameters.

@@ -5,6 +5,11 @@ SWA: Izmailov et al. 2018; for compact pretrained language models, Lu et al. 202
 [`WeightAverage`] holds one average of a set of named parameters; [`swapped_in`] puts it into the model for as long
 as a block runs and restores the trained weights after, so the optimizer never sees the average.
 
+In a Trainer (`row_filter_weight_average_decay`), [`WeightAverageCallback`] keeps the average of the weights after
+each optimizer step; the trainer evaluates and checkpoints the average in place of the trained weights (so checkpoint
+selection compares averages), saves both into each checkpoint (`weight_average/`, safetensors + JSON) so a resumed
+run goes on from the trained weights, and ends on the selected average.
+
 Example:
     >>> import torch
     >>> layer = torch.nn.Linear(2, 1, bias=False)
@@ -24,10 +29,19 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
-from typing import Optional
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+
+#: Where a checkpoint keeps the average and the trained weights (the checkpoint's model weights are the average).
+WEIGHT_AVERAGE_DIR = "weight_average"
+STATE_FILE = "state.json"
+TENSORS_FILE = "weights.safetensors"
 
 
 class WeightAverage:
@@ -70,6 +84,33 @@ class WeightAverage:
             raise ValueError("WeightAverage.value(): no update yet, so there is nothing to average.")
         return {name: total / self._weight for name, total in self._sum.items()}
 
+    def save(self, folder: str) -> None:
+        """Write the average's state and the parameters' current (trained) values into `folder`."""
+        os.makedirs(folder, exist_ok=True)
+        tensors = {f"sum.{name}": total.contiguous() for name, total in self._sum.items()}
+        tensors |= {f"trained.{name}": p.detach().float().cpu().contiguous() for name, p in self.parameters.items()}
+        save_file(tensors, os.path.join(folder, TENSORS_FILE))
+        state = {"decay": self.decay, "updates": self.updates, "weight": self._weight, "names": list(self._sum)}
+        with open(os.path.join(folder, STATE_FILE), "w") as file:
+            json.dump(state, file, indent=2)
+
+    @torch.no_grad()
+    def load(self, folder: str) -> None:
+        """Restore what [`save`] wrote: the average's state, and the trained values into the parameters. A folder
+        saved for other parameters or another decay raises a `ValueError` naming it."""
+        with open(os.path.join(folder, STATE_FILE)) as file:
+            state = json.load(file)
+        if state["names"] != list(self._sum) or state["decay"] != self.decay:
+            raise ValueError(
+                f"{folder} holds a weight average of decay {state['decay']!r} over other parameters than this run's "
+                f"(decay {self.decay!r}): resume with the model and row_filter_weight_average_decay it was made for."
+            )
+        tensors = load_file(os.path.join(folder, TENSORS_FILE))
+        for name, param in self.parameters.items():
+            self._sum[name].copy_(tensors[f"sum.{name}"])
+            param.copy_(tensors[f"trained.{name}"].to(device=param.device, dtype=param.dtype))
+        self.updates, self._weight = state["updates"], state["weight"]
+
 
 @contextlib.contextmanager
 def swapped_in(average: WeightAverage) -> Iterator[None]:
@@ -84,3 +125,39 @@ def swapped_in(average: WeightAverage) -> Iterator[None]:
         with torch.no_grad():
             for name, param in average.parameters.items():
                 param.copy_(trained[name])
+
+
+class WeightAverageCallback(TrainerCallback):
+    """Keeps an exponential [`WeightAverage`] of `parameters()` (the trainable parameters) over a Trainer's run:
+    started at the run's first step (unless [`resume`] restored one), updated after every optimizer step.
+    `average` is None outside a run."""
+
+    def __init__(self, decay: float, parameters: Callable[[], Mapping[str, torch.nn.Parameter]]) -> None:
+        self.decay, self.parameters = decay, parameters
+        self.average: Optional[WeightAverage] = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.average is None:
+            self.average = WeightAverage.exponential(self.parameters(), self.decay)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.average is not None:
+            self.average.update()
+
+    def resume(self, checkpoint_dir: str) -> None:
+        """Restore the average and the trained weights saved in `checkpoint_dir` (a checkpoint's model weights are
+        the average, not what training goes on from)."""
+        folder = os.path.join(checkpoint_dir, WEIGHT_AVERAGE_DIR)
+        if not os.path.isfile(os.path.join(folder, STATE_FILE)):
+            raise ValueError(
+                f"{checkpoint_dir} has no {WEIGHT_AVERAGE_DIR}/{STATE_FILE}: it was not saved with "
+                "row_filter_weight_average_decay, so its weights cannot be told from an average; resume without it."
+            )
+        self.average = WeightAverage.exponential(self.parameters(), self.decay)
+        self.average.load(folder)
+
+    def swapped_in(self) -> contextlib.AbstractContextManager[None]:
+        """[`swapped_in`] of the average during a run (after its first update); a no-op otherwise."""
+        if self.average is None or not self.average.updates:
+            return contextlib.nullcontext()
+        return swapped_in(self.average)
