@@ -554,6 +554,8 @@ class GradientAlignmentMixin:
         self._reset_gradient_alignment_state()
         if self.row_filter_args.row_filter:
             self._filter_training_rows(resuming=bool(kwargs.get("resume_from_checkpoint") or (args and args[0])))
+        if self._weight_averaging is not None:
+            self._weight_averaging.average = None  # a run starts its own average (a resumed one restores its own)
         output = super().train(*args, **kwargs)
         if self._weight_averaging is not None:
             self._end_on_weight_average()

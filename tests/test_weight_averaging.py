@@ -198,3 +198,27 @@ def test_resuming_a_checkpoint_saved_without_averaging_is_refused_in_one_line(tm
 def test_invalid_averaging_settings_name_the_field_and_the_value(fields, error, message):
     with pytest.raises(error, match=message):
         RowFilterArguments(**fields)
+
+
+class _Interrupt(TrainerCallback):
+    def __init__(self) -> None:
+        self.armed = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.armed and state.global_step == 3:
+            raise KeyboardInterrupt
+
+
+def test_a_run_after_an_interrupted_one_averages_its_own_steps_only(tmp_path):
+    trainer, steps = _trainer(tmp_path, 0.8)
+    interrupt = _Interrupt()
+    trainer.add_callback(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    interrupt.armed = False
+    steps.steps.clear()
+    trainer.train()
+    expected, final = _bias_corrected_average(steps.steps, 0.8), trainable_state(trainer.model)
+    for name, value in expected.items():
+        assert torch.allclose(final[name], value, atol=1e-6), name
+    assert trainer.row_filter_report["weight_average"]["updates"] == len(steps.steps) > 0
