@@ -12,20 +12,13 @@ poisoned against clean rows of the target label.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
-from row_filter_report import auroc, read_decisions
+from row_filter_report import auroc, cell_screen_arguments, screened_cells
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cells", type=Path, nargs="+", help="finished cell directories with a trusted teacher")
-    parser.add_argument("--target-label", type=int, default=1, help="the attack's target label (the report's only)")
-    args = parser.parse_args()
-    for cell in args.cells:
-        decisions, _, poisoned, labels = read_decisions(cell)
+    args = cell_screen_arguments(__doc__.splitlines()[0], "finished cell directories with a trusted teacher")
+    for cell, decisions, poisoned, labels in screened_cells(args.cells):
         rows = decisions["rows"]
         losses = np.array([row["losses"] for row in rows])
         steps = decisions["summary"]["probe_steps"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -53,6 +54,21 @@ def read_decisions(path: Path, train_file: Optional[Path] = None) -> tuple[dict,
         train_file = Path(metrics["data"]["train"]["source"])
     train = load_records(train_file)
     return decisions, train, np.array([record.poisoned for record in train.records]), np.array(train.labels)
+
+
+def cell_screen_arguments(description: str, cells_help: str) -> argparse.Namespace:
+    """The command line of a screen over finished cells: the cell directories and the attack's target label."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("cells", type=Path, nargs="+", help=cells_help)
+    parser.add_argument("--target-label", type=int, default=1, help="the attack's target label (the report's only)")
+    return parser.parse_args()
+
+
+def screened_cells(cells: list[Path]) -> Iterator[tuple[Path, dict, np.ndarray, np.ndarray]]:
+    """Per finished cell: `(cell, row_filter.json, poison flags, labels)`."""
+    for cell in cells:
+        decisions, _, poisoned, labels = read_decisions(cell)
+        yield cell, decisions, poisoned, labels
 
 
 def main() -> None:

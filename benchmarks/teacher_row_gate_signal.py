@@ -11,23 +11,16 @@ target label that the teacher contradicts, the AUROC of the shallow probe's p(la
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 import torch
-from row_filter_report import auroc, read_decisions
+from row_filter_report import auroc, cell_screen_arguments, screened_cells
 
 from peft_musclelora.shallow_probe import shallow_support
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cells", type=Path, nargs="+", help="finished cell directories with a teacher and the probe")
-    parser.add_argument("--target-label", type=int, default=1, help="the attack's target label (the report's only)")
-    args = parser.parse_args()
-    for cell in args.cells:
-        decisions, _, poisoned, labels = read_decisions(cell)
+    args = cell_screen_arguments(__doc__.splitlines()[0], "finished cell directories with a teacher and the probe")
+    for cell, decisions, poisoned, labels in screened_cells(args.cells):
         rows = decisions["rows"]
         kept = np.array([row["reason"] == "keep" for row in rows])
         shallow = torch.tensor([row["shallow_log_probs"] for row in rows])
