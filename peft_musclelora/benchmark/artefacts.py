@@ -165,29 +165,26 @@ def read_cell_info(adapter_dir: Path, filename: str, kind: str) -> dict[str, Any
     return info
 
 
+#: The decisions a row-filtered run adds to its report after the summary, copied to the cell when made.
+_DECISION_SECTIONS = ("plain_training", "isolated_rows", "unlearning", "bias_refit", "weight_average")
+
+
 def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: Path) -> dict[str, Any]:
     """Write the per-row decisions, with each row's text and label, to the cell's `row_filter.json`; return the
-    summary (and the plain-training decision, the isolated rows', the unlearning phase's and the bias refit's, when
-    they were made) plus what the poison flags say of it (flags are read for this report only, never by the filter):
-    the clean rows not trained on, the poisoned rows flagged, and, where contradicted rows train on the trusted
-    teacher's distribution, the share of each so taught."""
+    summary (and the plain-training decision, the isolated rows', the unlearning phase's, the bias refit's and the
+    weight average's, when they were made) plus what the poison flags say of it (flags are read for this report
+    only, never by the filter): the clean rows not trained on, the poisoned rows flagged, and, where contradicted
+    rows train on the trusted teacher's distribution, the share of each so taught."""
     rows = [
         {"index": index, "text": record.text, "label": record.label, **decision}
         for index, (record, decision) in enumerate(zip(train_data.records, report["rows"]))
     ]
     phase, refit, reference = report.get("unlearning"), report.get("bias_refit"), report.get("reference")
-    plain, isolated = report.get("plain_training"), report.get("isolated_rows")
+    plain, isolated, average = report.get("plain_training"), report.get("isolated_rows"), report.get("weight_average")
+    decisions = {name: report[name] for name in _DECISION_SECTIONS if report.get(name)}
     write_json(
         output_dir / ROW_FILTER_FILE,
-        {
-            "summary": report["summary"],
-            **({"plain_training": plain} if plain else {}),
-            **({"isolated_rows": isolated} if isolated else {}),
-            **({"unlearning": phase} if phase else {}),
-            **({"bias_refit": refit} if refit else {}),
-            "rows": rows,
-            **({"reference": reference} if reference else {}),
-        },
+        {"summary": report["summary"], **decisions, "rows": rows, **({"reference": reference} if reference else {})},
     )
     flagged = [decision["reason"] != "keep" for decision in report["rows"]]
     trained, teacher_only = trained_rows(report, report["summary"].get("contradicted_action", "drop"))
@@ -206,6 +203,7 @@ def save_row_filter(report: dict[str, Any], train_data: LoadedData, output_dir: 
         **({"plain_training": plain["plain"]} if plain else {}),
         **({"isolated_kept": isolated["kept"]} if isolated else {}),
         **({"bias_offset": refit["offset"]} if refit else {}),
+        **({"weight_average_kept": average["kept"]} if average else {}),
         "clean_dropped": sum(d and not p for d, p in zip(dropped, poisoned)) / max(clean_rows, 1),
         "poisoned_recall": sum(f and p for f, p in zip(flagged, poisoned)) / poisoned_rows if poisoned_rows else None,
         **(

@@ -156,3 +156,16 @@ def test_a_cell_whose_teacher_speaks_for_the_contradicted_rows_reports_them_taug
     assert metrics["clean_taught"] == clean.count("contradicted") / 40
     assert metrics["poisoned_taught"] == poisoned.count("contradicted") / 4
     assert metrics["poisoned_recall"] == sum(reason != "keep" for reason in poisoned) / 4
+
+
+def test_a_cell_with_weight_averaging_records_which_average_it_ended_on(
+    tiny_bert: Path, attack_dir: Path, tmp_path: Path
+) -> None:
+    items = ["row_filter_max_clean_drop=0.2", "row_filter_weight_average_decay=0.9"]
+    assert _train(tiny_bert, attack_dir, tmp_path / "averaged", "fit-gap", items) == 0
+    decisions = json.loads((tmp_path / "averaged" / "row_filter.json").read_text())
+    metrics = json.loads((tmp_path / "averaged" / "metrics.json").read_text())
+    average = decisions["weight_average"]
+    # The benchmark selects its checkpoint by clean-dev accuracy, so the cell ends on the best epoch's average.
+    assert average["decay"] == 0.9 and average["kept"] == "best checkpoint" and average["updates"] == metrics["steps"]
+    assert metrics["row_filter"]["weight_average_kept"] == "best checkpoint"
