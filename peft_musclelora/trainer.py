@@ -588,6 +588,16 @@ class GradientAlignmentMixin:
         self.row_filter_report["weight_average"] = report
         self._write_row_filter_report(self.row_filter_report)
 
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """`Trainer.evaluate`; during a run with `row_filter_weight_average_decay`, of the weight average."""
+        with self._weight_average_swapped_in():
+            return super().evaluate(*args, **kwargs)
+
+    def _weight_average_swapped_in(self) -> contextlib.AbstractContextManager[None]:
+        if self._weight_averaging is None:
+            return contextlib.nullcontext()
+        return self._weight_averaging.swapped_in()
+
     def _refit_output_bias(self, field_name: str) -> None:
         refit = refit_output_bias(self, self.reference_dataset, field_name)
         logger.info("row filter: output bias %s moved by %s", refit["parameter"], refit["offset"])
@@ -1004,16 +1014,6 @@ class GradientAlignmentMixin:
         super().log(logs, *args, **kwargs)
 
     # ---- resumable state ----
-
-    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """`Trainer.evaluate`; during a run with `row_filter_weight_average_decay`, of the weight average."""
-        with self._weight_average_swapped_in():
-            return super().evaluate(*args, **kwargs)
-
-    def _weight_average_swapped_in(self) -> contextlib.AbstractContextManager[None]:
-        if self._weight_averaging is None:
-            return contextlib.nullcontext()
-        return self._weight_averaging.swapped_in()
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         # With weight averaging the checkpoint's model is the average (what checkpoint selection compared); the
