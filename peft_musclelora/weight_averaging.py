@@ -8,7 +8,8 @@ as a block runs and restores the trained weights after, so the optimizer never s
 In a Trainer (`row_filter_weight_average_decay`), [`WeightAverageCallback`] keeps the average of the weights after
 each optimizer step; the trainer evaluates and checkpoints the average in place of the trained weights (so checkpoint
 selection compares averages), saves both into each checkpoint (`weight_average/`, safetensors + JSON) so a resumed
-run goes on from the trained weights, and ends on the selected average.
+run goes on from the trained weights, and ends on the selected average. On the defended MiniLM of this project's
+benchmark it did not help (docs/results.md, session 23), so no preset uses it.
 
 Example:
     >>> import torch
