@@ -65,10 +65,10 @@ class AverageRecorder(TrainerCallback):
                 self._record(name, epoch, average.value())
 
     def _record(self, variant: str, epoch: int, weights: dict[str, torch.Tensor]) -> None:
-        save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(self._path(variant, epoch)))
+        save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(self.path(variant, epoch)))
         self.dev_accuracy.setdefault(variant, []).append(self._dev_accuracy())
 
-    def _path(self, variant: str, epoch: int) -> Path:
+    def path(self, variant: str, epoch: int) -> Path:
         return self.states_dir / f"epoch{epoch}-{variant}.safetensors"
 
     def _dev_accuracy(self) -> float:
@@ -128,7 +128,7 @@ def score_variants(args: argparse.Namespace, metrics: dict[str, Any], recorder: 
         epochs = {"last": len(dev), "selected": dev.index(max(dev)) + 1}
         scores: dict[str, Any] = {"dev_accuracy": dev}
         for which, epoch in epochs.items():
-            weights = load_file(str(recorder._path(variant, epoch)))
+            weights = load_file(str(recorder.path(variant, epoch)))
             missing = set(weights) - set(parameters)
             if missing:
                 raise ValueError(f"the reloaded cell has no parameter {sorted(missing)[0]!r}")
@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--method", default="recommended")
     parser.add_argument("--train-file", default="train-mixed-0.1.csv", help="train-clean.csv: unpoisoned data")
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/sst-2/poison"))
-    parser.add_argument("--max-rows", type=int, help="a smoke run: this many training and test rows, one epoch")
+    parser.add_argument("--max-rows", type=int, help="a smoke run: this many training and test rows, two epochs")
     args = parser.parse_args()
     args.overrides = (
         {"max_train_rows": args.max_rows, "max_test_rows": args.max_rows, "num_train_epochs": 2.0}
