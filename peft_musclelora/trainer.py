@@ -575,9 +575,7 @@ class GradientAlignmentMixin:
         average, averaging.average = averaging.average, None
         best = self.state.best_model_checkpoint if self.args.load_best_model_at_end else None
         if best is None and average is not None and average.updates:
-            with torch.no_grad():
-                for name, value in average.value().items():
-                    average.parameters[name].copy_(value)
+            average.copy_to_parameters()
         report = {
             "decay": averaging.decay,
             "updates": 0 if average is None else average.updates,

@@ -85,6 +85,12 @@ class WeightAverage:
             raise ValueError("WeightAverage.value(): no update yet, so there is nothing to average.")
         return {name: total / self._weight for name, total in self._sum.items()}
 
+    @torch.no_grad()
+    def copy_to_parameters(self) -> None:
+        """Put the average into its parameters (in their own dtype), for good."""
+        for name, value in self.value().items():
+            self.parameters[name].copy_(value)
+
     def save(self, folder: str) -> None:
         """Write the average's state and the parameters' current (trained) values into `folder`."""
         os.makedirs(folder, exist_ok=True)
@@ -117,9 +123,7 @@ class WeightAverage:
 def swapped_in(average: WeightAverage) -> Iterator[None]:
     """Copy `average`'s value into its parameters for the block, then put the trained values back (bit for bit)."""
     trained = {name: param.detach().clone() for name, param in average.parameters.items()}
-    with torch.no_grad():
-        for name, value in average.value().items():
-            average.parameters[name].copy_(value)
+    average.copy_to_parameters()
     try:
         yield
     finally:
