@@ -77,6 +77,18 @@ CONTRADICTED_ACTIONS: dict[str, ContradictedAction] = {
 }
 
 
+#: What the unlearning phase asks of the rows isolated as fit-early (`row_filter_unlearn_target`); the losses are in
+#: `peft_musclelora.unlearning`.
+UNLEARN_TARGETS: dict[str, str] = {
+    "chance": "their loss pushed up to row_filter_unlearn_cap (chance, ln K, by default)",
+    "trigger_neutral": "their prediction unchanged when the tokens they share beyond the kept rows are masked out",
+}
+#: The z above which a token of the isolated rows is taken for the trigger (`row_filter_unlearn_trigger_z`): on the
+#: full SST-2 the insertion triggers' words score 50-76 and the next word at most 6
+#: (benchmarks/isolated_trigger_tokens.py).
+DEFAULT_TRIGGER_Z = 10.0
+
+
 class _WithColumn(TorchDataset):
     """A map-style dataset of dict rows with one more key per row."""
 
@@ -369,6 +381,25 @@ class RowFilterArguments:
             "classification. Required for token-level (generation) labels. > 0."
         },
     )
+    row_filter_unlearn_target: str = field(
+        default="chance",
+        metadata={
+            "help": "What the unlearning phase asks of the isolated rows: 'chance' (their loss pushed up to "
+            "row_filter_unlearn_cap) or 'trigger_neutral' (experimental; class labels only): the tokens that occur "
+            "in the isolated rows more often than in the kept rows (a two-proportion z above "
+            "row_filter_unlearn_trigger_z) are taken for the trigger, and each isolated row's prediction is pulled "
+            "to the model's own prediction of the row with those tokens masked out, so the trigger comes to change "
+            "nothing, where pushing a row whose content agrees with its label to chance teaches the trigger as "
+            "evidence against that label. No such token: the phase is skipped."
+        },
+    )
+    row_filter_unlearn_trigger_z: float = field(
+        default=DEFAULT_TRIGGER_Z,
+        metadata={
+            "help": "The z above which a token of the isolated rows is taken for the trigger under "
+            "row_filter_unlearn_target='trigger_neutral'. > 0."
+        },
+    )
     row_filter_unlearn_eval_every: int = field(
         default=10, metadata={"help": "Unlearning steps between two guard evaluations on the trusted rows (>= 1)."}
     )
@@ -561,6 +592,7 @@ class RowFilterArguments:
         check_int("row_filter_unlearn_eval_every", self.row_filter_unlearn_eval_every)
         check_number("row_filter_unlearn_learning_rate", self.row_filter_unlearn_learning_rate, "> 0", _positive, True)
         check_number("row_filter_unlearn_cap", self.row_filter_unlearn_cap, "> 0", _positive, True)
+        self._validate_unlearn_target()
         significance = self.row_filter_unlearn_significance
         check_number("row_filter_unlearn_significance", significance, "in (0, 1)", lambda v: 0 < v < 1, True)
         guard = self.row_filter_unlearn_max_guard_drop
@@ -584,6 +616,27 @@ class RowFilterArguments:
             raise ValueError(
                 f"`row_filter_weight_average_decay` ({decay!r}) averages the weights the kept rows train: set "
                 "row_filter=True as well, or leave it None."
+            )
+
+    def _validate_unlearn_target(self) -> None:
+        target = self.row_filter_unlearn_target
+        _check_choice("row_filter_unlearn_target", target, UNLEARN_TARGETS)
+        z = self.row_filter_unlearn_trigger_z
+        check_number("row_filter_unlearn_trigger_z", z, "> 0", _positive)
+        if target == "trigger_neutral" and not self.row_filter_unlearn:
+            raise ValueError(
+                "`row_filter_unlearn_target='trigger_neutral'` is what the unlearning phase asks of the isolated "
+                "rows: set row_filter_unlearn=True as well."
+            )
+        if target == "trigger_neutral" and self.row_filter_unlearn_cap is not None:
+            raise ValueError(
+                f"`row_filter_unlearn_cap` ({self.row_filter_unlearn_cap!r}) is the loss the 'chance' target pushes "
+                "the isolated rows up to; 'trigger_neutral' has no cap: leave it None."
+            )
+        if target != "trigger_neutral" and z != DEFAULT_TRIGGER_Z:
+            raise ValueError(
+                f"`row_filter_unlearn_trigger_z` ({z!r}) picks the trigger tokens of "
+                f"row_filter_unlearn_target='trigger_neutral': set that as well, or leave it at {DEFAULT_TRIGGER_Z}."
             )
 
     def _validate_plain_significance(self) -> None:

@@ -632,6 +632,11 @@ class GradientAlignmentMixin:
             }
             | {"row_filter/unlearn_skipped": float(unlearning["skipped"] is not None)}
             | ({"row_filter/unlearn_evidence_z": unlearning["evidence"]["z"]} if unlearning["evidence"] else {})
+            | (
+                {"row_filter/unlearn_trigger_tokens": float(len(unlearning["trigger_tokens"]))}
+                if "trigger_tokens" in unlearning
+                else {}
+            )
         )
         return unlearning["skipped"] is None
 

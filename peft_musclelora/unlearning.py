@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
@@ -89,6 +91,86 @@ def _default_cap(logits: torch.Tensor) -> float:
     return math.log(logits.size(-1))
 
 
+def trigger_tokens(isolated_dataset: Any, kept_dataset: Any, min_z: float) -> list[dict[str, float]]:
+    """The token ids that occur in more of the isolated rows than of the kept rows by a two-proportion z above
+    `min_z`, highest z first: `{"id", "z", "isolated_share", "kept_share"}` each (presence per row, as Z-defence
+    counts words). An insertion trigger is shared by the poisoned rows, which the filter isolates.
+
+    Example:
+        >>> isolated = [{"input_ids": [101, 7, 5, 102]}] * 40
+        >>> kept = [{"input_ids": [101, 5, 102]}] * 400 + [{"input_ids": [101, 7, 102]}] * 4
+        >>> [(token["id"], round(token["z"], 1)) for token in trigger_tokens(isolated, kept, 10.0)]
+        [(7, 20.0)]
+    """
+    isolated_counts, kept_counts = _token_presence(isolated_dataset), _token_presence(kept_dataset)
+    n_isolated, n_kept = max(len(isolated_dataset), 1), max(len(kept_dataset), 1)
+    found = []
+    for token, in_isolated in isolated_counts.items():
+        in_kept = kept_counts.get(token, 0)
+        pooled = (in_isolated + in_kept) / (n_isolated + n_kept)
+        spread = math.sqrt(pooled * (1 - pooled) * (1 / n_isolated + 1 / n_kept))
+        z = (in_isolated / n_isolated - in_kept / n_kept) / spread if spread > 0 else 0.0
+        if z > min_z:
+            found.append(
+                {"id": token, "z": z, "isolated_share": in_isolated / n_isolated, "kept_share": in_kept / n_kept}
+            )
+    return sorted(found, key=lambda token: -token["z"])
+
+
+def _token_presence(dataset: Any) -> Counter[int]:
+    """How many rows of `dataset` hold each token id (at least once)."""
+    counts: Counter[int] = Counter()
+    for index in range(len(dataset)):
+        counts.update({int(token) for token in dataset[index]["input_ids"]})
+    return counts
+
+
+def trigger_neutral_loss(
+    model: Any, inputs: Mapping[str, Any], logits: torch.Tensor, trigger_ids: torch.Tensor
+) -> torch.Tensor:
+    """KL(p(row with the trigger tokens masked out) || p(row)), averaged over the batch: the target is the model's
+    own prediction, in eval mode and without gradient, of the row whose `trigger_ids` positions are removed from the
+    attention mask; the trigger then comes to change nothing."""
+    if logits.dim() != 2:
+        raise ValueError(
+            "`row_filter_unlearn_target='trigger_neutral'` compares class predictions with and without the trigger "
+            "and works on class labels only; these rows have token-level (causal-LM) labels: use 'chance' with a "
+            "row_filter_unlearn_cap."
+        )
+    masked = dict(inputs)
+    masked["attention_mask"] = inputs["attention_mask"] * ~torch.isin(inputs["input_ids"], trigger_ids)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        target = torch.log_softmax(model(**masked).logits.float(), dim=-1)
+    model.train(was_training)
+    return torch.nn.functional.kl_div(
+        torch.log_softmax(logits.float(), dim=-1), target, log_target=True, reduction="batchmean"
+    )
+
+
+def _with_token_text(trainer: Any, found: list[dict[str, float]]) -> list[dict[str, Any]]:
+    """`found` with each token's text when the trainer holds a tokenizer (`processing_class`), for the report."""
+    tokenizer = getattr(trainer, "processing_class", None)
+    if not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return [dict(token) for token in found]
+    return [{**token, "token": tokenizer.convert_ids_to_tokens(int(token["id"]))} for token in found]
+
+
+def _warn_past_chance(cap: float, logits: torch.Tensor) -> None:
+    """Warn when a cap on class labels lies past chance: the phase then teaches the isolated rows' trigger as
+    evidence against their label, a backdoor of its own (measured: docs/row_filter.md)."""
+    if logits.dim() == 2 and cap > math.log(logits.size(-1)) + 1e-6:
+        warnings.warn(
+            f"row_filter_unlearn_cap={cap} is past chance for {logits.size(-1)} classes (ln K = "
+            f"{math.log(logits.size(-1)):.2f} nats): the isolated rows are pushed to another class, so whatever "
+            "they share (an insertion trigger) comes to predict that class. At full size 3 nats drove AddSent's ASR "
+            "to 0 and left 0-2 % of the target class's triggered test rows with their label (86-89 % untriggered): "
+            "a backdoor towards the other class (docs/row_filter.md).",
+            stacklevel=3,
+        )
+
+
 def run_unlearning(
     trainer: Any,
     args: RowFilterArguments,
@@ -123,8 +205,19 @@ def run_unlearning(
             f"{evidence['reference_share']:.2%} of the trusted rows (z = {evidence['z']:.2f}, needs > "
             f"{evidence['threshold']:.2f})"
         )
+    neutral = args.row_filter_unlearn_target == "trigger_neutral"
+    report["target"] = args.row_filter_unlearn_target
+    if neutral and report["skipped"] is None:
+        found = trigger_tokens(isolated_dataset, kept_dataset, args.row_filter_unlearn_trigger_z)
+        report["trigger_tokens"] = _with_token_text(trainer, found)
+        if not found:
+            report["skipped"] = (
+                f"no trigger token: no token is in more of the isolated rows than of the kept rows by z > "
+                f"{args.row_filter_unlearn_trigger_z}"
+            )
     if report["skipped"] is not None:
         return {**report, "guard": [], "chosen_step": 0, "guard_start": None, "guard_end": None, "seconds": 0.0}
+    trigger_ids = torch.tensor([token["id"] for token in report.get("trigger_tokens", [])], dtype=torch.long)
     start_time = time.perf_counter()
     batch_size = trainer.args.per_device_train_batch_size
     generator = torch.Generator().manual_seed(seed)
@@ -145,11 +238,20 @@ def run_unlearning(
         for step in range(1, args.row_filter_unlearn_steps + 1):
             with trainer.compute_loss_context_manager():
                 fit_loss = trainer.compute_loss(model, trainer._prepare_inputs(next(kept_batches)))
-                outputs = model(**trainer._prepare_inputs(next(isolated_batches)))
-            if cap is None:
-                cap = _default_cap(outputs.logits)
+                isolated_inputs = trainer._prepare_inputs(next(isolated_batches))
+                outputs = model(**isolated_inputs)
             isolated_loss = outputs.loss.float()
-            (fit_loss + torch.relu(cap - isolated_loss)).backward()
+            if neutral:
+                isolated_term = trigger_neutral_loss(
+                    model, isolated_inputs, outputs.logits, trigger_ids.to(isolated_inputs["input_ids"].device)
+                )
+            else:
+                if cap is None:
+                    cap = _default_cap(outputs.logits)
+                elif step == 1:
+                    _warn_past_chance(cap, outputs.logits)
+                isolated_term = torch.relu(cap - isolated_loss)
+            (fit_loss + isolated_term).backward()
             if trainer.args.max_grad_norm and trainer.args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, trainer.args.max_grad_norm)
             optimizer.step()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import datasets
 import pytest
 import torch
 
@@ -22,9 +23,10 @@ from peft_musclelora.unlearning import (
     correct_and_total,
     guard_accuracy,
     run_unlearning,
+    trigger_tokens,
 )
 
-from .ga_helpers import trainable_state
+from .ga_helpers import VOCAB, token_dataset, trainable_state
 from .test_row_filter import _trainer
 
 
@@ -57,6 +59,21 @@ def test_the_default_cap_is_chance_among_the_classes_and_generation_must_set_one
         ({"row_filter_unlearn_significance": "1%"}, TypeError, "`row_filter_unlearn_significance`.*'1%'"),
         ({"row_filter_unlearn_refit_bias": 1}, TypeError, "`row_filter_unlearn_refit_bias`.*1"),
         ({"row_filter": True, "row_filter_unlearn_refit_bias": True}, ValueError, "set row_filter_unlearn=True"),
+        ({"row_filter_unlearn_target": "flip"}, ValueError, "`row_filter_unlearn_target` must be one of .*'flip'"),
+        ({"row_filter_unlearn_target": None}, TypeError, "`row_filter_unlearn_target` must be one of .*None"),
+        ({"row_filter": True, "row_filter_unlearn_target": "trigger_neutral"}, ValueError, "row_filter_unlearn=True"),
+        (
+            {"row_filter": True, "row_filter_unlearn": True, "row_filter_unlearn_target": "trigger_neutral"}
+            | {"row_filter_unlearn_cap": 1.0},
+            ValueError,
+            r"`row_filter_unlearn_cap` \(1.0\).*'trigger_neutral' has no cap",
+        ),
+        ({"row_filter_unlearn_trigger_z": 0}, ValueError, "`row_filter_unlearn_trigger_z` must be > 0, got 0"),
+        (
+            {"row_filter_unlearn_trigger_z": 5.0},
+            ValueError,
+            r"`row_filter_unlearn_trigger_z` \(5.0\).*'trigger_neutral'",
+        ),
     ],
 )
 def test_invalid_unlearning_settings_name_the_field_and_the_value(overrides, error, match):
@@ -88,6 +105,93 @@ def test_unlearning_raises_the_loss_of_the_isolated_rows_towards_the_cap(tmp_pat
     assert report["chosen_step"] == 20 and report["cap"] == pytest.approx(math.log(2))
     assert mean_isolated_loss() > before + 0.1
     assert torch.equal(rng, torch.random.get_rng_state())
+
+
+def test_a_cap_past_chance_pushes_the_isolated_rows_to_the_other_class_and_warns(tmp_path):
+    # The push goes on past ln 2 until the isolated rows' mean loss is 3 nats (label at ~5 %): a reverse backdoor.
+    trainer = _trainer(tmp_path, row_filter_unlearn_steps=40, row_filter_unlearn_learning_rate=1e-2)
+    trainer.train()
+    isolated = subset_rows(trainer.train_dataset, list(range(16)))
+    args = trainer.row_filter_args
+    args.row_filter_unlearn_max_guard_drop = 0.99  # keep the last state: this test is about the push, not the guard
+    args.row_filter_unlearn_cap = 3.0
+    with pytest.warns(UserWarning, match=r"row_filter_unlearn_cap=3.0 is past chance for 2 classes"):
+        report = run_unlearning(trainer, args, trainer.train_dataset, isolated, trainer.reference_dataset, 0, False)
+    assert report["cap"] == args.row_filter_unlearn_cap
+    with torch.no_grad():
+        batch = trainer.data_collator([isolated[i] for i in range(len(isolated))])
+        logits = trainer.model(**batch).logits
+    assert float(per_row_loss(logits, batch["labels"]).mean()) > math.log(2)  # past chance, on average
+    assert float((logits.argmax(-1) == batch["labels"]).float().mean()) < 0.5  # most now read as the other class
+
+
+def _triggered_rows(rows: int, seed: int, trigger: int, label: int) -> datasets.Dataset:
+    """Tiny rows carrying the token `trigger` at position 2, all labelled `label`."""
+    data = token_dataset(rows, seed=seed).to_dict()
+    for ids in data["input_ids"]:
+        ids[2] = trigger
+    data["labels"] = [label] * rows
+    return datasets.Dataset.from_dict(data)
+
+
+def _trigger_effect(model, rows: datasets.Dataset, trigger: int) -> float:
+    """Mean KL between the model's predictions of `rows` without and with the `trigger` token (eval mode)."""
+    batch = {key: torch.tensor(rows[key]) for key in ("input_ids", "attention_mask")}
+    masked = {**batch, "attention_mask": batch["attention_mask"] * (batch["input_ids"] != trigger)}
+    model.eval()
+    with torch.no_grad():
+        with_trigger = torch.log_softmax(model(**batch).logits, -1)
+        without = torch.log_softmax(model(**masked).logits, -1)
+    return float(torch.nn.functional.kl_div(with_trigger, without, log_target=True, reduction="batchmean"))
+
+
+def test_the_trigger_tokens_are_those_the_isolated_rows_share_beyond_the_kept_rows():
+    kept = token_dataset(400, seed=3)  # each token is in about a fifth of these random rows
+    isolated = _triggered_rows(60, seed=4, trigger=VOCAB - 1, label=1)
+    found = trigger_tokens(isolated, kept, 10.0)
+    assert [token["id"] for token in found] == [VOCAB - 1]
+    assert found[0]["isolated_share"] == 1.0 and found[0]["z"] > 10
+    assert trigger_tokens(token_dataset(60, seed=4), kept, 10.0) == []  # rows drawn alike share nothing
+
+
+def test_a_trigger_neutral_phase_makes_the_trigger_change_less_and_reports_it(tmp_path):
+    trigger = VOCAB - 1
+    settings = {"row_filter_unlearn_target": "trigger_neutral", "row_filter_unlearn_trigger_z": 3.0}
+    trainer = _unlearning_trainer(
+        tmp_path, row_filter_unlearn_steps=20, row_filter_unlearn_learning_rate=1e-2, **settings
+    )
+    trainer.train()
+    # Implant a backdoor: a few steps on rows whose label the trigger alone decides (with it 1, without it 0).
+    isolated = _triggered_rows(16, seed=5, trigger=trigger, label=1)
+    plain = token_dataset(16, seed=5)
+    implant = {
+        "input_ids": torch.tensor(list(isolated["input_ids"]) + list(plain["input_ids"])),
+        "attention_mask": torch.tensor(list(isolated["attention_mask"]) + list(plain["attention_mask"])),
+        "labels": torch.tensor([1] * 16 + [0] * 16),
+    }
+    params = [param for param in trainer.model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    trainer.model.train()
+    for _ in range(40):
+        trainer.model(**implant).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    before = _trigger_effect(trainer.model, isolated, trigger)
+    args = trainer.row_filter_args
+    args.row_filter_unlearn_max_guard_drop = 0.99  # keep the last state: this test is about the objective
+    report = run_unlearning(trainer, args, trainer.train_dataset, isolated, trainer.reference_dataset, 0, False)
+    assert report["target"] == "trigger_neutral" and report["cap"] is None and report["chosen_step"] == 20
+    assert trigger in [token["id"] for token in report["trigger_tokens"]]
+    assert _trigger_effect(trainer.model, isolated, trigger) < before / 2
+
+
+def test_a_trigger_neutral_phase_without_a_trigger_token_is_skipped(tmp_path):
+    trainer = _unlearning_trainer(tmp_path, row_filter_unlearn_target="trigger_neutral")
+    trainer.train()
+    phase = trainer.row_filter_report["unlearning"]
+    assert phase["trigger_tokens"] == [] and phase["skipped"].startswith("no trigger token")
+    assert phase["chosen_step"] == 0 and phase["guard"] == []
+    assert trainer.state.log_history[-1]["row_filter/unlearn_trigger_tokens"] == 0
 
 
 def test_the_phase_ends_on_the_last_state_the_guard_accepts(tmp_path):
