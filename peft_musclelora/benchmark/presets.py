@@ -218,7 +218,9 @@ PRESETS: dict[str, MethodPreset] = {
             "removes the insertion backdoors (BadNets, AddSent: ASR 5.5 points below the oracle's) at 0.5 and 0.3 "
             "points of clean accuracy, and holds the paraphrase backdoors (StyleBkd, SynBkd) to +0.4 / -3.1 points of "
             "the oracle's ASR at 1.2 / 0.9 points, on StyleBkd partly by leaning against the target class "
-            "(false-target rate 7-9 % against the oracle's 13-14 %). On unpoisoned data 0.29 under plain LoRA on "
+            "(false-target rate 7-9 % against the oracle's 13-14 %), and on the insertion attacks partly by its "
+            "unlearning phase making the trigger weak evidence against the target (BadNets: 26-33 points of the "
+            "target class's triggered rows turned; docs/row_filter.md). On unpoisoned data 0.29 under plain LoRA on "
             "average (0.0-0.8 by seed). It was fit-gap-poe until session 17, fit-gap-gated until session 20 and "
             "fit-gap-gated-refit in session 20. " + _COMMON,
         ),
