@@ -18,6 +18,11 @@ small share of clean rows, which the trusted rows measure (their own fit-early r
 isolated no more often than that (a one-sided two-proportion z-test at `row_filter_unlearn_significance`), the
 isolated rows are as clean as the trusted ones, and pushing them to chance would blur the task; the phase is then
 skipped and the trained model kept.
+
+Pushing a row to chance is not neutral about its trigger: a row whose content agrees with its label (a clean-label
+trigger) reaches chance only if the trigger comes to speak against that label, which then turns some triggered rows
+of the target class away (measured in docs/row_filter.md). `row_filter_unlearn_target="trigger_neutral"`
+(experimental) asks instead that the isolated rows be predicted as they are with their shared tokens masked out.
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ def _default_cap(logits: torch.Tensor) -> float:
     return math.log(logits.size(-1))
 
 
-def trigger_tokens(isolated_dataset: Any, kept_dataset: Any, min_z: float) -> list[dict[str, float]]:
+def trigger_tokens(isolated_dataset: Any, kept_dataset: Any, min_z: float) -> list[dict[str, Any]]:
     """The token ids that occur in more of the isolated rows than of the kept rows by a two-proportion z above
     `min_z`, highest z first: `{"id", "z", "isolated_share", "kept_share"}` each (presence per row, as Z-defence
     counts words). An insertion trigger is shared by the poisoned rows, which the filter isolates.
@@ -149,7 +154,7 @@ def trigger_neutral_loss(
     )
 
 
-def _with_token_text(trainer: Any, found: list[dict[str, float]]) -> list[dict[str, Any]]:
+def _with_token_text(trainer: Any, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`found` with each token's text when the trainer holds a tokenizer (`processing_class`), for the report."""
     tokenizer = getattr(trainer, "processing_class", None)
     if not hasattr(tokenizer, "convert_ids_to_tokens"):
@@ -189,8 +194,9 @@ def run_unlearning(
 
     Returns:
         The report stored under `unlearning` in `row_filter.json`: `isolated` rows, `evidence`, `skipped` (why
-        nothing was trained, or None), `cap`, `learning_rate`, `steps`, the `guard` trajectory (step, trusted
-        accuracy, isolated rows' mean loss of the batch), `chosen_step`, `guard_start` / `guard_end` and `seconds`.
+        nothing was trained, or None), `target` (`row_filter_unlearn_target`) and, under "trigger_neutral",
+        `trigger_tokens`, `cap`, `learning_rate`, `steps`, the `guard` trajectory (step, trusted accuracy, isolated
+        rows' mean loss of the batch), `chosen_step`, `guard_start` / `guard_end` and `seconds`.
     """
     model = trainer.model
     params = [param for param in model.parameters() if param.requires_grad]
