@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import Counter
 from pathlib import Path
+
+from peft_musclelora.row_filter import two_proportion_z
 
 
 def word_z_scores(isolated: list[str], kept: list[str]) -> list[tuple[float, str, float, float]]:
@@ -26,10 +27,8 @@ def word_z_scores(isolated: list[str], kept: list[str]) -> list[tuple[float, str
     n_i, n_k = len(isolated), len(kept)
     scores = []
     for word in in_isolated.keys() | in_kept.keys():
-        p_i, p_k = in_isolated[word] / n_i, in_kept[word] / n_k
-        pooled = (in_isolated[word] + in_kept[word]) / (n_i + n_k)
-        spread = math.sqrt(pooled * (1 - pooled) * (1 / n_i + 1 / n_k))
-        scores.append(((p_i - p_k) / spread if spread > 0 else 0.0, word, p_i, p_k))
+        z = two_proportion_z(in_isolated[word], n_i, in_kept[word], n_k)
+        scores.append((z, word, in_isolated[word] / n_i, in_kept[word] / n_k))
     return sorted(scores, reverse=True)
 
 

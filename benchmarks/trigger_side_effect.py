@@ -16,7 +16,6 @@ Only insertion attacks have a trigger to insert (BadNets, AddSent).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,6 @@ def main() -> None:
     print("| cell | accuracy on them | triggered | difference |")
     print("|---|---|---|---|")
     for cell in args.cells:
-        json.loads((cell / "metrics.json").read_text())  # a finished cell: refuse a folder without its metrics
         model, tokenizer, info = load_cell(cell / "adapter")
         clean, with_trigger = (_target_share(model, tokenizer, texts, info["max_length"]) for texts in pair)
         print(f"| {cell} | {clean:.1f} | {with_trigger:.1f} | {with_trigger - clean:+.1f} |")

@@ -1402,6 +1402,22 @@ def _train_teacher(
     return torch.log_softmax(raw_teacher + offset, dim=-1), offset, labels_t
 
 
+def two_proportion_z(hits_a: float, rows_a: int, hits_b: float, rows_b: int) -> float:
+    """The pooled two-proportion z of `hits_a / rows_a` over `hits_b / rows_b` (rows >= 1); infinite when both
+    groups are all-or-nothing alike and a's share is the larger, else 0 there.
+
+    Example:
+        >>> round(two_proportion_z(30, 100, 10, 100), 2)
+        3.54
+    """
+    share_a, share_b = hits_a / rows_a, hits_b / rows_b
+    pooled = (hits_a + hits_b) / (rows_a + rows_b)
+    spread = math.sqrt(pooled * (1 - pooled) * (1 / rows_a + 1 / rows_b))
+    if spread > 0:
+        return (share_a - share_b) / spread
+    return math.inf if share_a > share_b else 0.0
+
+
 def isolation_evidence(summary: Mapping[str, Any], significance: Optional[float]) -> dict[str, Any]:
     """Whether the fit-early rows of a row-filter `summary` are more than the clean rate the trusted rows show.
 
@@ -1425,9 +1441,7 @@ def isolation_evidence(summary: Mapping[str, Any], significance: Optional[float]
         reference_share = float(summary["max_clean_drop"]) / 2
     reference_rows = int(summary.get("reference_rows") or 1)
     share = isolated / max(rows, 1)
-    pooled = (isolated + reference_share * reference_rows) / (rows + reference_rows)
-    spread = math.sqrt(pooled * (1 - pooled) * (1 / max(rows, 1) + 1 / reference_rows))
-    z = (share - reference_share) / spread if spread > 0 else (math.inf if share > reference_share else 0.0)
+    z = two_proportion_z(isolated, max(rows, 1), reference_share * reference_rows, reference_rows)
     threshold = None if significance is None else statistics.NormalDist().inv_cdf(1 - significance)
     return {
         "isolated_share": share,

@@ -37,7 +37,7 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .row_filter import RowFilterArguments, _loader, length_order, subset_rows
+from .row_filter import RowFilterArguments, _loader, length_order, subset_rows, two_proportion_z
 
 # isolation_evidence moved to row_filter (plain training reads it there); importable from here as before.
 from .row_filter import isolation_evidence as isolation_evidence
@@ -112,9 +112,7 @@ def trigger_tokens(isolated_dataset: Any, kept_dataset: Any, min_z: float) -> li
     found = []
     for token, in_isolated in isolated_counts.items():
         in_kept = kept_counts.get(token, 0)
-        pooled = (in_isolated + in_kept) / (n_isolated + n_kept)
-        spread = math.sqrt(pooled * (1 - pooled) * (1 / n_isolated + 1 / n_kept))
-        z = (in_isolated / n_isolated - in_kept / n_kept) / spread if spread > 0 else 0.0
+        z = two_proportion_z(in_isolated, n_isolated, in_kept, n_kept)
         if z > min_z:
             found.append(
                 {"id": token, "z": z, "isolated_share": in_isolated / n_isolated, "kept_share": in_kept / n_kept}
