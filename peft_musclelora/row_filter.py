@@ -82,7 +82,11 @@ CONTRADICTED_ACTIONS: dict[str, ContradictedAction] = {
 UNLEARN_TARGETS: dict[str, str] = {
     "chance": "their loss pushed up to row_filter_unlearn_cap (chance, ln K, by default)",
     "trigger_neutral": "their prediction unchanged when the tokens they share beyond the kept rows are masked out",
+    "trigger_inserted": "as 'trigger_neutral', and the kept rows' prediction unchanged when those tokens are inserted "
+    "into them",
 }
+#: The targets that read a trigger off the isolated rows (`row_filter_unlearn_trigger_z` picks its tokens).
+TRIGGER_UNLEARN_TARGETS = frozenset({"trigger_neutral", "trigger_inserted"})
 #: The z above which a token of the isolated rows is taken for the trigger (`row_filter_unlearn_trigger_z`): on the
 #: full SST-2 the insertion triggers' words score 50-76 and the next word at most 6
 #: (benchmarks/isolated_trigger_tokens.py).
@@ -390,14 +394,18 @@ class RowFilterArguments:
             "row_filter_unlearn_trigger_z) are taken for the trigger, and each isolated row's prediction is pulled "
             "to the model's own prediction of the row with those tokens masked out, so the trigger comes to change "
             "nothing, where pushing a row whose content agrees with its label to chance teaches the trigger as "
-            "evidence against that label. No such token: the phase is skipped."
+            "evidence against that label. No such token: the phase is skipped. 'trigger_inserted' (experimental; "
+            "class labels only) adds to 'trigger_neutral' the kept rows with the trigger inserted (each row "
+            "gets the longest run of trigger tokens of a random isolated row, at a random position), pulled to "
+            "the model's own prediction of the row without it: a clean-label trigger, whose isolated rows all "
+            "belong to the target class, is then seen acting on the other classes."
         },
     )
     row_filter_unlearn_trigger_z: float = field(
         default=DEFAULT_TRIGGER_Z,
         metadata={
             "help": "The z above which a token of the isolated rows is taken for the trigger under "
-            "row_filter_unlearn_target='trigger_neutral'. > 0."
+            "row_filter_unlearn_target='trigger_neutral' or 'trigger_inserted'. > 0."
         },
     )
     row_filter_unlearn_eval_every: int = field(
@@ -623,20 +631,22 @@ class RowFilterArguments:
         _check_choice("row_filter_unlearn_target", target, UNLEARN_TARGETS)
         z = self.row_filter_unlearn_trigger_z
         check_number("row_filter_unlearn_trigger_z", z, "> 0", _positive)
-        if target == "trigger_neutral" and not self.row_filter_unlearn:
+        reads_trigger = target in TRIGGER_UNLEARN_TARGETS
+        if reads_trigger and not self.row_filter_unlearn:
             raise ValueError(
-                "`row_filter_unlearn_target='trigger_neutral'` is what the unlearning phase asks of the isolated "
+                f"`row_filter_unlearn_target={target!r}` is what the unlearning phase asks of the isolated "
                 "rows: set row_filter_unlearn=True as well."
             )
-        if target == "trigger_neutral" and self.row_filter_unlearn_cap is not None:
+        if reads_trigger and self.row_filter_unlearn_cap is not None:
             raise ValueError(
                 f"`row_filter_unlearn_cap` ({self.row_filter_unlearn_cap!r}) is the loss the 'chance' target pushes "
-                "the isolated rows up to; 'trigger_neutral' has no cap: leave it None."
+                f"the isolated rows up to; {target!r} has no cap: leave it None."
             )
-        if target != "trigger_neutral" and z != DEFAULT_TRIGGER_Z:
+        if not reads_trigger and z != DEFAULT_TRIGGER_Z:
             raise ValueError(
                 f"`row_filter_unlearn_trigger_z` ({z!r}) picks the trigger tokens of "
-                f"row_filter_unlearn_target='trigger_neutral': set that as well, or leave it at {DEFAULT_TRIGGER_Z}."
+                f"row_filter_unlearn_target='trigger_neutral' or 'trigger_inserted': set one as well, or leave it at "
+                f"{DEFAULT_TRIGGER_Z}."
             )
 
     def _validate_plain_significance(self) -> None:

@@ -23,6 +23,9 @@ Pushing a row to chance is not neutral about its trigger: a row whose content ag
 trigger) reaches chance only if the trigger comes to speak against that label, which then turns some triggered rows
 of the target class away (measured in docs/row_filter.md). `row_filter_unlearn_target="trigger_neutral"`
 (experimental) asks instead that the isolated rows be predicted as they are with their shared tokens masked out.
+That cannot reach a clean-label trigger, whose isolated rows all read as the target class with or without it;
+`"trigger_inserted"` (experimental) also inserts the trigger, as the isolated rows carry it ([`trigger_runs`]), into
+the kept rows of every class and asks that their prediction not move ([`trigger_insertion_loss`]).
 """
 
 from __future__ import annotations
@@ -37,7 +40,14 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .row_filter import RowFilterArguments, _loader, length_order, subset_rows, two_proportion_z
+from .row_filter import (
+    TRIGGER_UNLEARN_TARGETS,
+    RowFilterArguments,
+    _loader,
+    length_order,
+    subset_rows,
+    two_proportion_z,
+)
 
 # isolation_evidence moved to row_filter (plain training reads it there); importable from here as before.
 from .row_filter import isolation_evidence as isolation_evidence
@@ -152,6 +162,104 @@ def trigger_neutral_loss(
     )
 
 
+def trigger_runs(isolated_dataset: Any, trigger_ids: set[int]) -> list[list[int]]:
+    """Each isolated row's longest run of consecutive `trigger_ids` (the first of equal length), rows without any
+    left out: the trigger as the poisoned rows carry it, in its order (a phrase stays a phrase).
+
+    Example:
+        >>> rows = [{"input_ids": [101, 9, 7, 8, 5, 7, 102]}, {"input_ids": [101, 5, 102]}]
+        >>> trigger_runs(rows, {7, 8})
+        [[7, 8]]
+    """
+    runs = []
+    for index in range(len(isolated_dataset)):
+        longest: list[int] = []
+        current: list[int] = []
+        for token in isolated_dataset[index]["input_ids"]:
+            current = [*current, int(token)] if int(token) in trigger_ids else []
+            longest = current if len(current) > len(longest) else longest
+        if longest:
+            runs.append(longest)
+    return runs
+
+
+def insert_runs(
+    inputs: Mapping[str, Any], runs: list[list[int]], generator: torch.Generator, pad_id: int, max_length: int
+) -> dict[str, Any]:
+    """`inputs` (a padded batch) with a run of `runs` (drawn per row) inserted into each row at a random position
+    between its first and last real token, so special tokens at either end stay there. Every `(batch, seq)` tensor
+    is rebuilt: `input_ids` take the run, `attention_mask` ones, any other (`token_type_ids`) the value of the token
+    before; the padding side is kept, and content before the last token is cut to fit `max_length`.
+
+    Example:
+        >>> batch = {"input_ids": torch.tensor([[101, 5, 6, 102], [101, 102, 0, 0]]),
+        ...          "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), "labels": torch.tensor([0, 1])}
+        >>> out = insert_runs(batch, [[7, 8]], torch.Generator().manual_seed(0), pad_id=0, max_length=16)
+        >>> out["input_ids"][1].tolist(), out["attention_mask"][1].tolist(), out["labels"].tolist()
+        ([101, 7, 8, 102, 0, 0], [1, 1, 1, 1, 0, 0], [0, 1])
+    """
+    input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    left_padded = bool((mask[:, 0] == 0).any() and (mask[:, -1] == 1).all())
+    per_token = {key: value for key, value in inputs.items() if torch.is_tensor(value) and value.shape == mask.shape}
+    rebuilt: dict[str, list[torch.Tensor]] = {key: [] for key in per_token}
+    for row in range(input_ids.size(0)):
+        real = mask[row].nonzero().flatten()
+        run = runs[int(torch.randint(len(runs), (1,), generator=generator))][: max(max_length - 2, 1)]
+        room = max_length - len(run)
+        if len(real) > room:
+            real = torch.cat([real[: max(room - 1, 0)], real[-1:]])
+        at = 1 + int(torch.randint(max(len(real) - 1, 1), (1,), generator=generator)) if len(real) > 1 else len(real)
+        for key, values in per_token.items():
+            kept = values[row, real]
+            if key == "input_ids":
+                middle = torch.tensor(run, dtype=values.dtype, device=values.device)
+            elif key == "attention_mask":
+                middle = torch.ones(len(run), dtype=values.dtype, device=values.device)
+            else:
+                middle = kept[max(at - 1, 0)].expand(len(run)) if len(kept) else values.new_zeros(len(run))
+            rebuilt[key].append(torch.cat([kept[:at], middle, kept[at:]]))
+    longest = max(len(row) for row in rebuilt["input_ids"])
+    out = dict(inputs)
+    for key, rows in rebuilt.items():
+        fill = pad_id if key == "input_ids" else 0
+        sides = [(longest - len(row), 0) if left_padded else (0, longest - len(row)) for row in rows]
+        out[key] = torch.stack([torch.nn.functional.pad(row, side, value=fill) for row, side in zip(rows, sides)])
+    return out
+
+
+def trigger_insertion_loss(model: Any, inputs: Mapping[str, Any], inserted: Mapping[str, Any]) -> torch.Tensor:
+    """KL(p(row) || p(row with the trigger inserted)), averaged over the batch: the target is the model's own
+    prediction, in eval mode and without gradient, of the rows as they are (`inputs`), the prediction is of
+    `inserted` ([`insert_runs`]) with gradient; the trigger then comes to change nothing on rows of any class."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        target = torch.log_softmax(model(**inputs).logits.float(), dim=-1)
+    model.train(was_training)
+    predicted = torch.log_softmax(model(**inserted).logits.float(), dim=-1)
+    return torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="batchmean")
+
+
+def _pad_and_max_length(trainer: Any) -> tuple[int, int]:
+    """The pad id (the model's, else the tokenizer's, else 0) and the longest input the model takes."""
+    config = trainer.model.config
+    tokenizer = getattr(trainer, "processing_class", None)
+    pad_id = getattr(config, "pad_token_id", None)
+    pad_id = getattr(tokenizer, "pad_token_id", None) if pad_id is None else pad_id
+    return (0 if pad_id is None else int(pad_id)), int(getattr(config, "max_position_embeddings", None) or 1 << 16)
+
+
+def _run_counts(trainer: Any, runs: list[list[int]]) -> list[dict[str, Any]]:
+    """The distinct trigger runs, most frequent first, with their count (and text when a tokenizer is there)."""
+    tokenizer = getattr(trainer, "processing_class", None)
+    counts = Counter(tuple(run) for run in runs)
+    return [
+        {"ids": list(run), "rows": rows}
+        | ({"text": tokenizer.decode(list(run))} if hasattr(tokenizer, "decode") else {})
+        for run, rows in counts.most_common(20)
+    ]
+
+
 def _with_token_text(trainer: Any, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`found` with each token's text when the trainer holds a tokenizer (`processing_class`), for the report."""
     tokenizer = getattr(trainer, "processing_class", None)
@@ -192,8 +300,9 @@ def run_unlearning(
 
     Returns:
         The report stored under `unlearning` in `row_filter.json`: `isolated` rows, `evidence`, `skipped` (why
-        nothing was trained, or None), `target` (`row_filter_unlearn_target`) and, under "trigger_neutral",
-        `trigger_tokens`, `cap`, `learning_rate`, `steps`, the `guard` trajectory (step, trusted accuracy, isolated
+        nothing was trained, or None), `target` (`row_filter_unlearn_target`), under "trigger_neutral" and
+        "trigger_inserted" `trigger_tokens`, under "trigger_inserted" `trigger_runs` (the 20 most frequent, with
+        their row counts), `cap`, `learning_rate`, `steps`, the `guard` trajectory (step, trusted accuracy, isolated
         rows' mean loss of the batch), `chosen_step`, `guard_start` / `guard_end` and `seconds`.
     """
     model = trainer.model
@@ -209,7 +318,8 @@ def run_unlearning(
             f"{evidence['reference_share']:.2%} of the trusted rows (z = {evidence['z']:.2f}, needs > "
             f"{evidence['threshold']:.2f})"
         )
-    neutral = args.row_filter_unlearn_target == "trigger_neutral"
+    neutral = args.row_filter_unlearn_target in TRIGGER_UNLEARN_TARGETS
+    inserting = args.row_filter_unlearn_target == "trigger_inserted"
     report["target"] = args.row_filter_unlearn_target
     if neutral and report["skipped"] is None:
         found = trigger_tokens(isolated_dataset, kept_dataset, args.row_filter_unlearn_trigger_z)
@@ -222,6 +332,10 @@ def run_unlearning(
     if report["skipped"] is not None:
         return {**report, "guard": [], "chosen_step": 0, "guard_start": None, "guard_end": None, "seconds": 0.0}
     trigger_ids = torch.tensor([token["id"] for token in report.get("trigger_tokens", [])], dtype=torch.long)
+    runs = trigger_runs(isolated_dataset, set(trigger_ids.tolist())) if inserting else []
+    if inserting:
+        report["trigger_runs"] = _run_counts(trainer, runs)
+    insertion_generator = torch.Generator().manual_seed(seed + 1)
     start_time = time.perf_counter()
     batch_size = trainer.args.per_device_train_batch_size
     generator = torch.Generator().manual_seed(seed)
@@ -241,9 +355,13 @@ def run_unlearning(
         chosen_step, cap = 0, args.row_filter_unlearn_cap
         for step in range(1, args.row_filter_unlearn_steps + 1):
             with trainer.compute_loss_context_manager():
-                fit_loss = trainer.compute_loss(model, trainer._prepare_inputs(next(kept_batches)))
+                kept_inputs = trainer._prepare_inputs(next(kept_batches))
+                fit_loss = trainer.compute_loss(model, kept_inputs)
                 isolated_inputs = trainer._prepare_inputs(next(isolated_batches))
                 outputs = model(**isolated_inputs)
+                if inserting:
+                    inserted = insert_runs(kept_inputs, runs, insertion_generator, *_pad_and_max_length(trainer))
+                    fit_loss = fit_loss + trigger_insertion_loss(model, kept_inputs, inserted)
             isolated_loss = outputs.loss.float()
             if neutral:
                 isolated_term = trigger_neutral_loss(

@@ -22,7 +22,9 @@ from peft_musclelora.unlearning import (
     _default_cap,
     correct_and_total,
     guard_accuracy,
+    insert_runs,
     run_unlearning,
+    trigger_runs,
     trigger_tokens,
 )
 
@@ -67,6 +69,13 @@ def test_the_default_cap_is_chance_among_the_classes_and_generation_must_set_one
             | {"row_filter_unlearn_cap": 1.0},
             ValueError,
             r"`row_filter_unlearn_cap` \(1.0\).*'trigger_neutral' has no cap",
+        ),
+        ({"row_filter": True, "row_filter_unlearn_target": "trigger_inserted"}, ValueError, "row_filter_unlearn=True"),
+        (
+            {"row_filter": True, "row_filter_unlearn": True, "row_filter_unlearn_target": "trigger_inserted"}
+            | {"row_filter_unlearn_cap": 2.0},
+            ValueError,
+            r"`row_filter_unlearn_cap` \(2.0\).*'trigger_inserted' has no cap",
         ),
         ({"row_filter_unlearn_trigger_z": 0}, ValueError, "`row_filter_unlearn_trigger_z` must be > 0, got 0"),
         (
@@ -434,3 +443,75 @@ def test_invalid_isolated_row_settings_name_the_field_and_the_value(overrides, e
     settings = {"row_filter": True, "row_filter_unlearn": True, "row_filter_keep_isolated_without_evidence": True}
     with pytest.raises(error, match=match):
         RowFilterArguments(**{**settings, **overrides})
+
+
+def _clean_label_rows(rows: int, seed: int, trigger: int) -> datasets.Dataset:
+    """Rows whose content says label 1 (token 1 first), with the `trigger` token at position 2: clean-label poison."""
+    data = token_dataset(rows, seed=seed).filter(lambda row: row["labels"] == 1).to_dict()
+    for ids in data["input_ids"]:
+        ids[2] = trigger
+    return datasets.Dataset.from_dict(data)
+
+
+def test_a_trigger_inserted_phase_makes_a_clean_label_trigger_change_little_on_the_other_class(tmp_path):
+    trigger = VOCAB - 1
+    settings = {"row_filter_unlearn_target": "trigger_inserted", "row_filter_unlearn_trigger_z": 8.0}
+    trainer = _unlearning_trainer(
+        tmp_path, row_filter_unlearn_steps=30, row_filter_unlearn_learning_rate=1e-2, **settings
+    )
+    trainer.train()
+    # Implant a backdoor (trigger -> 1 whatever the content), then isolate only rows whose content already says 1,
+    # as a clean-label attack's poisoned rows do: the phase must see the trigger act on rows of the other class.
+    triggered, plain = _triggered_rows(64, seed=5, trigger=trigger, label=1), token_dataset(64, seed=6)
+    implant = {
+        key: torch.tensor(list(triggered[key]) + list(plain[key])) for key in ("input_ids", "attention_mask", "labels")
+    }
+    params = [param for param in trainer.model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    trainer.model.train()
+    for _ in range(40):
+        trainer.model(**implant).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    other_class = _triggered_rows(64, seed=8, trigger=trigger, label=0).filter(lambda row: row["input_ids"][0] != 1)
+    before = _trigger_effect(trainer.model, other_class, trigger)
+    isolated, kept = _clean_label_rows(128, seed=7, trigger=trigger), token_dataset(400, seed=3)
+    args = trainer.row_filter_args
+    args.row_filter_unlearn_max_guard_drop = 0.99  # keep the last state: this test is about the objective
+    report = run_unlearning(trainer, args, kept, isolated, trainer.reference_dataset, 0, False)
+    assert [token["id"] for token in report["trigger_tokens"]] == [trigger]
+    # each isolated row gives its longest run of trigger tokens; two random rows hold the token twice in a row
+    assert report["trigger_runs"][0] == {"ids": [trigger], "rows": len(isolated) - 2}
+    assert before > 1.0 and _trigger_effect(trainer.model, other_class, trigger) < before / 100
+
+
+def test_a_trigger_run_is_an_isolated_rows_longest_stretch_of_trigger_tokens_in_order():
+    rows = [{"input_ids": [101, 3, 7, 8, 9, 5, 7, 102]}, {"input_ids": [101, 8, 5, 102]}, {"input_ids": [101, 102]}]
+    assert trigger_runs(rows, {7, 8, 9}) == [[7, 8, 9], [8]]  # a row without any gives none
+
+
+def test_inserting_a_run_keeps_the_special_tokens_the_padding_side_and_the_segment_ids():
+    generator = torch.Generator().manual_seed(0)
+    right = {
+        "input_ids": torch.tensor([[101, 5, 6, 102], [101, 5, 102, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+        "token_type_ids": torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]]),
+        "labels": torch.tensor([0, 1]),
+    }
+    out = insert_runs(right, [[7, 8]], generator, pad_id=0, max_length=16)
+    assert out["labels"] is right["labels"] and out["input_ids"].shape == (2, 6)
+    for row, length in zip(range(2), (6, 5)):
+        ids = out["input_ids"][row][out["attention_mask"][row].bool()].tolist()
+        assert len(ids) == length and ids[0] == 101 and ids[-1] == 102  # special tokens stay at either end
+        at = ids.index(7)
+        assert ids[at + 1] == 8 and 1 <= at <= length - 3  # the run, whole, between them
+        assert out["attention_mask"][row, :length].all() and not out["attention_mask"][row, length:].any()
+    segments = out["token_type_ids"][0].tolist()
+    assert segments == sorted(segments)  # the run takes the segment id of the token before it
+    left = {
+        "input_ids": torch.tensor([[0, 101, 5, 102], [101, 5, 6, 102]]),
+        "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]),
+    }
+    assert insert_runs(left, [[7]], generator, 0, 16)["attention_mask"].tolist() == [[0, 1, 1, 1, 1], [1] * 5]
+    cut = insert_runs(right, [[7, 8]], generator, pad_id=0, max_length=5)
+    assert cut["input_ids"].shape == (2, 5) and cut["input_ids"][0, -1] == 102  # content gives way, not [SEP]
