@@ -162,41 +162,61 @@ def trigger_neutral_loss(
     )
 
 
-def trigger_runs(isolated_dataset: Any, trigger_ids: set[int]) -> list[list[int]]:
-    """Each isolated row's longest run of consecutive `trigger_ids` (the first of equal length), rows without any
-    left out: the trigger as the poisoned rows carry it, in its order (a phrase stays a phrase).
+def trigger_runs(isolated_dataset: Any, trigger_ids: set[int]) -> list[list[list[int]]]:
+    """Each isolated row's runs of consecutive `trigger_ids`, in order, rows without any left out: the trigger as the
+    poisoned rows carry it (a phrase stays a phrase, and scattered words stay as many).
 
     Example:
         >>> rows = [{"input_ids": [101, 9, 7, 8, 5, 7, 102]}, {"input_ids": [101, 5, 102]}]
         >>> trigger_runs(rows, {7, 8})
-        [[7, 8]]
+        [[[7, 8], [7]]]
     """
-    runs = []
+    patterns = []
     for index in range(len(isolated_dataset)):
-        longest: list[int] = []
-        current: list[int] = []
+        runs: list[list[int]] = []
+        previous_in_trigger = False
         for token in isolated_dataset[index]["input_ids"]:
-            current = [*current, int(token)] if int(token) in trigger_ids else []
-            longest = current if len(current) > len(longest) else longest
-        if longest:
-            runs.append(longest)
-    return runs
+            in_trigger = int(token) in trigger_ids
+            if in_trigger and previous_in_trigger:
+                runs[-1].append(int(token))
+            elif in_trigger:
+                runs.append([int(token)])
+            previous_in_trigger = in_trigger
+        if runs:
+            patterns.append(runs)
+    return patterns
+
+
+def _fitting_runs(runs: list[list[int]], room: int) -> list[list[int]]:
+    """The leading runs of `runs` whose tokens fit in `room` (at least the first run, cut to `room`)."""
+    fitted, used = [], 0
+    for run in runs:
+        if used + len(run) > room:
+            break
+        fitted.append(run)
+        used += len(run)
+    return fitted or [runs[0][: max(room, 1)]]
 
 
 def insert_runs(
-    inputs: Mapping[str, Any], runs: list[list[int]], generator: torch.Generator, pad_id: int, max_length: int
+    inputs: Mapping[str, Any],
+    patterns: list[list[list[int]]],
+    generator: torch.Generator,
+    pad_id: int,
+    max_length: int,
 ) -> dict[str, Any]:
-    """`inputs` (a padded batch) with a run of `runs` (drawn per row) inserted into each row at a random position
-    between its first and last real token, so special tokens at either end stay there. Every `(batch, seq)` tensor
-    is rebuilt: `input_ids` take the run, `attention_mask` ones, any other (`token_type_ids`) the value of the token
-    before; the padding side is kept, and content before the last token is cut to fit `max_length`.
+    """`inputs` (a padded batch) with a pattern of `patterns` (drawn per row; see [`trigger_runs`]) inserted into
+    each row: every run of the pattern at its own random position between the row's first and last real token, in the
+    pattern's order, so special tokens at either end stay there. Every `(batch, seq)` tensor is rebuilt:
+    `input_ids` take the runs, `attention_mask` ones, any other (`token_type_ids`) the value of the token before; the
+    padding side is kept, and content before the last token is cut to fit `max_length`.
 
     Example:
         >>> batch = {"input_ids": torch.tensor([[101, 5, 6, 102], [101, 102, 0, 0]]),
         ...          "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), "labels": torch.tensor([0, 1])}
-        >>> out = insert_runs(batch, [[7, 8]], torch.Generator().manual_seed(0), pad_id=0, max_length=16)
+        >>> out = insert_runs(batch, [[[7, 8], [9]]], torch.Generator().manual_seed(0), pad_id=0, max_length=16)
         >>> out["input_ids"][1].tolist(), out["attention_mask"][1].tolist(), out["labels"].tolist()
-        ([101, 7, 8, 102, 0, 0], [1, 1, 1, 1, 0, 0], [0, 1])
+        ([101, 7, 8, 9, 102, 0, 0], [1, 1, 1, 1, 1, 0, 0], [0, 1])
     """
     input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
     left_padded = bool((mask[:, 0] == 0).any() and (mask[:, -1] == 1).all())
@@ -204,20 +224,28 @@ def insert_runs(
     rebuilt: dict[str, list[torch.Tensor]] = {key: [] for key in per_token}
     for row in range(input_ids.size(0)):
         real = mask[row].nonzero().flatten()
-        run = runs[int(torch.randint(len(runs), (1,), generator=generator))][: max(max_length - 2, 1)]
-        room = max_length - len(run)
+        drawn = patterns[int(torch.randint(len(patterns), (1,), generator=generator))]
+        runs = _fitting_runs(drawn, max(max_length - 2, 1))
+        room = max_length - sum(len(run) for run in runs)
         if len(real) > room:
             real = torch.cat([real[: max(room - 1, 0)], real[-1:]])
-        at = 1 + int(torch.randint(max(len(real) - 1, 1), (1,), generator=generator)) if len(real) > 1 else len(real)
+        if len(real) > 1:
+            gaps = sorted((1 + torch.randint(len(real) - 1, (len(runs),), generator=generator)).tolist())
+        else:
+            gaps = [len(real)] * len(runs)
         for key, values in per_token.items():
             kept = values[row, real]
-            if key == "input_ids":
-                middle = torch.tensor(run, dtype=values.dtype, device=values.device)
-            elif key == "attention_mask":
-                middle = torch.ones(len(run), dtype=values.dtype, device=values.device)
-            else:
-                middle = kept[max(at - 1, 0)].expand(len(run)) if len(kept) else values.new_zeros(len(run))
-            rebuilt[key].append(torch.cat([kept[:at], middle, kept[at:]]))
+            pieces, start = [], 0
+            for gap, run in zip(gaps, runs):
+                if key == "input_ids":
+                    middle = torch.tensor(run, dtype=values.dtype, device=values.device)
+                elif key == "attention_mask":
+                    middle = torch.ones(len(run), dtype=values.dtype, device=values.device)
+                else:
+                    middle = kept[max(gap - 1, 0)].expand(len(run)) if len(kept) else values.new_zeros(len(run))
+                pieces += [kept[start:gap], middle]
+                start = gap
+            rebuilt[key].append(torch.cat([*pieces, kept[start:]]))
     longest = max(len(row) for row in rebuilt["input_ids"])
     out = dict(inputs)
     for key, rows in rebuilt.items():
@@ -249,14 +277,14 @@ def _pad_and_max_length(trainer: Any) -> tuple[int, int]:
     return (0 if pad_id is None else int(pad_id)), int(getattr(config, "max_position_embeddings", None) or 1 << 16)
 
 
-def _run_counts(trainer: Any, runs: list[list[int]]) -> list[dict[str, Any]]:
-    """The distinct trigger runs, most frequent first, with their count (and text when a tokenizer is there)."""
+def _pattern_counts(trainer: Any, patterns: list[list[list[int]]]) -> list[dict[str, Any]]:
+    """The 20 most frequent trigger patterns with their row counts (and each run's text when there is a tokenizer)."""
     tokenizer = getattr(trainer, "processing_class", None)
-    counts = Counter(tuple(run) for run in runs)
+    counts = Counter(tuple(tuple(run) for run in pattern) for pattern in patterns)
     return [
-        {"ids": list(run), "rows": rows}
-        | ({"text": tokenizer.decode(list(run))} if hasattr(tokenizer, "decode") else {})
-        for run, rows in counts.most_common(20)
+        {"runs": [list(run) for run in pattern], "rows": rows}
+        | ({"text": [tokenizer.decode(list(run)) for run in pattern]} if hasattr(tokenizer, "decode") else {})
+        for pattern, rows in counts.most_common(20)
     ]
 
 
@@ -301,9 +329,10 @@ def run_unlearning(
     Returns:
         The report stored under `unlearning` in `row_filter.json`: `isolated` rows, `evidence`, `skipped` (why
         nothing was trained, or None), `target` (`row_filter_unlearn_target`), under "trigger_neutral" and
-        "trigger_inserted" `trigger_tokens`, under "trigger_inserted" `trigger_runs` (the 20 most frequent, with
-        their row counts), `cap`, `learning_rate`, `steps`, the `guard` trajectory (step, trusted accuracy, isolated
-        rows' mean loss of the batch), `chosen_step`, `guard_start` / `guard_end` and `seconds`.
+        "trigger_inserted" `trigger_tokens`, under "trigger_inserted" `trigger_runs` (the 20 most frequent
+        patterns of runs, with their row counts), `cap`, `learning_rate`, `steps`, the `guard` trajectory (step,
+        trusted accuracy, isolated rows' mean loss of the batch), `chosen_step`, `guard_start` / `guard_end` and
+        `seconds`.
     """
     model = trainer.model
     params = [param for param in model.parameters() if param.requires_grad]
@@ -332,9 +361,9 @@ def run_unlearning(
     if report["skipped"] is not None:
         return {**report, "guard": [], "chosen_step": 0, "guard_start": None, "guard_end": None, "seconds": 0.0}
     trigger_ids = torch.tensor([token["id"] for token in report.get("trigger_tokens", [])], dtype=torch.long)
-    runs = trigger_runs(isolated_dataset, set(trigger_ids.tolist())) if inserting else []
+    patterns = trigger_runs(isolated_dataset, set(trigger_ids.tolist())) if inserting else []
     if inserting:
-        report["trigger_runs"] = _run_counts(trainer, runs)
+        report["trigger_runs"] = _pattern_counts(trainer, patterns)
     insertion_generator = torch.Generator().manual_seed(seed + 1)
     start_time = time.perf_counter()
     batch_size = trainer.args.per_device_train_batch_size
@@ -360,7 +389,7 @@ def run_unlearning(
                 isolated_inputs = trainer._prepare_inputs(next(isolated_batches))
                 outputs = model(**isolated_inputs)
                 if inserting:
-                    inserted = insert_runs(kept_inputs, runs, insertion_generator, *_pad_and_max_length(trainer))
+                    inserted = insert_runs(kept_inputs, patterns, insertion_generator, *_pad_and_max_length(trainer))
                     fit_loss = fit_loss + trigger_insertion_loss(model, kept_inputs, inserted)
             isolated_loss = outputs.loss.float()
             if neutral:

@@ -480,14 +480,15 @@ def test_a_trigger_inserted_phase_makes_a_clean_label_trigger_change_little_on_t
     args.row_filter_unlearn_max_guard_drop = 0.99  # keep the last state: this test is about the objective
     report = run_unlearning(trainer, args, kept, isolated, trainer.reference_dataset, 0, False)
     assert [token["id"] for token in report["trigger_tokens"]] == [trigger]
-    # each isolated row gives its longest run of trigger tokens; two random rows hold the token twice in a row
-    assert report["trigger_runs"][0] == {"ids": [trigger], "rows": len(isolated) - 2}
+    # each isolated row gives its runs of trigger tokens; most hold only the planted one (a few rows hold the token
+    # elsewhere too, at random)
+    assert report["trigger_runs"][0]["runs"] == [[trigger]] and report["trigger_runs"][0]["rows"] > len(isolated) / 2
     assert before > 1.0 and _trigger_effect(trainer.model, other_class, trigger) < before / 100
 
 
-def test_a_trigger_run_is_an_isolated_rows_longest_stretch_of_trigger_tokens_in_order():
+def test_an_isolated_rows_trigger_is_its_stretches_of_trigger_tokens_in_order():
     rows = [{"input_ids": [101, 3, 7, 8, 9, 5, 7, 102]}, {"input_ids": [101, 8, 5, 102]}, {"input_ids": [101, 102]}]
-    assert trigger_runs(rows, {7, 8, 9}) == [[7, 8, 9], [8]]  # a row without any gives none
+    assert trigger_runs(rows, {7, 8, 9}) == [[[7, 8, 9], [7]], [[8]]]  # a row without any gives none
 
 
 def test_inserting_a_run_keeps_the_special_tokens_the_padding_side_and_the_segment_ids():
@@ -498,7 +499,7 @@ def test_inserting_a_run_keeps_the_special_tokens_the_padding_side_and_the_segme
         "token_type_ids": torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]]),
         "labels": torch.tensor([0, 1]),
     }
-    out = insert_runs(right, [[7, 8]], generator, pad_id=0, max_length=16)
+    out = insert_runs(right, [[[7, 8]]], generator, pad_id=0, max_length=16)
     assert out["labels"] is right["labels"] and out["input_ids"].shape == (2, 6)
     for row, length in zip(range(2), (6, 5)):
         ids = out["input_ids"][row][out["attention_mask"][row].bool()].tolist()
@@ -512,6 +513,19 @@ def test_inserting_a_run_keeps_the_special_tokens_the_padding_side_and_the_segme
         "input_ids": torch.tensor([[0, 101, 5, 102], [101, 5, 6, 102]]),
         "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]),
     }
-    assert insert_runs(left, [[7]], generator, 0, 16)["attention_mask"].tolist() == [[0, 1, 1, 1, 1], [1] * 5]
-    cut = insert_runs(right, [[7, 8]], generator, pad_id=0, max_length=5)
+    assert insert_runs(left, [[[7]]], generator, 0, 16)["attention_mask"].tolist() == [[0, 1, 1, 1, 1], [1] * 5]
+    cut = insert_runs(right, [[[7, 8]]], generator, pad_id=0, max_length=5)
     assert cut["input_ids"].shape == (2, 5) and cut["input_ids"][0, -1] == 102  # content gives way, not [SEP]
+
+
+def test_each_run_of_a_pattern_goes_in_at_its_own_position_in_the_patterns_order():
+    long_row = {"input_ids": torch.tensor([[101, *range(10, 40), 102]]), "attention_mask": torch.ones(1, 32).long()}
+    placements = set()
+    for seed in range(8):
+        ids = insert_runs(long_row, [[[7], [8, 9]]], torch.Generator().manual_seed(seed), 0, 64)["input_ids"][0]
+        ids = ids.tolist()
+        assert len(ids) == 35 and ids[0] == 101 and ids[-1] == 102 and ids.count(7) == 1
+        assert ids.index(7) < ids.index(8) and ids[ids.index(8) + 1] == 9  # in order, each run whole
+        assert [token for token in ids if 10 <= token < 40] == list(range(10, 40))  # the row's own tokens untouched
+        placements.add(ids.index(8) - ids.index(7))
+    assert len(placements) > 1  # the runs are placed independently, not as one block
