@@ -85,6 +85,13 @@ UNLEARN_TARGETS: dict[str, str] = {
     "trigger_inserted": "as 'trigger_neutral', and the kept rows' prediction unchanged when those tokens are inserted "
     "into them",
 }
+#: What the kept rows with the trigger inserted are pulled to under `row_filter_unlearn_target="trigger_inserted"`
+#: (`row_filter_unlearn_insertion_target`).
+INSERTION_TARGETS: dict[str, str] = {
+    "placebo": "the model's prediction of the row with as many other words, as common as the trigger's, at the same "
+    "places",
+    "unchanged": "the model's prediction of the row as it is",
+}
 #: The targets that read a trigger off the isolated rows (`row_filter_unlearn_trigger_z` picks its tokens).
 TRIGGER_UNLEARN_TARGETS = frozenset({"trigger_neutral", "trigger_inserted"})
 #: The z above which a token of the isolated rows is taken for the trigger (`row_filter_unlearn_trigger_z`): on the
@@ -408,6 +415,16 @@ class RowFilterArguments:
             "row_filter_unlearn_target='trigger_neutral' or 'trigger_inserted'. > 0."
         },
     )
+    row_filter_unlearn_insertion_target: str = field(
+        default="placebo",
+        metadata={
+            "help": "Under row_filter_unlearn_target='trigger_inserted', what a kept row with the trigger inserted "
+            "is pulled to: 'placebo' (the model's prediction of the row with as many other words at the same "
+            "places, each as common in the kept rows as the trigger word it stands for: a backdoor-free model reads "
+            "inserted noise words as weak evidence against the target, and so should the trigger) or 'unchanged' "
+            "(the prediction of the row as it is)."
+        },
+    )
     row_filter_unlearn_eval_every: int = field(
         default=10, metadata={"help": "Unlearning steps between two guard evaluations on the trusted rows (>= 1)."}
     )
@@ -601,6 +618,7 @@ class RowFilterArguments:
         check_number("row_filter_unlearn_learning_rate", self.row_filter_unlearn_learning_rate, "> 0", _positive, True)
         check_number("row_filter_unlearn_cap", self.row_filter_unlearn_cap, "> 0", _positive, True)
         self._validate_unlearn_target()
+        self._validate_insertion_target()
         significance = self.row_filter_unlearn_significance
         check_number("row_filter_unlearn_significance", significance, "in (0, 1)", lambda v: 0 < v < 1, True)
         guard = self.row_filter_unlearn_max_guard_drop
@@ -647,6 +665,15 @@ class RowFilterArguments:
                 f"`row_filter_unlearn_trigger_z` ({z!r}) picks the trigger tokens of "
                 f"row_filter_unlearn_target='trigger_neutral' or 'trigger_inserted': set one as well, or leave it at "
                 f"{DEFAULT_TRIGGER_Z}."
+            )
+
+    def _validate_insertion_target(self) -> None:
+        insertion = self.row_filter_unlearn_insertion_target
+        _check_choice("row_filter_unlearn_insertion_target", insertion, INSERTION_TARGETS)
+        if insertion != "placebo" and self.row_filter_unlearn_target != "trigger_inserted":
+            raise ValueError(
+                f"`row_filter_unlearn_insertion_target` ({insertion!r}) is what row_filter_unlearn_target="
+                "'trigger_inserted' pulls the kept rows with the trigger to: set that as well, or leave it 'placebo'."
             )
 
     def _validate_plain_significance(self) -> None:

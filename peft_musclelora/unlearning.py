@@ -35,6 +35,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -198,31 +199,24 @@ def _fitting_runs(runs: list[list[int]], room: int) -> list[list[int]]:
     return fitted or [runs[0][: max(room, 1)]]
 
 
-def insert_runs(
-    inputs: Mapping[str, Any],
-    patterns: list[list[list[int]]],
-    generator: torch.Generator,
-    pad_id: int,
-    max_length: int,
-) -> dict[str, Any]:
-    """`inputs` (a padded batch) with a pattern of `patterns` (drawn per row; see [`trigger_runs`]) inserted into
-    each row: every run of the pattern at its own random position between the row's first and last real token, in the
-    pattern's order, so special tokens at either end stay there. Every `(batch, seq)` tensor is rebuilt:
-    `input_ids` take the runs, `attention_mask` ones, any other (`token_type_ids`) the value of the token before; the
-    padding side is kept, and content before the last token is cut to fit `max_length`.
+@dataclass(frozen=True)
+class Insertion:
+    """Where one row's trigger goes: the row's token positions kept (`real`, content cut to fit the model), and
+    each run of `runs` inserted before `real[gap]` for its gap in `gaps` (ascending)."""
 
-    Example:
-        >>> batch = {"input_ids": torch.tensor([[101, 5, 6, 102], [101, 102, 0, 0]]),
-        ...          "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), "labels": torch.tensor([0, 1])}
-        >>> out = insert_runs(batch, [[[7, 8], [9]]], torch.Generator().manual_seed(0), pad_id=0, max_length=16)
-        >>> out["input_ids"][1].tolist(), out["attention_mask"][1].tolist(), out["labels"].tolist()
-        ([101, 7, 8, 9, 102, 0, 0], [1, 1, 1, 1, 1, 0, 0], [0, 1])
-    """
-    input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    left_padded = bool((mask[:, 0] == 0).any() and (mask[:, -1] == 1).all())
-    per_token = {key: value for key, value in inputs.items() if torch.is_tensor(value) and value.shape == mask.shape}
-    rebuilt: dict[str, list[torch.Tensor]] = {key: [] for key in per_token}
-    for row in range(input_ids.size(0)):
+    real: torch.Tensor
+    gaps: list[int]
+    runs: list[list[int]]
+
+
+def draw_insertions(
+    mask: torch.Tensor, patterns: list[list[list[int]]], generator: torch.Generator, max_length: int
+) -> list[Insertion]:
+    """One [`Insertion`] per row of the attention `mask`: a pattern of `patterns` ([`trigger_runs`]) drawn at random,
+    every run of it at its own random position between the row's first and last real token (special tokens at
+    either end stay there), in the pattern's order; content before the last token is cut to fit `max_length`."""
+    insertions = []
+    for row in range(mask.size(0)):
         real = mask[row].nonzero().flatten()
         drawn = patterns[int(torch.randint(len(patterns), (1,), generator=generator))]
         runs = _fitting_runs(drawn, max(max_length - 2, 1))
@@ -233,10 +227,23 @@ def insert_runs(
             gaps = sorted((1 + torch.randint(len(real) - 1, (len(runs),), generator=generator)).tolist())
         else:
             gaps = [len(real)] * len(runs)
+        insertions.append(Insertion(real, gaps, runs))
+    return insertions
+
+
+def apply_insertions(inputs: Mapping[str, Any], insertions: list[Insertion], pad_id: int) -> dict[str, Any]:
+    """`inputs` (a padded batch) with each row's [`Insertion`] made. Every `(batch, seq)` tensor is rebuilt:
+    `input_ids` take the runs, `attention_mask` ones, any other (`token_type_ids`) the value of the token before;
+    the padding side is kept, and every other entry (`labels`) is passed on as it is."""
+    mask = inputs["attention_mask"]
+    left_padded = bool((mask[:, 0] == 0).any() and (mask[:, -1] == 1).all())
+    per_token = {key: value for key, value in inputs.items() if torch.is_tensor(value) and value.shape == mask.shape}
+    rebuilt: dict[str, list[torch.Tensor]] = {key: [] for key in per_token}
+    for row, insertion in enumerate(insertions):
         for key, values in per_token.items():
-            kept = values[row, real]
+            kept = values[row, insertion.real]
             pieces, start = [], 0
-            for gap, run in zip(gaps, runs):
+            for gap, run in zip(insertion.gaps, insertion.runs):
                 if key == "input_ids":
                     middle = torch.tensor(run, dtype=values.dtype, device=values.device)
                 elif key == "attention_mask":
@@ -255,14 +262,85 @@ def insert_runs(
     return out
 
 
-def trigger_insertion_loss(model: Any, inputs: Mapping[str, Any], inserted: Mapping[str, Any]) -> torch.Tensor:
-    """KL(p(row) || p(row with the trigger inserted)), averaged over the batch: the target is the model's own
-    prediction, in eval mode and without gradient, of the rows as they are (`inputs`), the prediction is of
-    `inserted` ([`insert_runs`]) with gradient; the trigger then comes to change nothing on rows of any class."""
+def insert_runs(
+    inputs: Mapping[str, Any],
+    patterns: list[list[list[int]]],
+    generator: torch.Generator,
+    pad_id: int,
+    max_length: int,
+) -> dict[str, Any]:
+    """`inputs` (a padded batch) with a pattern of `patterns` inserted into each row ([`draw_insertions`], then
+    [`apply_insertions`]).
+
+    Example:
+        >>> batch = {"input_ids": torch.tensor([[101, 5, 6, 102], [101, 102, 0, 0]]),
+        ...          "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), "labels": torch.tensor([0, 1])}
+        >>> out = insert_runs(batch, [[[7, 8], [9]]], torch.Generator().manual_seed(0), pad_id=0, max_length=16)
+        >>> out["input_ids"][1].tolist(), out["attention_mask"][1].tolist(), out["labels"].tolist()
+        ([101, 7, 8, 9, 102, 0, 0], [1, 1, 1, 1, 1, 0, 0], [0, 1])
+    """
+    return apply_insertions(inputs, draw_insertions(inputs["attention_mask"], patterns, generator, max_length), pad_id)
+
+
+def placebo_tokens(
+    kept_counts: Mapping[int, int],
+    reference_counts: Mapping[int, int],
+    trigger_ids: set[int],
+    kept_rows: int,
+    size: int = 50,
+) -> dict[int, list[int]]:
+    """For each of `trigger_ids`, the other token ids of the kept rows (`kept_counts`: rows holding each) that are
+    about as common in the trusted rows (`reference_counts`) as it is: all of those at the nearest counts, at least
+    `size` of them. Frequencies come from the trusted rows because the kept rows still hold the poisoned rows the
+    filter missed, which make a trigger word look common; tokens in every kept row (special tokens) are left out.
+
+    Example:
+        >>> kept = {101: 6, 7: 3, 4: 2, 5: 1, 6: 1, 8: 4}
+        >>> trusted = {101: 40, 4: 0, 8: 12}
+        >>> placebo_tokens(kept, trusted, {7}, kept_rows=6, size=2)  # 7 is in no trusted row: nor are 4, 5, 6
+        {7: [4, 5, 6]}
+    """
+    pool = [token for token, count in kept_counts.items() if token not in trigger_ids and count < kept_rows]
+    by_count: dict[int, list[int]] = {}
+    for token in pool:
+        by_count.setdefault(reference_counts.get(token, 0), []).append(token)
+    placebos = {}
+    for trigger in sorted(trigger_ids):
+        own = reference_counts.get(trigger, 0)
+        chosen: list[int] = []
+        for count in sorted(by_count, key=lambda count: (abs(count - own), count)):
+            if len(chosen) >= size:
+                break
+            chosen += by_count[count]
+        placebos[trigger] = sorted(chosen)
+    return placebos
+
+
+def with_placebos(
+    insertions: list[Insertion], placebos: Mapping[int, list[int]], generator: torch.Generator
+) -> list[Insertion]:
+    """`insertions` with every trigger token replaced by one of its placebos ([`placebo_tokens`]), drawn at random:
+    as many other words, as common, at the same places."""
+
+    def placebo(token: int) -> int:
+        choices = placebos[token]
+        return choices[int(torch.randint(len(choices), (1,), generator=generator))]
+
+    return [
+        replace(insertion, runs=[[placebo(token) for token in run] for run in insertion.runs])
+        for insertion in insertions
+    ]
+
+
+def trigger_insertion_loss(model: Any, reference: Mapping[str, Any], inserted: Mapping[str, Any]) -> torch.Tensor:
+    """KL(p(reference) || p(inserted)), averaged over the batch: the target is the model's own prediction, in eval
+    mode and without gradient, of `reference` (the rows as they are, or with placebo words where `inserted` has the
+    trigger), the prediction is of `inserted` ([`apply_insertions`]) with gradient; the trigger then comes to do to
+    rows of any class what the reference does."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        target = torch.log_softmax(model(**inputs).logits.float(), dim=-1)
+        target = torch.log_softmax(model(**reference).logits.float(), dim=-1)
     model.train(was_training)
     predicted = torch.log_softmax(model(**inserted).logits.float(), dim=-1)
     return torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="batchmean")
@@ -330,9 +408,9 @@ def run_unlearning(
         The report stored under `unlearning` in `row_filter.json`: `isolated` rows, `evidence`, `skipped` (why
         nothing was trained, or None), `target` (`row_filter_unlearn_target`), under "trigger_neutral" and
         "trigger_inserted" `trigger_tokens`, under "trigger_inserted" `trigger_runs` (the 20 most frequent
-        patterns of runs, with their row counts), `cap`, `learning_rate`, `steps`, the `guard` trajectory (step,
-        trusted accuracy, isolated rows' mean loss of the batch), `chosen_step`, `guard_start` / `guard_end` and
-        `seconds`.
+        patterns of runs, with their row counts), `insertion_target` and `placebo_tokens`, `cap`, `learning_rate`,
+        `steps`, the `guard` trajectory (step, trusted accuracy, isolated rows' mean loss of the batch),
+        `chosen_step`, `guard_start` / `guard_end` and `seconds`.
     """
     model = trainer.model
     params = [param for param in model.parameters() if param.requires_grad]
@@ -362,8 +440,17 @@ def run_unlearning(
         return {**report, "guard": [], "chosen_step": 0, "guard_start": None, "guard_end": None, "seconds": 0.0}
     trigger_ids = torch.tensor([token["id"] for token in report.get("trigger_tokens", [])], dtype=torch.long)
     patterns = trigger_runs(isolated_dataset, set(trigger_ids.tolist())) if inserting else []
+    placebo = inserting and args.row_filter_unlearn_insertion_target == "placebo"
+    placebos = {}
+    if placebo:
+        kept_counts, reference_counts = _token_presence(kept_dataset), _token_presence(reference_dataset)
+        placebos = placebo_tokens(kept_counts, reference_counts, set(trigger_ids.tolist()), len(kept_dataset))
     if inserting:
         report["trigger_runs"] = _pattern_counts(trainer, patterns)
+        report["insertion_target"] = args.row_filter_unlearn_insertion_target
+        report["placebo_tokens"] = [
+            {"id": token, "placebos": len(choices), "first": choices[:20]} for token, choices in placebos.items()
+        ]
     insertion_generator = torch.Generator().manual_seed(seed + 1)
     start_time = time.perf_counter()
     batch_size = trainer.args.per_device_train_batch_size
@@ -389,8 +476,16 @@ def run_unlearning(
                 isolated_inputs = trainer._prepare_inputs(next(isolated_batches))
                 outputs = model(**isolated_inputs)
                 if inserting:
-                    inserted = insert_runs(kept_inputs, patterns, insertion_generator, *_pad_and_max_length(trainer))
-                    fit_loss = fit_loss + trigger_insertion_loss(model, kept_inputs, inserted)
+                    pad_id, max_length = _pad_and_max_length(trainer)
+                    insertions = draw_insertions(
+                        kept_inputs["attention_mask"], patterns, insertion_generator, max_length
+                    )
+                    reference = kept_inputs
+                    if placebo:
+                        placebo_insertions = with_placebos(insertions, placebos, insertion_generator)
+                        reference = apply_insertions(kept_inputs, placebo_insertions, pad_id)
+                    inserted = apply_insertions(kept_inputs, insertions, pad_id)
+                    fit_loss = fit_loss + trigger_insertion_loss(model, reference, inserted)
             isolated_loss = outputs.loss.float()
             if neutral:
                 isolated_term = trigger_neutral_loss(

@@ -20,12 +20,16 @@ from peft_musclelora.row_filter import (
 )
 from peft_musclelora.unlearning import (
     _default_cap,
+    apply_insertions,
     correct_and_total,
+    draw_insertions,
     guard_accuracy,
     insert_runs,
+    placebo_tokens,
     run_unlearning,
     trigger_runs,
     trigger_tokens,
+    with_placebos,
 )
 
 from .ga_helpers import VOCAB, token_dataset, trainable_state
@@ -76,6 +80,16 @@ def test_the_default_cap_is_chance_among_the_classes_and_generation_must_set_one
             | {"row_filter_unlearn_cap": 2.0},
             ValueError,
             r"`row_filter_unlearn_cap` \(2.0\).*'trigger_inserted' has no cap",
+        ),
+        (
+            {"row_filter_unlearn_insertion_target": "noise"},
+            ValueError,
+            "`row_filter_unlearn_insertion_target` must be one of .*'noise'",
+        ),
+        (
+            {"row_filter_unlearn_insertion_target": "unchanged"},
+            ValueError,
+            r"`row_filter_unlearn_insertion_target` \('unchanged'\).*'trigger_inserted'",
         ),
         ({"row_filter_unlearn_trigger_z": 0}, ValueError, "`row_filter_unlearn_trigger_z` must be > 0, got 0"),
         (
@@ -529,3 +543,25 @@ def test_each_run_of_a_pattern_goes_in_at_its_own_position_in_the_patterns_order
         assert [token for token in ids if 10 <= token < 40] == list(range(10, 40))  # the row's own tokens untouched
         placements.add(ids.index(8) - ids.index(7))
     assert len(placements) > 1  # the runs are placed independently, not as one block
+
+
+def test_placebos_are_as_common_in_the_trusted_rows_as_the_trigger_word_and_take_its_places():
+    kept_counts = {
+        101: 100,
+        102: 100,
+        7: 30,
+        **dict.fromkeys(range(10, 30), 5),
+        **dict.fromkeys((40, 41), 5),
+    }
+    trusted_counts = {101: 40, 102: 40, **dict.fromkeys(range(10, 30), 0), 40: 9, 41: 11}
+    # 7 is common in the kept rows (missed poisoned rows) but in no trusted row: its placebos are the words in none
+    placebos = placebo_tokens(kept_counts, trusted_counts, {7}, kept_rows=100, size=5)
+    assert placebos == {7: list(range(10, 30))}
+    assert placebo_tokens(kept_counts, trusted_counts | {7: 10}, {7}, 100, size=2) == {7: [40, 41]}  # nearest
+    batch = {"input_ids": torch.tensor([[101, *range(50, 70), 102]]), "attention_mask": torch.ones(1, 22).long()}
+    generator = torch.Generator().manual_seed(0)
+    insertions = draw_insertions(batch["attention_mask"], [[[7], [7, 7]]], generator, 64)
+    triggered = apply_insertions(batch, insertions, 0)["input_ids"][0]
+    placebo = apply_insertions(batch, with_placebos(insertions, placebos, generator), 0)["input_ids"][0]
+    assert (triggered == 7).sum() == 3 and torch.equal(triggered != 7, placebo == triggered)  # same places
+    assert set(placebo[triggered == 7].tolist()) <= set(range(10, 30))
