@@ -88,9 +88,9 @@ UNLEARN_TARGETS: dict[str, str] = {
 #: What the kept rows with the trigger inserted are pulled to under `row_filter_unlearn_target="trigger_inserted"`
 #: (`row_filter_unlearn_insertion_target`).
 INSERTION_TARGETS: dict[str, str] = {
+    "unchanged": "the model's prediction of the row as it is",
     "placebo": "the model's prediction of the row with as many other words, as common as the trigger's, at the same "
     "places",
-    "unchanged": "the model's prediction of the row as it is",
 }
 #: The targets that read a trigger off the isolated rows (`row_filter_unlearn_trigger_z` picks its tokens).
 TRIGGER_UNLEARN_TARGETS = frozenset({"trigger_neutral", "trigger_inserted"})
@@ -416,13 +416,12 @@ class RowFilterArguments:
         },
     )
     row_filter_unlearn_insertion_target: str = field(
-        default="placebo",
+        default="unchanged",
         metadata={
             "help": "Under row_filter_unlearn_target='trigger_inserted', what a kept row with the trigger inserted "
-            "is pulled to: 'placebo' (the model's prediction of the row with as many other words at the same "
-            "places, each as common in the kept rows as the trigger word it stands for: a backdoor-free model reads "
-            "inserted noise words as weak evidence against the target, and so should the trigger) or 'unchanged' "
-            "(the prediction of the row as it is)."
+            "is pulled to: 'unchanged' (the model's prediction of the row as it is) or 'placebo' (experimental, "
+            "measured worse: its prediction of the row with as many other words at the same places, each about as "
+            "common in the trusted rows as the trigger word it stands for)."
         },
     )
     row_filter_unlearn_eval_every: int = field(
@@ -670,10 +669,11 @@ class RowFilterArguments:
     def _validate_insertion_target(self) -> None:
         insertion = self.row_filter_unlearn_insertion_target
         _check_choice("row_filter_unlearn_insertion_target", insertion, INSERTION_TARGETS)
-        if insertion != "placebo" and self.row_filter_unlearn_target != "trigger_inserted":
+        if insertion != "unchanged" and self.row_filter_unlearn_target != "trigger_inserted":
             raise ValueError(
                 f"`row_filter_unlearn_insertion_target` ({insertion!r}) is what row_filter_unlearn_target="
-                "'trigger_inserted' pulls the kept rows with the trigger to: set that as well, or leave it 'placebo'."
+                "'trigger_inserted' pulls the kept rows with the trigger to: set that as well, or leave it "
+                "'unchanged'."
             )
 
     def _validate_plain_significance(self) -> None:

@@ -87,9 +87,9 @@ def test_the_default_cap_is_chance_among_the_classes_and_generation_must_set_one
             "`row_filter_unlearn_insertion_target` must be one of .*'noise'",
         ),
         (
-            {"row_filter_unlearn_insertion_target": "unchanged"},
+            {"row_filter_unlearn_insertion_target": "placebo"},
             ValueError,
-            r"`row_filter_unlearn_insertion_target` \('unchanged'\).*'trigger_inserted'",
+            r"`row_filter_unlearn_insertion_target` \('placebo'\).*'trigger_inserted'",
         ),
         ({"row_filter_unlearn_trigger_z": 0}, ValueError, "`row_filter_unlearn_trigger_z` must be > 0, got 0"),
         (
