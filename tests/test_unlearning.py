@@ -9,6 +9,7 @@ import datasets
 import pytest
 import torch
 
+from peft_musclelora import MuScleLoraTrainer
 from peft_musclelora.row_filter import (
     ROW_FILTER_FILE,
     SHALLOW_PRIOR_COLUMN,
@@ -157,6 +158,30 @@ def _triggered_rows(rows: int, seed: int, trigger: int, label: int) -> datasets.
     return datasets.Dataset.from_dict(data)
 
 
+def _trained_for_a_trigger_target(tmp_path, target: str, trigger_z: float, steps: int) -> MuScleLoraTrainer:
+    """A tiny trainer, trained, whose unlearning phase (`steps` at lr 1e-2) has the trigger-reading `target`."""
+    settings = {"row_filter_unlearn_target": target, "row_filter_unlearn_trigger_z": trigger_z}
+    trainer = _unlearning_trainer(
+        tmp_path, row_filter_unlearn_steps=steps, row_filter_unlearn_learning_rate=1e-2, **settings
+    )
+    trainer.train()
+    return trainer
+
+
+def _implant(model, *parts: datasets.Dataset) -> None:
+    """Train `model` 40 full-batch steps (AdamW, lr 1e-2) on the rows of `parts` together: a backdoor implanted."""
+    implant = {
+        key: torch.tensor([value for part in parts for value in part[key]])
+        for key in ("input_ids", "attention_mask", "labels")
+    }
+    optimizer = torch.optim.AdamW([param for param in model.parameters() if param.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(40):
+        model(**implant).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def _trigger_effect(model, rows: datasets.Dataset, trigger: int) -> float:
     """Mean KL between the model's predictions of `rows` without and with the `trigger` token (eval mode)."""
     batch = {key: torch.tensor(rows[key]) for key in ("input_ids", "attention_mask")}
@@ -179,26 +204,11 @@ def test_the_trigger_tokens_are_those_the_isolated_rows_share_beyond_the_kept_ro
 
 def test_a_trigger_neutral_phase_makes_the_trigger_change_less_and_reports_it(tmp_path):
     trigger = VOCAB - 1
-    settings = {"row_filter_unlearn_target": "trigger_neutral", "row_filter_unlearn_trigger_z": 3.0}
-    trainer = _unlearning_trainer(
-        tmp_path, row_filter_unlearn_steps=20, row_filter_unlearn_learning_rate=1e-2, **settings
-    )
-    trainer.train()
+    trainer = _trained_for_a_trigger_target(tmp_path, "trigger_neutral", trigger_z=3.0, steps=20)
     # Implant a backdoor: a few steps on rows whose label the trigger alone decides (with it 1, without it 0).
     isolated = _triggered_rows(16, seed=5, trigger=trigger, label=1)
     plain = token_dataset(16, seed=5)
-    implant = {
-        "input_ids": torch.tensor(list(isolated["input_ids"]) + list(plain["input_ids"])),
-        "attention_mask": torch.tensor(list(isolated["attention_mask"]) + list(plain["attention_mask"])),
-        "labels": torch.tensor([1] * 16 + [0] * 16),
-    }
-    params = [param for param in trainer.model.parameters() if param.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    trainer.model.train()
-    for _ in range(40):
-        trainer.model(**implant).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    _implant(trainer.model, isolated, datasets.Dataset.from_dict({**plain.to_dict(), "labels": [0] * 16}))
     before = _trigger_effect(trainer.model, isolated, trigger)
     args = trainer.row_filter_args
     args.row_filter_unlearn_max_guard_drop = 0.99  # keep the last state: this test is about the objective
@@ -469,24 +479,11 @@ def _clean_label_rows(rows: int, seed: int, trigger: int) -> datasets.Dataset:
 
 def test_a_trigger_inserted_phase_makes_a_clean_label_trigger_change_little_on_the_other_class(tmp_path):
     trigger = VOCAB - 1
-    settings = {"row_filter_unlearn_target": "trigger_inserted", "row_filter_unlearn_trigger_z": 8.0}
-    trainer = _unlearning_trainer(
-        tmp_path, row_filter_unlearn_steps=30, row_filter_unlearn_learning_rate=1e-2, **settings
-    )
-    trainer.train()
+    trainer = _trained_for_a_trigger_target(tmp_path, "trigger_inserted", trigger_z=8.0, steps=30)
     # Implant a backdoor (trigger -> 1 whatever the content), then isolate only rows whose content already says 1,
     # as a clean-label attack's poisoned rows do: the phase must see the trigger act on rows of the other class.
     triggered, plain = _triggered_rows(64, seed=5, trigger=trigger, label=1), token_dataset(64, seed=6)
-    implant = {
-        key: torch.tensor(list(triggered[key]) + list(plain[key])) for key in ("input_ids", "attention_mask", "labels")
-    }
-    params = [param for param in trainer.model.parameters() if param.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    trainer.model.train()
-    for _ in range(40):
-        trainer.model(**implant).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    _implant(trainer.model, triggered, plain)
     other_class = _triggered_rows(64, seed=8, trigger=trigger, label=0).filter(lambda row: row["input_ids"][0] != 1)
     before = _trigger_effect(trainer.model, other_class, trigger)
     isolated, kept = _clean_label_rows(128, seed=7, trigger=trigger), token_dataset(400, seed=3)
