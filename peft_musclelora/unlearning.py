@@ -425,10 +425,10 @@ def run_unlearning(
             f"{evidence['reference_share']:.2%} of the trusted rows (z = {evidence['z']:.2f}, needs > "
             f"{evidence['threshold']:.2f})"
         )
-    neutral = args.row_filter_unlearn_target in TRIGGER_UNLEARN_TARGETS
+    reads_trigger = args.row_filter_unlearn_target in TRIGGER_UNLEARN_TARGETS
     inserting = args.row_filter_unlearn_target == "trigger_inserted"
     report["target"] = args.row_filter_unlearn_target
-    if neutral and report["skipped"] is None:
+    if reads_trigger and report["skipped"] is None:
         found = trigger_tokens(isolated_dataset, kept_dataset, args.row_filter_unlearn_trigger_z)
         report["trigger_tokens"] = _with_token_text(trainer, found)
         if not found:
@@ -476,18 +476,18 @@ def run_unlearning(
                 isolated_inputs = trainer._prepare_inputs(next(isolated_batches))
                 outputs = model(**isolated_inputs)
                 if inserting:
+                    # only what the model takes: the kept rows may carry the row filter's per-row columns
+                    reference = {key: value for key, value in kept_inputs.items() if key in isolated_inputs}
                     pad_id, max_length = _pad_and_max_length(trainer)
-                    insertions = draw_insertions(
-                        kept_inputs["attention_mask"], patterns, insertion_generator, max_length
-                    )
-                    reference = kept_inputs
+                    mask = reference["attention_mask"]
+                    insertions = draw_insertions(mask, patterns, insertion_generator, max_length)
+                    inserted = apply_insertions(reference, insertions, pad_id)
                     if placebo:
                         placebo_insertions = with_placebos(insertions, placebos, insertion_generator)
-                        reference = apply_insertions(kept_inputs, placebo_insertions, pad_id)
-                    inserted = apply_insertions(kept_inputs, insertions, pad_id)
+                        reference = apply_insertions(reference, placebo_insertions, pad_id)
                     fit_loss = fit_loss + trigger_insertion_loss(model, reference, inserted)
             isolated_loss = outputs.loss.float()
-            if neutral:
+            if reads_trigger:
                 isolated_term = trigger_neutral_loss(
                     model, isolated_inputs, outputs.logits, trigger_ids.to(isolated_inputs["input_ids"].device)
                 )

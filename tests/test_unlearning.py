@@ -562,3 +562,22 @@ def test_placebos_are_as_common_in_the_trusted_rows_as_the_trigger_word_and_take
     placebo = apply_insertions(batch, with_placebos(insertions, placebos, generator), 0)["input_ids"][0]
     assert (triggered == 7).sum() == 3 and torch.equal(triggered != 7, placebo == triggered)  # same places
     assert set(placebo[triggered == 7].tolist()) <= set(range(10, 30))
+
+
+def test_the_trigger_goes_into_kept_rows_that_carry_the_expert_and_the_teacher(tmp_path):
+    # Without strong evidence the kept rows carry the shallow expert's and the teacher's columns; the inserted copies
+    # are made from what the model takes, and the phase trains through the product-of-experts loss beside them.
+    trigger = VOCAB - 1
+    settings = {"row_filter_unlearn_target": "trigger_inserted", "row_filter_unlearn_trigger_z": 8.0}
+    trainer = _defended_trainer(tmp_path, row_filter_plain_significance=1e-9, **settings)
+    trainer.train()
+    assert {SHALLOW_PRIOR_COLUMN, TEACHER_COLUMN} <= set(trainer.train_dataset.column_names)
+    before = trainable_state(trainer.model)
+    args = trainer.row_filter_args
+    args.row_filter_unlearn_max_guard_drop = 0.99  # keep the last state: this test is about the inputs
+    isolated = _clean_label_rows(128, seed=7, trigger=trigger)
+    report = run_unlearning(trainer, args, trainer.train_dataset, isolated, trainer.reference_dataset, 0, False)
+    assert report["skipped"] is None and report["chosen_step"] == args.row_filter_unlearn_steps
+    assert report["insertion_target"] == "unchanged" and report["trigger_runs"][0]["runs"] == [[trigger]]
+    after = trainable_state(trainer.model)
+    assert any(not torch.equal(before[name], after[name]) for name in before)
