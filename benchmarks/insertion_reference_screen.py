@@ -54,14 +54,15 @@ def main() -> None:
     files = args.data / "sst-2" / "poison" / args.attack
     test = load_records(files / "test-clean.csv")
     texts = [record.text for record in test.records if record.label != TARGET_LABEL]
+    training_texts = load_records(files / "train-mixed-0.1.csv").texts
+    trusted_texts = load_records(files / "dev-clean.csv").texts
     for cell in args.cells:
         model, tokenizer, info = load_cell(cell / "adapter")
         model.eval()
-        kept = _presence(tokenizer, load_records(files / "train-mixed-0.1.csv").texts)
-        trusted = _presence(tokenizer, load_records(files / "dev-clean.csv").texts)
+        kept, trusted = _presence(tokenizer, training_texts), _presence(tokenizer, trusted_texts)
         runs = [tokenizer(words, add_special_tokens=False)["input_ids"] for words in TRIGGERS[args.attack]]
         trigger_ids = {token for run in runs for token in run}
-        same_frequency = placebo_tokens(kept, trusted, trigger_ids, kept_rows=max(kept.values()))
+        same_frequency = placebo_tokens(kept, trusted, trigger_ids, kept_rows=len(training_texts))
         special = set(tokenizer.all_special_ids)
         never_seen = [
             token

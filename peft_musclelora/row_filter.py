@@ -402,10 +402,10 @@ class RowFilterArguments:
             "to the model's own prediction of the row with those tokens masked out, so the trigger comes to change "
             "nothing, where pushing a row whose content agrees with its label to chance teaches the trigger as "
             "evidence against that label. No such token: the phase is skipped. 'trigger_inserted' (experimental; "
-            "class labels only) adds to 'trigger_neutral' the kept rows with the trigger inserted (each row "
-            "gets the longest run of trigger tokens of a random isolated row, at a random position), pulled to "
-            "the model's own prediction of the row without it: a clean-label trigger, whose isolated rows all "
-            "belong to the target class, is then seen acting on the other classes."
+            "class labels only) adds to 'trigger_neutral' the kept rows with the trigger inserted (each row gets "
+            "every run of trigger tokens of a random isolated row, each run at its own random position), pulled to "
+            "the prediction row_filter_unlearn_insertion_target names: a clean-label trigger, whose isolated rows "
+            "all belong to the target class, is then seen acting on the other classes."
         },
     )
     row_filter_unlearn_trigger_z: float = field(

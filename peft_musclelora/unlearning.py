@@ -452,6 +452,7 @@ def run_unlearning(
             {"id": token, "placebos": len(choices), "first": choices[:20]} for token, choices in placebos.items()
         ]
     insertion_generator = torch.Generator().manual_seed(seed + 1)
+    pad_id, max_length = _pad_and_max_length(trainer)
     start_time = time.perf_counter()
     batch_size = trainer.args.per_device_train_batch_size
     generator = torch.Generator().manual_seed(seed)
@@ -478,7 +479,6 @@ def run_unlearning(
                 if inserting:
                     # only what the model takes: the kept rows may carry the row filter's per-row columns
                     reference = {key: value for key, value in kept_inputs.items() if key in isolated_inputs}
-                    pad_id, max_length = _pad_and_max_length(trainer)
                     mask = reference["attention_mask"]
                     insertions = draw_insertions(mask, patterns, insertion_generator, max_length)
                     inserted = apply_insertions(reference, insertions, pad_id)
