@@ -77,23 +77,50 @@ CONTRADICTED_ACTIONS: dict[str, ContradictedAction] = {
 }
 
 
-#: What the unlearning phase asks of the rows isolated as fit-early (`row_filter_unlearn_target`); the losses are in
-#: `peft_musclelora.unlearning`.
-UNLEARN_TARGETS: dict[str, str] = {
-    "chance": "their loss pushed up to row_filter_unlearn_cap (chance, ln K, by default)",
-    "trigger_neutral": "their prediction unchanged when the tokens they share beyond the kept rows are masked out",
-    "trigger_inserted": "as 'trigger_neutral', and the kept rows' prediction unchanged when those tokens are inserted "
-    "into them",
+class UnlearnTarget(NamedTuple):
+    """What one `row_filter_unlearn_target` asks of the unlearning phase; the losses are in
+    `peft_musclelora.unlearning`."""
+
+    description: str
+    masks_trigger: bool  # the isolated rows pulled to their prediction with the trigger masked (else: to the cap)
+    inserts_trigger: bool  # the kept rows with the trigger inserted pulled to row_filter_unlearn_insertion_target
+
+    @property
+    def reads_trigger(self) -> bool:
+        """Whether the phase reads trigger tokens off the isolated rows (`row_filter_unlearn_trigger_z`)."""
+        return self.masks_trigger or self.inserts_trigger
+
+
+#: What the unlearning phase asks of the rows isolated as fit-early (`row_filter_unlearn_target`).
+UNLEARN_TARGETS: dict[str, UnlearnTarget] = {
+    "chance": UnlearnTarget(
+        "their loss pushed up to row_filter_unlearn_cap (chance, ln K, by default)",
+        masks_trigger=False,
+        inserts_trigger=False,
+    ),
+    "trigger_neutral": UnlearnTarget(
+        "their prediction unchanged when the tokens they share beyond the kept rows are masked out",
+        masks_trigger=True,
+        inserts_trigger=False,
+    ),
+    "trigger_inserted": UnlearnTarget(
+        "as 'trigger_neutral', and the kept rows' prediction unchanged when those tokens are inserted into them",
+        masks_trigger=True,
+        inserts_trigger=True,
+    ),
+    "chance_inserted": UnlearnTarget(
+        "as 'chance', and the kept rows' prediction unchanged when the trigger tokens are inserted into them",
+        masks_trigger=False,
+        inserts_trigger=True,
+    ),
 }
-#: What the kept rows with the trigger inserted are pulled to under `row_filter_unlearn_target="trigger_inserted"`
+#: What the kept rows with the trigger inserted are pulled to under a target that inserts the trigger
 #: (`row_filter_unlearn_insertion_target`).
 INSERTION_TARGETS: dict[str, str] = {
     "unchanged": "the model's prediction of the row as it is",
     "placebo": "the model's prediction of the row with as many other words, as common as the trigger's, at the same "
     "places",
 }
-#: The targets that read a trigger off the isolated rows (`row_filter_unlearn_trigger_z` picks its tokens).
-TRIGGER_UNLEARN_TARGETS = frozenset({"trigger_neutral", "trigger_inserted"})
 #: The z above which a token of the isolated rows is taken for the trigger (`row_filter_unlearn_trigger_z`): on the
 #: full SST-2 the insertion triggers' words score 50-76 and the next word at most 6
 #: (benchmarks/isolated_trigger_tokens.py).
@@ -405,20 +432,22 @@ class RowFilterArguments:
             "class labels only) adds to 'trigger_neutral' the kept rows with the trigger inserted (each row gets "
             "every run of trigger tokens of a random isolated row, each run at its own random position), pulled to "
             "the prediction row_filter_unlearn_insertion_target names: a clean-label trigger, whose isolated rows "
-            "all belong to the target class, is then seen acting on the other classes."
+            "all belong to the target class, is then seen acting on the other classes. 'chance_inserted' "
+            "(experimental; class labels only) is 'chance' with the same inserted kept rows beside it."
         },
     )
     row_filter_unlearn_trigger_z: float = field(
         default=DEFAULT_TRIGGER_Z,
         metadata={
             "help": "The z above which a token of the isolated rows is taken for the trigger under "
-            "row_filter_unlearn_target='trigger_neutral' or 'trigger_inserted'. > 0."
+            "row_filter_unlearn_target='trigger_neutral', 'trigger_inserted' or 'chance_inserted'. > 0."
         },
     )
     row_filter_unlearn_insertion_target: str = field(
         default="unchanged",
         metadata={
-            "help": "Under row_filter_unlearn_target='trigger_inserted', what a kept row with the trigger inserted "
+            "help": "Under row_filter_unlearn_target='trigger_inserted' or 'chance_inserted', what a kept row with "
+            "the trigger inserted "
             "is pulled to: 'unchanged' (the model's prediction of the row as it is) or 'placebo' (experimental, "
             "measured worse: its prediction of the row with as many other words at the same places, each about as "
             "common in the trusted rows as the trigger word it stands for)."
@@ -644,35 +673,35 @@ class RowFilterArguments:
             )
 
     def _validate_unlearn_target(self) -> None:
-        target = self.row_filter_unlearn_target
-        _check_choice("row_filter_unlearn_target", target, UNLEARN_TARGETS)
+        name = self.row_filter_unlearn_target
+        _check_choice("row_filter_unlearn_target", name, UNLEARN_TARGETS)
+        target = UNLEARN_TARGETS[name]
         z = self.row_filter_unlearn_trigger_z
         check_number("row_filter_unlearn_trigger_z", z, "> 0", _positive)
-        reads_trigger = target in TRIGGER_UNLEARN_TARGETS
-        if reads_trigger and not self.row_filter_unlearn:
+        if target.reads_trigger and not self.row_filter_unlearn:
             raise ValueError(
-                f"`row_filter_unlearn_target={target!r}` is what the unlearning phase asks of the isolated "
+                f"`row_filter_unlearn_target={name!r}` is what the unlearning phase asks of the isolated "
                 "rows: set row_filter_unlearn=True as well."
             )
-        if reads_trigger and self.row_filter_unlearn_cap is not None:
+        if target.masks_trigger and self.row_filter_unlearn_cap is not None:
             raise ValueError(
-                f"`row_filter_unlearn_cap` ({self.row_filter_unlearn_cap!r}) is the loss the 'chance' target pushes "
-                f"the isolated rows up to; {target!r} has no cap: leave it None."
+                f"`row_filter_unlearn_cap` ({self.row_filter_unlearn_cap!r}) is the loss the isolated rows are pushed "
+                f"up to under 'chance' or 'chance_inserted'; {name!r} has no cap: leave it None."
             )
-        if not reads_trigger and z != DEFAULT_TRIGGER_Z:
+        if not target.reads_trigger and z != DEFAULT_TRIGGER_Z:
             raise ValueError(
-                f"`row_filter_unlearn_trigger_z` ({z!r}) picks the trigger tokens of "
-                f"row_filter_unlearn_target='trigger_neutral' or 'trigger_inserted': set one as well, or leave it at "
-                f"{DEFAULT_TRIGGER_Z}."
+                f"`row_filter_unlearn_trigger_z` ({z!r}) picks the trigger tokens of a row_filter_unlearn_target "
+                f"that reads them ({_trigger_target_names()}): set one as well, or leave it at {DEFAULT_TRIGGER_Z}."
             )
 
     def _validate_insertion_target(self) -> None:
         insertion = self.row_filter_unlearn_insertion_target
         _check_choice("row_filter_unlearn_insertion_target", insertion, INSERTION_TARGETS)
-        if insertion != "unchanged" and self.row_filter_unlearn_target != "trigger_inserted":
+        if insertion != "unchanged" and not UNLEARN_TARGETS[self.row_filter_unlearn_target].inserts_trigger:
+            inserting = sorted(name for name, each in UNLEARN_TARGETS.items() if each.inserts_trigger)
             raise ValueError(
-                f"`row_filter_unlearn_insertion_target` ({insertion!r}) is what row_filter_unlearn_target="
-                "'trigger_inserted' pulls the kept rows with the trigger to: set that as well, or leave it "
+                f"`row_filter_unlearn_insertion_target` ({insertion!r}) is what the kept rows with the trigger "
+                f"inserted are pulled to: set row_filter_unlearn_target to one of {inserting} as well, or leave it "
                 "'unchanged'."
             )
 
@@ -710,6 +739,10 @@ def _check_optional_choice(name: str, value: Optional[str], registry: Mapping[st
     field, the value and the keys."""
     if value is not None:
         _check_choice(name, value, registry, "None or one of")
+
+
+def _trigger_target_names() -> str:
+    return ", ".join(repr(name) for name, target in UNLEARN_TARGETS.items() if target.reads_trigger)
 
 
 def _check_choice(name: str, value: Any, registry: Mapping[str, Any], allowed: str = "one of") -> None:

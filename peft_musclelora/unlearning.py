@@ -25,7 +25,9 @@ of the target class away (measured in docs/row_filter.md). `row_filter_unlearn_t
 (experimental) asks instead that the isolated rows be predicted as they are with their shared tokens masked out.
 That cannot reach a clean-label trigger, whose isolated rows all read as the target class with or without it;
 `"trigger_inserted"` (experimental) also inserts the trigger, as the isolated rows carry it ([`trigger_runs`]), into
-the kept rows of every class and asks that their prediction not move ([`trigger_insertion_loss`]).
+the kept rows of every class and asks that their prediction not move ([`trigger_insertion_loss`]);
+`"chance_inserted"` (experimental) asks the same of the kept rows beside the push to chance, so that the push has
+to unlearn the trigger without turning it against the target on rows where it was not isolated.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .row_filter import (
-    TRIGGER_UNLEARN_TARGETS,
+    UNLEARN_TARGETS,
     RowFilterArguments,
     _loader,
     length_order,
@@ -139,18 +141,24 @@ def _token_presence(dataset: Any) -> Counter[int]:
     return counts
 
 
+def _check_class_logits(logits: torch.Tensor, targets: str) -> None:
+    """The trigger targets compare class predictions with and without the trigger; token-level logits have no
+    one prediction per row to compare (and an insertion shifts their positions)."""
+    if logits.dim() != 2:
+        raise ValueError(
+            f"`row_filter_unlearn_target` {targets} compare class predictions with and without the trigger and "
+            "work on class labels only; these rows have token-level (causal-LM) labels: use 'chance' with a "
+            "row_filter_unlearn_cap."
+        )
+
+
 def trigger_neutral_loss(
     model: Any, inputs: Mapping[str, Any], logits: torch.Tensor, trigger_ids: torch.Tensor
 ) -> torch.Tensor:
     """KL(p(row with the trigger tokens masked out) || p(row)), averaged over the batch: the target is the model's
     own prediction, in eval mode and without gradient, of the row whose `trigger_ids` positions are removed from the
     attention mask; the trigger then comes to change nothing."""
-    if logits.dim() != 2:
-        raise ValueError(
-            "`row_filter_unlearn_target='trigger_neutral'` compares class predictions with and without the trigger "
-            "and works on class labels only; these rows have token-level (causal-LM) labels: use 'chance' with a "
-            "row_filter_unlearn_cap."
-        )
+    _check_class_logits(logits, "'trigger_neutral' and 'trigger_inserted'")
     masked = dict(inputs)
     masked["attention_mask"] = inputs["attention_mask"] * ~torch.isin(inputs["input_ids"], trigger_ids)
     was_training = model.training
@@ -337,12 +345,14 @@ def trigger_insertion_loss(model: Any, reference: Mapping[str, Any], inserted: M
     mode and without gradient, of `reference` (the rows as they are, or with placebo words where `inserted` has the
     trigger), the prediction is of `inserted` ([`apply_insertions`]) with gradient; the trigger then comes to do to
     rows of any class what the reference does."""
+    logits = model(**inserted).logits
+    _check_class_logits(logits, "'trigger_inserted' and 'chance_inserted'")
     was_training = model.training
     model.eval()
     with torch.no_grad():
         target = torch.log_softmax(model(**reference).logits.float(), dim=-1)
     model.train(was_training)
-    predicted = torch.log_softmax(model(**inserted).logits.float(), dim=-1)
+    predicted = torch.log_softmax(logits.float(), dim=-1)
     return torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="batchmean")
 
 
@@ -406,9 +416,9 @@ def run_unlearning(
 
     Returns:
         The report stored under `unlearning` in `row_filter.json`: `isolated` rows, `evidence`, `skipped` (why
-        nothing was trained, or None), `target` (`row_filter_unlearn_target`), under "trigger_neutral" and
-        "trigger_inserted" `trigger_tokens`, under "trigger_inserted" `trigger_runs` (the 20 most frequent
-        patterns of runs, with their row counts), `insertion_target` and `placebo_tokens`, `cap`, `learning_rate`,
+        nothing was trained, or None), `target` (`row_filter_unlearn_target`), under a target that reads the
+        trigger `trigger_tokens`, under one that inserts it `trigger_runs` (the 20 most frequent patterns of
+        runs, with their row counts), `insertion_target` and `placebo_tokens`, `cap`, `learning_rate`,
         `steps`, the `guard` trajectory (step, trusted accuracy, isolated rows' mean loss of the batch),
         `chosen_step`, `guard_start` / `guard_end` and `seconds`.
     """
@@ -425,10 +435,10 @@ def run_unlearning(
             f"{evidence['reference_share']:.2%} of the trusted rows (z = {evidence['z']:.2f}, needs > "
             f"{evidence['threshold']:.2f})"
         )
-    reads_trigger = args.row_filter_unlearn_target in TRIGGER_UNLEARN_TARGETS
-    inserting = args.row_filter_unlearn_target == "trigger_inserted"
+    target = UNLEARN_TARGETS[args.row_filter_unlearn_target]
+    inserting = target.inserts_trigger
     report["target"] = args.row_filter_unlearn_target
-    if reads_trigger and report["skipped"] is None:
+    if target.reads_trigger and report["skipped"] is None:
         found = trigger_tokens(isolated_dataset, kept_dataset, args.row_filter_unlearn_trigger_z)
         report["trigger_tokens"] = _with_token_text(trainer, found)
         if not found:
@@ -487,7 +497,7 @@ def run_unlearning(
                         reference = apply_insertions(reference, placebo_insertions, pad_id)
                     fit_loss = fit_loss + trigger_insertion_loss(model, reference, inserted)
             isolated_loss = outputs.loss.float()
-            if reads_trigger:
+            if target.masks_trigger:
                 isolated_term = trigger_neutral_loss(
                     model, isolated_inputs, outputs.logits, trigger_ids.to(isolated_inputs["input_ids"].device)
                 )

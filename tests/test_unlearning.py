@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import datasets
 import pytest
@@ -28,6 +29,8 @@ from peft_musclelora.unlearning import (
     insert_runs,
     placebo_tokens,
     run_unlearning,
+    trigger_insertion_loss,
+    trigger_neutral_loss,
     trigger_runs,
     trigger_tokens,
     with_placebos,
@@ -92,6 +95,13 @@ def test_the_default_cap_is_chance_among_the_classes_and_generation_must_set_one
             ValueError,
             r"`row_filter_unlearn_insertion_target` \('placebo'\).*'trigger_inserted'",
         ),
+        ({"row_filter": True, "row_filter_unlearn_target": "chance_inserted"}, ValueError, "row_filter_unlearn=True"),
+        (
+            {"row_filter_unlearn_insertion_target": "placebo", "row_filter_unlearn_target": "trigger_neutral"}
+            | {"row_filter": True, "row_filter_unlearn": True},
+            ValueError,
+            r"`row_filter_unlearn_insertion_target` \('placebo'\).*\['chance_inserted', 'trigger_inserted'\]",
+        ),
         ({"row_filter_unlearn_trigger_z": 0}, ValueError, "`row_filter_unlearn_trigger_z` must be > 0, got 0"),
         (
             {"row_filter_unlearn_trigger_z": 5.0},
@@ -147,6 +157,32 @@ def test_a_cap_past_chance_pushes_the_isolated_rows_to_the_other_class_and_warns
         logits = trainer.model(**batch).logits
     assert float(per_row_loss(logits, batch["labels"]).mean()) > math.log(2)  # past chance, on average
     assert float((logits.argmax(-1) == batch["labels"]).float().mean()) < 0.5  # most now read as the other class
+
+
+def test_the_push_to_chance_beside_the_insertions_takes_a_cap_a_placebo_and_a_trigger_z():
+    args = RowFilterArguments(
+        row_filter=True,
+        row_filter_unlearn=True,
+        row_filter_unlearn_target="chance_inserted",
+        row_filter_unlearn_cap=1.0,
+        row_filter_unlearn_insertion_target="placebo",
+        row_filter_unlearn_trigger_z=5.0,
+    )
+    assert args.row_filter_unlearn_cap == 1.0 and args.row_filter_unlearn_insertion_target == "placebo"
+
+
+@pytest.mark.parametrize("loss", ["neutral", "inserted"])
+def test_the_trigger_losses_refuse_token_level_logits_in_one_line(loss):
+    class TokenLevel(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return types.SimpleNamespace(logits=torch.zeros(*input_ids.shape, VOCAB))
+
+    inputs = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with pytest.raises(ValueError, match="`row_filter_unlearn_target` .* work on class labels only"):
+        if loss == "neutral":
+            trigger_neutral_loss(TokenLevel(), inputs, torch.zeros(1, 3, VOCAB), torch.tensor([2]))
+        else:
+            trigger_insertion_loss(TokenLevel(), inputs, inputs)
 
 
 def _triggered_rows(rows: int, seed: int, trigger: int, label: int) -> datasets.Dataset:
@@ -477,9 +513,20 @@ def _clean_label_rows(rows: int, seed: int, trigger: int) -> datasets.Dataset:
     return datasets.Dataset.from_dict(data)
 
 
-def test_a_trigger_inserted_phase_makes_a_clean_label_trigger_change_little_on_the_other_class(tmp_path):
+def _isolated_loss(model, rows: datasets.Dataset) -> float:
+    """The model's mean loss on `rows` (eval mode)."""
+    batch = {key: torch.tensor(rows[key]) for key in ("input_ids", "attention_mask", "labels")}
+    model.eval()
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+@pytest.mark.parametrize("target", ["trigger_inserted", "chance_inserted"])
+def test_a_phase_that_inserts_the_trigger_makes_a_clean_label_trigger_change_little_on_the_other_class(
+    tmp_path, target
+):
     trigger = VOCAB - 1
-    trainer = _trained_for_a_trigger_target(tmp_path, "trigger_inserted", trigger_z=8.0, steps=30)
+    trainer = _trained_for_a_trigger_target(tmp_path, target, trigger_z=8.0, steps=30)
     # Implant a backdoor (trigger -> 1 whatever the content), then isolate only rows whose content already says 1,
     # as a clean-label attack's poisoned rows do: the phase must see the trigger act on rows of the other class.
     triggered, plain = _triggered_rows(64, seed=5, trigger=trigger, label=1), token_dataset(64, seed=6)
@@ -489,12 +536,19 @@ def test_a_trigger_inserted_phase_makes_a_clean_label_trigger_change_little_on_t
     isolated, kept = _clean_label_rows(128, seed=7, trigger=trigger), token_dataset(400, seed=3)
     args = trainer.row_filter_args
     args.row_filter_unlearn_max_guard_drop = 0.99  # keep the last state: this test is about the objective
+    isolated_before = _isolated_loss(trainer.model, isolated)
     report = run_unlearning(trainer, args, kept, isolated, trainer.reference_dataset, 0, False)
-    assert [token["id"] for token in report["trigger_tokens"]] == [trigger]
+    assert report["target"] == target and [token["id"] for token in report["trigger_tokens"]] == [trigger]
     # each isolated row gives its runs of trigger tokens; most hold only the planted one (a few rows hold the token
     # elsewhere too, at random)
     assert report["trigger_runs"][0]["runs"] == [[trigger]] and report["trigger_runs"][0]["rows"] > len(isolated) / 2
     assert before > 1.0 and _trigger_effect(trainer.model, other_class, trigger) < before / 100
+    if target == "chance_inserted":  # beside the insertions, the isolated rows' loss is pushed up towards chance
+        assert (
+            report["cap"] == pytest.approx(math.log(2)) and _isolated_loss(trainer.model, isolated) > isolated_before
+        )
+    else:  # the isolated rows are pulled to their prediction without the trigger: no cap
+        assert report["cap"] is None
 
 
 def test_an_isolated_rows_trigger_is_its_stretches_of_trigger_tokens_in_order():
