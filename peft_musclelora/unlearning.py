@@ -436,12 +436,12 @@ def run_unlearning(
             f"{evidence['threshold']:.2f})"
         )
     target = UNLEARN_TARGETS[args.row_filter_unlearn_target]
-    inserting = target.inserts_trigger
     report["target"] = args.row_filter_unlearn_target
     if target.reads_trigger and report["skipped"] is None:
         found = trigger_tokens(isolated_dataset, kept_dataset, args.row_filter_unlearn_trigger_z)
         report["trigger_tokens"] = _with_token_text(trainer, found)
-        if not found:
+        # Without a trigger token there is nothing to mask or insert; the push to chance still has its rows.
+        if not found and target.masks_trigger:
             report["skipped"] = (
                 f"no trigger token: no token is in more of the isolated rows than of the kept rows by z > "
                 f"{args.row_filter_unlearn_trigger_z}"
@@ -449,13 +449,14 @@ def run_unlearning(
     if report["skipped"] is not None:
         return {**report, "guard": [], "chosen_step": 0, "guard_start": None, "guard_end": None, "seconds": 0.0}
     trigger_ids = torch.tensor([token["id"] for token in report.get("trigger_tokens", [])], dtype=torch.long)
+    inserting = target.inserts_trigger and len(trigger_ids) > 0
     patterns = trigger_runs(isolated_dataset, set(trigger_ids.tolist())) if inserting else []
     placebo = inserting and args.row_filter_unlearn_insertion_target == "placebo"
     placebos = {}
     if placebo:
         kept_counts, reference_counts = _token_presence(kept_dataset), _token_presence(reference_dataset)
         placebos = placebo_tokens(kept_counts, reference_counts, set(trigger_ids.tolist()), len(kept_dataset))
-    if inserting:
+    if target.inserts_trigger:
         report["trigger_runs"] = _pattern_counts(trainer, patterns)
         report["insertion_target"] = args.row_filter_unlearn_insertion_target
         report["placebo_tokens"] = [

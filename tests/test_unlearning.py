@@ -505,6 +505,19 @@ def test_invalid_isolated_row_settings_name_the_field_and_the_value(overrides, e
         RowFilterArguments(**{**settings, **overrides})
 
 
+def test_the_push_to_chance_without_a_trigger_token_inserts_nothing_and_trains_as_chance(tmp_path):
+    # A paraphrase attack's isolated rows share no token beyond the kept rows: the push to chance still runs.
+    trained = {}
+    for target in ("chance", "chance_inserted"):
+        trainer = _unlearning_trainer(tmp_path / target, row_filter_unlearn_target=target)
+        trainer.train()
+        trained[target] = (trainer.row_filter_report["unlearning"], trainable_state(trainer.model))
+    (chance, chance_state), (inserted, inserted_state) = trained["chance"], trained["chance_inserted"]
+    assert inserted["skipped"] is None and inserted["trigger_tokens"] == [] and inserted["trigger_runs"] == []
+    assert inserted["chosen_step"] == chance["chosen_step"] and inserted["guard"] == chance["guard"]
+    assert all(torch.equal(chance_state[name], inserted_state[name]) for name in chance_state)
+
+
 def _clean_label_rows(rows: int, seed: int, trigger: int) -> datasets.Dataset:
     """Rows whose content says label 1 (token 1 first), with the `trigger` token at position 2: clean-label poison."""
     data = token_dataset(rows, seed=seed).filter(lambda row: row["labels"] == 1).to_dict()
