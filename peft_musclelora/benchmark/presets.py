@@ -1,8 +1,8 @@
 """The named, documented method presets: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, `ga-lora-tuned` (this
 project's gradient-alignment recipe), the row filters `fit-gap`, `fit-gap-unlearn`, `fit-gap-poe`,
-`fit-gap-teacher`, `fit-gap-gated`, `fit-gap-gated-refit` and `fit-gap-evidence`, `recommended` (currently
-`fit-gap-evidence`), and the decoder-LLM presets `lora-llama` / `musclelora-llama` (the reference's Llama-2
-hyper-parameters).
+`fit-gap-teacher`, `fit-gap-gated`, `fit-gap-gated-refit`, `fit-gap-evidence` and `fit-gap-inserted`,
+`recommended` (currently `fit-gap-evidence`), and the decoder-LLM presets `lora-llama` / `musclelora-llama` (the
+reference's Llama-2 hyper-parameters).
 
 A preset is a [`MethodPreset`] (see [`peft_musclelora.benchmark.settings`]). The reference recipe freezes the
 classification layer at its random initialisation when LoRA is used; `mslr`, `musclelora` and `ga-lora` do that
@@ -156,6 +156,18 @@ _FIT_GAP_EVIDENCE = MethodPreset(
     training=_row_filter_training(_FIT_GAP_GATED_REFIT, row_filter_plain_significance=1e-4),
 )
 
+_FIT_GAP_INSERTED = MethodPreset(
+    name="fit-gap-inserted",
+    description="fit-gap-evidence whose unlearning phase also inserts the trigger it reads off the isolated rows "
+    "into the kept rows and asks that their prediction not move (row_filter_unlearn_target=chance_inserted; "
+    "docs/row_filter.md): pushing an isolated row whose content agrees with its label to chance teaches its trigger "
+    "as evidence against that label, and the inserted copies, rows of every class, hold the trigger to what it does "
+    "to them before the phase. Where the phase is skipped, or finds no trigger token, exactly fit-gap-evidence. "
+    + _COMMON,
+    adapter=AdapterSettings(kind="lora"),
+    training=_row_filter_training(_FIT_GAP_EVIDENCE, row_filter_unlearn_target="chance_inserted"),
+)
+
 PRESETS: dict[str, MethodPreset] = {
     preset.name: preset
     for preset in (
@@ -210,6 +222,7 @@ PRESETS: dict[str, MethodPreset] = {
         _FIT_GAP_GATED,
         _FIT_GAP_GATED_REFIT,
         _FIT_GAP_EVIDENCE,
+        _FIT_GAP_INSERTED,
         dataclasses.replace(
             _FIT_GAP_EVIDENCE,
             name="recommended",

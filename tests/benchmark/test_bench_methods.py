@@ -36,6 +36,7 @@ def test_the_encoder_presets_exist_with_the_measured_defaults() -> None:
         "fit-gap-gated",
         "fit-gap-gated-refit",
         "fit-gap-evidence",
+        "fit-gap-inserted",
     ]
     assert list(PRESETS) == encoder + row_filters + ["recommended", "lora-llama", "musclelora-llama"]
     for preset in (PRESETS[name] for name in [*encoder, *row_filters, "recommended"]):
@@ -321,6 +322,15 @@ def test_fit_gap_evidence_is_fit_gap_gated_refit_training_plainly_on_evidence_st
         refit.training, row_filter=dataclasses.replace(refit.training.row_filter, **change)
     )
     assert evidence.training.row_filter.row_filter_unlearn_significance == 0.01  # the phase runs whenever it is plain
+
+
+def test_fit_gap_inserted_is_fit_gap_evidence_inserting_the_trigger_beside_the_push_to_chance() -> None:
+    evidence, inserted = PRESETS["fit-gap-evidence"], PRESETS["fit-gap-inserted"]
+    assert inserted.adapter == evidence.adapter
+    change = {"row_filter_unlearn_target": "chance_inserted"}
+    assert inserted.training == dataclasses.replace(
+        evidence.training, row_filter=dataclasses.replace(evidence.training.row_filter, **change)
+    )
 
 
 def test_recommended_is_fit_gap_evidence_under_its_own_name() -> None:
