@@ -35,6 +35,7 @@ from .row_filter import (
     TEACHER_COLUMN,
     TEACHER_ONLY_COLUMN,
     TEACHER_ROW_GATE_COLUMN,
+    UNLEARN_TARGETS,
     RowFilterArguments,
     RowSignalCollator,
     isolated_rows_decision,
@@ -287,6 +288,22 @@ def _check_reference_labels(dataset: Any, model: torch.nn.Module) -> None:
             )
 
 
+def _check_unlearn_target_fits_the_model(row_filter_args: RowFilterArguments, model: torch.nn.Module) -> None:
+    """Refuse, when the trainer is built, a trigger-reading unlearning target on a causal LM: its losses compare one
+    class prediction per row, which token-level logits do not have, and the phase would otherwise fail only after
+    the whole training run."""
+    target = row_filter_args.row_filter_unlearn_target
+    if not (row_filter_args.row_filter_unlearn and UNLEARN_TARGETS[target].reads_trigger):
+        return
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(inner).__name__.endswith("ForCausalLM"):
+        raise ValueError(
+            f"`row_filter_unlearn_target={target!r}` compares class predictions with and without the trigger and "
+            f"works on class labels only; {type(inner).__name__} has token-level labels: use 'chance' with a "
+            "row_filter_unlearn_cap."
+        )
+
+
 SUPPORTED_ENGINES = (
     "single device, DDP, or FSDP2 (`torch.distributed.fsdp.fully_shard`; in accelerate `fsdp_version: 2`, "
     "see docs/distributed.md)"
@@ -389,6 +406,7 @@ class GradientAlignmentMixin:
         super().__init__(*args, **kwargs)
 
         keep_4bit_weights_trainable(self.model)  # evaluation passes must not freeze a 4-bit model on CPU
+        _check_unlearn_target_fits_the_model(self.row_filter_args, self.model)
         self.ga_args = ga_args
         self._row_filter_source: Any = None  # the unfiltered training set, once train() has filtered it
         self._response_classes: Optional[list[tuple[int, ...]]] = None  # token-level expert and teacher

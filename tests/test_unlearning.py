@@ -36,7 +36,7 @@ from peft_musclelora.unlearning import (
     with_placebos,
 )
 
-from .ga_helpers import VOCAB, token_dataset, trainable_state
+from .ga_helpers import VOCAB, cue_answer_sft_trainer, token_dataset, trainable_state
 from .test_row_filter import _trainer
 
 
@@ -183,6 +183,13 @@ def test_the_trigger_losses_refuse_token_level_logits_in_one_line(loss):
             trigger_neutral_loss(TokenLevel(), inputs, torch.zeros(1, 3, VOCAB), torch.tensor([2]))
         else:
             trigger_insertion_loss(TokenLevel(), inputs, inputs)
+
+
+@pytest.mark.parametrize("target", ["trigger_neutral", "trigger_inserted", "chance_inserted"])
+def test_a_trigger_target_on_a_causal_lm_is_refused_when_the_trainer_is_built(tmp_path, target):
+    settings = {"row_filter_unlearn": True, "row_filter_unlearn_target": target, "row_filter_unlearn_cap": None}
+    with pytest.raises(ValueError, match=f"`row_filter_unlearn_target='{target}'`.*token-level labels: use 'chance'"):
+        cue_answer_sft_trainer(tmp_path, **settings)
 
 
 def _triggered_rows(rows: int, seed: int, trigger: int, label: int) -> datasets.Dataset:
