@@ -1,7 +1,7 @@
 """The named, documented method presets: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, `ga-lora-tuned` (this
 project's gradient-alignment recipe), the row filters `fit-gap`, `fit-gap-unlearn`, `fit-gap-poe`,
 `fit-gap-teacher`, `fit-gap-gated`, `fit-gap-gated-refit`, `fit-gap-evidence` and `fit-gap-inserted`,
-`recommended` (currently `fit-gap-evidence`), and the decoder-LLM presets `lora-llama` / `musclelora-llama` (the
+`recommended` (currently `fit-gap-inserted`), and the decoder-LLM presets `lora-llama` / `musclelora-llama` (the
 reference's Llama-2 hyper-parameters).
 
 A preset is a [`MethodPreset`] (see [`peft_musclelora.benchmark.settings`]). The reference recipe freezes the
@@ -224,18 +224,19 @@ PRESETS: dict[str, MethodPreset] = {
         _FIT_GAP_EVIDENCE,
         _FIT_GAP_INSERTED,
         dataclasses.replace(
-            _FIT_GAP_EVIDENCE,
+            _FIT_GAP_INSERTED,
             name="recommended",
             description="The project's recommended defense, the best measured so far (docs/results.md): "
-            "fit-gap-evidence. At full size (five seeds, against the mean of each seed's oracle, CACC 87.2) it "
-            "removes the insertion backdoors (BadNets, AddSent: ASR 5.5 points below the oracle's) at 0.5 and 0.3 "
-            "points of clean accuracy, and holds the paraphrase backdoors (StyleBkd, SynBkd) to +0.4 / -3.1 points of "
-            "the oracle's ASR at 1.2 / 0.9 points, on StyleBkd partly by leaning against the target class "
-            "(false-target rate 7-9 % against the oracle's 13-14 %), and on the insertion attacks partly by its "
-            "unlearning phase making the trigger weak evidence against the target (BadNets: 26-33 points of the "
-            "target class's triggered rows turned; docs/row_filter.md). On unpoisoned data 0.29 under plain LoRA on "
-            "average (0.0-0.8 by seed). It was fit-gap-poe until session 17, fit-gap-gated until session 20 and "
-            "fit-gap-gated-refit in session 20. " + _COMMON,
+            "fit-gap-inserted. At full size (five seeds, against the mean of each seed's oracle, CACC 87.2) it "
+            "removes the insertion backdoors (BadNets, AddSent: ASR 1.5 points below and 0.7 above the oracle's) at "
+            "1.0 and 0.3 points of clean accuracy, without turning the trigger against the target class as the push "
+            "to chance alone does (the target class's triggered rows keep their label 8-15 points less often than "
+            "untriggered on BadNets and 1-3 on AddSent, a backdoor-free model 6-7 and 2-5; fit-gap-evidence 26-33 "
+            "and 5-14), and holds the paraphrase backdoors (StyleBkd, SynBkd) to +0.4 / -3.1 points of the oracle's "
+            "ASR at 1.2 / 0.9 points, on StyleBkd partly by leaning against the target class (false-target rate "
+            "7-9 % against the oracle's 13-14 %). On unpoisoned data 0.29 under plain LoRA on average (0.0-0.8 by "
+            "seed). It was fit-gap-poe until session 17, fit-gap-gated until session 20, fit-gap-gated-refit in "
+            "session 20 and fit-gap-evidence in sessions 21-25. " + _COMMON,
         ),
         MethodPreset(
             name="lora-llama",

@@ -333,10 +333,10 @@ def test_fit_gap_inserted_is_fit_gap_evidence_inserting_the_trigger_beside_the_p
     )
 
 
-def test_recommended_is_fit_gap_evidence_under_its_own_name() -> None:
-    recommended, evidence = PRESETS["recommended"], PRESETS["fit-gap-evidence"]
-    assert (recommended.adapter, recommended.training) == (evidence.adapter, evidence.training)
-    assert recommended.name == "recommended" and "fit-gap-evidence" in recommended.description
+def test_recommended_is_fit_gap_inserted_under_its_own_name() -> None:
+    recommended, inserted = PRESETS["recommended"], PRESETS["fit-gap-inserted"]
+    assert (recommended.adapter, recommended.training) == (inserted.adapter, inserted.training)
+    assert recommended.name == "recommended" and "fit-gap-inserted" in recommended.description
 
 
 def test_a_field_the_row_filter_gains_reaches_the_trainer_without_a_benchmark_edit() -> None:
