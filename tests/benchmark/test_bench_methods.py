@@ -11,6 +11,7 @@ from peft_musclelora.benchmark.cli import main
 from peft_musclelora.benchmark.overrides import parse_set_items
 from peft_musclelora.benchmark.presets import PRESETS
 from peft_musclelora.benchmark.presets import get_preset as get_typed_preset
+from peft_musclelora.benchmark.settings import MethodPreset
 from peft_musclelora.benchmark.spec import resolve_cell
 from peft_musclelora.gradient_alignment import GradientAlignmentArguments
 from peft_musclelora.row_filter import RowFilterArguments
@@ -289,12 +290,20 @@ def test_fit_gap_teacher_is_fit_gap_poe_at_weight_4_with_the_trusted_teacher() -
     assert not kwargs["row_filter_refit_bias"]
 
 
+def _assert_row_filter_preset_is(name: str, base: str, change: dict) -> MethodPreset:
+    """Assert that preset `name` is preset `base` with the row-filter fields `change` and the same adapter; return
+    it."""
+    preset, base_preset = PRESETS[name], PRESETS[base]
+    assert preset.adapter == base_preset.adapter
+    assert preset.training == dataclasses.replace(
+        base_preset.training, row_filter=dataclasses.replace(base_preset.training.row_filter, **change)
+    )
+    return preset
+
+
 def test_fit_gap_gated_is_fit_gap_teacher_with_the_teachers_share_where_the_model_contradicts_the_label() -> None:
-    teacher, gated = PRESETS["fit-gap-teacher"], PRESETS["fit-gap-gated"]
-    assert gated.adapter == teacher.adapter
-    change = {"row_filter_teacher_mix_gate": "model_contradicts"}
-    assert gated.training == dataclasses.replace(
-        teacher.training, row_filter=dataclasses.replace(teacher.training.row_filter, **change)
+    gated = _assert_row_filter_preset_is(
+        "fit-gap-gated", "fit-gap-teacher", {"row_filter_teacher_mix_gate": "model_contradicts"}
     )
     # The settings session 16's cells ran with: fit-gap-unlearn and these `--set` items (benchmarks/fit_gap_cell.sh).
     items = [
@@ -305,32 +314,24 @@ def test_fit_gap_gated_is_fit_gap_teacher_with_the_teachers_share_where_the_mode
 
 
 def test_fit_gap_gated_refit_is_fit_gap_gated_with_the_bias_refit_after_an_unlearning_phase_that_ran() -> None:
-    gated, refit = PRESETS["fit-gap-gated"], PRESETS["fit-gap-gated-refit"]
-    assert refit.adapter == gated.adapter
-    change = {"row_filter_unlearn_refit_bias": True}
-    assert refit.training == dataclasses.replace(
-        gated.training, row_filter=dataclasses.replace(gated.training.row_filter, **change)
+    refit = _assert_row_filter_preset_is(
+        "fit-gap-gated-refit", "fit-gap-gated", {"row_filter_unlearn_refit_bias": True}
     )
     assert refit.training.row_filter.row_filter_refit_bias is False  # a run whose phase was skipped keeps its bias
 
 
 def test_fit_gap_evidence_is_fit_gap_gated_refit_training_plainly_on_evidence_stricter_than_the_phases() -> None:
-    refit, evidence = PRESETS["fit-gap-gated-refit"], PRESETS["fit-gap-evidence"]
-    assert evidence.adapter == refit.adapter
-    change = {"row_filter_plain_significance": 1e-4}
-    assert evidence.training == dataclasses.replace(
-        refit.training, row_filter=dataclasses.replace(refit.training.row_filter, **change)
+    evidence = _assert_row_filter_preset_is(
+        "fit-gap-evidence", "fit-gap-gated-refit", {"row_filter_plain_significance": 1e-4}
     )
     assert evidence.training.row_filter.row_filter_unlearn_significance == 0.01  # the phase runs whenever it is plain
 
 
 def test_fit_gap_inserted_is_fit_gap_evidence_inserting_the_trigger_beside_the_push_to_chance() -> None:
-    evidence, inserted = PRESETS["fit-gap-evidence"], PRESETS["fit-gap-inserted"]
-    assert inserted.adapter == evidence.adapter
-    change = {"row_filter_unlearn_target": "chance_inserted"}
-    assert inserted.training == dataclasses.replace(
-        evidence.training, row_filter=dataclasses.replace(evidence.training.row_filter, **change)
+    inserted = _assert_row_filter_preset_is(
+        "fit-gap-inserted", "fit-gap-evidence", {"row_filter_unlearn_target": "chance_inserted"}
     )
+    assert inserted.training.row_filter.row_filter_unlearn_insertion_target == "unchanged"  # the row as it is
 
 
 def test_recommended_is_fit_gap_inserted_under_its_own_name() -> None:
