@@ -432,8 +432,10 @@ class RowFilterArguments:
             "class labels only) adds to 'trigger_neutral' the kept rows with the trigger inserted (each row gets "
             "every run of trigger tokens of a random isolated row, each run at its own random position), pulled to "
             "the prediction row_filter_unlearn_insertion_target names: a clean-label trigger, whose isolated rows "
-            "all belong to the target class, is then seen acting on the other classes. 'chance_inserted' "
-            "(experimental; class labels only) is 'chance' with the same inserted kept rows beside it."
+            "all belong to the target class, is then seen acting on the other classes. 'chance_inserted' (the "
+            "recommended defense's; class labels only) is 'chance' with the same inserted kept rows beside it, so the "
+            "push to chance cannot simply turn the trigger against the isolated rows' label; without a trigger token "
+            "it is 'chance'."
         },
     )
     row_filter_unlearn_trigger_z: float = field(
@@ -447,8 +449,7 @@ class RowFilterArguments:
         default="unchanged",
         metadata={
             "help": "Under row_filter_unlearn_target='trigger_inserted' or 'chance_inserted', what a kept row with "
-            "the trigger inserted "
-            "is pulled to: 'unchanged' (the model's prediction of the row as it is) or 'placebo' (experimental, "
+            "the trigger inserted is pulled to: 'unchanged' (the model's prediction of the row as it is) or 'placebo' (experimental, "
             "measured worse: its prediction of the row with as many other words at the same places, each about as "
             "common in the trusted rows as the trigger word it stands for)."
         },

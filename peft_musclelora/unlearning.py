@@ -26,8 +26,9 @@ of the target class away (measured in docs/row_filter.md). `row_filter_unlearn_t
 That cannot reach a clean-label trigger, whose isolated rows all read as the target class with or without it;
 `"trigger_inserted"` (experimental) also inserts the trigger, as the isolated rows carry it ([`trigger_runs`]), into
 the kept rows of every class and asks that their prediction not move ([`trigger_insertion_loss`]);
-`"chance_inserted"` (experimental) asks the same of the kept rows beside the push to chance, so that the push has
-to unlearn the trigger without turning it against the target on rows where it was not isolated.
+`"chance_inserted"` (the recommended defense's, `fit-gap-inserted`) asks the same of the kept rows beside the push
+to chance, so that the push has to unlearn the trigger without turning it against the target on rows where it was
+not isolated.
 """
 
 from __future__ import annotations
