@@ -449,9 +449,9 @@ class RowFilterArguments:
         default="unchanged",
         metadata={
             "help": "Under row_filter_unlearn_target='trigger_inserted' or 'chance_inserted', what a kept row with "
-            "the trigger inserted is pulled to: 'unchanged' (the model's prediction of the row as it is) or 'placebo' (experimental, "
-            "measured worse: its prediction of the row with as many other words at the same places, each about as "
-            "common in the trusted rows as the trigger word it stands for)."
+            "the trigger inserted is pulled to: 'unchanged' (the model's prediction of the row as it is) or "
+            "'placebo' (experimental, measured worse: its prediction of the row with as many other words at the "
+            "same places, each about as common in the trusted rows as the trigger word it stands for)."
         },
     )
     row_filter_unlearn_eval_every: int = field(
