@@ -232,8 +232,8 @@ PRESETS: dict[str, MethodPreset] = {
             "1.0 and 0.3 points of clean accuracy, without turning the trigger against the target class as the push "
             "to chance alone does (the target class's triggered rows keep their label 8-15 points less often than "
             "untriggered on BadNets and 1-3 on AddSent, a backdoor-free model 6-7 and 2-5; fit-gap-evidence 26-33 "
-            "and 5-14), and holds the paraphrase backdoors (StyleBkd, SynBkd) to +0.4 / -3.1 points of the oracle's "
-            "ASR at 1.2 / 0.9 points, on StyleBkd partly by leaning against the target class (false-target rate "
+            "and 5-14), and holds the paraphrase backdoors (StyleBkd, SynBkd) to +0.4 / -1.4 points of the oracle's "
+            "ASR at 1.2 / 1.0 points, on StyleBkd partly by leaning against the target class (false-target rate "
             "7-9 % against the oracle's 13-14 %). On unpoisoned data 0.29 under plain LoRA on average (0.0-0.8 by "
             "seed). It was fit-gap-poe until session 17, fit-gap-gated until session 20, fit-gap-gated-refit in "
             "session 20 and fit-gap-evidence in sessions 21-25. " + _COMMON,
