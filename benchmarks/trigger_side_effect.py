@@ -40,14 +40,19 @@ def main() -> None:
     parser.add_argument("cells", nargs="+", type=Path, help="finished cell directories (metrics.json, adapter/)")
     parser.add_argument("--attack", required=True, choices=sorted(POISONERS), help="whose trigger to insert")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the shared data's root")
+    parser.add_argument("--triggers", help="BadNets: comma-separated trigger words in place of the published ones")
+    parser.add_argument("--sentence", help="AddSent: the trigger sentence in place of the published one")
     args = parser.parse_args()
 
     test = load_records(args.data / "sst-2" / "poison" / args.attack / "test-clean.csv")
     target_rows = test.replace([record for record in test.records if record.label == TARGET_LABEL])
+    trigger = {"triggers": tuple(args.triggers.split(","))} if args.triggers else {}
+    trigger |= {"sentence": args.sentence} if args.sentence else {}
     # The poisoner triggers the rows that do not carry its target: with target 0 they are the target-label rows.
-    triggered = POISONERS[args.attack](target_label=1 - TARGET_LABEL).triggered_test(target_rows)
+    triggered = POISONERS[args.attack](target_label=1 - TARGET_LABEL, **trigger).triggered_test(target_rows)
     pair = (target_rows.texts, triggered.texts)
-    print(f"{len(target_rows)} clean test rows of label {TARGET_LABEL}, each also with the {args.attack} trigger")
+    named = f"the {args.attack} trigger" + (f" {trigger}" if trigger else "")
+    print(f"{len(target_rows)} clean test rows of label {TARGET_LABEL}, each also with {named}")
     print("| cell | accuracy on them | triggered | difference |")
     print("|---|---|---|---|")
     for cell in args.cells:
