@@ -687,22 +687,24 @@ class RowFilterArguments:
         if target.masks_trigger and self.row_filter_unlearn_cap is not None:
             raise ValueError(
                 f"`row_filter_unlearn_cap` ({self.row_filter_unlearn_cap!r}) is the loss the isolated rows are pushed "
-                f"up to under 'chance' or 'chance_inserted'; {name!r} has no cap: leave it None."
+                f"up to under {unlearn_target_names(lambda each: not each.masks_trigger)}; {name!r} has no cap: "
+                "leave it None."
             )
         if not target.reads_trigger and z != DEFAULT_TRIGGER_Z:
             raise ValueError(
-                f"`row_filter_unlearn_trigger_z` ({z!r}) picks the trigger tokens of a row_filter_unlearn_target "
-                f"that reads them ({_trigger_target_names()}): set one as well, or leave it at {DEFAULT_TRIGGER_Z}."
+                f"`row_filter_unlearn_trigger_z` ({z!r}) picks the trigger tokens of a row_filter_unlearn_target that "
+                f"reads them ({unlearn_target_names(lambda each: each.reads_trigger)}): set one as well, or leave it "
+                f"at {DEFAULT_TRIGGER_Z}."
             )
 
     def _validate_insertion_target(self) -> None:
         insertion = self.row_filter_unlearn_insertion_target
         _check_choice("row_filter_unlearn_insertion_target", insertion, INSERTION_TARGETS)
         if insertion != "unchanged" and not UNLEARN_TARGETS[self.row_filter_unlearn_target].inserts_trigger:
-            inserting = sorted(name for name, each in UNLEARN_TARGETS.items() if each.inserts_trigger)
+            inserting = unlearn_target_names(lambda each: each.inserts_trigger)
             raise ValueError(
                 f"`row_filter_unlearn_insertion_target` ({insertion!r}) is what the kept rows with the trigger "
-                f"inserted are pulled to: set row_filter_unlearn_target to one of {inserting} as well, or leave it "
+                f"inserted are pulled to: set row_filter_unlearn_target to {inserting} as well, or leave it "
                 "'unchanged'."
             )
 
@@ -742,8 +744,9 @@ def _check_optional_choice(name: str, value: Optional[str], registry: Mapping[st
         _check_choice(name, value, registry, "None or one of")
 
 
-def _trigger_target_names() -> str:
-    return ", ".join(repr(name) for name, target in UNLEARN_TARGETS.items() if target.reads_trigger)
+def unlearn_target_names(which: Callable[[UnlearnTarget], bool]) -> str:
+    """The `row_filter_unlearn_target` values whose [`UnlearnTarget`] satisfies `which`, quoted, for messages."""
+    return " or ".join(repr(name) for name, target in UNLEARN_TARGETS.items() if which(target))
 
 
 def _check_choice(name: str, value: Any, registry: Mapping[str, Any], allowed: str = "one of") -> None:

@@ -51,6 +51,7 @@ from .row_filter import (
     length_order,
     subset_rows,
     two_proportion_z,
+    unlearn_target_names,
 )
 
 # isolation_evidence moved to row_filter (plain training reads it there); importable from here as before.
@@ -147,7 +148,7 @@ def _check_class_logits(logits: torch.Tensor, targets: str) -> None:
     one prediction per row to compare (and an insertion shifts their positions)."""
     if logits.dim() != 2:
         raise ValueError(
-            f"`row_filter_unlearn_target` {targets} compare class predictions with and without the trigger and "
+            f"`row_filter_unlearn_target` values {targets} compare class predictions with and without the trigger and "
             "work on class labels only; these rows have token-level (causal-LM) labels: use 'chance' with a "
             "row_filter_unlearn_cap."
         )
@@ -159,7 +160,7 @@ def trigger_neutral_loss(
     """KL(p(row with the trigger tokens masked out) || p(row)), averaged over the batch: the target is the model's
     own prediction, in eval mode and without gradient, of the row whose `trigger_ids` positions are removed from the
     attention mask; the trigger then comes to change nothing."""
-    _check_class_logits(logits, "'trigger_neutral' and 'trigger_inserted'")
+    _check_class_logits(logits, unlearn_target_names(lambda target: target.masks_trigger))
     masked = dict(inputs)
     masked["attention_mask"] = inputs["attention_mask"] * ~torch.isin(inputs["input_ids"], trigger_ids)
     was_training = model.training
@@ -347,7 +348,7 @@ def trigger_insertion_loss(model: Any, reference: Mapping[str, Any], inserted: M
     trigger), the prediction is of `inserted` ([`apply_insertions`]) with gradient; the trigger then comes to do to
     rows of any class what the reference does."""
     logits = model(**inserted).logits
-    _check_class_logits(logits, "'trigger_inserted' and 'chance_inserted'")
+    _check_class_logits(logits, unlearn_target_names(lambda target: target.inserts_trigger))
     was_training = model.training
     model.eval()
     with torch.no_grad():

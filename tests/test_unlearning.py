@@ -100,7 +100,7 @@ def test_the_default_cap_is_chance_among_the_classes_and_generation_must_set_one
             {"row_filter_unlearn_insertion_target": "placebo", "row_filter_unlearn_target": "trigger_neutral"}
             | {"row_filter": True, "row_filter_unlearn": True},
             ValueError,
-            r"`row_filter_unlearn_insertion_target` \('placebo'\).*\['chance_inserted', 'trigger_inserted'\]",
+            r"`row_filter_unlearn_insertion_target` \('placebo'\).*'trigger_inserted' or 'chance_inserted'",
         ),
         ({"row_filter_unlearn_trigger_z": 0}, ValueError, "`row_filter_unlearn_trigger_z` must be > 0, got 0"),
         (
