@@ -7,7 +7,9 @@
 # Variants: lora, musclelora (MSLR on down_proj + GA), ga-lora (LoRA + GA, no MSLR), mslr (MSLR, no GA),
 # fit-gap (LoRA on the rows the row filter keeps; the 64 references are its trusted rows), fit-gap-unlearn (fit-gap,
 # then the guarded unlearning of the fit-early rows), fit-gap-poe (fit-gap-unlearn with the n-gram shallow expert),
-# fit-gap-gated (fit-gap-poe at weight 4 with the gated trusted teacher on the answer tokens),
+# fit-gap-gated (fit-gap-poe at weight 4 with the gated trusted teacher on the answer tokens), fit-gap-evidence
+# (fit-gap-gated, trained plainly on strong isolation evidence), fit-gap-inserted (fit-gap-evidence whose unlearning
+# phase also inserts the trigger into the kept prompts; the encoder's recommended defense),
 # musclelora@MODULE (MSLR on MODULE + GA, e.g. musclelora@up_proj).
 # Usage: bash benchmarks/instruct_bench.sh MODEL_DIR [OUTPUT_DIR] [ATTACKS] [VARIANTS]
 set -euo pipefail
@@ -21,7 +23,8 @@ for attack in ${attacks//,/ }; do
     d="$data/sst-2/poison/$attack"
     for variant in ${variants//,/ }; do
         case "$variant" in
-            lora | musclelora | fit-gap | fit-gap-unlearn | fit-gap-poe | fit-gap-gated) method=(--method "$variant") ;;
+            lora | musclelora | fit-gap | fit-gap-unlearn | fit-gap-poe | fit-gap-gated | fit-gap-evidence | fit-gap-inserted)
+                method=(--method "$variant") ;;
             ga-lora) method=(--method lora --set gradient_alignment=true) ;;
             mslr) method=(--method musclelora --set gradient_alignment=false) ;;
             musclelora@*) method=(--method musclelora --set "mslr_target=${variant#musclelora@}") ;;

@@ -17,7 +17,8 @@ over the classes and the token distributions at the branches of one row's answer
   sets that branch once, such as label words ([" negative", eos] and [" positive", eos]).
 
 Both read the same trie, so the class distribution the second returns gives back, through the first, the model's
-renormalised token probabilities at every branch of the row's own answer.
+renormalised token probabilities at every branch of the row's own answer. [`answer_class_nll`] is the row's own
+class's term of the second, with gradient: the loss of the choice between classes, whose chance level is ln K.
 """
 
 from __future__ import annotations
@@ -147,6 +148,43 @@ def answer_class_log_probs(
             along += token_log_probs[answer[position]]
         log_probs[row, int(class_indices[row])] = along
     return log_probs.to(logits.device)
+
+
+def answer_class_nll(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Each row's negative log-probability of its own class `(batch,)`, float32 with gradient: the sum over the
+    branches of its answer of `-log softmax(logits of the branching tokens)[its token]` ([`answer_class_log_probs`]'s
+    own-class entry). Unlike the token loss it ignores the positions where the answer has no choice (an
+    end-of-sequence after a label word), so a model at chance among `K` classes scores exactly ln K. Raises
+    `ValueError` for an answer that is not a class.
+
+    Example:
+        >>> logits = torch.zeros(2, 3, 10)
+        >>> logits[:, 1, 1] = 9.0  # the end-of-sequence token after the label word: no choice, not counted
+        >>> labels = torch.tensor([[-100, 7, 1], [-100, 5, 1]])  # " positive" / " negative", then end-of-sequence
+        >>> [round(v, 4) for v in answer_class_nll(logits, labels, [(5, 1), (7, 1)]).tolist()]  # chance: ln 2
+        [0.6931, 0.6931]
+    """
+    class_indices = answer_class_indices(labels, classes).tolist()
+    rows, positions, _ = answer_tokens(labels)
+    answer_positions: dict[int, list[int]] = {}
+    for row, position in zip(rows.tolist(), positions.tolist()):
+        answer_positions.setdefault(row, []).append(position)
+    gather_rows, gather_positions, branch_tokens, chosen = [], [], [], []
+    for row, class_index in enumerate(class_indices):
+        answer = tuple(int(token) for token in classes[class_index])
+        for position, branching in _branches(answer, classes):
+            gather_rows.append(row)
+            gather_positions.append(answer_positions[row][position])
+            branch_tokens.append(branching)
+            chosen.append(branching.index(answer[position]))
+    width = max((len(tokens) for tokens in branch_tokens), default=1)
+    index = functools.partial(torch.tensor, dtype=torch.long, device=logits.device)
+    padded = index([tokens + [tokens[0]] * (width - len(tokens)) for tokens in branch_tokens]).view(-1, width)
+    real = index([[1] * len(tokens) + [0] * (width - len(tokens)) for tokens in branch_tokens]).view(-1, width)
+    scores = logits[index(gather_rows)[:, None], index(gather_positions)[:, None], padded].float()
+    log_p = torch.log_softmax(scores.masked_fill(real == 0, -math.inf), dim=-1)
+    chosen_log_p = log_p.gather(1, index(chosen).view(-1, 1)).squeeze(1)
+    return torch.zeros(labels.size(0), device=logits.device).index_add(0, index(gather_rows), -chosen_log_p)
 
 
 def _consistent(answer: Sequence[int], classes: Sequence[Sequence[int]], position: int) -> list[int]:

@@ -415,8 +415,10 @@ class RowFilterArguments:
     row_filter_unlearn_cap: Optional[float] = field(
         default=None,
         metadata={
-            "help": "Loss (nats) the isolated rows are pushed up to; None: chance, ln(number of classes), for "
-            "classification. Required for token-level (generation) labels. > 0."
+            "help": "Loss (nats) the isolated rows are pushed up to; None: chance, ln(number of classes). On "
+            "token-level (causal-LM) rows whose answers form a closed set (label words) the loss is the choice "
+            "among the answers (docs/row_filter.md) and None is chance among them; free-form answers push the "
+            "token loss and need a cap. > 0."
         },
     )
     row_filter_unlearn_target: str = field(
@@ -433,7 +435,8 @@ class RowFilterArguments:
             "every run of trigger tokens of a random isolated row, each run at its own random position), pulled to "
             "the prediction row_filter_unlearn_insertion_target names: a clean-label trigger, whose isolated rows "
             "all belong to the target class, is then seen acting on the other classes. 'chance_inserted' (the "
-            "recommended defense's; class labels only) is 'chance' with the same inserted kept rows beside it, so the "
+            "recommended defense's; also on token-level rows, the trigger read off and inserted into the prompts, the "
+            "answers' next-token predictions held) is 'chance' with the same inserted kept rows beside it, so the "
             "push to chance cannot simply turn the trigger against the isolated rows' label; without a trigger token "
             "it is 'chance'."
         },
@@ -1199,30 +1202,33 @@ def _restore(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> No
             param.copy_(value)
 
 
-def collect_token_rows(
-    trainer: Any, dataset: Any, classes: Optional[list[tuple[int, ...]]] = None
-) -> tuple[list[list[int]], list[int], Optional[list[tuple[int, ...]]]]:
-    """`(token ids, class, classes)` of every row, through the trainer's collator (so exactly what the model sees).
+class TokenRows(NamedTuple):
+    """Every row of a dataset as the model sees it ([`token_rows`]): `ids` (a classification row's unpadded input,
+    a token-level row's prompt), `labels` (the class labels; empty for token-level rows) and `responses` (each
+    token-level row's labelled tokens; empty for classification rows)."""
 
-    Classification labels `(batch,)`: a row's ids are its unpadded input and its class is its label; `classes` is
-    None. Token-level labels `(batch, seq)` (a prompt and its response): a row's ids are its prompt (the unlabelled
-    positions) and its class is its response's index in `classes`, the distinct responses of these rows when None
-    ([`response_classes`]: a closed answer set such as label words; free-form responses raise `ValueError`)."""
+    ids: list[list[int]]
+    labels: list[int]
+    responses: list[tuple[int, ...]]
+
+
+def token_rows(trainer: Any, dataset: Any) -> TokenRows:
+    """Every row's token ids and label or response ([`TokenRows`]), through the trainer's collator (so exactly what
+    the model sees). Token-level labels `(batch, seq)` (a prompt and its response) must be causal-LM labels, one
+    per input token with the prompt masked with -100; a row's ids are then its prompt (the unlabelled positions)."""
     rows: list[list[int]] = []
     labels: list[int] = []
     responses: list[tuple[int, ...]] = []
     for batch in _loader(trainer, dataset, trainer.args.per_device_eval_batch_size):
         if "input_ids" not in batch or "labels" not in batch:
-            raise ValueError(
-                f"row_filter_shallow_probe needs `input_ids` and `labels` in each batch, got {sorted(batch)}."
-            )
+            raise ValueError(f"the row filter needs `input_ids` and `labels` in each batch, got {sorted(batch)}.")
         mask = batch.get("attention_mask")
         token_level = batch["labels"].dim() == 2
         if token_level and batch["labels"].shape != batch["input_ids"].shape:
             raise ValueError(
-                "row_filter_shallow_probe on token-level labels needs causal-LM labels (one per input token, the "
-                f"prompt masked with -100); got labels of shape {tuple(batch['labels'].shape)} for input_ids of "
-                f"shape {tuple(batch['input_ids'].shape)}."
+                "the row filter on token-level labels needs causal-LM labels (one per input token, the prompt "
+                f"masked with -100); got labels of shape {tuple(batch['labels'].shape)} for input_ids of shape "
+                f"{tuple(batch['input_ids'].shape)}."
             )
         for row, ids in enumerate(batch["input_ids"]):
             kept = mask[row].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
@@ -1233,6 +1239,19 @@ def collect_token_rows(
             rows.append(ids[kept].tolist())
         if not token_level:
             labels.extend(batch["labels"].long().tolist())
+    return TokenRows(rows, labels, responses)
+
+
+def collect_token_rows(
+    trainer: Any, dataset: Any, classes: Optional[list[tuple[int, ...]]] = None
+) -> tuple[list[list[int]], list[int], Optional[list[tuple[int, ...]]]]:
+    """`(token ids, class, classes)` of every row ([`token_rows`]).
+
+    Classification labels `(batch,)`: a row's ids are its unpadded input and its class is its label; `classes` is
+    None. Token-level labels `(batch, seq)` (a prompt and its response): a row's ids are its prompt (the unlabelled
+    positions) and its class is its response's index in `classes`, the distinct responses of these rows when None
+    ([`response_classes`]: a closed answer set such as label words; free-form responses raise `ValueError`)."""
+    rows, labels, responses = token_rows(trainer, dataset)
     if not responses:
         return rows, labels, None
     classes = classes if classes is not None else response_classes(responses)

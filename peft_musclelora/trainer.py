@@ -45,6 +45,7 @@ from .row_filter import (
     saved_expert_log_probs,
     subset_rows,
     trained_rows,
+    unlearn_target_names,
     with_column,
 )
 from .shallow_probe import (
@@ -288,20 +289,30 @@ def _check_reference_labels(dataset: Any, model: torch.nn.Module) -> None:
             )
 
 
-def _check_unlearn_target_fits_the_model(row_filter_args: RowFilterArguments, model: torch.nn.Module) -> None:
-    """Refuse, when the trainer is built, a trigger-reading unlearning target on a causal LM: its losses compare one
-    class prediction per row, which token-level logits do not have, and the phase would otherwise fail only after
-    the whole training run."""
-    target = row_filter_args.row_filter_unlearn_target
-    if not (row_filter_args.row_filter_unlearn and UNLEARN_TARGETS[target].reads_trigger):
-        return
+#: The row-filter switches that need one class label per row (the output bias they refit is a classifier's).
+_CLASS_LABEL_SWITCHES = ("row_filter_refit_bias", "row_filter_unlearn_refit_bias")
+
+
+def _check_row_filter_fits_the_model(row_filter_args: RowFilterArguments, model: torch.nn.Module) -> None:
+    """Refuse, when the trainer is built, what a causal LM cannot do and would otherwise fail at only after the whole
+    training run: an unlearning target that masks the trigger (its loss compares one class prediction per row with
+    the trigger masked out, which token-level logits do not have) and a bias refit (a classifier's output bias)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if type(inner).__name__.endswith("ForCausalLM"):
+    if not type(inner).__name__.endswith("ForCausalLM"):
+        return
+    target = row_filter_args.row_filter_unlearn_target
+    if row_filter_args.row_filter_unlearn and UNLEARN_TARGETS[target].masks_trigger:
         raise ValueError(
-            f"`row_filter_unlearn_target={target!r}` compares class predictions with and without the trigger and "
-            f"works on class labels only; {type(inner).__name__} has token-level labels: use 'chance' with a "
-            "row_filter_unlearn_cap."
+            f"`row_filter_unlearn_target={target!r}` compares class predictions with the trigger masked out and "
+            f"works on class labels only; {type(inner).__name__} has token-level labels: use "
+            f"{unlearn_target_names(lambda each: not each.masks_trigger)}."
         )
+    for name in _CLASS_LABEL_SWITCHES:
+        if getattr(row_filter_args, name):
+            raise ValueError(
+                f"`{name}=True` refits a classifier's output bias and works on class labels only; "
+                f"{type(inner).__name__} has token-level labels: leave it False."
+            )
 
 
 SUPPORTED_ENGINES = (
@@ -406,7 +417,7 @@ class GradientAlignmentMixin:
         super().__init__(*args, **kwargs)
 
         keep_4bit_weights_trainable(self.model)  # evaluation passes must not freeze a 4-bit model on CPU
-        _check_unlearn_target_fits_the_model(self.row_filter_args, self.model)
+        _check_row_filter_fits_the_model(self.row_filter_args, self.model)
         self.ga_args = ga_args
         self._row_filter_source: Any = None  # the unfiltered training set, once train() has filtered it
         self._response_classes: Optional[list[tuple[int, ...]]] = None  # token-level expert and teacher

@@ -44,18 +44,21 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .answer_classes import answer_class_nll, answer_tokens
 from .row_filter import (
     UNLEARN_TARGETS,
     RowFilterArguments,
     _loader,
     length_order,
     subset_rows,
+    token_rows,
     two_proportion_z,
     unlearn_target_names,
 )
 
 # isolation_evidence moved to row_filter (plain training reads it there); importable from here as before.
 from .row_filter import isolation_evidence as isolation_evidence
+from .shallow_probe import response_classes
 
 
 def correct_and_total(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -102,13 +105,51 @@ def _shuffled_batches(trainer: Any, dataset: Any, batch_size: int, generator: to
         yield from _loader(trainer, subset_rows(dataset, order), batch_size)
 
 
-def _default_cap(logits: torch.Tensor) -> float:
+def _default_cap(logits: torch.Tensor, classes: Optional[list[tuple[int, ...]]] = None) -> float:
+    """Chance, ln K: among the `logits`' classes, or among the answer `classes` of token-level rows."""
+    if classes is not None:
+        return math.log(len(classes))
     if logits.dim() != 2:
         raise ValueError(
-            "`row_filter_unlearn_cap=None` means chance among the classes, which a token-level (generation) loss "
-            "does not have: set row_filter_unlearn_cap to a loss in nats (e.g. twice the trusted rows' loss)."
+            "`row_filter_unlearn_cap=None` means chance among the classes, which token-level rows have only when "
+            "their answers form a closed set (label words); these do not: set row_filter_unlearn_cap to a loss in "
+            "nats (e.g. twice the trusted rows' loss)."
         )
     return math.log(logits.size(-1))
+
+
+@dataclass(frozen=True)
+class TokenLevelRows:
+    """What the phase reads off token-level (causal-LM) rows: the isolated and the kept rows' prompts, as
+    [`trigger_tokens`] takes rows (the answers stay out: the isolated rows share the target's answer, which would
+    read as a trigger), and the rows' closed answer set (`classes`, None for free-form answers), among which the
+    push to chance acts on the choice of answer ([`~answer_classes.answer_class_nll`])."""
+
+    isolated_prompts: list[dict[str, list[int]]]
+    kept_prompts: list[dict[str, list[int]]]
+    classes: Optional[list[tuple[int, ...]]]
+
+
+def _prompts(ids: list[list[int]]) -> list[dict[str, list[int]]]:
+    return [{"input_ids": row} for row in ids]
+
+
+def _rows_untouched_rng(trainer: Any, dataset: Any) -> Any:
+    """[`token_rows`] of `dataset` with torch's random state as it was (each loader iterator draws a seed from it)."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        return token_rows(trainer, dataset)
+
+
+def token_level_rows(trainer: Any, isolated_dataset: Any, kept_dataset: Any) -> Optional[TokenLevelRows]:
+    """The [`TokenLevelRows`] of the two datasets when their labels are token-level, else None (class labels)."""
+    if not _rows_untouched_rng(trainer, subset_rows(isolated_dataset, [0])).responses:
+        return None
+    isolated, kept = _rows_untouched_rng(trainer, isolated_dataset), _rows_untouched_rng(trainer, kept_dataset)
+    try:
+        classes: Optional[list[tuple[int, ...]]] = response_classes(isolated.responses + kept.responses)
+    except ValueError:  # free-form answers: the push acts on the token loss, with a cap set in nats
+        classes = None
+    return TokenLevelRows(_prompts(isolated.ids), _prompts(kept.ids), classes)
 
 
 def trigger_tokens(isolated_dataset: Any, kept_dataset: Any, min_z: float) -> list[dict[str, Any]]:
@@ -144,13 +185,13 @@ def _token_presence(dataset: Any) -> Counter[int]:
 
 
 def _check_class_logits(logits: torch.Tensor, targets: str) -> None:
-    """The trigger targets compare class predictions with and without the trigger; token-level logits have no
-    one prediction per row to compare (and an insertion shifts their positions)."""
+    """The masking targets compare class predictions with and without the trigger masked out; token-level logits
+    have no one prediction per row to compare."""
     if logits.dim() != 2:
         raise ValueError(
-            f"`row_filter_unlearn_target` values {targets} compare class predictions with and without the trigger and "
-            "work on class labels only; these rows have token-level (causal-LM) labels: use 'chance' with a "
-            "row_filter_unlearn_cap."
+            f"`row_filter_unlearn_target` values {targets} compare class predictions with the trigger masked out and "
+            "work on class labels only; these rows have token-level (causal-LM) labels: use "
+            f"{unlearn_target_names(lambda target: not target.masks_trigger)}."
         )
 
 
@@ -220,31 +261,58 @@ class Insertion:
 
 
 def draw_insertions(
-    mask: torch.Tensor, patterns: list[list[list[int]]], generator: torch.Generator, max_length: int
+    mask: torch.Tensor,
+    patterns: list[list[list[int]]],
+    generator: torch.Generator,
+    max_length: int,
+    labels: Optional[torch.Tensor] = None,
 ) -> list[Insertion]:
     """One [`Insertion`] per row of the attention `mask`: a pattern of `patterns` ([`trigger_runs`]) drawn at random,
     every run of it at its own random position between the row's first and last real token (special tokens at
-    either end stay there), in the pattern's order; content before the last token is cut to fit `max_length`."""
+    either end stay there), in the pattern's order; content before the last token is cut to fit `max_length`.
+
+    With token-level `labels` (causal-LM rows, -100 on the prompt) the row's answer and the prompt's last token
+    before it play the last token's part: the runs go into the prompt, after its first token and before its last,
+    and the answer stays whole at the end.
+
+    Example:
+        >>> mask = torch.ones(1, 5, dtype=torch.long)
+        >>> labels = torch.tensor([[-100, -100, -100, 11, 1]])  # a three-token prompt, then its answer
+        >>> [insertion.gaps for insertion in draw_insertions(
+        ...     mask, [[[7]], [[8]]], torch.Generator().manual_seed(0), 64, labels)][0][0] in (1, 2)
+        True
+    """
     insertions = []
     for row in range(mask.size(0)):
         real = mask[row].nonzero().flatten()
+        tail = 1 if labels is None else _kept_last(labels[row, real])
         drawn = patterns[int(torch.randint(len(patterns), (1,), generator=generator))]
-        runs = _fitting_runs(drawn, max(max_length - 2, 1))
+        runs = _fitting_runs(drawn, max(max_length - 1 - tail, 1))
         room = max_length - sum(len(run) for run in runs)
         if len(real) > room:
-            real = torch.cat([real[: max(room - 1, 0)], real[-1:]])
-        if len(real) > 1:
-            gaps = sorted((1 + torch.randint(len(real) - 1, (len(runs),), generator=generator)).tolist())
+            real = torch.cat([real[: max(room - tail, 0)], real[len(real) - tail :]])
+        if len(real) > tail:
+            gaps = sorted((1 + torch.randint(len(real) - tail, (len(runs),), generator=generator)).tolist())
         else:
-            gaps = [len(real)] * len(runs)
+            gaps = [len(real) if tail == 1 else 0] * len(runs)
         insertions.append(Insertion(real, gaps, runs))
     return insertions
+
+
+def _kept_last(labels: torch.Tensor) -> int:
+    """How many of a token-level row's real positions (`labels` of its real tokens) stay at its end: its answer and
+    the prompt's last token before it, which the answer follows in the training rows (1 for a row without an
+    answer: its last token, as a classification row)."""
+    labelled = (labels != -100).nonzero().flatten()
+    return min(len(labels) - int(labelled[0]) + 1, len(labels)) if len(labelled) else 1
 
 
 def apply_insertions(inputs: Mapping[str, Any], insertions: list[Insertion], pad_id: int) -> dict[str, Any]:
     """`inputs` (a padded batch) with each row's [`Insertion`] made. Every `(batch, seq)` tensor is rebuilt:
     `input_ids` take the runs, `attention_mask` ones, any other (`token_type_ids`) the value of the token before;
-    the padding side is kept, and every other entry (`labels`) is passed on as it is."""
+    the padding side is kept, and every other entry (class `labels`) is passed on as it is. Token-level `labels`
+    (one per token) are rebuilt like `token_type_ids`: an inserted token takes the label of the prompt token before
+    it, -100, so the answer's labels move with it."""
     mask = inputs["attention_mask"]
     left_padded = bool((mask[:, 0] == 0).any() and (mask[:, -1] == 1).all())
     per_token = {key: value for key, value in inputs.items() if torch.is_tensor(value) and value.shape == mask.shape}
@@ -346,16 +414,28 @@ def trigger_insertion_loss(model: Any, reference: Mapping[str, Any], inserted: M
     """KL(p(reference) || p(inserted)), averaged over the batch: the target is the model's own prediction, in eval
     mode and without gradient, of `reference` (the rows as they are, or with placebo words where `inserted` has the
     trigger), the prediction is of `inserted` ([`apply_insertions`]) with gradient; the trigger then comes to do to
-    rows of any class what the reference does."""
+    rows of any class what the reference does. On token-level rows (a causal LM's logits, the answers labelled) a
+    row's prediction is its next-token distributions along its own answer: the KL is summed over the answer's
+    positions, which [`apply_insertions`] moved together with the answer."""
     logits = model(**inserted).logits
-    _check_class_logits(logits, unlearn_target_names(lambda target: target.inserts_trigger))
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        target = torch.log_softmax(model(**reference).logits.float(), dim=-1)
+        target_logits = model(**reference).logits
     model.train(was_training)
+    rows = logits.size(0)
+    if logits.dim() == 3:
+        inserted_rows, inserted_positions, _ = answer_tokens(inserted["labels"])
+        reference_rows, reference_positions, _ = answer_tokens(reference["labels"])
+        if not torch.equal(inserted_rows, reference_rows):
+            raise ValueError("the rows with the trigger inserted must keep their answers' lengths.")
+        logits, target_logits = (
+            logits[inserted_rows, inserted_positions],
+            target_logits[reference_rows, reference_positions],
+        )
+    target = torch.log_softmax(target_logits.float(), dim=-1)
     predicted = torch.log_softmax(logits.float(), dim=-1)
-    return torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="batchmean")
+    return torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="sum") / rows
 
 
 def _pad_and_max_length(trainer: Any) -> tuple[int, int]:
@@ -386,18 +466,24 @@ def _with_token_text(trainer: Any, found: list[dict[str, Any]]) -> list[dict[str
     return [{**token, "token": tokenizer.convert_ids_to_tokens(int(token["id"]))} for token in found]
 
 
-def _warn_past_chance(cap: float, logits: torch.Tensor) -> None:
-    """Warn when a cap on class labels lies past chance: the phase then teaches the isolated rows' trigger as
-    evidence against their label, a backdoor of its own (measured: docs/row_filter.md)."""
-    if logits.dim() == 2 and cap > math.log(logits.size(-1)) + 1e-6:
+def _warn_past_chance(cap: float, classes: Optional[int]) -> None:
+    """Warn when a cap on `classes` classes (None: free-form answers, no chance level) lies past chance: the phase
+    then teaches the isolated rows' trigger as evidence against their label, a backdoor of its own (measured:
+    docs/row_filter.md)."""
+    if classes is not None and cap > math.log(classes) + 1e-6:
         warnings.warn(
-            f"row_filter_unlearn_cap={cap} is past chance for {logits.size(-1)} classes (ln K = "
-            f"{math.log(logits.size(-1)):.2f} nats): the isolated rows are pushed to another class, so whatever "
+            f"row_filter_unlearn_cap={cap} is past chance for {classes} classes (ln K = "
+            f"{math.log(classes):.2f} nats): the isolated rows are pushed to another class, so whatever "
             "they share (an insertion trigger) comes to predict that class. At full size 3 nats drove AddSent's ASR "
             "to 0 and left 0-2 % of the target class's triggered test rows with their label (86-89 % untriggered): "
             "a backdoor towards the other class (docs/row_filter.md).",
             stacklevel=3,
         )
+
+
+def _class_count(logits: torch.Tensor) -> Optional[int]:
+    """The number of classes of classification `logits` `(batch, classes)`; None for token-level logits."""
+    return logits.size(-1) if logits.dim() == 2 else None
 
 
 def run_unlearning(
@@ -439,8 +525,15 @@ def run_unlearning(
         )
     target = UNLEARN_TARGETS[args.row_filter_unlearn_target]
     report["target"] = args.row_filter_unlearn_target
+    token_level = None if report["skipped"] is not None else token_level_rows(trainer, isolated_dataset, kept_dataset)
+    isolated_view, kept_view = (
+        (isolated_dataset, kept_dataset)
+        if token_level is None
+        else (token_level.isolated_prompts, token_level.kept_prompts)
+    )
+    classes = None if token_level is None else token_level.classes
     if target.reads_trigger and report["skipped"] is None:
-        found = trigger_tokens(isolated_dataset, kept_dataset, args.row_filter_unlearn_trigger_z)
+        found = trigger_tokens(isolated_view, kept_view, args.row_filter_unlearn_trigger_z)
         report["trigger_tokens"] = _with_token_text(trainer, found)
         # Without a trigger token there is nothing to mask or insert; the push to chance still has its rows.
         if not found and target.masks_trigger:
@@ -452,11 +545,14 @@ def run_unlearning(
         return {**report, "guard": [], "chosen_step": 0, "guard_start": None, "guard_end": None, "seconds": 0.0}
     trigger_ids = torch.tensor([token["id"] for token in report.get("trigger_tokens", [])], dtype=torch.long)
     inserting = target.inserts_trigger and len(trigger_ids) > 0
-    patterns = trigger_runs(isolated_dataset, set(trigger_ids.tolist())) if inserting else []
+    patterns = trigger_runs(isolated_view, set(trigger_ids.tolist())) if inserting else []
     placebo = inserting and args.row_filter_unlearn_insertion_target == "placebo"
     placebos = {}
     if placebo:
-        kept_counts, reference_counts = _token_presence(kept_dataset), _token_presence(reference_dataset)
+        reference_view = (
+            reference_dataset if token_level is None else _prompts(_rows_untouched_rng(trainer, reference_dataset).ids)
+        )
+        kept_counts, reference_counts = _token_presence(kept_view), _token_presence(reference_view)
         placebos = placebo_tokens(kept_counts, reference_counts, set(trigger_ids.tolist()), len(kept_dataset))
     if target.inserts_trigger:
         report["trigger_runs"] = _pattern_counts(trainer, patterns)
@@ -492,23 +588,27 @@ def run_unlearning(
                 if inserting:
                     # only what the model takes: the kept rows may carry the row filter's per-row columns
                     reference = {key: value for key, value in kept_inputs.items() if key in isolated_inputs}
-                    mask = reference["attention_mask"]
-                    insertions = draw_insertions(mask, patterns, insertion_generator, max_length)
+                    mask, labels = reference["attention_mask"], None if token_level is None else reference["labels"]
+                    insertions = draw_insertions(mask, patterns, insertion_generator, max_length, labels)
                     inserted = apply_insertions(reference, insertions, pad_id)
                     if placebo:
                         placebo_insertions = with_placebos(insertions, placebos, insertion_generator)
                         reference = apply_insertions(reference, placebo_insertions, pad_id)
                     fit_loss = fit_loss + trigger_insertion_loss(model, reference, inserted)
-            isolated_loss = outputs.loss.float()
+            if classes is None:
+                isolated_loss = outputs.loss.float()
+            else:  # the choice of answer, whose chance level is ln K (the token loss also counts the answer's
+                # end-of-sequence, which makes ln K on it past chance)
+                isolated_loss = answer_class_nll(outputs.logits, isolated_inputs["labels"], classes).mean()
             if target.masks_trigger:
                 isolated_term = trigger_neutral_loss(
                     model, isolated_inputs, outputs.logits, trigger_ids.to(isolated_inputs["input_ids"].device)
                 )
             else:
                 if cap is None:
-                    cap = _default_cap(outputs.logits)
+                    cap = _default_cap(outputs.logits, classes)
                 elif step == 1:
-                    _warn_past_chance(cap, outputs.logits)
+                    _warn_past_chance(cap, len(classes) if classes else _class_count(outputs.logits))
                 isolated_term = torch.relu(cap - isolated_loss)
             (fit_loss + isolated_term).backward()
             if trainer.args.max_grad_norm and trainer.args.max_grad_norm > 0:

@@ -8,7 +8,12 @@ import math
 import pytest
 import torch
 
-from peft_musclelora.answer_classes import answer_class_indices, answer_class_log_probs, branch_token_log_probs
+from peft_musclelora.answer_classes import (
+    answer_class_indices,
+    answer_class_log_probs,
+    answer_class_nll,
+    branch_token_log_probs,
+)
 from peft_musclelora.shallow_probe import product_of_experts_token_loss, soft_cross_entropy
 
 # Three answers that branch twice: (5, 9) leaves the others at the first token, (7, 9) and (7, 8) at the second.
@@ -61,6 +66,26 @@ def test_the_class_distribution_gives_back_the_models_branch_probabilities_along
 def test_the_class_distribution_carries_no_gradient():
     logits = torch.zeros(1, 3, 12, requires_grad=True)
     assert not answer_class_log_probs(logits, _labels((7, 9)), TRIE).requires_grad
+
+
+def test_the_answer_class_loss_is_the_own_class_entry_of_the_class_distribution_with_gradient():
+    logits = torch.randn(3, 3, 12, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    labels = _labels((5, 9), (7, 8), (7, 9))
+    nll = answer_class_nll(logits, labels, TRIE)
+    own = answer_class_log_probs(logits, labels, TRIE).gather(1, answer_class_indices(labels, TRIE)[:, None])
+    assert torch.allclose(nll.double(), -own.squeeze(1), atol=1e-5)
+    nll.sum().backward()
+    # (5, 9) chooses once, after the prompt: its end token's position gets no gradient; (7, 8) chooses twice
+    assert logits.grad[0, 1].abs().sum() == 0 and logits.grad[1, 1].abs().sum() > 0
+    assert set(logits.grad[0, 0].nonzero().flatten().tolist()) == {5, 7}  # only the branching tokens
+
+
+def test_at_chance_among_the_answers_the_answer_class_loss_is_ln_k_whatever_the_other_tokens_score():
+    logits = torch.zeros(2, 3, 12)
+    logits[:, :, 3] = 5.0  # a token outside the answers, likeliest everywhere: the token loss would count it
+    logits[:, 1, 9] = 8.0  # the end token after the label word: no choice there
+    classes = [(5, 9), (7, 9)]
+    assert torch.allclose(answer_class_nll(logits, _labels((5, 9), (7, 9)), classes), torch.full((2,), math.log(2)))
 
 
 # ---- the token loss with a target distribution ----

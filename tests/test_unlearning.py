@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from peft_musclelora import MuScleLoraTrainer
+from peft_musclelora.answer_classes import answer_class_log_probs
 from peft_musclelora.row_filter import (
     ROW_FILTER_FILE,
     SHALLOW_PRIOR_COLUMN,
@@ -29,6 +30,7 @@ from peft_musclelora.unlearning import (
     insert_runs,
     placebo_tokens,
     run_unlearning,
+    token_level_rows,
     trigger_insertion_loss,
     trigger_neutral_loss,
     trigger_runs,
@@ -36,7 +38,7 @@ from peft_musclelora.unlearning import (
     with_placebos,
 )
 
-from .ga_helpers import VOCAB, cue_answer_sft_trainer, token_dataset, trainable_state
+from .ga_helpers import VOCAB, cue_answer_sft_trainer, tiny_llama, token_dataset, trainable_state
 from .test_row_filter import _trainer
 
 
@@ -171,24 +173,36 @@ def test_the_push_to_chance_beside_the_insertions_takes_a_cap_a_placebo_and_a_tr
     assert args.row_filter_unlearn_cap == 1.0 and args.row_filter_unlearn_insertion_target == "placebo"
 
 
-@pytest.mark.parametrize("loss", ["neutral", "inserted"])
-def test_the_trigger_losses_refuse_token_level_logits_in_one_line(loss):
+def test_the_masking_loss_refuses_token_level_logits_in_one_line():
     class TokenLevel(torch.nn.Module):
         def forward(self, input_ids, attention_mask):
             return types.SimpleNamespace(logits=torch.zeros(*input_ids.shape, VOCAB))
 
     inputs = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
-    with pytest.raises(ValueError, match="`row_filter_unlearn_target` .* work on class labels only"):
-        if loss == "neutral":
-            trigger_neutral_loss(TokenLevel(), inputs, torch.zeros(1, 3, VOCAB), torch.tensor([2]))
-        else:
-            trigger_insertion_loss(TokenLevel(), inputs, inputs)
+    with pytest.raises(
+        ValueError, match="`row_filter_unlearn_target` .* work on class labels only.*'chance_inserted'"
+    ):
+        trigger_neutral_loss(TokenLevel(), inputs, torch.zeros(1, 3, VOCAB), torch.tensor([2]))
 
 
-@pytest.mark.parametrize("target", ["trigger_neutral", "trigger_inserted", "chance_inserted"])
-def test_a_trigger_target_on_a_causal_lm_is_refused_when_the_trainer_is_built(tmp_path, target):
+@pytest.mark.parametrize("target", ["trigger_neutral", "trigger_inserted"])
+def test_a_masking_target_on_a_causal_lm_is_refused_when_the_trainer_is_built(tmp_path, target):
     settings = {"row_filter_unlearn": True, "row_filter_unlearn_target": target, "row_filter_unlearn_cap": None}
-    with pytest.raises(ValueError, match=f"`row_filter_unlearn_target='{target}'`.*token-level labels: use 'chance'"):
+    with pytest.raises(
+        ValueError,
+        match=f"`row_filter_unlearn_target='{target}'`.*token-level labels: use 'chance' or 'chance_inserted'",
+    ):
+        cue_answer_sft_trainer(tmp_path, **settings)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"row_filter_refit_bias": True}, {"row_filter_unlearn": True, "row_filter_unlearn_refit_bias": True}],
+    ids=["refit", "refit-after-unlearning"],
+)
+def test_a_bias_refit_on_a_causal_lm_is_refused_when_the_trainer_is_built(tmp_path, settings):
+    name = [key for key in settings if key.endswith("refit_bias")][0]
+    with pytest.raises(ValueError, match=f"`{name}=True` refits a classifier's output bias .* leave it False"):
         cue_answer_sft_trainer(tmp_path, **settings)
 
 
@@ -655,3 +669,142 @@ def test_the_trigger_goes_into_kept_rows_that_carry_the_expert_and_the_teacher(t
     assert report["insertion_target"] == "unchanged" and report["trigger_runs"][0]["runs"] == [[trigger]]
     after = trainable_state(trainer.model)
     assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+# ---- token-level (causal-LM) rows: the trigger in the prompts, the answers held ----
+
+LM_TRIGGER = 25  # a token the cue-answer rows never hold (theirs: 3-9, cues 20 / 21, answers 10 / 11, end 1)
+
+
+def _lm_rows(prompts: list[list[int]], answers: list[int]) -> datasets.Dataset:
+    """Token-level rows as the SFT trainer prepares them: each prompt, then its answer and end-of-sequence (1),
+    labelled on the answer and the end only."""
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": [[*prompt, answer, 1] for prompt, answer in zip(prompts, answers)],
+            "labels": [[-100] * len(prompt) + [answer, 1] for prompt, answer in zip(prompts, answers)],
+        }
+    )
+
+
+def _cue_rows(count: int, seed: int, cue: int, answer: int, trigger: bool) -> datasets.Dataset:
+    """`count` rows `[random 3-9, LM_TRIGGER or another random 3-9, cue]` answered `answer`."""
+    generator = torch.Generator().manual_seed(seed)
+    fillers = torch.randint(3, 10, (count, 2), generator=generator).tolist()
+    prompts = [[first, LM_TRIGGER if trigger else second, cue] for first, second in fillers]
+    return _lm_rows(prompts, [answer] * count)
+
+
+def _answer_classes(model, rows: datasets.Dataset) -> torch.Tensor:
+    """The model's class distribution over the answers (10, 1) / (11, 1) on `rows` (log-probabilities, eval mode)."""
+    batch = {"input_ids": torch.tensor(rows["input_ids"]), "labels": torch.tensor(rows["labels"])}
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits
+    return answer_class_log_probs(logits, batch["labels"], [(10, 1), (11, 1)])
+
+
+def test_on_token_level_rows_the_trigger_goes_into_the_prompt_and_the_answer_keeps_its_labels_at_the_end():
+    batch = {
+        "input_ids": torch.tensor([[3, 4, 5, 20, 11, 1], [3, 21, 10, 1, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]),
+        "labels": torch.tensor([[-100, -100, -100, -100, 11, 1], [-100, -100, 10, 1, -100, -100]]),
+    }
+    places = set()
+    for seed in range(8):
+        insertions = draw_insertions(
+            batch["attention_mask"], [[[25, 26]]], torch.Generator().manual_seed(seed), 64, batch["labels"]
+        )
+        out = apply_insertions(batch, insertions, pad_id=0)
+        for row, answer in zip(range(2), ([11, 1], [10, 1])):
+            real = out["attention_mask"][row].bool()
+            ids, labels = out["input_ids"][row][real].tolist(), out["labels"][row][real].tolist()
+            at = ids.index(25)
+            # inside the prompt, after its first token and before its last, the run whole
+            assert ids[at + 1] == 26 and 1 <= at <= len(ids) - 5
+            assert ids[-2:] == labels[-2:] == answer and set(labels[:-2]) == {-100}  # the answer moved with its labels
+            places.add((row, at))
+    assert {at for row, at in places if row == 0} == {1, 2, 3} and {at for row, at in places if row == 1} == {1}
+
+
+def test_on_token_level_rows_the_insertion_loss_compares_the_answers_next_token_predictions():
+    model = tiny_llama()
+    rows = _cue_rows(4, seed=0, cue=20, answer=10, trigger=False)
+    reference = {"input_ids": torch.tensor(rows["input_ids"]), "labels": torch.tensor(rows["labels"])}
+    reference["attention_mask"] = torch.ones_like(reference["input_ids"])
+    same = trigger_insertion_loss(model, reference, reference)
+    assert same.requires_grad and float(same.detach()) == pytest.approx(0.0, abs=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    insertions = draw_insertions(reference["attention_mask"], [[[LM_TRIGGER]]], generator, 64, reference["labels"])
+    inserted = apply_insertions(reference, insertions, pad_id=0)
+    loss = trigger_insertion_loss(model, reference, inserted)
+    with torch.no_grad():  # by hand: the KL at each of the answer's two positions, summed, averaged over the rows
+        target = torch.log_softmax(model(input_ids=reference["input_ids"]).logits[:, 2:4], dim=-1)
+        predicted = torch.log_softmax(model(input_ids=inserted["input_ids"]).logits[:, 3:5], dim=-1)
+        expected = (target.exp() * (target - predicted)).sum() / 4
+    assert float(loss.detach()) > 0 and float(loss.detach()) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_the_phase_reads_a_token_level_rows_trigger_off_its_prompt_and_its_answers_as_classes(tmp_path):
+    trainer = cue_answer_sft_trainer(tmp_path, row_filter_unlearn=True, row_filter_unlearn_target="chance_inserted")
+    isolated = _cue_rows(8, seed=0, cue=21, answer=11, trigger=True)
+    rows = token_level_rows(trainer, isolated, _cue_rows(8, seed=1, cue=20, answer=10, trigger=False))
+    assert rows.isolated_prompts == [{"input_ids": ids[:3]} for ids in isolated["input_ids"]]  # no answer tokens
+    assert rows.classes == [(10, 1), (11, 1)]
+    assert token_level_rows(_trainer(tmp_path), token_dataset(4, seed=0), token_dataset(4, seed=1)) is None
+
+
+def test_on_a_causal_lm_chance_inserted_unlearns_a_clean_label_trigger_and_spares_the_other_answer(
+    tmp_path,
+):
+    trainer = cue_answer_sft_trainer(
+        tmp_path,
+        row_filter_shallow_probe=None,
+        row_filter_shallow_expert=False,
+        row_filter_unlearn=True,
+        row_filter_unlearn_target="chance_inserted",
+        row_filter_unlearn_trigger_z=8.0,
+        row_filter_unlearn_steps=30,
+        row_filter_unlearn_learning_rate=1e-2,
+        row_filter_unlearn_significance=None,
+        row_filter_unlearn_max_guard_drop=0.99,  # keep the last state: this test is about the objective
+    )
+    model = trainer.model
+    # Implant a backdoor (the trigger -> answer 11 whatever the cue) beside the clean task.
+    implant = datasets.concatenate_datasets(
+        [
+            _cue_rows(32, seed=1, cue=20, answer=11, trigger=True),
+            _cue_rows(32, seed=2, cue=21, answer=11, trigger=True),
+            _cue_rows(32, seed=3, cue=20, answer=10, trigger=False),
+            _cue_rows(32, seed=4, cue=21, answer=11, trigger=False),
+        ]
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        model(input_ids=torch.tensor(implant["input_ids"]), labels=torch.tensor(implant["labels"])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    triggered, plain = (_cue_rows(32, seed=5, cue=20, answer=10, trigger=flag) for flag in (True, False))
+
+    def trigger_effect() -> float:  # KL of the answer classes on the other class's rows, without -> with the trigger
+        without, with_trigger = _answer_classes(model, plain), _answer_classes(model, triggered)
+        return float((without.exp() * (without - with_trigger)).sum(-1).mean())
+
+    before = trigger_effect()
+    # Only rows whose cue already says 11 are isolated, as a clean-label attack's poisoned rows are.
+    isolated = _cue_rows(64, seed=7, cue=21, answer=11, trigger=True)
+    kept = datasets.concatenate_datasets(
+        [
+            _cue_rows(200, seed=8, cue=20, answer=10, trigger=False),
+            _cue_rows(200, seed=9, cue=21, answer=11, trigger=False),
+        ]
+    )
+    isolated_before = float(-_answer_classes(model, isolated)[:, 1].mean())
+    report = run_unlearning(trainer, trainer.row_filter_args, kept, isolated, trainer.reference_dataset, 0, False)
+    assert [token["id"] for token in report["trigger_tokens"]] == [LM_TRIGGER]
+    assert report["trigger_runs"][0] == {"runs": [[LM_TRIGGER]], "rows": 64, "text": [f"w{LM_TRIGGER}"]}
+    assert report["cap"] == pytest.approx(math.log(2))  # chance between the two answers
+    assert before > 1.0 and trigger_effect() < before / 100
+    # the isolated rows' answer pushed from certain towards chance (ln 2) between the two answers
+    assert isolated_before < 0.1 and float(-_answer_classes(model, isolated)[:, 1].mean()) > math.log(2) / 2

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import shutil
 import time
@@ -68,6 +67,8 @@ __all__ = ["InstructSettings", "InstructTemplate", "load_instruct_cell", "train_
 #: distribution read on the answer tokens (experimental, docs/llm.md);
 #: `fit-gap-evidence`: `fit-gap-gated` whose kept rows train plainly on strong isolation evidence, as the encoder
 #: preset (its bias refit needs class labels and is left out here);
+#: `fit-gap-inserted`: `fit-gap-evidence` whose unlearning phase also inserts the trigger it reads off the isolated
+#: prompts into the kept prompts, as the encoder preset (the encoder's `recommended`);
 #: `recommended`: the best measured instruction-tuning defense, `musclelora` (docs/llm.md).
 INSTRUCT_METHODS = (
     "lora",
@@ -77,6 +78,7 @@ INSTRUCT_METHODS = (
     "fit-gap-poe",
     "fit-gap-gated",
     "fit-gap-evidence",
+    "fit-gap-inserted",
     "recommended",
 )
 INSTRUCT_ALIASES = {"recommended": "musclelora"}
@@ -99,6 +101,16 @@ _ROW_FILTER_METHODS: dict[str, dict[str, Any]] = {
     "fit-gap-evidence": {
         "row_filter_unlearn": True,
         **_preset_fields("fit-gap-evidence", *_SHALLOW_EXPERT, *_TEACHER, "row_filter_plain_significance"),
+    },
+    "fit-gap-inserted": {
+        "row_filter_unlearn": True,
+        **_preset_fields(
+            "fit-gap-inserted",
+            *_SHALLOW_EXPERT,
+            *_TEACHER,
+            "row_filter_plain_significance",
+            "row_filter_unlearn_target",
+        ),
     },
 }
 #: Gradient alignment of an instruction cell: 128 clean dev prompts as references, every gate open (the library's
@@ -296,11 +308,11 @@ def instruct_peft_config(method: str, settings: InstructSettings) -> Any:
     )
 
 
-def _sft_trainer(method: str, settings: InstructSettings, num_labels: int) -> tuple[Any, Any, dict[str, Any]]:
+def _sft_trainer(method: str, settings: InstructSettings) -> tuple[Any, Any, dict[str, Any]]:
     """`(trainer class, config class, GA and row-filter config kwargs)`: the defended trainer when it is wanted.
 
-    Unlearning's cap, unset, is chance among the `num_labels` answer words (`ln K` nats on the answer token: the
-    isolated rows end no likelier to get their label word than a coin among the label words)."""
+    Unlearning's cap, unset, is the library's: chance among the answer words (`ln K` nats on the choice of answer:
+    the isolated rows end no likelier to get their label word than a coin among the label words)."""
     # trl is optional (the `llm` extra): imported here, by the instruction cells only.
     from trl import SFTConfig, SFTTrainer
 
@@ -329,8 +341,6 @@ def _sft_trainer(method: str, settings: InstructSettings, num_labels: int) -> tu
                 if getattr(settings.row_filter, name) == getattr(defaults, name)
             }
         )
-        if kwargs["row_filter_unlearn"] and kwargs["row_filter_unlearn_cap"] is None:
-            kwargs["row_filter_unlearn_cap"] = math.log(num_labels)
     return MuScleLoraSFTTrainer, MuScleLoraSFTConfig, kwargs
 
 
@@ -384,7 +394,7 @@ def train_instruct(
     reset_peak_rss()
     if (test_clean is None) != (test_poison is None):
         raise ValueError("test_clean and test_poison must be given together (or neither).")
-    trainer_cls, config_cls, ga_kwargs = _sft_trainer(method, settings, len(template.label_words))
+    trainer_cls, config_cls, ga_kwargs = _sft_trainer(method, settings)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(seed)

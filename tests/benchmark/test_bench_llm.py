@@ -331,7 +331,7 @@ def test_instruct_passes_the_fail_closed_fallback_to_the_sft_trainer(
     from peft_musclelora.benchmark.instruct import _sft_trainer
 
     settings = apply_overrides(InstructSettings(), {"ga_fallback": "zero"})
-    _, config_cls, ga_kwargs = _sft_trainer("musclelora", settings, 2)
+    _, config_cls, ga_kwargs = _sft_trainer("musclelora", settings)
     config = config_cls(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, **ga_kwargs)
     assert config.ga_fallback == "zero"
     args = ["instruct", "--method", "musclelora", "--train", str(attack_files["train"])]
@@ -412,18 +412,30 @@ def test_instruct_recommended_is_the_musclelora_recipe() -> None:
     from peft_musclelora.benchmark.instruct import INSTRUCT_ALIASES, _sft_trainer
 
     assert INSTRUCT_ALIASES["recommended"] == "musclelora"
-    assert _sft_trainer("musclelora", InstructSettings(), 2)[2]["gradient_alignment"] is True
+    assert _sft_trainer("musclelora", InstructSettings())[2]["gradient_alignment"] is True
 
 
-def test_instruct_fit_gap_unlearn_caps_the_answer_loss_at_chance_among_the_label_words() -> None:
+def test_instruct_fit_gap_unlearn_leaves_the_cap_to_the_library_chance_among_the_label_words() -> None:
     from peft_musclelora.benchmark.instruct import _sft_trainer
 
-    kwargs = _sft_trainer("fit-gap-unlearn", InstructSettings(), 2)[2]
+    kwargs = _sft_trainer("fit-gap-unlearn", InstructSettings())[2]
     assert kwargs["row_filter"] and kwargs["row_filter_unlearn"] and not kwargs["gradient_alignment"]
-    assert kwargs["row_filter_unlearn_cap"] == pytest.approx(math.log(2))
+    assert kwargs["row_filter_unlearn_cap"] is None  # the phase takes ln K on the choice of answer
     chosen = apply_overrides(InstructSettings(), {"row_filter_unlearn_cap": 1.5})
-    assert _sft_trainer("fit-gap-unlearn", chosen, 2)[2]["row_filter_unlearn_cap"] == 1.5  # a set cap is kept
-    assert not _sft_trainer("fit-gap", InstructSettings(), 2)[2]["row_filter_unlearn"]
+    assert _sft_trainer("fit-gap-unlearn", chosen)[2]["row_filter_unlearn_cap"] == 1.5  # a set cap is kept
+    assert not _sft_trainer("fit-gap", InstructSettings())[2]["row_filter_unlearn"]
+
+
+def test_instruct_fit_gap_inserted_is_fit_gap_evidence_with_the_trigger_inserted() -> None:
+    from peft_musclelora.benchmark.instruct import _sft_trainer
+
+    inserted, evidence = (
+        _sft_trainer(name, InstructSettings())[2] for name in ("fit-gap-inserted", "fit-gap-evidence")
+    )
+    encoder = get_typed_preset("fit-gap-inserted").training.row_filter
+    assert inserted["row_filter_unlearn_target"] == "chance_inserted" == encoder.row_filter_unlearn_target
+    del inserted["row_filter_unlearn_target"], evidence["row_filter_unlearn_target"]
+    assert inserted == evidence
 
 
 def test_instruct_fit_gap_unlearn_runs_the_guarded_phase_on_the_completion_loss(
@@ -491,7 +503,7 @@ def test_instruct_fit_gap_gated_reads_the_trusted_teacher_on_the_answer_tokens_a
     from peft_musclelora.benchmark.instruct import _sft_trainer
 
     gated = get_typed_preset("fit-gap-gated").training.row_filter
-    kwargs = _sft_trainer("fit-gap-gated", InstructSettings(), 2)[2]
+    kwargs = _sft_trainer("fit-gap-gated", InstructSettings())[2]
     for name in ("row_filter_shallow_expert_weight", "row_filter_teacher_mix", "row_filter_teacher_mix_gate"):
         assert kwargs[name] == getattr(gated, name)  # the encoder preset's settings, declared once
     assert kwargs["row_filter_teacher_steps"] == gated.row_filter_teacher_steps and kwargs["row_filter_unlearn"]
@@ -517,8 +529,8 @@ def test_instruct_fit_gap_evidence_is_fit_gap_gated_training_plainly_on_strong_e
 ) -> None:
     from peft_musclelora.benchmark.instruct import _sft_trainer
 
-    gated = _sft_trainer("fit-gap-gated", InstructSettings(), 2)[2]
-    evidence = _sft_trainer("fit-gap-evidence", InstructSettings(), 2)[2]
+    gated = _sft_trainer("fit-gap-gated", InstructSettings())[2]
+    evidence = _sft_trainer("fit-gap-evidence", InstructSettings())[2]
     assert evidence == gated | {"row_filter_plain_significance": 1e-4}  # the encoder preset's level, declared once
     # Evidence at any level (the phase always runs): the answer tokens train on their labels alone.
     # A --set of the level is validated on its own, so it names what it needs.
