@@ -29,6 +29,11 @@ the kept rows of every class and asks that their prediction not move ([`trigger_
 `"chance_inserted"` (the recommended defense's, `fit-gap-inserted`) asks the same of the kept rows beside the push
 to chance, so that the push has to unlearn the trigger without turning it against the target on rows where it was
 not isolated.
+
+On token-level rows (a causal LM's, `MuScleLoraSFTTrainer`) whose answers form a closed set, such as label words, the
+phase works on the choice of answer ([`TokenLevelRows`]): the push acts on the answer's class loss, whose chance is
+ln K, the trigger is read off the prompts, and the inserted copies carry it inside the prompt with the answer whole
+at the end. The two targets that mask the trigger stay for class labels.
 """
 
 from __future__ import annotations
