@@ -113,12 +113,7 @@ def answer_class_log_probs(
     if class_indices is None:
         class_indices = answer_class_indices(labels, classes)
     rows, positions, tokens = answer_tokens(labels)
-    rows, positions, tokens = rows.tolist(), positions.tolist(), tokens.tolist()
-    answers: dict[int, list[int]] = {}
-    answer_positions: dict[int, list[int]] = {}
-    for row, position, token in zip(rows, positions, tokens):
-        answers.setdefault(row, []).append(token)
-        answer_positions.setdefault(row, []).append(position)
+    answers, answer_positions = _by_row(rows, tokens), _by_row(rows, positions)
     branches_of: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     plan = []  # (row, answer, its branches) in the order their logits are gathered
     gather_rows, gather_positions, gather_tokens = [], [], []
@@ -166,9 +161,7 @@ def answer_class_nll(logits: torch.Tensor, labels: torch.Tensor, classes: Sequen
     """
     class_indices = answer_class_indices(labels, classes).tolist()
     rows, positions, _ = answer_tokens(labels)
-    answer_positions: dict[int, list[int]] = {}
-    for row, position in zip(rows.tolist(), positions.tolist()):
-        answer_positions.setdefault(row, []).append(position)
+    answer_positions = _by_row(rows, positions)
     gather_rows, gather_positions, branch_tokens, chosen = [], [], [], []
     for row, class_index in enumerate(class_indices):
         answer = tuple(int(token) for token in classes[class_index])
@@ -185,6 +178,14 @@ def answer_class_nll(logits: torch.Tensor, labels: torch.Tensor, classes: Sequen
     log_p = torch.log_softmax(scores.masked_fill(real == 0, -math.inf), dim=-1)
     chosen_log_p = log_p.gather(1, index(chosen).view(-1, 1)).squeeze(1)
     return torch.zeros(labels.size(0), device=logits.device).index_add(0, index(gather_rows), -chosen_log_p)
+
+
+def _by_row(rows: torch.Tensor, values: torch.Tensor) -> dict[int, list[int]]:
+    """`values` grouped by their `rows` (as [`answer_tokens`] gives them: row-major, so in order within a row)."""
+    grouped: dict[int, list[int]] = {}
+    for row, value in zip(rows.tolist(), values.tolist()):
+        grouped.setdefault(row, []).append(value)
+    return grouped
 
 
 def _consistent(answer: Sequence[int], classes: Sequence[Sequence[int]], position: int) -> list[int]:

@@ -110,17 +110,24 @@ def _shuffled_batches(trainer: Any, dataset: Any, batch_size: int, generator: to
         yield from _loader(trainer, subset_rows(dataset, order), batch_size)
 
 
+def _class_count(logits: torch.Tensor, classes: Optional[list[tuple[int, ...]]] = None) -> Optional[int]:
+    """K: the answer `classes` of token-level rows, else the classes of classification `logits` `(batch, classes)`;
+    None for token-level rows with free-form answers (no chance level)."""
+    if classes is not None:
+        return len(classes)
+    return logits.size(-1) if logits.dim() == 2 else None
+
+
 def _default_cap(logits: torch.Tensor, classes: Optional[list[tuple[int, ...]]] = None) -> float:
     """Chance, ln K: among the `logits`' classes, or among the answer `classes` of token-level rows."""
-    if classes is not None:
-        return math.log(len(classes))
-    if logits.dim() != 2:
+    count = _class_count(logits, classes)
+    if count is None:
         raise ValueError(
             "`row_filter_unlearn_cap=None` means chance among the classes, which token-level rows have only when "
             "their answers form a closed set (label words); these do not: set row_filter_unlearn_cap to a loss in "
             "nats (e.g. twice the trusted rows' loss)."
         )
-    return math.log(logits.size(-1))
+    return math.log(count)
 
 
 @dataclass(frozen=True)
@@ -486,11 +493,6 @@ def _warn_past_chance(cap: float, classes: Optional[int]) -> None:
         )
 
 
-def _class_count(logits: torch.Tensor) -> Optional[int]:
-    """The number of classes of classification `logits` `(batch, classes)`; None for token-level logits."""
-    return logits.size(-1) if logits.dim() == 2 else None
-
-
 def run_unlearning(
     trainer: Any,
     args: RowFilterArguments,
@@ -613,7 +615,7 @@ def run_unlearning(
                 if cap is None:
                     cap = _default_cap(outputs.logits, classes)
                 elif step == 1:
-                    _warn_past_chance(cap, len(classes) if classes else _class_count(outputs.logits))
+                    _warn_past_chance(cap, _class_count(outputs.logits, classes))
                 isolated_term = torch.relu(cap - isolated_loss)
             (fit_loss + isolated_term).backward()
             if trainer.args.max_grad_norm and trainer.args.max_grad_norm > 0:
