@@ -30,8 +30,9 @@ from row_filter_report import read_decisions  # noqa: E402
 
 def recut(
     report: dict, max_clean_drop: float, extend_tails: bool, flag_contradicted: bool = True
-) -> tuple[list[str], float]:
-    """The per-row reasons and the trusted-row flag rate `decide_rows` gives on the saved losses of `report`."""
+) -> tuple[list[str], float, str]:
+    """The per-row reasons, the trusted-row flag rate and the tails (`tied`, `extended`, `extended on a tie`)
+    `decide_rows` gives on the saved losses of `report`."""
     if "reference" not in report:
         raise ValueError("this row_filter.json has no `reference` losses (made before they were saved): probe again.")
     rows, saved = report["rows"], report["reference"]
@@ -53,7 +54,7 @@ def recut(
         extend_tails,
         flag_contradicted,
     )
-    return decisions.reasons, decisions.reference_flagged
+    return decisions.reasons, decisions.reference_flagged, decisions.tails
 
 
 def _saved_rule(report: dict) -> tuple[list[int], list[bool]]:
@@ -94,14 +95,14 @@ def main() -> None:
     for cell in args.cells:
         report, _, poisoned, _ = read_decisions(cell)
         for extend, flag_contradicted, bound in itertools.product(tails, sides, args.max_clean_drop):
-            reasons, reference_flagged = recut(report, bound, extend, flag_contradicted)
+            reasons, reference_flagged, scored_tails = recut(report, bound, extend, flag_contradicted)
             reasons = np.array(reasons)
             clean, bad = ~poisoned, poisoned
             share = _shares(reasons)
             table.append(
                 {
                     "cell": str(cell),
-                    "tails": "extended" if extend else "tied",
+                    "tails": scored_tails,
                     "contradicted": "flagged" if flag_contradicted else "kept",
                     "max_clean_drop": bound,
                     "trusted flagged %": round(100 * reference_flagged, 1),

@@ -30,7 +30,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -229,7 +229,9 @@ class RowFilterArguments:
         metadata={
             "help": "Score a row fitted better (or worse) than every trusted row by how far beyond them it lies, "
             "not as a tie at the extreme percentile, so row_filter_max_clean_drop sets the cut-offs to the trusted "
-            "row it names; with ties a tighter bound can flag no row at all on a side."
+            "row it names. False: tied, except where more trusted scores tie at an end than the bound allows a side "
+            "(few trusted rows), which would leave that side unable to flag any row: the tails are then extended "
+            "(summary.tails: 'extended on a tie')."
         },
     )
     row_filter_contradicted: str = field(
@@ -854,7 +856,9 @@ class RowDecisions:
     """What [`decide_rows`] decided: per training row its percentile at each probe step, `low`/`high` (their min and
     max) and a reason (`keep`, `fit-early`, `contradicted`), the cut-offs (`high_cut` None where the contradicted
     side does not cut), the share of trusted-row scores the same rule flags (both tails, and the low tail alone: the
-    fit-early rate of clean rows) and the number of trusted rows."""
+    fit-early rate of clean rows), the number of trusted rows and how rows beyond every trusted row were scored
+    (`tails`: `"tied"`, `"extended"`, or `"extended on a tie"` where tied scores would have left a side unable to
+    cut; see [`decide_rows`])."""
 
     low: list[float]
     high: list[float]
@@ -865,6 +869,7 @@ class RowDecisions:
     reference_flagged: float
     reference_low_flagged: float
     reference_rows: int
+    tails: str = "tied"
 
     @property
     def kept(self) -> list[int]:
@@ -886,6 +891,7 @@ class RowDecisions:
             "reference_flagged": self.reference_flagged,
             "reference_low_flagged": self.reference_low_flagged,
             "reference_rows": self.reference_rows,
+            "tails": self.tails,
         }
 
 
@@ -913,7 +919,12 @@ def decide_rows(
         low_columns: Per probe step, whether it counts for `low` (the fit-early side); None: every step. Every step
             counts for `high`.
         extend_tails: Score rows beyond every trusted row by their distance (see [`percentile_ranks`]), so the
-            cut-offs flag as many trusted rows as `max_clean_drop` allows instead of a tie's all or none.
+            cut-offs flag as many trusted rows as `max_clean_drop` allows instead of a tie's all or none. False:
+            tied, unless more trusted scores tie at an end of the scale than the bound allows a side (each probe
+            step's best and worst fitted trusted row ties there, so with few trusted rows the ties outnumber the
+            bound's share); that side's cut-off would then sit at the end of the scale and flag no row, so the
+            tails are extended instead (`tails="extended on a tie"`). With 400 trusted rows a tie cannot outnumber
+            the default bound: the rows above flag what they did.
         flag_contradicted: Whether the high side cuts; False: `high_cut` is None, no row is `contradicted`, and
             only the low side counts in `reference_flagged`.
 
@@ -923,6 +934,30 @@ def decide_rows(
         >>> decide_rows(train, [0, 0, 0], [0, 0, 0], ref, [0] * 8, max_clean_drop=0.3).reasons
         ['fit-early', 'keep', 'contradicted']
     """
+    rule = (train_losses, train_groups, train_folds, reference_losses, reference_groups, max_clean_drop, low_columns)
+    decisions = _decide_rows(*rule, extend_tails, flag_contradicted)
+    if extend_tails or not _a_side_cannot_cut(decisions):
+        return decisions
+    return replace(_decide_rows(*rule, True, flag_contradicted), tails="extended on a tie")
+
+
+def _a_side_cannot_cut(decisions: RowDecisions) -> bool:
+    """Whether a cutting side's cut-off sits at the end of the tied scale [0, 1], where it flags no row at all."""
+    return decisions.low_cut <= 0.0 or (decisions.high_cut is not None and decisions.high_cut >= 1.0)
+
+
+def _decide_rows(
+    train_losses: torch.Tensor,
+    train_groups: Sequence[int],
+    train_folds: Sequence[int],
+    reference_losses: torch.Tensor,
+    reference_groups: Sequence[int],
+    max_clean_drop: float,
+    low_columns: Optional[Sequence[bool]],
+    extend_tails: bool,
+    flag_contradicted: bool,
+) -> RowDecisions:
+    """[`decide_rows`] with the tails as `extend_tails` says, whatever the ties do."""
     folds, steps, rows = train_losses.shape
     low_mask = torch.ones(steps, dtype=torch.bool) if low_columns is None else torch.tensor(list(low_columns))
     if low_mask.numel() != steps or not bool(low_mask.any()):
@@ -983,6 +1018,7 @@ def decide_rows(
         flagged,
         low_flagged,
         len(reference_groups),
+        "extended" if extend_tails else "tied",
     )
 
 

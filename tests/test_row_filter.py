@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -66,18 +67,54 @@ def test_extended_tails_score_rows_beyond_every_trusted_row_by_their_distance_an
     assert own[0] < 0 and own[3] > 1 and own[1:3].tolist() == [1 / 3, 2 / 3]
 
 
-def test_extended_tails_let_a_tight_bound_flag_what_it_allows_where_ties_flag_nothing():
-    # 100 trusted rows over 10 probe steps; at step k trusted row k is fitted better than every other row, so 10
-    # trusted rows tie at percentile 0 where the bound allows 5 per tail
+def _ten_steps_each_best_fitting_another_trusted_row() -> torch.Tensor:
+    """100 trusted rows over 10 probe steps; at step k trusted row k is fitted better than every other row, so 10
+    trusted scores tie at percentile 0."""
     refs = torch.linspace(1.0, 2.0, 100).repeat(10, 1)
     for step in range(10):
         refs[step, step] = 0.5 - 0.01 * step
+    return refs
+
+
+def test_extended_tails_let_a_tight_bound_flag_what_it_allows_where_ties_would_flag_nothing():
+    refs = _ten_steps_each_best_fitting_another_trusted_row()
     train = torch.tensor([1e-6, 1.5]).repeat(10, 1)  # a far shortcut and a typical row, at every step
     rule = {"train_groups": [0, 0], "train_folds": [0, 0], "reference_groups": [0] * 100, "max_clean_drop": 0.1}
-    tied = decide_rows(train[None], reference_losses=refs[None], **rule)
     extended = decide_rows(train[None], reference_losses=refs[None], **rule, extend_tails=True)
-    assert tied.reasons == ["keep", "keep"] and tied.reference_low_flagged == 0.0
     assert extended.reasons == ["fit-early", "keep"] and extended.reference_low_flagged == 0.05
+    assert extended.tails == "extended"
+    # the bound allows 5 trusted scores a side and 10 tie at 0: a tied cut-off would sit at 0 and flag no row, so
+    # the tied rule extends the tails on its own, and says so
+    tied = decide_rows(train[None], reference_losses=refs[None], **rule)
+    assert tied.tails == "extended on a tie" and tied.summary()["tails"] == "extended on a tie"
+    assert (tied.reasons, tied.low_cut, tied.high_cut) == (extended.reasons, extended.low_cut, extended.high_cut)
+
+
+def test_ties_within_the_bound_keep_the_tied_rule():
+    refs = _ten_steps_each_best_fitting_another_trusted_row()
+    train = torch.tensor([1e-6, 1.5]).repeat(10, 1)
+    rule = {"train_groups": [0, 0], "train_folds": [0, 0], "reference_groups": [0] * 100, "max_clean_drop": 0.3}
+    tied = decide_rows(train[None], reference_losses=refs[None], **rule)  # 15 scores a side allowed, 10 ties
+    assert tied.tails == "tied" and tied.reasons == ["fit-early", "keep"]
+    assert tied.low_cut > 0 and tied.reference_low_flagged == 0.15  # the ten ties and five more: the bound's 15
+
+
+def test_four_hundred_trusted_rows_never_leave_the_default_bound_to_the_ties():
+    # the worst case of the recommended defense's filter: two labels of 200 trusted rows, two folds, four scored
+    # columns (three probe steps and the shallow probe), every column's best and worst row a different trusted row.
+    # At most 2 x 2 x 4 = 16 scores tie at each end and the default bound (0.04) allows 16 of the 800 a side, so the
+    # tied rule is kept: the decisions measured with 400 trusted rows are what this rule gives.
+    generator = torch.Generator().manual_seed(0)
+    refs = torch.rand(2, 4, 400, generator=generator) + 1.0
+    groups = [0] * 200 + [1] * 200
+    for fold, column, group in itertools.product(range(2), range(4), range(2)):
+        row = group * 200 + fold * 4 + column
+        refs[fold, column, row] = 0.1 * (1 + column)  # fitted better than every other trusted row of its label
+        refs[fold, column, row + 100] = 9.0 + column  # and worse
+    train = torch.tensor([[[1e-6]] * 4, [[1e-6]] * 4]).expand(2, 4, 2).contiguous()
+    decisions = decide_rows(train, [0, 1], [0, 1], refs, groups, max_clean_drop=0.04)
+    assert decisions.tails == "tied"
+    assert decisions.reference_low_flagged == 16 / 800 and decisions.reasons == ["fit-early", "fit-early"]
 
 
 def test_rows_fitted_better_or_worse_than_every_trusted_row_are_dropped_typical_rows_kept():

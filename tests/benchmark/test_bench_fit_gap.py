@@ -59,8 +59,9 @@ def test_a_cells_decisions_can_be_recomputed_from_its_row_filter_json_alone(
     spec = importlib.util.spec_from_file_location("recut", Path(__file__).parents[2] / "benchmarks" / "recut.py")
     recut = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recut)
-    reasons, reference_flagged = recut.recut(decisions, 0.2, extend_tails, contradicted != "keep")
+    reasons, reference_flagged, tails = recut.recut(decisions, 0.2, extend_tails, contradicted != "keep")
     assert reasons == [row["reason"] for row in decisions["rows"]]
+    assert tails == decisions["summary"]["tails"]
     assert decisions["summary"]["contradicted_action"] == contradicted
     assert contradicted == "drop" or "contradicted" not in reasons
     assert reference_flagged == decisions["summary"]["reference_flagged"]
