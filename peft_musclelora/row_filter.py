@@ -36,6 +36,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from ._checks import check_bool, check_int, check_number
 from .answer_classes import answer_class_log_probs
@@ -54,6 +55,8 @@ from .shallow_probe import (
     response_classes,
     standardised,
 )
+
+logger = logging.get_logger(__name__)
 
 ROW_FILTER_FILE = "row_filter.json"
 _SMALLEST_LOSS = 1e-30  # a loss of exactly 0 still has a finite log-loss distance
@@ -1768,6 +1771,16 @@ def run_row_filter(
         args.row_filter_extend_tails,
         CONTRADICTED_ACTIONS[args.row_filter_contradicted].flagged,
     )
+    if decisions.tails == "extended on a tie":
+        logger.info(
+            "row filter: more trusted scores tie at an end than row_filter_max_clean_drop=%s allows a side of %d "
+            "trusted rows, so a tied cut-off would flag no row: rows beyond every trusted row are scored by their "
+            "distance (low_cut %.3f, high_cut %s)",
+            args.row_filter_max_clean_drop,
+            decisions.reference_rows,
+            decisions.low_cut,
+            "none" if decisions.high_cut is None else f"{decisions.high_cut:.3f}",
+        )
     plain = plain_training(decisions.summary(), args)
     if teacher_field is not None and not teacher_first and not (plain is not None and plain["plain"]):
         with torch.random.fork_rng(devices=devices):

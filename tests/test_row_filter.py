@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 
 import pytest
 import torch
@@ -309,6 +310,18 @@ def test_training_with_the_filter_is_training_on_the_kept_rows(tmp_path):
     plain.train()
     a, b = trainable_state(filtered.model), trainable_state(plain.model)
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_filter_with_too_few_trusted_rows_for_a_tied_cut_scores_the_tails_and_says_so(tmp_path, caplog):
+    # 40 trusted rows, two labels, two folds, two probe steps: up to 8 scores tie at 0 and the bound (0.04) allows
+    # 1 of the 80 a side, so a tied cut-off would sit at 0 and flag nothing
+    trainer = _trainer(tmp_path, row_filter_max_clean_drop=0.04)
+    with caplog.at_level(logging.INFO, logger="peft_musclelora.row_filter"):
+        trainer.train()
+    summary = trainer.row_filter_report["summary"]
+    assert summary["tails"] == "extended on a tie" and summary["reference_flagged"] <= 0.04
+    assert "scored by their distance" in caplog.text
+    assert json.loads((tmp_path / "out" / ROW_FILTER_FILE).read_text())["summary"]["tails"] == "extended on a tie"
 
 
 def test_the_first_training_log_reports_what_the_filter_did(tmp_path):
