@@ -938,10 +938,10 @@ def decide_rows(
         ['fit-early', 'keep', 'contradicted']
     """
     rule = (train_losses, train_groups, train_folds, reference_losses, reference_groups, max_clean_drop, low_columns)
-    decisions = _decide_rows(*rule, extend_tails, flag_contradicted)
+    decisions = _decide_rows(rule, extend_tails, flag_contradicted)
     if extend_tails or not _a_side_cannot_cut(decisions):
         return decisions
-    return replace(_decide_rows(*rule, True, flag_contradicted), tails="extended on a tie")
+    return replace(_decide_rows(rule, True, flag_contradicted), tails="extended on a tie")
 
 
 def _a_side_cannot_cut(decisions: RowDecisions) -> bool:
@@ -949,18 +949,10 @@ def _a_side_cannot_cut(decisions: RowDecisions) -> bool:
     return decisions.low_cut <= 0.0 or (decisions.high_cut is not None and decisions.high_cut >= 1.0)
 
 
-def _decide_rows(
-    train_losses: torch.Tensor,
-    train_groups: Sequence[int],
-    train_folds: Sequence[int],
-    reference_losses: torch.Tensor,
-    reference_groups: Sequence[int],
-    max_clean_drop: float,
-    low_columns: Optional[Sequence[bool]],
-    extend_tails: bool,
-    flag_contradicted: bool,
-) -> RowDecisions:
-    """[`decide_rows`] with the tails as `extend_tails` says, whatever the ties do."""
+def _decide_rows(rule: tuple[Any, ...], extend_tails: bool, flag_contradicted: bool) -> RowDecisions:
+    """[`decide_rows`] on `rule` (its first seven arguments, in order) with the tails as `extend_tails` says,
+    whatever the ties do."""
+    train_losses, train_groups, train_folds, reference_losses, reference_groups, max_clean_drop, low_columns = rule
     folds, steps, rows = train_losses.shape
     low_mask = torch.ones(steps, dtype=torch.bool) if low_columns is None else torch.tensor(list(low_columns))
     if low_mask.numel() != steps or not bool(low_mask.any()):
