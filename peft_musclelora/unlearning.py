@@ -589,7 +589,9 @@ def run_unlearning(
         for step in range(1, args.row_filter_unlearn_steps + 1):
             with trainer.compute_loss_context_manager():
                 kept_inputs = trainer._prepare_inputs(next(kept_batches))
-                fit_loss = trainer.compute_loss(model, kept_inputs)
+                # a copy: the row filter's loss takes the labels and its per-row columns out of the batch it gets,
+                # and the inserted copies below need the token-level labels
+                fit_loss = trainer.compute_loss(model, dict(kept_inputs))
                 isolated_inputs = trainer._prepare_inputs(next(isolated_batches))
                 outputs = model(**isolated_inputs)
                 if inserting:

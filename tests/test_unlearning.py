@@ -808,3 +808,31 @@ def test_on_a_causal_lm_chance_inserted_unlearns_a_clean_label_trigger_and_spare
     assert before > 1.0 and trigger_effect() < before / 100
     # the isolated rows' answer pushed from certain towards chance (ln 2) between the two answers
     assert isolated_before < 0.1 and float(-_answer_classes(model, isolated)[:, 1].mean()) > math.log(2) / 2
+
+
+def test_on_a_causal_lm_the_trigger_goes_into_kept_rows_that_carry_the_expert_and_the_teacher(tmp_path):
+    # Without strong evidence the kept rows carry the shallow expert's and the teacher's columns, and their loss
+    # takes the labels out of the batch it is given; the inserted copies still need the answers' labels.
+    trainer = cue_answer_sft_trainer(
+        tmp_path,
+        row_filter_teacher_mix=0.5,
+        row_filter_teacher_steps=2,
+        row_filter_plain_significance=1e-9,
+        row_filter_unlearn=True,
+        row_filter_unlearn_target="chance_inserted",
+        row_filter_unlearn_trigger_z=8.0,
+        row_filter_unlearn_steps=4,
+        row_filter_unlearn_eval_every=2,
+        row_filter_unlearn_max_guard_drop=0.99,  # keep the last state: this test is about the inputs
+    )
+    trainer.train()
+    assert {SHALLOW_PRIOR_COLUMN, TEACHER_COLUMN} <= set(trainer.train_dataset.column_names)
+    before = trainable_state(trainer.model)
+    isolated = _cue_rows(64, seed=7, cue=21, answer=11, trigger=True)
+    report = run_unlearning(
+        trainer, trainer.row_filter_args, trainer.train_dataset, isolated, trainer.reference_dataset, 0, False
+    )
+    assert report["skipped"] is None and report["chosen_step"] == 4
+    assert report["trigger_runs"][0]["runs"] == [[LM_TRIGGER]]
+    after = trainable_state(trainer.model)
+    assert any(not torch.equal(before[name], after[name]) for name in before)
