@@ -319,12 +319,17 @@ def _kept_last(labels: torch.Tensor) -> int:
     return min(len(labels) - int(labelled[0]) + 1, len(labels)) if len(labelled) else 1
 
 
+#: What padding holds in a per-token entry other than `input_ids` (the pad id) and 0: token-level labels are not
+#: trained there, as the collators pad them.
+_PADDING = {"labels": -100}
+
+
 def apply_insertions(inputs: Mapping[str, Any], insertions: list[Insertion], pad_id: int) -> dict[str, Any]:
     """`inputs` (a padded batch) with each row's [`Insertion`] made. Every `(batch, seq)` tensor is rebuilt:
     `input_ids` take the runs, `attention_mask` ones, any other (`token_type_ids`) the value of the token before;
     the padding side is kept, and every other entry (class `labels`) is passed on as it is. Token-level `labels`
     (one per token) are rebuilt like `token_type_ids`: an inserted token takes the label of the prompt token before
-    it, -100, so the answer's labels move with it."""
+    it, -100, so the answer's labels move with it; their padding is -100, as the collators pad them."""
     mask = inputs["attention_mask"]
     left_padded = bool((mask[:, 0] == 0).any() and (mask[:, -1] == 1).all())
     per_token = {key: value for key, value in inputs.items() if torch.is_tensor(value) and value.shape == mask.shape}
@@ -346,7 +351,7 @@ def apply_insertions(inputs: Mapping[str, Any], insertions: list[Insertion], pad
     longest = max(len(row) for row in rebuilt["input_ids"])
     out = dict(inputs)
     for key, rows in rebuilt.items():
-        fill = pad_id if key == "input_ids" else 0
+        fill = _PADDING.get(key, 0) if key != "input_ids" else pad_id
         sides = [(longest - len(row), 0) if left_padded else (0, longest - len(row)) for row in rows]
         out[key] = torch.stack([torch.nn.functional.pad(row, side, value=fill) for row, side in zip(rows, sides)])
     return out

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from peft_musclelora import MuScleLoraTrainer
-from peft_musclelora.answer_classes import answer_class_log_probs
+from peft_musclelora.answer_classes import answer_class_log_probs, answer_tokens
 from peft_musclelora.row_filter import (
     ROW_FILTER_FILE,
     SHALLOW_PRIOR_COLUMN,
@@ -723,7 +723,9 @@ def test_on_token_level_rows_the_trigger_goes_into_the_prompt_and_the_answer_kee
             # inside the prompt, after its first token and before its last, the run whole
             assert ids[at + 1] == 26 and 1 <= at <= len(ids) - 5
             assert ids[-2:] == labels[-2:] == answer and set(labels[:-2]) == {-100}  # the answer moved with its labels
+            assert set(out["labels"][row][~real].tolist()) <= {-100}  # padding stays untrained, as the collator pads
             places.add((row, at))
+        assert torch.equal(answer_tokens(out["labels"])[0], answer_tokens(batch["labels"])[0])  # each answer's length
     assert {at for row, at in places if row == 0} == {1, 2, 3} and {at for row, at in places if row == 1} == {1}
 
 
@@ -836,3 +838,30 @@ def test_on_a_causal_lm_the_trigger_goes_into_kept_rows_that_carry_the_expert_an
     assert report["trigger_runs"][0]["runs"] == [[LM_TRIGGER]]
     after = trainable_state(trainer.model)
     assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_on_a_causal_lm_the_phase_inserts_into_kept_rows_of_different_lengths(tmp_path):
+    # Real prompts differ in length, so the collator pads a batch's answers at different places and the rows with the
+    # trigger inserted are padded again: the padding must stay untrained for the answers to keep their lengths.
+    trainer = cue_answer_sft_trainer(
+        tmp_path,
+        row_filter_shallow_probe=None,
+        row_filter_shallow_expert=False,
+        row_filter_unlearn=True,
+        row_filter_unlearn_target="chance_inserted",
+        row_filter_unlearn_trigger_z=8.0,
+        row_filter_unlearn_steps=3,
+        row_filter_unlearn_significance=None,
+        row_filter_unlearn_max_guard_drop=0.99,
+    )
+    generator = torch.Generator().manual_seed(3)
+    lengths = torch.randint(1, 6, (200,), generator=generator).tolist()
+    prompts = [
+        [*torch.randint(3, 10, (length,), generator=generator).tolist(), 20 + row % 2]
+        for row, length in enumerate(lengths)
+    ]
+    kept = _lm_rows(prompts, [10 + row % 2 for row in range(200)])
+    isolated = _cue_rows(64, seed=7, cue=21, answer=11, trigger=True)
+    report = run_unlearning(trainer, trainer.row_filter_args, kept, isolated, trainer.reference_dataset, 0, False)
+    assert report["skipped"] is None and report["chosen_step"] == 3
+    assert report["trigger_runs"][0]["runs"] == [[LM_TRIGGER]]
