@@ -756,21 +756,27 @@ def test_the_phase_reads_a_token_level_rows_trigger_off_its_prompt_and_its_answe
     assert token_level_rows(_trainer(tmp_path), token_dataset(4, seed=0), token_dataset(4, seed=1)) is None
 
 
+def _chance_inserted_lm_trainer(tmp_path, **fields):
+    """The cue-answer SFT trainer with `chance_inserted` unlearning and no expert, the evidence test off and a guard
+    that keeps the last state."""
+    settings = {
+        "row_filter_shallow_probe": None,
+        "row_filter_shallow_expert": False,
+        "row_filter_unlearn": True,
+        "row_filter_unlearn_target": "chance_inserted",
+        "row_filter_unlearn_trigger_z": 8.0,
+        "row_filter_unlearn_significance": None,
+        "row_filter_unlearn_max_guard_drop": 0.99,
+    }
+    return cue_answer_sft_trainer(tmp_path, **{**settings, **fields})
+
+
 def test_on_a_causal_lm_chance_inserted_unlearns_a_clean_label_trigger_and_spares_the_other_answer(
     tmp_path,
 ):
-    trainer = cue_answer_sft_trainer(
-        tmp_path,
-        row_filter_shallow_probe=None,
-        row_filter_shallow_expert=False,
-        row_filter_unlearn=True,
-        row_filter_unlearn_target="chance_inserted",
-        row_filter_unlearn_trigger_z=8.0,
-        row_filter_unlearn_steps=30,
-        row_filter_unlearn_learning_rate=1e-2,
-        row_filter_unlearn_significance=None,
-        row_filter_unlearn_max_guard_drop=0.99,  # keep the last state: this test is about the objective
-    )
+    trainer = _chance_inserted_lm_trainer(
+        tmp_path, row_filter_unlearn_steps=30, row_filter_unlearn_learning_rate=1e-2
+    )  # the guard keeps the last state: this test is about the objective
     model = trainer.model
     # Implant a backdoor (the trigger -> answer 11 whatever the cue) beside the clean task.
     implant = datasets.concatenate_datasets(
@@ -843,17 +849,7 @@ def test_on_a_causal_lm_the_trigger_goes_into_kept_rows_that_carry_the_expert_an
 def test_on_a_causal_lm_the_phase_inserts_into_kept_rows_of_different_lengths(tmp_path):
     # Real prompts differ in length, so the collator pads a batch's answers at different places and the rows with the
     # trigger inserted are padded again: the padding must stay untrained for the answers to keep their lengths.
-    trainer = cue_answer_sft_trainer(
-        tmp_path,
-        row_filter_shallow_probe=None,
-        row_filter_shallow_expert=False,
-        row_filter_unlearn=True,
-        row_filter_unlearn_target="chance_inserted",
-        row_filter_unlearn_trigger_z=8.0,
-        row_filter_unlearn_steps=3,
-        row_filter_unlearn_significance=None,
-        row_filter_unlearn_max_guard_drop=0.99,
-    )
+    trainer = _chance_inserted_lm_trainer(tmp_path, row_filter_unlearn_steps=3)
     generator = torch.Generator().manual_seed(3)
     lengths = torch.randint(1, 6, (200,), generator=generator).tolist()
     prompts = [
