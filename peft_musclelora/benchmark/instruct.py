@@ -27,6 +27,7 @@ import functools
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -56,8 +57,9 @@ from .data import DataSource, LoadedData, as_data
 from .evaluation import score_predictions
 from .presets import PRESETS
 from .runner import versions
+from .settings import apply_overrides
 
-__all__ = ["InstructSettings", "InstructTemplate", "load_instruct_cell", "train_instruct"]
+__all__ = ["InstructSettings", "InstructTemplate", "instruct_settings", "load_instruct_cell", "train_instruct"]
 
 #: `fit-gap`: LoRA on the rows fit-gap row filtering keeps, calibrated on `reference_rows` (experimental);
 #: `fit-gap-unlearn`: `fit-gap`, then the guarded unlearning of the rows it isolated as fit-early (experimental);
@@ -285,6 +287,43 @@ class InstructSettings:
             raise ValueError("target_modules must name at least one module.")
 
 
+def instruct_settings(method: str, changes: Optional[Mapping[str, Any]] = None) -> InstructSettings:
+    """The settings of `method`'s instruction cell, with the typed leaf `changes` (`{leaf name: value}`) on top.
+
+    A row-filter method's `row_filter` is switched on with the method's own fields, so a change of any of them is
+    checked against the method's settings, not the library's defaults (`row_filter_unlearn_trigger_z` is valid for
+    `fit-gap-inserted`, which sets a target that reads the trigger), and a change back to a library default is kept.
+    `musclelora instruct --set` goes through here.
+
+    Args:
+        method: One of `INSTRUCT_METHODS`.
+        changes: Leaf fields of [`InstructSettings`] by name, already typed (see `overrides.parse_fields`).
+
+    Raises:
+        ValueError: An unknown method or field, a value its dataclass refuses, or `row_filter=False` for a method
+            that filters rows (or `row_filter=True` for one that does not).
+
+    Example:
+        >>> settings = instruct_settings("fit-gap-inserted", {"row_filter_unlearn_trigger_z": 4.0})
+        >>> settings.row_filter.row_filter_unlearn_target, settings.row_filter.row_filter_unlearn_trigger_z
+        ('chance_inserted', 4.0)
+        >>> instruct_settings("lora").row_filter.row_filter
+        False
+    """
+    if method not in INSTRUCT_METHODS:
+        raise ValueError(f"method must be one of {list(INSTRUCT_METHODS)}, got {method!r}.")
+    method = INSTRUCT_ALIASES.get(method, method)
+    base = InstructSettings()
+    if method in _ROW_FILTER_METHODS:
+        base.row_filter = RowFilterArguments(row_filter=True, **_ROW_FILTER_METHODS[method])
+    settings = apply_overrides(base, changes or {})
+    if method in _ROW_FILTER_METHODS and not settings.row_filter.row_filter:
+        raise ValueError(
+            f"row_filter=False: method {method!r} filters rows; choose `lora` or `musclelora` to train on every row."
+        )
+    return settings
+
+
 def instruct_peft_config(method: str, settings: InstructSettings) -> Any:
     """The PEFT config of an instruction cell: LoRA on the body, plus MSLR on `mslr_target` for `musclelora`.
 
@@ -318,6 +357,11 @@ def _sft_trainer(method: str, settings: InstructSettings) -> tuple[Any, Any, dic
 
     ga = settings.gradient_alignment if settings.gradient_alignment is not None else method == "musclelora"
     row_filter = method in _ROW_FILTER_METHODS
+    if settings.row_filter.row_filter and not row_filter:
+        raise ValueError(
+            f"row_filter=True: method {method!r} does not filter rows; the row-filter methods are "
+            f"{', '.join(_ROW_FILTER_METHODS)}."
+        )
     if not ga and not row_filter:
         return SFTTrainer, SFTConfig, {}
     from peft_musclelora import MuScleLoraSFTConfig, MuScleLoraSFTTrainer  # needs trl as well
@@ -332,15 +376,17 @@ def _sft_trainer(method: str, settings: InstructSettings) -> tuple[Any, Any, dic
     if row_filter:
         fields = dataclasses.fields(settings.row_filter)
         kwargs.update({f.name: getattr(settings.row_filter, f.name) for f in fields if f.name != "row_filter"})
-        # The method's settings fill what the user left at the library's default (a `--set` of one of them wins).
-        defaults = RowFilterArguments()
-        kwargs.update(
-            {
-                name: value
-                for name, value in _ROW_FILTER_METHODS[method].items()
-                if getattr(settings.row_filter, name) == getattr(defaults, name)
-            }
-        )
+        if not settings.row_filter.row_filter:
+            # A row filter never switched on (as `InstructSettings()`'s) takes the method's settings wherever it left
+            # the library's default; one switched on (as `instruct_settings(method)`'s) is used as it is.
+            defaults = RowFilterArguments()
+            kwargs.update(
+                {
+                    name: value
+                    for name, value in _ROW_FILTER_METHODS[method].items()
+                    if getattr(settings.row_filter, name) == getattr(defaults, name)
+                }
+            )
     return MuScleLoraSFTTrainer, MuScleLoraSFTConfig, kwargs
 
 
@@ -389,7 +435,7 @@ def train_instruct(
         >>> train_instruct("lora", "train.csv", "dev.csv", "out", "models/smollm2-135m",
         ...                settings=InstructSettings(max_train_rows=64))  # doctest: +SKIP
     """
-    settings = settings or InstructSettings()
+    settings = settings or instruct_settings(method)
     method = INSTRUCT_ALIASES.get(method, method)
     reset_peak_rss()
     if (test_clean is None) != (test_poison is None):

@@ -41,7 +41,7 @@ from peft_musclelora.benchmark.instruct import (
     to_instruction_dataset,
     train_instruct,
 )
-from peft_musclelora.benchmark.overrides import parse_set_items
+from peft_musclelora.benchmark.overrides import parse_fields, parse_set_items, split_item
 from peft_musclelora.benchmark.presets import get_preset as get_typed_preset
 from peft_musclelora.benchmark.settings import apply_overrides
 
@@ -424,6 +424,66 @@ def test_instruct_fit_gap_unlearn_leaves_the_cap_to_the_library_chance_among_the
     chosen = apply_overrides(InstructSettings(), {"row_filter_unlearn_cap": 1.5})
     assert _sft_trainer("fit-gap-unlearn", chosen)[2]["row_filter_unlearn_cap"] == 1.5  # a set cap is kept
     assert not _sft_trainer("fit-gap", InstructSettings())[2]["row_filter_unlearn"]
+
+
+@pytest.mark.parametrize(
+    "method", ["fit-gap", "fit-gap-unlearn", "fit-gap-poe", "fit-gap-gated", "fit-gap-evidence", "fit-gap-inserted"]
+)
+def test_instruct_settings_of_a_row_filter_method_are_the_method_s_row_filter(method: str) -> None:
+    from peft_musclelora.benchmark.instruct import _sft_trainer, instruct_settings
+
+    own = instruct_settings(method)
+    assert own.row_filter.row_filter
+    assert _sft_trainer(method, own)[2] == _sft_trainer(method, InstructSettings())[2]
+
+
+def test_instruct_settings_check_a_change_against_the_method_not_the_library_defaults() -> None:
+    from peft_musclelora.benchmark.instruct import _sft_trainer, instruct_settings
+
+    changes = parse_fields([split_item("row_filter_unlearn_trigger_z=4")], InstructSettings)
+    with pytest.raises(ValueError, match="row_filter_unlearn_trigger_z"):  # no target reads the trigger by default
+        apply_overrides(InstructSettings(), changes)
+    kwargs = _sft_trainer("fit-gap-inserted", instruct_settings("fit-gap-inserted", changes))[2]
+    assert kwargs["row_filter_unlearn_trigger_z"] == 4.0
+    assert kwargs["row_filter_unlearn_target"] == "chance_inserted"
+
+
+def test_instruct_settings_keep_a_change_back_to_a_library_default() -> None:
+    from peft_musclelora.benchmark.instruct import _sft_trainer, instruct_settings
+
+    kwargs = _sft_trainer("fit-gap-unlearn", instruct_settings("fit-gap-unlearn", {"row_filter_unlearn": False}))[2]
+    assert kwargs["row_filter"] and not kwargs["row_filter_unlearn"]
+
+
+def test_instruct_settings_refuse_a_row_filter_that_contradicts_the_method() -> None:
+    from peft_musclelora.benchmark.instruct import _sft_trainer, instruct_settings
+
+    with pytest.raises(ValueError, match="row_filter=False: method 'fit-gap'"):
+        instruct_settings("fit-gap", {"row_filter": False})
+    with pytest.raises(ValueError, match="row_filter=True: method 'lora' does not filter rows"):
+        _sft_trainer("lora", instruct_settings("lora", {"row_filter": True}))
+    with pytest.raises(ValueError, match="method must be one of"):
+        instruct_settings("fit-gapp")
+
+
+def test_cli_instruct_takes_a_setting_the_method_makes_valid(
+    monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path, attack_files: dict[str, Path]
+) -> None:
+    import peft_musclelora.benchmark.commands.instruct as command
+
+    seen = {}
+
+    def record(method, *args, settings, **kwargs):
+        seen.update(method=method, settings=settings)
+        return {"adapter_dir": "unused"}
+
+    monkeypatch.setattr(command, "train_instruct", record)
+    args = ["instruct", "--method", "fit-gap-inserted", "--train", str(attack_files["train"])]
+    args += ["--dev", str(attack_files["dev"]), "--model", str(tiny_llama_dir)]
+    assert main(args + ["--set", "row_filter_unlearn_trigger_z=4"]) == 0
+    assert seen["settings"].row_filter.row_filter_unlearn_trigger_z == 4.0
+    assert seen["settings"].row_filter.row_filter_unlearn_target == "chance_inserted"
+    assert main(["instruct", "--method", "lora"] + args[3:] + ["--set", "row_filter_unlearn_trigger_z=4"]) == 1
 
 
 def test_instruct_fit_gap_inserted_is_fit_gap_evidence_with_the_trigger_inserted() -> None:

@@ -6,9 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from ..instruct import INSTRUCT_METHODS, InstructSettings, train_instruct
+from ..instruct import INSTRUCT_METHODS, InstructSettings, instruct_settings, train_instruct
 from ..overrides import parse_fields, split_item
-from ..settings import apply_overrides
 from .options import add_set_option, seed_type
 
 HEADLINE = ("method", "gradient_alignment", "cacc", "asr", "false_target_rate", "train_time_s", "peak_rss_mb", "steps")
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         args.dev,
         args.output_dir,
         args.model,
-        settings=apply_overrides(InstructSettings(), changes),
+        settings=instruct_settings(args.method, changes),
         load_in_4bit=args.load_in_4bit,
         test_clean=args.test_clean,
         test_poison=args.test_poison,
