@@ -41,8 +41,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--quiet", action="store_true", help="No progress bars")
     add_set_option(
         parser,
-        "Override an InstructSettings field, its GA or row-filter fields included (e.g. mslr_target=down_proj, "
-        "max_train_rows=256, reference_split_size=64), repeatable",
+        "Override an InstructSettings field, its GA or row-filter fields included, on top of the method's own "
+        "settings (e.g. mslr_target=down_proj, max_train_rows=256, reference_split_size=64), repeatable",
     )
     parser.set_defaults(func=run)
 
