@@ -414,12 +414,16 @@ def train_instruct(
             filtering keeps); `fit-gap-unlearn` (`fit-gap`, then the guarded unlearning of the fit-early rows);
             `fit-gap-poe` (`fit-gap-unlearn` with the n-gram shallow expert on the answer tokens);
             `fit-gap-gated` (`fit-gap-poe` at weight 4 with the trusted teacher, gated by the model, on the answer
-            tokens); `recommended` (an alias of `musclelora`).
+            tokens); `fit-gap-evidence` (`fit-gap-gated`, trained plainly on strong isolation evidence);
+            `fit-gap-inserted` (`fit-gap-evidence` whose phase inserts the trigger into the kept prompts);
+            `recommended` (an alias of `musclelora`).
         train: Training data (usually poisoned).
         dev: Clean dev data; gradient alignment takes its references from it.
         output_dir: Where `adapter/` and `metrics.json` go.
         model_dir: A local causal-LM directory (e.g. the output of `musclelora export-model --smollm2`).
-        settings: Adapter and training settings.
+        settings: Adapter and training settings (default: [`instruct_settings`]`(method)`; build changes on it,
+            since an `InstructSettings()`'s row filter, never switched on, takes the method's fields only where
+            it left the library's defaults).
         template: How rows become prompts and answers.
         load_in_4bit: Load the base in NF4 4-bit (QLoRA).
         test_clean: Clean test data (CACC, false-target rate).
