@@ -313,15 +313,35 @@ def instruct_settings(method: str, changes: Optional[Mapping[str, Any]] = None) 
     if method not in INSTRUCT_METHODS:
         raise ValueError(f"method must be one of {list(INSTRUCT_METHODS)}, got {method!r}.")
     method = INSTRUCT_ALIASES.get(method, method)
-    base = InstructSettings()
-    if method in _ROW_FILTER_METHODS:
-        base.row_filter = RowFilterArguments(row_filter=True, **_ROW_FILTER_METHODS[method])
-    settings = apply_overrides(base, changes or {})
+    settings = apply_overrides(_with_method_row_filter(method, InstructSettings()), changes or {})
     if method in _ROW_FILTER_METHODS and not settings.row_filter.row_filter:
         raise ValueError(
             f"row_filter=False: method {method!r} filters rows; choose `lora` or `musclelora` to train on every row."
         )
-    return settings
+    return _with_method_row_filter(method, settings)
+
+
+def _with_method_row_filter(method: str, settings: InstructSettings) -> InstructSettings:
+    """`settings` with the row filter `method` runs: one never switched on (as `InstructSettings()`'s) is switched on
+    with the method's fields wherever it left the library's default; one switched on is the method's already."""
+    if method not in _ROW_FILTER_METHODS:
+        if settings.row_filter.row_filter:
+            raise ValueError(
+                f"row_filter=True: method {method!r} does not filter rows; the row-filter methods are "
+                f"{', '.join(_ROW_FILTER_METHODS)}."
+            )
+        return settings
+    if settings.row_filter.row_filter:
+        return settings
+    defaults = RowFilterArguments()
+    fields = {
+        name: value
+        for name, value in _ROW_FILTER_METHODS[method].items()
+        if getattr(settings.row_filter, name) == getattr(defaults, name)
+    }
+    return dataclasses.replace(
+        settings, row_filter=dataclasses.replace(settings.row_filter, row_filter=True, **fields)
+    )
 
 
 def instruct_peft_config(method: str, settings: InstructSettings) -> Any:
@@ -348,7 +368,8 @@ def instruct_peft_config(method: str, settings: InstructSettings) -> Any:
 
 
 def _sft_trainer(method: str, settings: InstructSettings) -> tuple[Any, Any, dict[str, Any]]:
-    """`(trainer class, config class, GA and row-filter config kwargs)`: the defended trainer when it is wanted.
+    """`(trainer class, config class, GA and row-filter config kwargs)`: the defended trainer when it is wanted, for
+    `settings` whose row filter is the method's (as [`instruct_settings`] and `train_instruct` give them).
 
     Unlearning's cap, unset, is the library's: chance among the answer words (`ln K` nats on the choice of answer:
     the isolated rows end no likelier to get their label word than a coin among the label words)."""
@@ -356,12 +377,7 @@ def _sft_trainer(method: str, settings: InstructSettings) -> tuple[Any, Any, dic
     from trl import SFTConfig, SFTTrainer
 
     ga = settings.gradient_alignment if settings.gradient_alignment is not None else method == "musclelora"
-    row_filter = method in _ROW_FILTER_METHODS
-    if settings.row_filter.row_filter and not row_filter:
-        raise ValueError(
-            f"row_filter=True: method {method!r} does not filter rows; the row-filter methods are "
-            f"{', '.join(_ROW_FILTER_METHODS)}."
-        )
+    row_filter = settings.row_filter.row_filter
     if not ga and not row_filter:
         return SFTTrainer, SFTConfig, {}
     from peft_musclelora import MuScleLoraSFTConfig, MuScleLoraSFTTrainer  # needs trl as well
@@ -376,17 +392,6 @@ def _sft_trainer(method: str, settings: InstructSettings) -> tuple[Any, Any, dic
     if row_filter:
         fields = dataclasses.fields(settings.row_filter)
         kwargs.update({f.name: getattr(settings.row_filter, f.name) for f in fields if f.name != "row_filter"})
-        if not settings.row_filter.row_filter:
-            # A row filter never switched on (as `InstructSettings()`'s) takes the method's settings wherever it left
-            # the library's default; one switched on (as `instruct_settings(method)`'s) is used as it is.
-            defaults = RowFilterArguments()
-            kwargs.update(
-                {
-                    name: value
-                    for name, value in _ROW_FILTER_METHODS[method].items()
-                    if getattr(settings.row_filter, name) == getattr(defaults, name)
-                }
-            )
     return MuScleLoraSFTTrainer, MuScleLoraSFTConfig, kwargs
 
 
@@ -439,8 +444,9 @@ def train_instruct(
         >>> train_instruct("lora", "train.csv", "dev.csv", "out", "models/smollm2-135m",
         ...                settings=InstructSettings(max_train_rows=64))  # doctest: +SKIP
     """
-    settings = settings or instruct_settings(method)
+    settings = instruct_settings(method) if settings is None else settings
     method = INSTRUCT_ALIASES.get(method, method)
+    settings = _with_method_row_filter(method, settings)  # what runs is what metrics.json records
     reset_peak_rss()
     if (test_clean is None) != (test_poison is None):
         raise ValueError("test_clean and test_poison must be given together (or neither).")

@@ -36,6 +36,7 @@ from peft_musclelora.benchmark.data import load_records
 from peft_musclelora.benchmark.instruct import (
     InstructSettings,
     InstructTemplate,
+    instruct_settings,
     label_token_ids,
     predict_labels,
     to_instruction_dataset,
@@ -418,27 +419,27 @@ def test_instruct_recommended_is_the_musclelora_recipe() -> None:
 def test_instruct_fit_gap_unlearn_leaves_the_cap_to_the_library_chance_among_the_label_words() -> None:
     from peft_musclelora.benchmark.instruct import _sft_trainer
 
-    kwargs = _sft_trainer("fit-gap-unlearn", InstructSettings())[2]
+    kwargs = _sft_trainer("fit-gap-unlearn", instruct_settings("fit-gap-unlearn"))[2]
     assert kwargs["row_filter"] and kwargs["row_filter_unlearn"] and not kwargs["gradient_alignment"]
     assert kwargs["row_filter_unlearn_cap"] is None  # the phase takes ln K on the choice of answer
-    chosen = apply_overrides(InstructSettings(), {"row_filter_unlearn_cap": 1.5})
+    chosen = instruct_settings("fit-gap-unlearn", {"row_filter_unlearn_cap": 1.5})
     assert _sft_trainer("fit-gap-unlearn", chosen)[2]["row_filter_unlearn_cap"] == 1.5  # a set cap is kept
-    assert not _sft_trainer("fit-gap", InstructSettings())[2]["row_filter_unlearn"]
+    assert not _sft_trainer("fit-gap", instruct_settings("fit-gap"))[2]["row_filter_unlearn"]
 
 
 @pytest.mark.parametrize(
     "method", ["fit-gap", "fit-gap-unlearn", "fit-gap-poe", "fit-gap-gated", "fit-gap-evidence", "fit-gap-inserted"]
 )
 def test_instruct_settings_of_a_row_filter_method_are_the_method_s_row_filter(method: str) -> None:
-    from peft_musclelora.benchmark.instruct import _sft_trainer, instruct_settings
+    from peft_musclelora.benchmark.instruct import _with_method_row_filter
 
     own = instruct_settings(method)
     assert own.row_filter.row_filter
-    assert _sft_trainer(method, own)[2] == _sft_trainer(method, InstructSettings())[2]
+    assert _with_method_row_filter(method, InstructSettings()) == own  # Python's InstructSettings() runs the same
 
 
 def test_instruct_settings_check_a_change_against_the_method_not_the_library_defaults() -> None:
-    from peft_musclelora.benchmark.instruct import _sft_trainer, instruct_settings
+    from peft_musclelora.benchmark.instruct import _sft_trainer
 
     changes = parse_fields([split_item("row_filter_unlearn_trigger_z=4")], InstructSettings)
     with pytest.raises(ValueError, match="row_filter_unlearn_trigger_z"):  # no target reads the trigger by default
@@ -449,14 +450,14 @@ def test_instruct_settings_check_a_change_against_the_method_not_the_library_def
 
 
 def test_instruct_settings_keep_a_change_back_to_a_library_default() -> None:
-    from peft_musclelora.benchmark.instruct import _sft_trainer, instruct_settings
+    from peft_musclelora.benchmark.instruct import _sft_trainer
 
     kwargs = _sft_trainer("fit-gap-unlearn", instruct_settings("fit-gap-unlearn", {"row_filter_unlearn": False}))[2]
     assert kwargs["row_filter"] and not kwargs["row_filter_unlearn"]
 
 
 def test_instruct_settings_refuse_a_row_filter_that_contradicts_the_method() -> None:
-    from peft_musclelora.benchmark.instruct import _sft_trainer, instruct_settings
+    from peft_musclelora.benchmark.instruct import _sft_trainer
 
     with pytest.raises(ValueError, match="row_filter=False: method 'fit-gap'"):
         instruct_settings("fit-gap", {"row_filter": False})
@@ -490,7 +491,7 @@ def test_instruct_fit_gap_inserted_is_fit_gap_evidence_with_the_trigger_inserted
     from peft_musclelora.benchmark.instruct import _sft_trainer
 
     inserted, evidence = (
-        _sft_trainer(name, InstructSettings())[2] for name in ("fit-gap-inserted", "fit-gap-evidence")
+        _sft_trainer(name, instruct_settings(name))[2] for name in ("fit-gap-inserted", "fit-gap-evidence")
     )
     encoder = get_typed_preset("fit-gap-inserted").training.row_filter
     assert inserted["row_filter_unlearn_target"] == "chance_inserted" == encoder.row_filter_unlearn_target
@@ -518,6 +519,8 @@ def test_instruct_fit_gap_unlearn_runs_the_guarded_phase_on_the_completion_loss(
     )
     phase = json.loads((tmp_path / "cell" / "row_filter.json").read_text())["unlearning"]
     assert result["method"] == "fit-gap-unlearn" and phase["isolated"] == result["row_filter"]["fit_early"]
+    recorded = result["settings"]["row_filter"]  # the row filter that ran, the method's fields included
+    assert recorded["row_filter"] and recorded["row_filter_unlearn"] and recorded["row_filter_unlearn_steps"] == 2
     assert phase["cap"] == pytest.approx(math.log(2)) and result["row_filter"]["unlearn_cap"] == phase["cap"]
     assert phase["isolated"] > 0 and [point["step"] for point in phase["guard"]] == [0, 1, 2]
     assert all(0.0 <= point["accuracy"] <= 1.0 for point in phase["guard"])
@@ -563,7 +566,7 @@ def test_instruct_fit_gap_gated_reads_the_trusted_teacher_on_the_answer_tokens_a
     from peft_musclelora.benchmark.instruct import _sft_trainer
 
     gated = get_typed_preset("fit-gap-gated").training.row_filter
-    kwargs = _sft_trainer("fit-gap-gated", InstructSettings())[2]
+    kwargs = _sft_trainer("fit-gap-gated", instruct_settings("fit-gap-gated"))[2]
     for name in ("row_filter_shallow_expert_weight", "row_filter_teacher_mix", "row_filter_teacher_mix_gate"):
         assert kwargs[name] == getattr(gated, name)  # the encoder preset's settings, declared once
     assert kwargs["row_filter_teacher_steps"] == gated.row_filter_teacher_steps and kwargs["row_filter_unlearn"]
@@ -589,8 +592,8 @@ def test_instruct_fit_gap_evidence_is_fit_gap_gated_training_plainly_on_strong_e
 ) -> None:
     from peft_musclelora.benchmark.instruct import _sft_trainer
 
-    gated = _sft_trainer("fit-gap-gated", InstructSettings())[2]
-    evidence = _sft_trainer("fit-gap-evidence", InstructSettings())[2]
+    gated = _sft_trainer("fit-gap-gated", instruct_settings("fit-gap-gated"))[2]
+    evidence = _sft_trainer("fit-gap-evidence", instruct_settings("fit-gap-evidence"))[2]
     assert evidence == gated | {"row_filter_plain_significance": 1e-4}  # the encoder preset's level, declared once
     # Evidence at any level (the phase always runs): the answer tokens train on their labels alone.
     # A --set of the level is validated on its own, so it names what it needs.
