@@ -50,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .answer_classes import answer_class_nll, answer_tokens
+from .length_chunks import LengthChunked
 from .row_filter import (
     UNLEARN_TARGETS,
     RowFilterArguments,
@@ -583,6 +584,9 @@ def run_unlearning(
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     bar = tqdm(total=args.row_filter_unlearn_steps, desc="row filter unlearning", disable=not progress)
     model.train()
+    chunk_rows = args.row_filter_unlearn_chunk_rows
+    # The phase's own passes; the guard already scores its rows in length order.
+    phase_model = model if chunk_rows is None else LengthChunked(model, chunk_rows)
     # The loaders draw their base seeds from torch's global generator: fork it so the caller's stream is untouched.
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -596,9 +600,9 @@ def run_unlearning(
                 kept_inputs = trainer._prepare_inputs(next(kept_batches))
                 # a copy: the row filter's loss takes the labels and its per-row columns out of the batch it gets,
                 # and the inserted copies below need the token-level labels
-                fit_loss = trainer.compute_loss(model, dict(kept_inputs))
+                fit_loss = trainer.compute_loss(phase_model, dict(kept_inputs))
                 isolated_inputs = trainer._prepare_inputs(next(isolated_batches))
-                outputs = model(**isolated_inputs)
+                outputs = phase_model(**isolated_inputs)
                 if inserting:
                     # only what the model takes: the kept rows may carry the row filter's per-row columns
                     reference = {key: value for key, value in kept_inputs.items() if key in isolated_inputs}
@@ -608,7 +612,7 @@ def run_unlearning(
                     if placebo:
                         placebo_insertions = with_placebos(insertions, placebos, insertion_generator)
                         reference = apply_insertions(reference, placebo_insertions, pad_id)
-                    fit_loss = fit_loss + trigger_insertion_loss(model, reference, inserted)
+                    fit_loss = fit_loss + trigger_insertion_loss(phase_model, reference, inserted)
             if classes is None:
                 isolated_loss = outputs.loss.float()
             else:  # the choice of answer, whose chance level is ln K (the token loss also counts the answer's
@@ -616,7 +620,7 @@ def run_unlearning(
                 isolated_loss = answer_class_nll(outputs.logits, isolated_inputs["labels"], classes).mean()
             if target.masks_trigger:
                 isolated_term = trigger_neutral_loss(
-                    model, isolated_inputs, outputs.logits, trigger_ids.to(isolated_inputs["input_ids"].device)
+                    phase_model, isolated_inputs, outputs.logits, trigger_ids.to(isolated_inputs["input_ids"].device)
                 )
             else:
                 if cap is None:
