@@ -66,6 +66,12 @@ def main() -> None:
     per_block = args.steps // args.blocks
     # a phase step takes 4 batches, so each block draws 4x its steps for training and for each kind of phase step
     batches = _batches(rows, tokenizer, 8 + 12 * per_block * args.blocks, args.batch_size, seed=0)
+    masks = [batch["attention_mask"] for batch in batches]
+    lengths = torch.cat([mask.sum(dim=1) for mask in masks]).float()
+    print(
+        f"rows drawn: {lengths.mean():.1f} tokens on average, {int(lengths.max())} at most; a batch of "
+        f"{args.batch_size} holds {sum(mask.numel() for mask in masks) / lengths.sum():.2f} times its rows' tokens"
+    )
     chunked = None if args.chunk_rows is None else LengthChunked(model, args.chunk_rows)
     model.train()
 

@@ -470,8 +470,8 @@ class RowFilterArguments:
         metadata={
             "help": "Rows per forward pass in the unlearning phase on class labels: each batch runs in "
             "length-sorted chunks of at most this many rows, each padded only to its own longest row "
-            "(peft_musclelora.length_chunks.LengthChunked): the same loss and gradient with less padding, a "
-            "phase step about a third cheaper on a CPU (docs/row_filter.md); None: each batch in one pass, usually "
+            "(peft_musclelora.length_chunks.LengthChunked): the same loss and gradient with less padding, about "
+            "a quarter off the phase on a CPU (docs/row_filter.md); None: each batch in one pass, usually "
             "faster on an accelerator. Token-level (causal-LM) rows always run whole. None or >= 1."
         },
     )
