@@ -41,6 +41,7 @@ from transformers.utils import logging
 from ._checks import check_bool, check_int, check_number
 from .answer_classes import answer_class_log_probs
 from .bias_refit import fit_class_offset
+from .length_chunks import LengthChunked
 from .shallow_probe import (
     EXPERT_GATES,
     SHALLOW_EXPERT_LOSSES,
@@ -394,6 +395,17 @@ class RowFilterArguments:
         default=144,
         metadata={"help": "AdamW steps the trusted teacher trains on the trusted rows (>= 1)."},
     )
+    row_filter_teacher_chunk_rows: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Rows per forward pass in the trusted teacher's training on class labels: each batch runs in "
+            "length-sorted chunks of at most this many rows, each padded only to its own longest row "
+            "(peft_musclelora.length_chunks.LengthChunked). The teacher trains in eval mode (no dropout), so its "
+            "loss and gradient are the whole batch's up to float rounding; less padding, faster on a CPU "
+            "(docs/row_filter.md). None: each batch in one pass, usually faster on an accelerator. Token-level "
+            "(causal-LM) rows always run whole. None or >= 1."
+        },
+    )
     row_filter_refit_bias: bool = field(
         default=False,
         metadata={
@@ -642,6 +654,7 @@ class RowFilterArguments:
                 "distribution: set row_filter_teacher_mix as well, or choose 'drop' or 'keep'."
             )
         check_int("row_filter_teacher_steps", self.row_filter_teacher_steps)
+        check_int("row_filter_teacher_chunk_rows", self.row_filter_teacher_chunk_rows, optional=True)
         self_train = self.row_filter_teacher_self_train
         check_number("row_filter_teacher_self_train", self_train, "in (0.5, 1)", lambda v: 0.5 < v < 1, True)
         if self_train is not None and mix is None and self.row_filter_residual_expert is None:
@@ -1183,11 +1196,14 @@ def _train_steps(
     decay: bool = False,
     optimizer: Optional[torch.optim.Optimizer] = None,
     collator: Optional[Callable[..., Any]] = None,
+    model: Optional[torch.nn.Module] = None,
 ) -> Iterator[int]:
     """Train the trainer's model for `total` AdamW steps on `dataset` in its order (cycled), clipping as the
     trainer does, the learning rate constant or (`decay`) falling linearly to 0; yields the step count after each
-    step. `optimizer` continues an earlier call's AdamW (a constant rate); `collator` replaces the trainer's."""
-    model = trainer.model
+    step. `optimizer` continues an earlier call's AdamW (a constant rate); `collator` replaces the trainer's;
+    `model` (the trainer's model itself or a wrapper of it, such as [`LengthChunked`]) is what the loss runs
+    through."""
+    model = trainer.model if model is None else model
     optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=trainer.args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0 - done / total if decay else 1.0)
     step = 0
@@ -1517,13 +1533,17 @@ def _train_teacher(
     bar: Any,
     field_name: str,
     answers: Optional[TokenAnswers] = None,
+    chunk_rows: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Train the model on `reference_dataset` (seeded, the rate decaying to 0) and return its class log-probabilities
-    of every training row, shifted to the training labels' class balance, that shift and the training labels (the
-    rows' answer classes with token-level labels, `answers`). The caller restores the weights."""
+    """Train the model on `reference_dataset` (seeded, the rate decaying to 0; its batches in length-sorted chunks
+    of `chunk_rows`, when given) and return its class log-probabilities of every training row, shifted to the
+    training labels' class balance, that shift and the training labels (the rows' answer classes with token-level
+    labels, `answers`). The caller restores the weights."""
     torch.manual_seed(seed)
     order = torch.randperm(len(reference_dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    for _ in _train_steps(trainer, params, subset_rows(reference_dataset, order), steps, lr, decay=True):
+    model = None if chunk_rows is None else LengthChunked(trainer.model, chunk_rows)
+    reference_rows = subset_rows(reference_dataset, order)
+    for _ in _train_steps(trainer, params, reference_rows, steps, lr, decay=True, model=model):
         bar.update(1)
     measure = class_log_probs(field_name) if answers is None else answers.class_log_probs
     raw_teacher, labels = per_row_values(trainer, trainer.model, trainer.train_dataset, measure)
@@ -1647,14 +1667,17 @@ def _trusted_teacher(
     bar.total += steps * (1 + (args.row_filter_teacher_self_train is not None))
     bar.refresh()
     trainer.model.eval()
+    chunk_rows = args.row_filter_teacher_chunk_rows
     log_probs, offset, labels = _train_teacher(
-        trainer, params, reference_dataset, steps, lr, seed, bar, field_name, answers
+        trainer, params, reference_dataset, steps, lr, seed, bar, field_name, answers, chunk_rows
     )
     _restore(params, initial)
     if args.row_filter_teacher_self_train is not None:
         agreed = _agreeing_rows(log_probs, labels, args.row_filter_teacher_self_train)
         extended = torch.utils.data.ConcatDataset([reference_dataset, subset_rows(trainer.train_dataset, agreed)])
-        log_probs, offset, _ = _train_teacher(trainer, params, extended, steps, lr, seed, bar, field_name, answers)
+        log_probs, offset, _ = _train_teacher(
+            trainer, params, extended, steps, lr, seed, bar, field_name, answers, chunk_rows
+        )
         _restore(params, initial)
     return log_probs, offset, time.perf_counter() - start
 

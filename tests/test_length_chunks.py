@@ -1,6 +1,6 @@
 """A classifier's forward pass in length-sorted chunks (`LengthChunked`): the same logits, loss and gradient as one
-pass over the padded batch, with less padding; and the unlearning phase that runs in it
-(`row_filter_unlearn_chunk_rows`)."""
+pass over the padded batch, with less padding; and the row filter's passes that run in it: the unlearning phase
+(`row_filter_unlearn_chunk_rows`) and the trusted teacher's training (`row_filter_teacher_chunk_rows`)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from peft_musclelora.length_chunks import LengthChunked, trimmed_chunks
-from peft_musclelora.row_filter import RowFilterArguments
+from peft_musclelora.row_filter import RowFilterArguments, run_row_filter
+from peft_musclelora.trainer import MuScleLoraTrainer
 from peft_musclelora.unlearning import run_unlearning
 
 from .ga_helpers import SEQ_LEN, VOCAB, tiny_bert, token_dataset, trainable_state
-from .test_row_filter import _trainer
+from .test_row_filter import _args, _trainer
 from .test_unlearning import _clean_label_rows
 
 # Float32 sums taken over fewer padded (exactly zero-weighted) positions, in another order: rounding only.
@@ -123,10 +124,11 @@ def test_a_chunk_must_hold_a_whole_number_of_rows(rows, error):
         LengthChunked(tiny_bert(seed=0), rows)
 
 
+@pytest.mark.parametrize("field", ["row_filter_unlearn_chunk_rows", "row_filter_teacher_chunk_rows"])
 @pytest.mark.parametrize(("rows", "error"), [(0, ValueError), ("8", TypeError), (1.5, TypeError)])
-def test_invalid_chunk_rows_name_the_field_and_the_value(rows, error):
-    with pytest.raises(error, match=f"`row_filter_unlearn_chunk_rows` must be None or an integer >= 1, got {rows!r}"):
-        RowFilterArguments(row_filter_unlearn_chunk_rows=rows)
+def test_invalid_chunk_rows_name_the_field_and_the_value(field, rows, error):
+    with pytest.raises(error, match=f"`{field}` must be None or an integer >= 1, got {rows!r}"):
+        RowFilterArguments(**{field: rows})
 
 
 def _ragged_rows(rows: int, seed: int) -> datasets.Dataset:
@@ -200,3 +202,46 @@ def test_the_rows_with_the_trigger_inserted_and_their_reference_run_in_chunks_to
     # kept, isolated and inserted batches with gradient, in chunks; the insertions' reference without, in chunks
     assert [rows for training, rows, _ in calls if training] == [3, 3, 2] * 6 * 3
     assert [rows for training, rows, _ in calls if not training] == [16, 16, 8] + ([3, 3, 2] * 3 + [16, 16, 8]) * 2
+
+
+def _teacher(tmp_path, chunk_rows):
+    """A tiny trainer's row filter with the trusted teacher (6 steps, batches of 8 ragged trusted rows); the model's
+    calls recorded as (train mode?, gradient?, rows, columns)."""
+    trainer = MuScleLoraTrainer(
+        model=tiny_bert(seed=0, dropout=0.1),
+        args=_args(
+            tmp_path, row_filter_teacher_mix=0.5, row_filter_teacher_steps=6, row_filter_teacher_chunk_rows=chunk_rows
+        ),
+        train_dataset=_ragged_rows(48, seed=1),
+        reference_dataset=_ragged_rows(40, seed=2),
+        data_collator=_pad,
+    )
+    calls = []
+    handle = trainer.model.register_forward_pre_hook(
+        lambda model, _, inputs: calls.append(
+            (model.training, torch.is_grad_enabled(), *inputs["input_ids"].shape[:2])
+        ),
+        with_kwargs=True,
+    )
+    report = run_row_filter(trainer, trainer.row_filter_args, trainer.reference_dataset, seed=0, progress=False)
+    handle.remove()
+    return report, calls
+
+
+def test_the_trusted_teacher_trains_in_chunks_and_predicts_what_it_predicts_from_whole_batches(tmp_path):
+    whole, whole_calls = _teacher(tmp_path / "whole", chunk_rows=None)
+    chunked, chunked_calls = _teacher(tmp_path / "chunked", chunk_rows=3)
+    # the teacher alone trains in eval mode with gradient: 6 batches of 8, each in chunks of 3, 3 and 2 rows
+    assert [rows for training, grad, rows, _ in whole_calls if grad and not training] == [8] * 6
+    assert [rows for training, grad, rows, _ in chunked_calls if grad and not training] == [3, 3, 2] * 6
+    # the probes (train mode) and every scoring pass (no gradient) run as they did
+    assert [call for call in chunked_calls if call[0] or not call[1]] == [
+        call for call in whole_calls if call[0] or not call[1]
+    ]
+    # no dropout in eval mode: the same steps up to float rounding, so the same predictions and decisions
+    teachers = [
+        torch.tensor([row["teacher_log_probs"] for row in report["rows"]], dtype=torch.float64)
+        for report in (whole, chunked)
+    ]
+    torch.testing.assert_close(teachers[1], teachers[0], atol=1e-4, rtol=0)
+    assert [row["reason"] for row in chunked["rows"]] == [row["reason"] for row in whole["rows"]]
