@@ -44,7 +44,10 @@ def main() -> None:
     parser.add_argument("--sentence", help="AddSent: the trigger sentence in place of the published one")
     args = parser.parse_args()
 
-    test = load_records(args.data / "sst-2" / "poison" / args.attack / "test-clean.csv")
+    try:
+        test = load_records(args.data / "sst-2" / "poison" / args.attack / "test-clean.csv")
+    except ValueError as error:  # a missing or malformed test file: say which, without a traceback
+        parser.error(f"--data {args.data}: {error}")
     target_rows = test.replace([record for record in test.records if record.label == TARGET_LABEL])
     trigger = {"triggers": tuple(args.triggers.split(","))} if args.triggers else {}
     trigger |= {"sentence": args.sentence} if args.sentence else {}

@@ -327,9 +327,16 @@ def test_fit_gap_evidence_is_fit_gap_gated_refit_training_plainly_on_evidence_st
     assert evidence.training.row_filter.row_filter_unlearn_significance == 0.01  # the phase runs whenever it is plain
 
 
-def test_fit_gap_inserted_is_fit_gap_evidence_inserting_the_trigger_beside_the_push_to_chance() -> None:
+def test_fit_gap_inserted_is_fit_gap_evidence_inserting_the_trigger_beside_the_push_to_chance_in_chunks() -> None:
     inserted = _assert_row_filter_preset_is(
-        "fit-gap-inserted", "fit-gap-evidence", {"row_filter_unlearn_target": "chance_inserted"}
+        "fit-gap-inserted",
+        "fit-gap-evidence",
+        {
+            "row_filter_unlearn_target": "chance_inserted",
+            # the phase's and the teacher's batches in length-sorted chunks: the same losses, less padding
+            "row_filter_unlearn_chunk_rows": 8,
+            "row_filter_teacher_chunk_rows": 8,
+        },
     )
     assert inserted.training.row_filter.row_filter_unlearn_insertion_target == "unchanged"  # the row as it is
 
