@@ -8,8 +8,9 @@ faster. [`LengthChunked`] wraps a model so that a call on a batch of class-label
 returns what one call would: the logits of every row in the batch's order and the batch's mean loss, the same
 function of the parameters (up to float rounding and the dropout masks drawn), so the gradient is the same too.
 
-The row filter's unlearning phase uses it (`row_filter_unlearn_chunk_rows`), where each step runs two or three
-batches forward and backward and, with the trigger inserted, a fourth forward.
+The row filter uses it in its unlearning phase (`row_filter_unlearn_chunk_rows`), where each step runs two or three
+batches forward and backward and, with the trigger inserted, a fourth forward, and in the trusted teacher's training
+(`row_filter_teacher_chunk_rows`), which runs in eval mode, so there the chunks change nothing but float rounding.
 """
 
 from __future__ import annotations
