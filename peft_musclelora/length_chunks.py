@@ -15,15 +15,16 @@ batches forward and backward and, with the trigger inserted, a fourth forward, a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ._checks import check_int
 
-__all__ = ["LengthChunked", "trimmed_chunks"]
+__all__ = ["LengthChunked", "length_chunked", "trimmed_chunks"]
 
 
 def trimmed_chunks(attention_mask: torch.Tensor, rows: int) -> list[tuple[torch.Tensor, int]]:
@@ -122,3 +123,31 @@ def _chunk_inputs(inputs: Mapping[str, Any], chunk: torch.Tensor, kept: int, bat
                 value = value[:, :kept]
         chunked[key] = value
     return chunked
+
+
+def length_chunked(model: torch.nn.Module, rows: Optional[int], field_name: str) -> torch.nn.Module:
+    """`model` itself when `rows` is None, else [`LengthChunked`]`(model, rows)`; `field_name` is the setting that
+    asked for it, named in the warning given when the model is not on the CPU, where one pass over a padded batch
+    is usually the faster (the chunks run one after another).
+
+    Example:
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        ...                     intermediate_size=32)
+        >>> model = BertForSequenceClassification(config)
+        >>> length_chunked(model, None, "row_filter_unlearn_chunk_rows") is model
+        True
+        >>> length_chunked(model, 8, "row_filter_unlearn_chunk_rows").rows
+        8
+    """
+    if rows is None:
+        return model
+    parameter = next(model.parameters(), None)
+    device = torch.device("cpu") if parameter is None else parameter.device
+    if device.type != "cpu":
+        warnings.warn(
+            f"{field_name}={rows} runs each batch in length-sorted chunks, which saves time on a CPU; the model is on "
+            f"{device}, where one pass over the padded batch is usually faster: set {field_name}=None there.",
+            stacklevel=3,
+        )
+    return LengthChunked(model, rows)

@@ -41,7 +41,7 @@ from transformers.utils import logging
 from ._checks import check_bool, check_int, check_number
 from .answer_classes import answer_class_log_probs
 from .bias_refit import fit_class_offset
-from .length_chunks import LengthChunked
+from .length_chunks import length_chunked
 from .shallow_probe import (
     EXPERT_GATES,
     SHALLOW_EXPERT_LOSSES,
@@ -1541,7 +1541,7 @@ def _train_teacher(
     labels, `answers`). The caller restores the weights."""
     torch.manual_seed(seed)
     order = torch.randperm(len(reference_dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    model = None if chunk_rows is None else LengthChunked(trainer.model, chunk_rows)
+    model = length_chunked(trainer.model, chunk_rows, "row_filter_teacher_chunk_rows")
     reference_rows = subset_rows(reference_dataset, order)
     for _ in _train_steps(trainer, params, reference_rows, steps, lr, decay=True, model=model):
         bar.update(1)

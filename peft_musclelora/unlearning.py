@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .answer_classes import answer_class_nll, answer_tokens
-from .length_chunks import LengthChunked
+from .length_chunks import length_chunked
 from .row_filter import (
     UNLEARN_TARGETS,
     RowFilterArguments,
@@ -584,9 +584,8 @@ def run_unlearning(
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     bar = tqdm(total=args.row_filter_unlearn_steps, desc="row filter unlearning", disable=not progress)
     model.train()
-    chunk_rows = args.row_filter_unlearn_chunk_rows
     # The phase's own passes; the guard already scores its rows in length order.
-    phase_model = model if chunk_rows is None else LengthChunked(model, chunk_rows)
+    phase_model = length_chunked(model, args.row_filter_unlearn_chunk_rows, "row_filter_unlearn_chunk_rows")
     # The loaders draw their base seeds from torch's global generator: fork it so the caller's stream is untouched.
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

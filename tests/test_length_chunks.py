@@ -8,7 +8,7 @@ import datasets
 import pytest
 import torch
 
-from peft_musclelora.length_chunks import LengthChunked, trimmed_chunks
+from peft_musclelora.length_chunks import LengthChunked, length_chunked, trimmed_chunks
 from peft_musclelora.row_filter import RowFilterArguments, run_row_filter
 from peft_musclelora.trainer import MuScleLoraTrainer
 from peft_musclelora.unlearning import run_unlearning
@@ -122,6 +122,23 @@ def test_the_wrapper_switches_the_models_mode_and_reads_its_attributes():
 def test_a_chunk_must_hold_a_whole_number_of_rows(rows, error):
     with pytest.raises(error, match=f"`rows` must be an integer >= 1, got {rows!r}"):
         LengthChunked(tiny_bert(seed=0), rows)
+
+
+def test_no_chunk_size_is_the_model_itself_and_a_size_wraps_it_quietly_on_a_cpu(recwarn):
+    model = tiny_bert(seed=0)
+    assert length_chunked(model, None, "row_filter_unlearn_chunk_rows") is model
+    wrapped = length_chunked(model, 4, "row_filter_unlearn_chunk_rows")
+    assert isinstance(wrapped, LengthChunked) and wrapped.model is model and wrapped.rows == 4
+    assert not recwarn.list
+
+
+def test_chunks_asked_for_a_model_off_the_cpu_are_run_with_a_warning_naming_the_setting():
+    model = tiny_bert(seed=0).to("meta")  # any device but the CPU: chunks run one after another there
+    with pytest.warns(
+        UserWarning, match=r"row_filter_teacher_chunk_rows=8 .* on meta.*set row_filter_teacher_chunk_rows=None"
+    ):
+        wrapped = length_chunked(model, 8, "row_filter_teacher_chunk_rows")
+    assert isinstance(wrapped, LengthChunked)
 
 
 @pytest.mark.parametrize("field", ["row_filter_unlearn_chunk_rows", "row_filter_teacher_chunk_rows"])
