@@ -59,7 +59,10 @@ def main() -> None:
     print("| cell | accuracy on them | triggered | difference |")
     print("|---|---|---|---|")
     for cell in args.cells:
-        model, tokenizer, info = load_cell(cell / "adapter")
+        try:
+            model, tokenizer, info = load_cell(cell / "adapter")
+        except ValueError as error:  # not a finished cell: say which, without a traceback
+            parser.error(str(error))
         clean, with_trigger = (_target_share(model, tokenizer, texts, info["max_length"]) for texts in pair)
         print(f"| {cell} | {clean:.1f} | {with_trigger:.1f} | {with_trigger - clean:+.1f} |")
 
