@@ -1533,17 +1533,16 @@ def _train_teacher(
     bar: Any,
     field_name: str,
     answers: Optional[TokenAnswers] = None,
-    chunk_rows: Optional[int] = None,
+    train_model: Optional[torch.nn.Module] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Train the model on `reference_dataset` (seeded, the rate decaying to 0; its batches in length-sorted chunks
-    of `chunk_rows`, when given) and return its class log-probabilities of every training row, shifted to the
-    training labels' class balance, that shift and the training labels (the rows' answer classes with token-level
-    labels, `answers`). The caller restores the weights."""
+    """Train the model on `reference_dataset` (seeded, the rate decaying to 0; the loss through `train_model`, a
+    wrapper of it such as [`LengthChunked`], when given) and return its class log-probabilities of every training
+    row, shifted to the training labels' class balance, that shift and the training labels (the rows' answer
+    classes with token-level labels, `answers`). The caller restores the weights."""
     torch.manual_seed(seed)
     order = torch.randperm(len(reference_dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    model = length_chunked(trainer.model, chunk_rows, "row_filter_teacher_chunk_rows")
     reference_rows = subset_rows(reference_dataset, order)
-    for _ in _train_steps(trainer, params, reference_rows, steps, lr, decay=True, model=model):
+    for _ in _train_steps(trainer, params, reference_rows, steps, lr, decay=True, model=train_model):
         bar.update(1)
     measure = class_log_probs(field_name) if answers is None else answers.class_log_probs
     raw_teacher, labels = per_row_values(trainer, trainer.model, trainer.train_dataset, measure)
@@ -1667,16 +1666,16 @@ def _trusted_teacher(
     bar.total += steps * (1 + (args.row_filter_teacher_self_train is not None))
     bar.refresh()
     trainer.model.eval()
-    chunk_rows = args.row_filter_teacher_chunk_rows
+    chunked = length_chunked(trainer.model, args.row_filter_teacher_chunk_rows, "row_filter_teacher_chunk_rows")
     log_probs, offset, labels = _train_teacher(
-        trainer, params, reference_dataset, steps, lr, seed, bar, field_name, answers, chunk_rows
+        trainer, params, reference_dataset, steps, lr, seed, bar, field_name, answers, chunked
     )
     _restore(params, initial)
     if args.row_filter_teacher_self_train is not None:
         agreed = _agreeing_rows(log_probs, labels, args.row_filter_teacher_self_train)
         extended = torch.utils.data.ConcatDataset([reference_dataset, subset_rows(trainer.train_dataset, agreed)])
         log_probs, offset, _ = _train_teacher(
-            trainer, params, extended, steps, lr, seed, bar, field_name, answers, chunk_rows
+            trainer, params, extended, steps, lr, seed, bar, field_name, answers, chunked
         )
         _restore(params, initial)
     return log_probs, offset, time.perf_counter() - start
