@@ -1,0 +1,73 @@
+"""benchmarks/phase_trajectory.py: guard rules replayed on a recorded unlearning phase."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+_SPEC = importlib.util.spec_from_file_location(
+    "phase_trajectory", Path(__file__).parents[2] / "benchmarks" / "phase_trajectory.py"
+)
+phase_trajectory = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(phase_trajectory)
+
+
+def _path(accuracies, log_probs=None, refit=None):
+    log_probs = log_probs or [[-0.3, -0.4, -0.5, -0.2]] * len(accuracies)
+    return [
+        {
+            "step": 10 * index,
+            "accuracy": accuracy,
+            "trusted_label_log_probs": log_probs[index],
+            "trusted_accuracy_refit": (refit or accuracies)[index],
+        }
+        for index, accuracy in enumerate(accuracies)
+    ]
+
+
+def test_the_current_rule_keeps_the_last_state_within_the_drop_even_after_a_dip():
+    assert phase_trajectory.current(_path([0.85, 0.70, 0.845, 0.80])) == 20
+    assert phase_trajectory.current(_path([0.85, 0.70, 0.80])) == 0  # nothing passes: the trained model
+
+
+def test_smoothing_refuses_a_lone_state_that_recovered_between_two_failures():
+    path = _path([0.855, 0.81, 0.77, 0.855, 0.80])
+    assert phase_trajectory.current(path) == 30
+    assert phase_trajectory.smoothed(path) == 0
+    assert phase_trajectory.smoothed(_path([0.85, 0.85, 0.845, 0.85])) == 30  # the last one averages with one
+
+
+def test_a_stable_state_needs_the_next_measurement_to_pass_too():
+    assert phase_trajectory.stable(_path([0.85, 0.85, 0.85, 0.83, 0.85, 0.70])) == 10
+    assert phase_trajectory.stable(_path([0.85, 0.85, 0.85])) == 20  # the last state has no next one
+
+
+def test_early_stopping_picks_the_best_trusted_accuracy_and_the_later_state_on_a_tie():
+    assert phase_trajectory.best_guard(_path([0.85, 0.86, 0.80, 0.86, 0.84])) == 30
+
+
+def test_the_refit_rule_reads_the_accuracy_after_the_refit():
+    path = _path([0.85, 0.80, 0.80], refit=[0.85, 0.85, 0.83])
+    assert phase_trajectory.refit_accuracy(path) == 10
+
+
+def test_the_paired_loss_rule_refuses_a_state_whose_trusted_loss_rose_at_the_same_accuracy():
+    start = [-0.10, -0.20, -0.15, -0.30] * 25
+    worse = [value - 0.5 - 0.01 * (index % 3) for index, value in enumerate(start)]
+    path = _path([0.85, 0.85], log_probs=[start, worse])
+    assert phase_trajectory.current(path) == 10
+    assert phase_trajectory.paired_loss(path) == 0
+    assert phase_trajectory.paired_loss(_path([0.85, 0.85], log_probs=[start, start])) == 10
+
+
+def test_the_summary_scores_every_rule_on_the_state_it_keeps(tmp_path, capsys):
+    path = _path([0.85, 0.70, 0.845])
+    for point, cacc in zip(path, (0.86, 0.80, 0.84)):
+        point["refit"] = {"cacc": cacc, "asr": 0.2, "false_target_rate": 0.1}
+    report = {"attack": "badnets", "seed": 0, "path": path}
+    (tmp_path / phase_trajectory.TRAJECTORY_FILE).write_text(json.dumps(report))
+    phase_trajectory.summarize([tmp_path])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| badnets s0"))
+    assert "| 20: 84.0 / 20.0 |" in row  # the current rule keeps step 20
+    assert row.endswith("| 0: 86.0 / 20.0 |")  # the test-picked ceiling
