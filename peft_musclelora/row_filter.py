@@ -125,6 +125,12 @@ INSERTION_TARGETS: dict[str, str] = {
     "placebo": "the model's prediction of the row with as many other words, as common as the trigger's, at the same "
     "places",
 }
+#: What the unlearning phase's guard measures on the trusted rows at each evaluation (`row_filter_unlearn_guard`).
+UNLEARN_GUARDS: dict[str, str] = {
+    "accuracy": "their accuracy under the state as it is",
+    "refit_accuracy": "their accuracy under the state with the output-bias refit it would end with (the offset fitted "
+    "on their own log-probabilities): the accuracy of the model the phase and the refit hand over",
+}
 #: The z above which a token of the isolated rows is taken for the trigger (`row_filter_unlearn_trigger_z`): on the
 #: full SST-2 the insertion triggers' words score 50-76 and the next word at most 6
 #: (benchmarks/isolated_trigger_tokens.py).
@@ -533,6 +539,14 @@ class RowFilterArguments:
             "this far below the accuracy before unlearning. In [0, 1)."
         },
     )
+    row_filter_unlearn_guard: str = field(
+        default="accuracy",
+        metadata={
+            "help": "What the unlearning phase's guard measures on the trusted rows: 'accuracy' (of each state as it "
+            "is) or 'refit_accuracy' (of each state with the output-bias refit it would end with; class labels only, "
+            "needs row_filter_unlearn_refit_bias=True or row_filter_refit_bias=True)."
+        },
+    )
 
     row_filter_weight_average_decay: Optional[float] = field(
         default=None,
@@ -684,6 +698,7 @@ class RowFilterArguments:
         check_number("row_filter_unlearn_significance", significance, "in (0, 1)", lambda v: 0 < v < 1, True)
         guard = self.row_filter_unlearn_max_guard_drop
         check_number("row_filter_unlearn_max_guard_drop", guard, "in [0, 1)", lambda v: 0 <= v < 1)
+        self._validate_unlearn_guard()
         self._validate_plain_significance()
         check_bool("row_filter_keep_isolated_without_evidence", self.row_filter_keep_isolated_without_evidence)
         if self.row_filter_keep_isolated_without_evidence and (not self.row_filter_unlearn or significance is None):
@@ -727,6 +742,21 @@ class RowFilterArguments:
                 f"`row_filter_unlearn_trigger_z` ({z!r}) picks the trigger tokens of a row_filter_unlearn_target that "
                 f"reads them ({unlearn_target_names(lambda each: each.reads_trigger)}): set one as well, or leave it "
                 f"at {DEFAULT_TRIGGER_Z}."
+            )
+
+    def _validate_unlearn_guard(self) -> None:
+        guard = self.row_filter_unlearn_guard
+        _check_choice("row_filter_unlearn_guard", guard, UNLEARN_GUARDS)
+        if guard != "accuracy" and not self.row_filter_unlearn:
+            raise ValueError(
+                f"`row_filter_unlearn_guard={guard!r}` is what the unlearning phase's guard measures: set "
+                "row_filter_unlearn=True as well, or leave it 'accuracy'."
+            )
+        if guard == "refit_accuracy" and not (self.row_filter_unlearn_refit_bias or self.row_filter_refit_bias):
+            raise ValueError(
+                "`row_filter_unlearn_guard='refit_accuracy'` measures each state with the bias refit it would end "
+                "with: set row_filter_unlearn_refit_bias=True (or row_filter_refit_bias=True) as well, or leave it "
+                "'accuracy'."
             )
 
     def _validate_insertion_target(self) -> None:

@@ -11,7 +11,10 @@ with the cap at chance (ln K for K classes): an isolated row ends up predicted n
 another class. Because an insertion trigger is shared by every poisoned row, unlearning the isolated ones unlearns
 the trigger for all of them. The kept rows, not the trusted ones, carry the clean task through the phase, so the
 trusted rows stay unseen and serve as the guard: every `eval_every` steps their accuracy is measured, and the phase
-ends on the last measured state whose accuracy is at most `max_guard_drop` below where it started.
+ends on the last measured state whose accuracy is at most `max_guard_drop` below where it started. The phase moves
+the class balance, which the bias refit after it (`row_filter_unlearn_refit_bias`) puts back, so
+`row_filter_unlearn_guard="refit_accuracy"` measures each state's accuracy under that refit, the model that is
+handed over, instead of as it is ([`refit_guard_accuracy`]).
 
 Unlearning acts only on evidence of a shortcut ([`isolation_evidence`]): the filter's low cut-off also flags a
 small share of clean rows, which the trusted rows measure (their own fit-early rate). When the training rows are
@@ -42,7 +45,7 @@ import math
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -50,12 +53,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .answer_classes import answer_class_nll, answer_tokens
+from .bias_refit import fit_class_offset
 from .length_chunks import length_chunked
 from .row_filter import (
     UNLEARN_TARGETS,
     RowFilterArguments,
     _loader,
+    class_log_probs,
     length_order,
+    per_row_values,
     subset_rows,
     token_rows,
     two_proportion_z,
@@ -102,6 +108,24 @@ def guard_accuracy(trainer: Any, model: torch.nn.Module, dataset: Any) -> float:
     finally:
         model.train()
     return correct / max(total, 1)
+
+
+@torch.no_grad()
+def refit_guard_accuracy(trainer: Any, model: torch.nn.Module, dataset: Any) -> float:
+    """Accuracy of `model` on `dataset` (class labels) after the output-bias offset that maximises the likelihood
+    of their labels ([`~peft_musclelora.bias_refit.fit_class_offset`]): the accuracy the state would have once the
+    bias refit that follows a phase (`row_filter_unlearn_refit_bias`) is applied, without touching the model."""
+    log_probs, labels = per_row_values(trainer, model, dataset, class_log_probs("row_filter_unlearn_guard"))
+    labels_t = torch.tensor(labels)
+    offset = fit_class_offset(log_probs, labels_t)
+    return float(((log_probs + offset).argmax(1) == labels_t).double().mean())
+
+
+#: What the guard measures on the trusted rows (`row_filter_unlearn_guard`; declared in `row_filter.UNLEARN_GUARDS`).
+GUARD_MEASURES: dict[str, Callable[[Any, torch.nn.Module, Any], float]] = {
+    "accuracy": guard_accuracy,
+    "refit_accuracy": refit_guard_accuracy,
+}
 
 
 def _shuffled_batches(trainer: Any, dataset: Any, batch_size: int, generator: torch.Generator) -> Iterator[Any]:
@@ -520,7 +544,8 @@ def run_unlearning(
         nothing was trained, or None), `target` (`row_filter_unlearn_target`), under a target that reads the
         trigger `trigger_tokens`, under one that inserts it `trigger_runs` (the 20 most frequent patterns of
         runs, with their row counts), `insertion_target` and `placebo_tokens`, `cap`, `learning_rate`,
-        `steps`, the `guard` trajectory (step, trusted accuracy, isolated rows' mean loss of the batch),
+        `steps`, `guard_measure` (`row_filter_unlearn_guard`), the `guard` trajectory (step, the measured
+        trusted accuracy, isolated rows' mean loss of the batch),
         `chosen_step`, `guard_start` / `guard_end` and `seconds`.
     """
     model = trainer.model
@@ -538,6 +563,7 @@ def run_unlearning(
         )
     target = UNLEARN_TARGETS[args.row_filter_unlearn_target]
     report["target"] = args.row_filter_unlearn_target
+    report["guard_measure"] = args.row_filter_unlearn_guard
     token_level = None if report["skipped"] is not None else token_level_rows(trainer, isolated_dataset, kept_dataset)
     isolated_view, kept_view = (
         (isolated_dataset, kept_dataset)
@@ -584,12 +610,13 @@ def run_unlearning(
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     bar = tqdm(total=args.row_filter_unlearn_steps, desc="row filter unlearning", disable=not progress)
     model.train()
+    measure_guard = GUARD_MEASURES[args.row_filter_unlearn_guard]
     # The phase's own passes; the guard already scores its rows in length order.
     phase_model = length_chunked(model, args.row_filter_unlearn_chunk_rows, "row_filter_unlearn_chunk_rows")
     # The loaders draw their base seeds from torch's global generator: fork it so the caller's stream is untouched.
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        start_accuracy = guard_accuracy(trainer, model, reference_dataset)
+        start_accuracy = measure_guard(trainer, model, reference_dataset)
         floor = start_accuracy - args.row_filter_unlearn_max_guard_drop
         guard: list[dict[str, float]] = [{"step": 0, "accuracy": start_accuracy}]
         chosen = [param.detach().clone() for param in params]
@@ -634,7 +661,7 @@ def run_unlearning(
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
             if step % args.row_filter_unlearn_eval_every == 0 or step == args.row_filter_unlearn_steps:
-                accuracy = guard_accuracy(trainer, model, reference_dataset)
+                accuracy = measure_guard(trainer, model, reference_dataset)
                 guard.append({"step": step, "accuracy": accuracy, "isolated_loss": float(isolated_loss.detach())})
                 if accuracy >= floor:
                     chosen = [param.detach().clone() for param in params]

@@ -12,6 +12,7 @@ import torch
 
 from peft_musclelora import MuScleLoraTrainer
 from peft_musclelora.answer_classes import answer_class_log_probs, answer_tokens
+from peft_musclelora.bias_refit import output_bias, refit_output_bias
 from peft_musclelora.row_filter import (
     ROW_FILTER_FILE,
     SHALLOW_PRIOR_COLUMN,
@@ -29,6 +30,7 @@ from peft_musclelora.unlearning import (
     guard_accuracy,
     insert_runs,
     placebo_tokens,
+    refit_guard_accuracy,
     run_unlearning,
     token_level_rows,
     trigger_insertion_loss,
@@ -105,6 +107,18 @@ def test_the_default_cap_is_chance_among_the_classes_and_generation_must_set_one
             r"`row_filter_unlearn_insertion_target` \('placebo'\).*'trigger_inserted' or 'chance_inserted'",
         ),
         ({"row_filter_unlearn_trigger_z": 0}, ValueError, "`row_filter_unlearn_trigger_z` must be > 0, got 0"),
+        ({"row_filter_unlearn_guard": "loss"}, ValueError, "`row_filter_unlearn_guard` must be one of .*'loss'"),
+        ({"row_filter_unlearn_guard": None}, TypeError, "`row_filter_unlearn_guard` must be one of .*None"),
+        (
+            {"row_filter": True, "row_filter_unlearn_guard": "refit_accuracy"},
+            ValueError,
+            "`row_filter_unlearn_guard='refit_accuracy'`.*set row_filter_unlearn=True",
+        ),
+        (
+            {"row_filter": True, "row_filter_unlearn": True, "row_filter_unlearn_guard": "refit_accuracy"},
+            ValueError,
+            "`row_filter_unlearn_guard='refit_accuracy'`.*set row_filter_unlearn_refit_bias=True",
+        ),
         (
             {"row_filter_unlearn_trigger_z": 5.0},
             ValueError,
@@ -122,6 +136,56 @@ def _unlearning_trainer(tmp_path, **overrides):
     settings = {"row_filter_unlearn": True, "row_filter_unlearn_steps": 6, "row_filter_unlearn_eval_every": 2}
     settings["row_filter_unlearn_significance"] = None
     return _trainer(tmp_path, **{**settings, **overrides})
+
+
+def test_the_refit_guard_measures_the_accuracy_the_bias_refit_would_hand_over(tmp_path):
+    trainer = _unlearning_trainer(tmp_path / "run", row_filter_unlearn_steps=2)
+    trainer.train()
+    model, reference = trainer.model, trainer.reference_dataset
+    with torch.no_grad():  # lean the model towards class 0, as a phase can: the refit takes the lean back out
+        output_bias(model, 2)[1].add_(torch.tensor([3.0, -3.0]))
+    measured, bias = refit_guard_accuracy(trainer, model, reference), output_bias(model, 2)[1].detach().clone()
+    assert torch.equal(bias, output_bias(model, 2)[1])  # measuring leaves the model as it was
+    refit_output_bias(trainer, reference)
+    assert measured == pytest.approx(guard_accuracy(trainer, model, reference))
+    assert measured >= 0.5  # the lean alone would put every trusted row in class 0
+
+
+def test_a_phase_under_the_refit_guard_keeps_the_last_state_the_refit_accuracy_accepts(tmp_path):
+    settings = {"row_filter_unlearn_guard": "refit_accuracy", "row_filter_unlearn_refit_bias": True}
+    trainer = _unlearning_trainer(tmp_path, **settings)
+    trainer.train()
+    phase = trainer.row_filter_report["unlearning"]
+    assert phase["guard_measure"] == "refit_accuracy" and [point["step"] for point in phase["guard"]] == [0, 2, 4, 6]
+    floor = phase["guard_start"] - trainer.row_filter_args.row_filter_unlearn_max_guard_drop
+    assert phase["chosen_step"] == max(point["step"] for point in phase["guard"] if point["accuracy"] >= floor)
+    # the model handed over is the kept state after its refit: its plain accuracy is what the guard measured
+    assert guard_accuracy(trainer, trainer.model, trainer.reference_dataset) == pytest.approx(phase["guard_end"])
+
+
+def test_the_guard_measure_changes_which_state_is_kept_and_not_the_path(tmp_path):
+    trainer = _unlearning_trainer(tmp_path, row_filter_unlearn_refit_bias=True)
+    trainer.train()
+    isolated, trained = subset_rows(trainer.train_dataset, list(range(16))), trainable_state(trainer.model)
+    args = trainer.row_filter_args
+    args.row_filter_unlearn_max_guard_drop = 0.99  # keep the last state: both measures then keep the same step
+    ends = {}
+    for measure in ("accuracy", "refit_accuracy"):
+        args.row_filter_unlearn_guard = measure
+        with torch.no_grad():
+            for name, param in trainer.model.named_parameters():
+                if name in trained:
+                    param.copy_(trained[name])
+        run_unlearning(trainer, args, trainer.train_dataset, isolated, trainer.reference_dataset, 0, False)
+        ends[measure] = trainable_state(trainer.model)
+    assert all(torch.equal(ends["accuracy"][name], ends["refit_accuracy"][name]) for name in trained)
+    # both draw alike from torch's generator (their loaders' seeds), so the phase's dropout masks are the same
+    draws = []
+    for measure in (guard_accuracy, refit_guard_accuracy):
+        torch.manual_seed(0)
+        measure(trainer, trainer.model, trainer.reference_dataset)
+        draws.append(torch.rand(1))
+    assert torch.equal(*draws)
 
 
 def test_unlearning_raises_the_loss_of_the_isolated_rows_towards_the_cap(tmp_path):
