@@ -130,7 +130,11 @@ UNLEARN_GUARDS: dict[str, str] = {
     "accuracy": "their accuracy under the state as it is",
     "refit_accuracy": "their accuracy under the state with the output-bias refit it would end with (the offset fitted "
     "on their own log-probabilities): the accuracy of the model the phase and the refit hand over",
+    "accuracy_and_loss": "their accuracy as under 'accuracy', and their loss on their labels not higher than at the "
+    "start by a one-sided paired test at row_filter_unlearn_guard_significance",
 }
+#: The guards that read class log-probabilities (class labels only).
+CLASS_LABEL_GUARDS = ("refit_accuracy", "accuracy_and_loss")
 #: The z above which a token of the isolated rows is taken for the trigger (`row_filter_unlearn_trigger_z`): on the
 #: full SST-2 the insertion triggers' words score 50-76 and the next word at most 6
 #: (benchmarks/isolated_trigger_tokens.py).
@@ -543,8 +547,17 @@ class RowFilterArguments:
         default="accuracy",
         metadata={
             "help": "What the unlearning phase's guard measures on the trusted rows: 'accuracy' (of each state as it "
-            "is) or 'refit_accuracy' (of each state with the output-bias refit it would end with; class labels only, "
-            "needs row_filter_unlearn_refit_bias=True or row_filter_refit_bias=True)."
+            "is), 'refit_accuracy' (of each state with the output-bias refit it would end with; needs "
+            "row_filter_unlearn_refit_bias=True or row_filter_refit_bias=True) or 'accuracy_and_loss' (the accuracy, "
+            "and their label loss not significantly higher than at the start, row_filter_unlearn_guard_significance). "
+            "The last two need class labels."
+        },
+    )
+    row_filter_unlearn_guard_significance: float = field(
+        default=0.01,
+        metadata={
+            "help": "Under row_filter_unlearn_guard='accuracy_and_loss', the level of the one-sided paired test that "
+            "refuses a state whose trusted rows' loss rose. In (0, 1)."
         },
     )
 
@@ -747,6 +760,13 @@ class RowFilterArguments:
     def _validate_unlearn_guard(self) -> None:
         guard = self.row_filter_unlearn_guard
         _check_choice("row_filter_unlearn_guard", guard, UNLEARN_GUARDS)
+        level = self.row_filter_unlearn_guard_significance
+        check_number("row_filter_unlearn_guard_significance", level, "in (0, 1)", lambda v: 0 < v < 1)
+        if level != 0.01 and guard != "accuracy_and_loss":
+            raise ValueError(
+                f"`row_filter_unlearn_guard_significance` ({level!r}) is the level of the 'accuracy_and_loss' guard's "
+                "loss test: set row_filter_unlearn_guard='accuracy_and_loss' as well, or leave it at 0.01."
+            )
         if guard != "accuracy" and not self.row_filter_unlearn:
             raise ValueError(
                 f"`row_filter_unlearn_guard={guard!r}` is what the unlearning phase's guard measures: set "

@@ -30,6 +30,7 @@ from .bias_refit import refit_output_bias
 from .bnb import keep_4bit_weights_trainable
 from .gradient_alignment import AlignmentStats, Branch, GradientAlignmentArguments, _is_dtensor, align_gradients
 from .row_filter import (
+    CLASS_LABEL_GUARDS,
     ROW_FILTER_FILE,
     SHALLOW_PRIOR_COLUMN,
     TEACHER_COLUMN,
@@ -306,6 +307,12 @@ def _check_row_filter_fits_the_model(row_filter_args: RowFilterArguments, model:
             f"`row_filter_unlearn_target={target!r}` compares class predictions with the trigger masked out and "
             f"works on class labels only; {type(inner).__name__} has token-level labels: use "
             f"{unlearn_target_names(lambda each: not each.masks_trigger)}."
+        )
+    guard = row_filter_args.row_filter_unlearn_guard
+    if row_filter_args.row_filter_unlearn and guard in CLASS_LABEL_GUARDS:
+        raise ValueError(
+            f"`row_filter_unlearn_guard={guard!r}` reads class log-probabilities and works on class labels only; "
+            f"{type(inner).__name__} has token-level labels: leave it 'accuracy'."
         )
     for name in _CLASS_LABEL_SWITCHES:
         if getattr(row_filter_args, name):

@@ -42,12 +42,13 @@ at the end. The two targets that mask the trigger stay for class labels.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -110,21 +111,94 @@ def guard_accuracy(trainer: Any, model: torch.nn.Module, dataset: Any) -> float:
     return correct / max(total, 1)
 
 
+class GuardReading(NamedTuple):
+    """What the guard read off the trusted rows for one state: their `accuracy` and, where the guard tests their
+    loss, each row's log-probability of its label (`label_log_probs`, float64)."""
+
+    accuracy: float
+    label_log_probs: Optional[torch.Tensor] = None
+
+
+def _accuracy_reading(trainer: Any, model: torch.nn.Module, dataset: Any) -> GuardReading:
+    return GuardReading(guard_accuracy(trainer, model, dataset))
+
+
 @torch.no_grad()
+def _class_log_probs(trainer: Any, model: torch.nn.Module, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    log_probs, labels = per_row_values(trainer, model, dataset, class_log_probs("row_filter_unlearn_guard"))
+    return log_probs, torch.tensor(labels)
+
+
 def refit_guard_accuracy(trainer: Any, model: torch.nn.Module, dataset: Any) -> float:
     """Accuracy of `model` on `dataset` (class labels) after the output-bias offset that maximises the likelihood
     of their labels ([`~peft_musclelora.bias_refit.fit_class_offset`]): the accuracy the state would have once the
     bias refit that follows a phase (`row_filter_unlearn_refit_bias`) is applied, without touching the model."""
-    log_probs, labels = per_row_values(trainer, model, dataset, class_log_probs("row_filter_unlearn_guard"))
-    labels_t = torch.tensor(labels)
-    offset = fit_class_offset(log_probs, labels_t)
-    return float(((log_probs + offset).argmax(1) == labels_t).double().mean())
+    log_probs, labels = _class_log_probs(trainer, model, dataset)
+    offset = fit_class_offset(log_probs, labels)
+    return float(((log_probs + offset).argmax(1) == labels).double().mean())
 
 
-#: What the guard measures on the trusted rows (`row_filter_unlearn_guard`; declared in `row_filter.UNLEARN_GUARDS`).
-GUARD_MEASURES: dict[str, Callable[[Any, torch.nn.Module, Any], float]] = {
-    "accuracy": guard_accuracy,
-    "refit_accuracy": refit_guard_accuracy,
+def _refit_accuracy_reading(trainer: Any, model: torch.nn.Module, dataset: Any) -> GuardReading:
+    return GuardReading(refit_guard_accuracy(trainer, model, dataset))
+
+
+def _accuracy_and_loss_reading(trainer: Any, model: torch.nn.Module, dataset: Any) -> GuardReading:
+    log_probs, labels = _class_log_probs(trainer, model, dataset)
+    accuracy = float((log_probs.argmax(1) == labels).double().mean())
+    return GuardReading(accuracy, log_probs.gather(1, labels[:, None]).squeeze(1))
+
+
+def paired_loss_rise_z(before: torch.Tensor, after: torch.Tensor) -> float:
+    """The paired z of the rows' loss rise from `before` to `after` (each row's log-probability of its label): the
+    mean of `before - after` over its standard error; > 0 when the loss rose. 0 for identical readings.
+
+    Example:
+        >>> before = torch.tensor([-0.1, -0.2, -0.3, -0.4])
+        >>> round(paired_loss_rise_z(before, before - torch.tensor([0.5, 0.4, 0.6, 0.5])), 1)  # every row worse
+        12.2
+        >>> paired_loss_rise_z(before, before)
+        0.0
+    """
+    rise = (before - after).double()
+    spread = float(rise.std()) if rise.numel() > 1 else 0.0
+    mean = float(rise.mean())
+    if spread == 0.0:
+        return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+    return mean / (spread / math.sqrt(rise.numel()))
+
+
+class Guard(NamedTuple):
+    """One `row_filter_unlearn_guard`: what it reads off the trusted rows for a state, and whether it accepts the
+    state given the reading at the start of the phase (the reading's extra report fields come from `report`)."""
+
+    read: Callable[[Any, torch.nn.Module, Any], GuardReading]
+    accepts: Callable[[GuardReading, GuardReading, RowFilterArguments], bool]
+    report: Callable[[GuardReading, GuardReading], dict[str, float]]
+
+
+def _within_drop(start: GuardReading, reading: GuardReading, args: RowFilterArguments) -> bool:
+    return reading.accuracy >= start.accuracy - args.row_filter_unlearn_max_guard_drop
+
+
+def _within_drop_and_no_loss_rise(start: GuardReading, reading: GuardReading, args: RowFilterArguments) -> bool:
+    threshold = statistics.NormalDist().inv_cdf(1 - args.row_filter_unlearn_guard_significance)
+    rise = paired_loss_rise_z(start.label_log_probs, reading.label_log_probs)
+    return _within_drop(start, reading, args) and rise <= threshold
+
+
+def _no_report(start: GuardReading, reading: GuardReading) -> dict[str, float]:
+    return {}
+
+
+def _loss_rise_report(start: GuardReading, reading: GuardReading) -> dict[str, float]:
+    return {"loss_rise_z": paired_loss_rise_z(start.label_log_probs, reading.label_log_probs)}
+
+
+#: What the guard reads and accepts (`row_filter_unlearn_guard`; declared in `row_filter.UNLEARN_GUARDS`).
+GUARDS: dict[str, Guard] = {
+    "accuracy": Guard(_accuracy_reading, _within_drop, _no_report),
+    "refit_accuracy": Guard(_refit_accuracy_reading, _within_drop, _no_report),
+    "accuracy_and_loss": Guard(_accuracy_and_loss_reading, _within_drop_and_no_loss_rise, _loss_rise_report),
 }
 
 
@@ -610,14 +684,14 @@ def run_unlearning(
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     bar = tqdm(total=args.row_filter_unlearn_steps, desc="row filter unlearning", disable=not progress)
     model.train()
-    measure_guard = GUARD_MEASURES[args.row_filter_unlearn_guard]
+    guard_rule = GUARDS[args.row_filter_unlearn_guard]
     # The phase's own passes; the guard already scores its rows in length order.
     phase_model = length_chunked(model, args.row_filter_unlearn_chunk_rows, "row_filter_unlearn_chunk_rows")
     # The loaders draw their base seeds from torch's global generator: fork it so the caller's stream is untouched.
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        start_accuracy = measure_guard(trainer, model, reference_dataset)
-        floor = start_accuracy - args.row_filter_unlearn_max_guard_drop
+        start = guard_rule.read(trainer, model, reference_dataset)
+        start_accuracy = start.accuracy
         guard: list[dict[str, float]] = [{"step": 0, "accuracy": start_accuracy}]
         chosen = [param.detach().clone() for param in params]
         chosen_step, cap = 0, args.row_filter_unlearn_cap
@@ -661,9 +735,10 @@ def run_unlearning(
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
             if step % args.row_filter_unlearn_eval_every == 0 or step == args.row_filter_unlearn_steps:
-                accuracy = measure_guard(trainer, model, reference_dataset)
-                guard.append({"step": step, "accuracy": accuracy, "isolated_loss": float(isolated_loss.detach())})
-                if accuracy >= floor:
+                reading = guard_rule.read(trainer, model, reference_dataset)
+                point = {"step": step, "accuracy": reading.accuracy, "isolated_loss": float(isolated_loss.detach())}
+                guard.append(point | guard_rule.report(start, reading))
+                if guard_rule.accepts(start, reading, args):
                     chosen = [param.detach().clone() for param in params]
                     chosen_step = step
     bar.close()

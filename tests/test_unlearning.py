@@ -17,12 +17,14 @@ from peft_musclelora.row_filter import (
     ROW_FILTER_FILE,
     SHALLOW_PRIOR_COLUMN,
     TEACHER_COLUMN,
+    UNLEARN_GUARDS,
     RowFilterArguments,
     isolation_evidence,
     per_row_loss,
     subset_rows,
 )
 from peft_musclelora.unlearning import (
+    GUARDS,
     _default_cap,
     apply_insertions,
     correct_and_total,
@@ -110,6 +112,16 @@ def test_the_default_cap_is_chance_among_the_classes_and_generation_must_set_one
         ({"row_filter_unlearn_guard": "loss"}, ValueError, "`row_filter_unlearn_guard` must be one of .*'loss'"),
         ({"row_filter_unlearn_guard": None}, TypeError, "`row_filter_unlearn_guard` must be one of .*None"),
         (
+            {"row_filter_unlearn_guard_significance": 1.0},
+            ValueError,
+            "`row_filter_unlearn_guard_significance` must be in \\(0, 1\\), got 1.0",
+        ),
+        (
+            {"row_filter_unlearn_guard_significance": 0.05},
+            ValueError,
+            "`row_filter_unlearn_guard_significance` \\(0.05\\).*row_filter_unlearn_guard='accuracy_and_loss'",
+        ),
+        (
             {"row_filter": True, "row_filter_unlearn_guard": "refit_accuracy"},
             ValueError,
             "`row_filter_unlearn_guard='refit_accuracy'`.*set row_filter_unlearn=True",
@@ -170,7 +182,7 @@ def test_the_guard_measure_changes_which_state_is_kept_and_not_the_path(tmp_path
     args = trainer.row_filter_args
     args.row_filter_unlearn_max_guard_drop = 0.99  # keep the last state: both measures then keep the same step
     ends = {}
-    for measure in ("accuracy", "refit_accuracy"):
+    for measure in ("accuracy", "refit_accuracy", "accuracy_and_loss"):
         args.row_filter_unlearn_guard = measure
         with torch.no_grad():
             for name, param in trainer.model.named_parameters():
@@ -178,14 +190,31 @@ def test_the_guard_measure_changes_which_state_is_kept_and_not_the_path(tmp_path
                     param.copy_(trained[name])
         run_unlearning(trainer, args, trainer.train_dataset, isolated, trainer.reference_dataset, 0, False)
         ends[measure] = trainable_state(trainer.model)
-    assert all(torch.equal(ends["accuracy"][name], ends["refit_accuracy"][name]) for name in trained)
-    # both draw alike from torch's generator (their loaders' seeds), so the phase's dropout masks are the same
+    for other in ("refit_accuracy", "accuracy_and_loss"):
+        assert all(torch.equal(ends["accuracy"][name], ends[other][name]) for name in trained)
+    # every guard draws alike from torch's generator (its loader's seed), so the phase's dropout masks are the same
     draws = []
-    for measure in (guard_accuracy, refit_guard_accuracy):
+    for guard in GUARDS.values():
         torch.manual_seed(0)
-        measure(trainer, trainer.model, trainer.reference_dataset)
+        guard.read(trainer, trainer.model, trainer.reference_dataset)
         draws.append(torch.rand(1))
-    assert torch.equal(*draws)
+    assert all(torch.equal(draws[0], draw) for draw in draws[1:])
+    assert GUARDS["accuracy_and_loss"].read(trainer, trainer.model, trainer.reference_dataset).accuracy == (
+        pytest.approx(guard_accuracy(trainer, trainer.model, trainer.reference_dataset))
+    )
+    assert set(GUARDS) == set(UNLEARN_GUARDS)
+
+
+def test_the_loss_guard_refuses_a_state_whose_trusted_loss_rose_at_an_accepted_accuracy(tmp_path):
+    settings = {"row_filter_unlearn_guard": "accuracy_and_loss", "row_filter_unlearn_max_guard_drop": 0.99}
+    trainer = _unlearning_trainer(tmp_path, row_filter_unlearn_learning_rate=5e-2, **settings)
+    trainer.train()
+    phase = trainer.row_filter_report["unlearning"]
+    threshold = 2.3263478740408408  # the one-sided normal quantile at 1 %
+    accepted = [point["step"] for point in phase["guard"][1:] if point["loss_rise_z"] <= threshold]
+    assert phase["guard_measure"] == "accuracy_and_loss"
+    assert phase["chosen_step"] == max([0, *accepted])  # every accuracy passes a drop of 0.99: the loss decides
+    assert any(point["loss_rise_z"] > threshold for point in phase["guard"][1:])  # the push did raise it somewhere
 
 
 def test_unlearning_raises_the_loss_of_the_isolated_rows_towards_the_cap(tmp_path):
@@ -256,6 +285,12 @@ def test_a_masking_target_on_a_causal_lm_is_refused_when_the_trainer_is_built(tm
         ValueError,
         match=f"`row_filter_unlearn_target='{target}'`.*token-level labels: use 'chance' or 'chance_inserted'",
     ):
+        cue_answer_sft_trainer(tmp_path, **settings)
+
+
+def test_a_guard_on_class_log_probabilities_is_refused_for_a_causal_lm_when_the_trainer_is_built(tmp_path):
+    settings = {"row_filter_unlearn": True, "row_filter_unlearn_guard": "accuracy_and_loss"}
+    with pytest.raises(ValueError, match="`row_filter_unlearn_guard='accuracy_and_loss'`.*token-level labels"):
         cue_answer_sft_trainer(tmp_path, **settings)
 
 
