@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -162,26 +162,23 @@ def smoothed(path: list[dict[str, Any]]) -> int:
 
 
 def refit_accuracy(path: list[dict[str, Any]]) -> int:
-    """The current rule on the trusted accuracy after the bias refit the state would get."""
+    """The library's `row_filter_unlearn_guard="refit_accuracy"`: the current rule on the trusted accuracy after the
+    bias refit the state would get."""
     start = path[0]["trusted_accuracy_refit"]
     return _last_passing(path, lambda i: path[i]["trusted_accuracy_refit"] >= start - MAX_DROP)
 
 
-def _mean_nll(point: dict[str, Any]) -> float:
-    values = point["trusted_label_log_probs"]
-    return -sum(values) / len(values)
-
-
-def paired_loss(path: list[dict[str, Any]]) -> int:
-    """The current rule, and the trusted rows' label loss not worse than the start's by a paired one-sided t-test
-    at 1 %."""
+def accuracy_and_loss(path: list[dict[str, Any]]) -> int:
+    """The library's `row_filter_unlearn_guard="accuracy_and_loss"`: the current rule, and the trusted rows' label
+    loss not higher than the start's by the one-sided paired test at 1 % (`unlearning.paired_loss_rise_z`)."""
+    threshold = statistics.NormalDist().inv_cdf(1 - 0.01)
+    start = torch.tensor(path[0]["trusted_label_log_probs"], dtype=torch.float64)
 
     def passes(i: int) -> bool:
-        before, after = path[0]["trusted_label_log_probs"], path[i]["trusted_label_log_probs"]
-        diffs = [b - a for b, a in zip(before, after)]  # > 0: the state's loss is higher
-        mean = sum(diffs) / len(diffs)
-        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
-        return path[i]["accuracy"] >= path[0]["accuracy"] - MAX_DROP and mean <= 2.33 * sd / math.sqrt(len(diffs))
+        rise = unlearning.paired_loss_rise_z(
+            start, torch.tensor(path[i]["trusted_label_log_probs"], dtype=torch.float64)
+        )
+        return path[i]["accuracy"] >= path[0]["accuracy"] - MAX_DROP and rise <= threshold
 
     return _last_passing(path, passes)
 
@@ -204,7 +201,7 @@ RULES: dict[str, Rule] = {
     "current": current,
     "smoothed": smoothed,
     "refit-accuracy": refit_accuracy,
-    "paired-loss": paired_loss,
+    "accuracy-and-loss": accuracy_and_loss,
     "stable": stable,
     "best-guard": best_guard,
 }

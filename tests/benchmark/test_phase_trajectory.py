@@ -57,8 +57,8 @@ def test_the_paired_loss_rule_refuses_a_state_whose_trusted_loss_rose_at_the_sam
     worse = [value - 0.5 - 0.01 * (index % 3) for index, value in enumerate(start)]
     path = _path([0.85, 0.85], log_probs=[start, worse])
     assert phase_trajectory.current(path) == 10
-    assert phase_trajectory.paired_loss(path) == 0
-    assert phase_trajectory.paired_loss(_path([0.85, 0.85], log_probs=[start, start])) == 10
+    assert phase_trajectory.accuracy_and_loss(path) == 0
+    assert phase_trajectory.accuracy_and_loss(_path([0.85, 0.85], log_probs=[start, start])) == 10
 
 
 def test_the_summary_scores_every_rule_on_the_state_it_keeps(tmp_path, capsys):
