@@ -38,6 +38,9 @@ from peft_musclelora.benchmark.metrics import backdoor_metrics
 from peft_musclelora.bias_refit import fit_class_offset
 from peft_musclelora.row_filter import class_log_probs, per_row_values
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shared_cells import train_attack_cell  # noqa: E402
+
 TRAJECTORY_FILE = "phase_trajectory.json"
 METRICS = ("cacc", "asr", "false_target_rate")
 
@@ -103,17 +106,7 @@ def record(args: argparse.Namespace) -> None:
 
     runner._Cell._trainer = trainer_with_recorder
     unlearning.guard_accuracy = recorder.guard_accuracy
-    metrics = runner.train_cell(
-        args.method,
-        train=data / args.train_file,
-        dev=data / "dev-clean.csv",
-        output_dir=args.output_dir / "cell",
-        seed=args.seed,
-        test_clean=data / "test-clean.csv",
-        test_poison=data / "test-poison.csv",
-        progress=False,
-        overrides=args.overrides,
-    )
+    metrics = train_attack_cell(args)
     phase = json.loads((args.output_dir / "cell" / "row_filter.json").read_text()).get("unlearning") or {}
     report: dict[str, Any] = {"attack": args.attack, "seed": args.seed, "method": args.method}
     report["cell"] = {key: metrics[key] for key in METRICS}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ from peft_musclelora.benchmark.builders import load_cell
 from peft_musclelora.benchmark.data import as_data
 from peft_musclelora.benchmark.evaluation import score
 from peft_musclelora.weight_averaging import WeightAverage, swapped_in
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shared_cells import train_attack_cell  # noqa: E402
 
 DECAYS = (0.98, 0.99, 0.995, 0.998)
 
@@ -102,18 +106,7 @@ def train_with_recorder(args: argparse.Namespace, states_dir: Path) -> tuple[dic
         return trainer
 
     runner._Cell._trainer = trainer_with_recorder
-    data = args.data_dir / args.attack
-    metrics = runner.train_cell(
-        args.method,
-        train=data / args.train_file,
-        dev=data / "dev-clean.csv",
-        output_dir=args.output_dir / "cell",
-        seed=args.seed,
-        test_clean=data / "test-clean.csv",
-        test_poison=data / "test-poison.csv",
-        progress=False,
-        overrides=args.overrides,
-    )
+    metrics = train_attack_cell(args)
     return metrics, recorders[0]
 
 
