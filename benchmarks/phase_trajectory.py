@@ -225,6 +225,31 @@ def summarize(directories: list[Path]) -> None:
         for v in totals.values()
     ]
     print(f"| mean of {len(reports)} | | " + " | ".join(means) + " |")
+    print(
+        "\n| cell | step 0 (refit) | unlearned states from step 20 (refit): CACC, ASR | raw ASR, FTR (steps 10-100) "
+        "| loss rise z (steps 10-100) |"
+    )
+    print("|---|---|---|---|---|")
+    for report in reports:
+        path, start = report["path"], report["path"][0]
+        late, moved = [p for p in path if p["step"] >= 20], path[1:]
+        before = torch.tensor(start["trusted_label_log_probs"], dtype=torch.float64)
+        rises = [
+            unlearning.paired_loss_rise_z(before, torch.tensor(p["trusted_label_log_probs"], dtype=torch.float64))
+            for p in moved
+        ]
+
+        def span(points: list[dict[str, Any]], kind: str, key: str) -> str:
+            values = [100 * p[kind][key] for p in points]
+            return f"{min(values):.1f}-{max(values):.1f}"
+
+        raw_asr, raw_ftr = span(moved, "raw", "asr"), span(moved, "raw", "false_target_rate")
+        print(
+            f"| {report['attack']} s{report['seed']} | {100 * start['refit']['cacc']:.1f} / "
+            f"{100 * start['refit']['asr']:.1f} | {span(late, 'refit', 'cacc')}, {span(late, 'refit', 'asr')} | "
+            f"{raw_asr} (step 0 {100 * start['raw']['asr']:.1f}), {raw_ftr} "
+            f"(step 0 {100 * start['raw']['false_target_rate']:.1f}) | {min(rises):.1f} to {max(rises):.1f} |"
+        )
 
 
 def main() -> None:

@@ -133,6 +133,8 @@ UNLEARN_GUARDS: dict[str, str] = {
     "accuracy_and_loss": "their accuracy as under 'accuracy', and their loss on their labels not higher than at the "
     "start by a one-sided paired test at row_filter_unlearn_guard_significance",
 }
+#: The default level of the 'accuracy_and_loss' guard's paired loss test (`row_filter_unlearn_guard_significance`).
+DEFAULT_GUARD_SIGNIFICANCE = 0.01
 #: The guards that read class log-probabilities (class labels only).
 CLASS_LABEL_GUARDS = ("refit_accuracy", "accuracy_and_loss")
 #: The z above which a token of the isolated rows is taken for the trigger (`row_filter_unlearn_trigger_z`): on the
@@ -554,7 +556,7 @@ class RowFilterArguments:
         },
     )
     row_filter_unlearn_guard_significance: float = field(
-        default=0.01,
+        default=DEFAULT_GUARD_SIGNIFICANCE,
         metadata={
             "help": "Under row_filter_unlearn_guard='accuracy_and_loss', the level of the one-sided paired test that "
             "refuses a state whose trusted rows' loss rose. In (0, 1)."
@@ -762,10 +764,11 @@ class RowFilterArguments:
         _check_choice("row_filter_unlearn_guard", guard, UNLEARN_GUARDS)
         level = self.row_filter_unlearn_guard_significance
         check_number("row_filter_unlearn_guard_significance", level, "in (0, 1)", lambda v: 0 < v < 1)
-        if level != 0.01 and guard != "accuracy_and_loss":
+        if level != DEFAULT_GUARD_SIGNIFICANCE and guard != "accuracy_and_loss":
             raise ValueError(
                 f"`row_filter_unlearn_guard_significance` ({level!r}) is the level of the 'accuracy_and_loss' guard's "
-                "loss test: set row_filter_unlearn_guard='accuracy_and_loss' as well, or leave it at 0.01."
+                f"loss test: set row_filter_unlearn_guard='accuracy_and_loss' as well, or leave it at "
+                f"{DEFAULT_GUARD_SIGNIFICANCE}."
             )
         if guard != "accuracy" and not self.row_filter_unlearn:
             raise ValueError(

@@ -65,6 +65,7 @@ def test_the_summary_scores_every_rule_on_the_state_it_keeps(tmp_path, capsys):
     path = _path([0.85, 0.70, 0.845])
     for point, cacc in zip(path, (0.86, 0.80, 0.84)):
         point["refit"] = {"cacc": cacc, "asr": 0.2, "false_target_rate": 0.1}
+        point["raw"] = {"cacc": cacc, "asr": 0.3, "false_target_rate": 0.05}
     report = {"attack": "badnets", "seed": 0, "path": path}
     (tmp_path / phase_trajectory.TRAJECTORY_FILE).write_text(json.dumps(report))
     phase_trajectory.summarize([tmp_path])
