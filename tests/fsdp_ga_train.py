@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from peft import get_peft_model
+from safetensors.torch import save_file
 from transformers import default_data_collator
 
 import peft_musclelora.trainer as ga_trainer
@@ -41,6 +42,7 @@ CASES: dict[str, dict[str, Any]] = {
     "zero": {"ga": {"min_ref_loss": 1e9, "ga_fallback": "zero"}, "steps": 2, "accumulation": 1},
     "ga_params": {"ga": {"ga_params": "classifier"}, "steps": 2, "accumulation": 1},
 }
+KEY_SEPARATOR = "|"  # weights{rank}.safetensors holds "RUN|PARAMETER" for every run ("fsdp2/aligned") and weight
 RESUME_CASE, RESUME_AFTER = "subspace", 3  # step 3 reuses the reference gradient cached at step 2
 
 
@@ -210,7 +212,8 @@ if __name__ == "__main__":
             results[f"{mode}/{case}"] = run_case(mode, case, output_dir)
     results["fsdp2/resumed"] = run_resumed(output_dir)
     rank = dist.get_rank()
-    torch.save({key: weights for key, (weights, _) in results.items()}, f"{output_dir}/weights{rank}.pt")
+    flat = {f"{key}{KEY_SEPARATOR}{name}": tensor for key, (run, _) in results.items() for name, tensor in run.items()}
+    save_file(flat, f"{output_dir}/weights{rank}.safetensors")
     report = {
         "logs": {key: log for key, (_, log) in results.items()},
         "collectives": collectives_per_alignment(output_dir),

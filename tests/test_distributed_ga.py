@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from peft_musclelora.trainer import _check_distributed_engine
-from tests.fsdp_ga_train import CASES, RESUME_AFTER, RESUME_CASE, build, full_weights, run_case
+from tests.distributed_launch import ROOT, run_two_processes
+from tests.fsdp_ga_train import CASES, KEY_SEPARATOR, RESUME_AFTER, RESUME_CASE, build, full_weights, run_case
 
-ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-6  # the issue's bound, relative to the reference tensor's norm (float64 runs: rounding is ~1e-15)
 BRANCH = {"aligned": "aligned", "accumulation": "aligned", "subspace": "aligned", "mixed": "mixed", "zero": "zero",
           "ga_params": "aligned"}  # fmt: skip
@@ -31,19 +28,18 @@ BRANCH = {"aligned": "aligned", "accumulation": "aligned", "subspace": "aligned"
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory):
     """Weights and reports of every rank of the two-process run: ({key: weights}, report) per rank."""
-    output = tmp_path_factory.mktemp("distributed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(ROOT / "tests" / "fsdp_ga_train.py"), str(output)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [
-        (torch.load(output / f"weights{rank}.pt"), json.loads((output / f"report{rank}.json").read_text()))
-        for rank in range(2)
-    ]
+    run_dir = run_two_processes(ROOT / "tests" / "fsdp_ga_train.py", tmp_path_factory.mktemp("distributed"), 600)
+    return [(read_weights(run_dir / f"weights{rank}.safetensors"),
+             json.loads((run_dir / f"report{rank}.json").read_text())) for rank in range(2)]  # fmt: skip
+
+
+def read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{run: {parameter: tensor}} from the flat file fsdp_ga_train.py writes."""
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for flat, tensor in load_file(path).items():
+        key, name = flat.split(KEY_SEPARATOR, 1)
+        weights.setdefault(key, {})[name] = tensor
+    return weights
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +149,34 @@ def test_fsdp1_and_deepspeed_are_refused_naming_fsdp2_and_fsdp2_is_accepted():
         _check_distributed_engine(engine(deepspeed=True))
     _check_distributed_engine(engine(fsdp_version=2))
     _check_distributed_engine(engine())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The launcher: a gloo abort is run once more, a Python error is not
+# ---------------------------------------------------------------------------------------------------------------------
+
+ABORTS_IN_ITS_FIRST_FOLDER = """
+import os, pathlib, sys
+run_dir = pathlib.Path(sys.argv[1])
+(run_dir / f"rank{os.environ['RANK']}").write_text("ran")
+if run_dir.name == "attempt-1" and os.environ["RANK"] == "1":
+    os.abort()
+"""
+RAISES = "raise RuntimeError('a real failure')\n"
+
+
+def test_a_run_whose_rank_aborts_runs_once_more_in_a_fresh_folder(tmp_path):
+    script = tmp_path / "aborts.py"
+    script.write_text(ABORTS_IN_ITS_FIRST_FOLDER)
+    with pytest.warns(UserWarning, match="died by a signal"):
+        run_dir = run_two_processes(script, tmp_path / "out", 120)
+    assert run_dir.name == "attempt-2"
+    assert sorted(path.name for path in run_dir.iterdir()) == ["rank0", "rank1"]
+
+
+def test_a_python_error_in_a_rank_fails_without_a_second_run(tmp_path):
+    script = tmp_path / "raises.py"
+    script.write_text(RAISES)
+    with pytest.raises(AssertionError, match="a real failure"):
+        run_two_processes(script, tmp_path / "out", 120)
+    assert not (tmp_path / "out" / "attempt-2").exists()

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 import peft_musclelora
@@ -27,10 +24,8 @@ from peft_musclelora import (
 )
 from peft_musclelora.gradient_alignment import select_branch
 from peft_musclelora.trainer import reference_split_indices, stratified_quotas
+from tests.distributed_launch import ROOT, run_two_processes
 from tests.ga_helpers import tiny_bert, tiny_llama, tiny_tokenizer, token_dataset, trainable_state
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # align_gradients on hand-computed tensors
@@ -621,20 +616,13 @@ def test_ga_params_restricts_alignment_to_matching_tensors(tmp_path):
 
 
 def test_data_parallel_ranks_end_with_identical_weights(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(ROOT / "tests" / "ddp_ga_train.py"), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    run_dir = run_two_processes(ROOT / "tests" / "ddp_ga_train.py", tmp_path, 300, tail=3000)
+    rank0, rank1 = load_file(run_dir / "rank0.safetensors"), load_file(run_dir / "rank1.safetensors")
     start = tiny_bert().state_dict()
     assert any(not torch.equal(rank0[name], start[name]) for name in rank0)
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
-    log = (tmp_path / "log0.json").read_text()
+    log = (run_dir / "log0.json").read_text()
     assert '"ga/branch_aligned": 1.0' in log
 
 
