@@ -70,7 +70,8 @@ __all__ = ["InstructSettings", "InstructTemplate", "instruct_settings", "load_in
 #: `fit-gap-evidence`: `fit-gap-gated` whose kept rows train plainly on strong isolation evidence, as the encoder
 #: preset (its bias refit needs class labels and is left out here);
 #: `fit-gap-inserted`: `fit-gap-evidence` whose unlearning phase also inserts the trigger it reads off the isolated
-#: prompts into the kept prompts, as the encoder preset (the encoder's `recommended`);
+#: prompts into the kept prompts, as the encoder preset (the encoder's `recommended`; its guard's loss test reads
+#: class log-probabilities and is left out here: the phase keeps the accuracy guard);
 #: `recommended`: the best measured instruction-tuning defense, `musclelora` (docs/llm.md).
 INSTRUCT_METHODS = (
     "lora",

@@ -162,7 +162,10 @@ _FIT_GAP_INSERTED = MethodPreset(
     "into the kept rows and asks that their prediction not move (row_filter_unlearn_target=chance_inserted; "
     "docs/row_filter.md): pushing an isolated row whose content agrees with its label to chance teaches its trigger "
     "as evidence against that label, and the inserted copies, rows of every class, hold the trigger to what it does "
-    "to them before the phase. Where the phase is skipped, or finds no trigger token, fit-gap-evidence. The phase's "
+    "to them before the phase. Where the phase is skipped, or finds no trigger token, fit-gap-evidence. The guard "
+    "keeps the last state whose trusted accuracy is within its bound and whose trusted rows' label loss has not "
+    "risen (row_filter_unlearn_guard=accuracy_and_loss, a one-sided paired test at 1 %): a state that matches the "
+    "start's accuracy while its trusted rows' labels grew less likely is not kept. The phase's "
     "and the trusted teacher's batches run in length-sorted chunks of 8 rows (row_filter_unlearn_chunk_rows, "
     "row_filter_teacher_chunk_rows: the same losses with less padding, 1.91-1.93x undefended LoRA's time where 2.21x "
     "in whole batches, on a CPU; on an accelerator set both to none). " + _COMMON,
@@ -170,6 +173,7 @@ _FIT_GAP_INSERTED = MethodPreset(
     training=_row_filter_training(
         _FIT_GAP_EVIDENCE,
         row_filter_unlearn_target="chance_inserted",
+        row_filter_unlearn_guard="accuracy_and_loss",
         row_filter_unlearn_chunk_rows=8,
         row_filter_teacher_chunk_rows=8,
     ),

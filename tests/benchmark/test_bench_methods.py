@@ -333,6 +333,8 @@ def test_fit_gap_inserted_is_fit_gap_evidence_inserting_the_trigger_beside_the_p
         "fit-gap-evidence",
         {
             "row_filter_unlearn_target": "chance_inserted",
+            # a state is kept only if the trusted rows' label loss has not risen either (paired test at 1 %)
+            "row_filter_unlearn_guard": "accuracy_and_loss",
             # the phase's and the teacher's batches in length-sorted chunks: the same losses, less padding
             "row_filter_unlearn_chunk_rows": 8,
             "row_filter_teacher_chunk_rows": 8,
