@@ -495,6 +495,9 @@ def test_instruct_fit_gap_inserted_is_fit_gap_evidence_with_the_trigger_inserted
     )
     encoder = get_typed_preset("fit-gap-inserted").training.row_filter
     assert inserted["row_filter_unlearn_target"] == "chance_inserted" == encoder.row_filter_unlearn_target
+    # the encoder preset's loss guard reads class log-probabilities; on answer tokens the accuracy guard stays
+    assert encoder.row_filter_unlearn_guard == "accuracy_and_loss"
+    assert inserted["row_filter_unlearn_guard"] == "accuracy" == evidence["row_filter_unlearn_guard"]
     del inserted["row_filter_unlearn_target"], evidence["row_filter_unlearn_target"]
     assert inserted == evidence
 
