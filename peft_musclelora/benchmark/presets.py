@@ -167,7 +167,7 @@ _FIT_GAP_INSERTED = MethodPreset(
     "risen (row_filter_unlearn_guard=accuracy_and_loss, a one-sided paired test at 1 %): a state that matches the "
     "start's accuracy while its trusted rows' labels grew less likely is not kept. The phase's "
     "and the trusted teacher's batches run in length-sorted chunks of 8 rows (row_filter_unlearn_chunk_rows, "
-    "row_filter_teacher_chunk_rows: the same losses with less padding, 1.91-1.93x undefended LoRA's time where 2.21x "
+    "row_filter_teacher_chunk_rows: the same losses with less padding, 1.91-2.06x undefended LoRA's time where 2.21x "
     "in whole batches, on a CPU; on an accelerator set both to none). " + _COMMON,
     adapter=AdapterSettings(kind="lora"),
     training=_row_filter_training(
@@ -243,10 +243,11 @@ PRESETS: dict[str, MethodPreset] = {
             "1.0 and 0.3 points of clean accuracy, without turning the trigger against the target class as the push "
             "to chance alone does (the target class's triggered rows keep their label 9-16 points less often than "
             "untriggered on BadNets and 0-2 on AddSent, a backdoor-free model 6-7 and 2-5; fit-gap-evidence 26-33 "
-            "and 5-14), and holds the paraphrase backdoors (StyleBkd, SynBkd) to +0.4 / -0.2 points of the oracle's "
-            "ASR at 1.2 / 1.0 points, on StyleBkd partly by leaning against the target class (false-target rate "
+            "and 5-14), and holds the paraphrase backdoors (StyleBkd, SynBkd) to +0.4 / -1.0 points of the oracle's "
+            "ASR at 1.2 / 0.7 points, on StyleBkd partly by leaning against the target class (false-target rate "
             "7-9 % against the oracle's 13-14 %). On unpoisoned data 0.29 under plain LoRA on average (0.0-0.8 by "
-            "seed). 1.91-1.93x undefended LoRA's time in the same run where every part runs (SynBkd seed 1, CPU). "
+            "seed). 1.91-2.06x undefended LoRA's time in the same run where every part runs (SynBkd seed 1, CPU, "
+            "three runs). "
             "It was fit-gap-poe until session 17, fit-gap-gated until session 20, fit-gap-gated-refit in "
             "session 20 and fit-gap-evidence in sessions 21-25. " + _COMMON,
         ),
