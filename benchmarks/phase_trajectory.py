@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from peft_musclelora.benchmark import runner
 from peft_musclelora.benchmark.data import as_data
 from peft_musclelora.benchmark.evaluation import predict_logits
 from peft_musclelora.benchmark.metrics import backdoor_metrics
+from peft_musclelora.benchmark.presets import PRESETS
 from peft_musclelora.bias_refit import fit_class_offset
 from peft_musclelora.row_filter import class_log_probs, per_row_values
 
@@ -132,7 +132,9 @@ def record(args: argparse.Namespace) -> None:
 # Guard rules: each maps a recorded path (guard columns only) to the step it keeps.
 
 Rule = Callable[[list[dict[str, Any]]], int]
-MAX_DROP = 0.01  # the preset's row_filter_unlearn_max_guard_drop
+#: The recommended preset's row-filter settings: its guard's drop bound and loss-test level.
+PRESET_GUARD = PRESETS["fit-gap-inserted"].training.row_filter
+MAX_DROP = PRESET_GUARD.row_filter_unlearn_max_guard_drop
 
 
 def _last_passing(path: list[dict[str, Any]], passes: Callable[[int], bool]) -> int:
@@ -162,18 +164,16 @@ def refit_accuracy(path: list[dict[str, Any]]) -> int:
 
 
 def accuracy_and_loss(path: list[dict[str, Any]]) -> int:
-    """The library's `row_filter_unlearn_guard="accuracy_and_loss"`: the current rule, and the trusted rows' label
-    loss not higher than the start's by the one-sided paired test at 1 % (`unlearning.paired_loss_rise_z`)."""
-    threshold = statistics.NormalDist().inv_cdf(1 - 0.01)
-    start = torch.tensor(path[0]["trusted_label_log_probs"], dtype=torch.float64)
+    """The library's `row_filter_unlearn_guard="accuracy_and_loss"` at the preset's settings: its own acceptance
+    rule (`unlearning.GUARDS`) on the recorded accuracy and trusted label log-probabilities."""
+    guard = unlearning.GUARDS["accuracy_and_loss"]
 
-    def passes(i: int) -> bool:
-        rise = unlearning.paired_loss_rise_z(
-            start, torch.tensor(path[i]["trusted_label_log_probs"], dtype=torch.float64)
-        )
-        return path[i]["accuracy"] >= path[0]["accuracy"] - MAX_DROP and rise <= threshold
+    def reading(point: dict[str, Any]) -> unlearning.GuardReading:
+        log_probs = torch.tensor(point["trusted_label_log_probs"], dtype=torch.float64)
+        return unlearning.GuardReading(point["accuracy"], log_probs)
 
-    return _last_passing(path, passes)
+    start = reading(path[0])
+    return _last_passing(path, lambda i: guard.accepts(start, reading(path[i]), PRESET_GUARD))
 
 
 def stable(path: list[dict[str, Any]]) -> int:
