@@ -17,12 +17,12 @@ if [ -e "$out/row_filter.json" ]; then
 fi
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 mkdir -p "$out"
-setsid musclelora bench --attacks "$attack" --seeds "$seed" --methods "$method" --output-dir "$out/bench" \
+musclelora bench --attacks "$attack" --seeds "$seed" --methods "$method" --output-dir "$out/bench" \
   --set learning_rate=1e-3 "$@" --quiet --no-plot > "$out/bench.log" 2>&1 &
 cell=$!
-trap 'kill -- -"$cell" 2>/dev/null || true' EXIT
+trap 'kill "$cell" 2>/dev/null || true' EXIT  # one Python process: the bench's loaders run in it
 while kill -0 "$cell" 2>/dev/null; do
-  found=$(find "$out/bench" -path '*/.partial-*' -name row_filter.json 2>/dev/null | head -n 1)
+  found=$(find "$out/bench" -path '*/.partial-*' -name row_filter.json 2>/dev/null | head -n 1 || true)
   if [ -n "$found" ]; then
     sleep 2  # written atomically (os.replace), so a found file is whole; the pause only lets the log catch up
     cp "$found" "$out/row_filter.json.tmp" && mv "$out/row_filter.json.tmp" "$out/row_filter.json"
