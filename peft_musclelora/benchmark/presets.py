@@ -247,7 +247,7 @@ PRESETS: dict[str, MethodPreset] = {
             "ASR at 1.2 / 0.7 points, on StyleBkd partly by leaning against the target class (false-target rate "
             "7-9 % against the oracle's 13-14 %). On unpoisoned data 0.29 under plain LoRA on average (0.0-0.8 by "
             "seed). 1.91-2.06x undefended LoRA's time in the same run where every part runs (SynBkd seed 1, CPU, "
-            "three runs). "
+            "four runs; 2.05x alone on the machine), 1.61x on StyleBkd (no phase). "
             "It was fit-gap-poe until session 17, fit-gap-gated until session 20, fit-gap-gated-refit in "
             "session 20 and fit-gap-evidence in sessions 21-25. " + _COMMON,
         ),
