@@ -46,25 +46,30 @@ METRICS = ("cacc", "asr", "false_target_rate")
 
 
 class PathRecorder:
-    """Wraps `unlearning.guard_accuracy`: after each guard measurement, scores the same state on the trusted rows
-    and the test sets, with torch's random state restored so the phase draws what it would have drawn."""
+    """Wraps every guard's reader (`unlearning.GUARDS`, whichever `row_filter_unlearn_guard` the preset names): after
+    each guard measurement, scores the same state on the trusted rows and the test sets, with torch's random state
+    restored so the phase draws what it would have drawn."""
 
     def __init__(self, clean: Any, poison: Any, target_label: int) -> None:
         self.clean, self.poison, self.target_label = clean, poison, target_label
         self.tokenizer: Any = None
         self.max_length = self.batch_size = 64
         self.points: list[dict[str, Any]] = []
-        self._guard = unlearning.guard_accuracy
 
-    def guard_accuracy(self, trainer: Any, model: torch.nn.Module, dataset: Any) -> float:
-        accuracy = self._guard(trainer, model, dataset)
-        rng = torch.get_rng_state()
-        try:
-            self.points.append({"accuracy": accuracy} | self._score(trainer, model, dataset))
-        finally:
-            torch.set_rng_state(rng)
-            model.train()
-        return accuracy
+    def wrap(self, read: Callable[..., unlearning.GuardReading]) -> Callable[..., unlearning.GuardReading]:
+        """`read` (a guard's reader), recording the state it reads."""
+
+        def recorded(trainer: Any, model: torch.nn.Module, dataset: Any) -> unlearning.GuardReading:
+            reading = read(trainer, model, dataset)
+            rng = torch.get_rng_state()
+            try:
+                self.points.append({"accuracy": reading.accuracy} | self._score(trainer, model, dataset))
+            finally:
+                torch.set_rng_state(rng)
+                model.train()
+            return reading
+
+        return recorded
 
     def _score(self, trainer: Any, model: torch.nn.Module, dataset: Any) -> dict[str, Any]:
         log_probs, labels = per_row_values(trainer, model, dataset, class_log_probs("phase_trajectory"))
@@ -105,7 +110,9 @@ def record(args: argparse.Namespace) -> None:
         return build_trainer(cell, model, tokenizer, *rest)
 
     runner._Cell._trainer = trainer_with_recorder
-    unlearning.guard_accuracy = recorder.guard_accuracy
+    # The phase looks its guard up in GUARDS when it starts, so wrapping the entries records any guard's states.
+    for name, guard in list(unlearning.GUARDS.items()):
+        unlearning.GUARDS[name] = guard._replace(read=recorder.wrap(guard.read))
     metrics = train_attack_cell(args)
     phase = json.loads((args.output_dir / "cell" / "row_filter.json").read_text()).get("unlearning") or {}
     report: dict[str, Any] = {"attack": args.attack, "seed": args.seed, "method": args.method}

@@ -72,3 +72,30 @@ def test_the_summary_scores_every_rule_on_the_state_it_keeps(tmp_path, capsys):
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| badnets s0"))
     assert "| 20: 84.0 / 20.0 |" in row  # the current rule keeps step 20
     assert row.endswith("| 0: 86.0 / 20.0 |")  # the test-picked ceiling
+
+
+def test_the_recorder_scores_each_state_a_guard_reads_and_gives_the_reading_back_with_the_random_state():
+    import torch
+
+    from peft_musclelora import unlearning
+
+    recorder = phase_trajectory.PathRecorder(clean=None, poison=None, target_label=1)
+    recorder._score = lambda trainer, model, dataset: {"drawn": float(torch.rand(1))}  # scoring draws randomness
+    reading = unlearning.GuardReading(0.8, torch.tensor([-0.1, -0.2]))
+    read = recorder.wrap(lambda trainer, model, dataset: reading)
+    model = torch.nn.Linear(1, 1).eval()
+    state = torch.get_rng_state()
+
+    assert read(None, model, None) is reading
+    assert torch.equal(torch.get_rng_state(), state)  # the phase draws what it would have drawn unrecorded
+    assert [set(point) for point in recorder.points] == [{"accuracy", "drawn"}]
+    assert recorder.points[0]["accuracy"] == 0.8
+    assert model.training
+
+
+def test_every_guard_the_library_declares_has_a_reader_the_recorder_can_wrap():
+    from peft_musclelora import unlearning
+    from peft_musclelora.row_filter import UNLEARN_GUARDS
+
+    assert set(unlearning.GUARDS) == set(UNLEARN_GUARDS)
+    assert all(callable(guard.read) and hasattr(guard, "_replace") for guard in unlearning.GUARDS.values())
