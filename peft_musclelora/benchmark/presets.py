@@ -1,8 +1,8 @@
 """The named, documented method presets: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, `ga-lora-tuned` (this
 project's gradient-alignment recipe), the row filters `fit-gap`, `fit-gap-unlearn`, `fit-gap-poe`,
-`fit-gap-teacher`, `fit-gap-gated`, `fit-gap-gated-refit`, `fit-gap-evidence` and `fit-gap-inserted`,
-`recommended` (currently `fit-gap-inserted`), and the decoder-LLM presets `lora-llama` / `musclelora-llama` (the
-reference's Llama-2 hyper-parameters).
+`fit-gap-teacher`, `fit-gap-gated`, `fit-gap-gated-refit`, `fit-gap-evidence`, `fit-gap-inserted` and
+`fit-gap-either`, `recommended` (currently `fit-gap-inserted`), and the decoder-LLM presets `lora-llama` /
+`musclelora-llama` (the reference's Llama-2 hyper-parameters).
 
 A preset is a [`MethodPreset`] (see [`peft_musclelora.benchmark.settings`]). The reference recipe freezes the
 classification layer at its random initialisation when LoRA is used; `mslr`, `musclelora` and `ga-lora` do that
@@ -179,6 +179,20 @@ _FIT_GAP_INSERTED = MethodPreset(
     ),
 )
 
+_FIT_GAP_EITHER = MethodPreset(
+    name="fit-gap-either",
+    description="Experimental (docs/results.md, session 35): fit-gap-inserted whose unlearning phase runs only "
+    "where the kept rows trained plainly (row_filter_unlearn_significance=1e-4, the plain level), so a run gets "
+    "one remedy for the rows its filter missed, never both: on strong isolation evidence plain training then the "
+    "phase, elsewhere the shallow expert and the gated teacher and no phase (and so no bias refit). On the three "
+    "full-size cells whose evidence fell between the two levels (SynBkd seed 1; BadNets at 5 % and AddSent at 4 % "
+    "with triggers the project had not used, seed 0), the phase on top of the expert and the teacher raised the "
+    "ASR by 5-10 points each, and cost or gave 0.4-1.1 points of clean accuracy. Elsewhere exactly "
+    "fit-gap-inserted. " + _COMMON,
+    adapter=AdapterSettings(kind="lora"),
+    training=_row_filter_training(_FIT_GAP_INSERTED, row_filter_unlearn_significance=1e-4),
+)
+
 PRESETS: dict[str, MethodPreset] = {
     preset.name: preset
     for preset in (
@@ -234,6 +248,7 @@ PRESETS: dict[str, MethodPreset] = {
         _FIT_GAP_GATED_REFIT,
         _FIT_GAP_EVIDENCE,
         _FIT_GAP_INSERTED,
+        _FIT_GAP_EITHER,
         dataclasses.replace(
             _FIT_GAP_INSERTED,
             name="recommended",

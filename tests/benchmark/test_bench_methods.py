@@ -38,6 +38,7 @@ def test_the_encoder_presets_exist_with_the_measured_defaults() -> None:
         "fit-gap-gated-refit",
         "fit-gap-evidence",
         "fit-gap-inserted",
+        "fit-gap-either",
     ]
     assert list(PRESETS) == encoder + row_filters + ["recommended", "lora-llama", "musclelora-llama"]
     for preset in (PRESETS[name] for name in [*encoder, *row_filters, "recommended"]):
@@ -341,6 +342,25 @@ def test_fit_gap_inserted_is_fit_gap_evidence_inserting_the_trigger_beside_the_p
         },
     )
     assert inserted.training.row_filter.row_filter_unlearn_insertion_target == "unchanged"  # the row as it is
+
+
+def test_fit_gap_either_is_fit_gap_inserted_unlearning_only_where_the_kept_rows_trained_plainly() -> None:
+    either = _assert_row_filter_preset_is(
+        "fit-gap-either", "fit-gap-inserted", {"row_filter_unlearn_significance": 1e-4}
+    )
+    row_filter = either.training.row_filter
+    # one level for both: strong evidence gets plain training and the phase, anything less the expert and teacher
+    assert row_filter.row_filter_unlearn_significance == row_filter.row_filter_plain_significance
+
+
+def test_on_evidence_between_the_two_levels_fit_gap_inserted_unlearns_after_the_expert_and_fit_gap_either_does_not():
+    from peft_musclelora.row_filter import isolation_evidence, plain_training
+
+    between = {"rows": 6920, "fit_early": 311, "reference_low_flagged": 0.016, "reference_rows": 400}  # z 2.76
+    for name, unlearns in (("fit-gap-inserted", True), ("fit-gap-either", False)):
+        args = PRESETS[name].training.row_filter
+        assert plain_training(between, args)["plain"] is False  # the expert and the teacher train the kept rows
+        assert isolation_evidence(between, args.row_filter_unlearn_significance)["passed"] is unlearns
 
 
 def test_recommended_is_fit_gap_inserted_under_its_own_name() -> None:
