@@ -71,6 +71,12 @@ class PathRecorder:
 
         return recorded
 
+    def install(self) -> None:
+        """Wrap the reader of every guard in `unlearning.GUARDS`: the phase looks its guard up there when it starts,
+        so any `row_filter_unlearn_guard` the preset names is recorded."""
+        for name, guard in list(unlearning.GUARDS.items()):
+            unlearning.GUARDS[name] = guard._replace(read=self.wrap(guard.read))
+
     def _score(self, trainer: Any, model: torch.nn.Module, dataset: Any) -> dict[str, Any]:
         log_probs, labels = per_row_values(trainer, model, dataset, class_log_probs("phase_trajectory"))
         labels_t = torch.tensor(labels)
@@ -110,9 +116,7 @@ def record(args: argparse.Namespace) -> None:
         return build_trainer(cell, model, tokenizer, *rest)
 
     runner._Cell._trainer = trainer_with_recorder
-    # The phase looks its guard up in GUARDS when it starts, so wrapping the entries records any guard's states.
-    for name, guard in list(unlearning.GUARDS.items()):
-        unlearning.GUARDS[name] = guard._replace(read=recorder.wrap(guard.read))
+    recorder.install()
     metrics = train_attack_cell(args)
     phase = json.loads((args.output_dir / "cell" / "row_filter.json").read_text()).get("unlearning") or {}
     report: dict[str, Any] = {"attack": args.attack, "seed": args.seed, "method": args.method}

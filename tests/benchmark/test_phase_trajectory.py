@@ -93,9 +93,20 @@ def test_the_recorder_scores_each_state_a_guard_reads_and_gives_the_reading_back
     assert model.training
 
 
-def test_every_guard_the_library_declares_has_a_reader_the_recorder_can_wrap():
+def test_once_installed_the_recorder_sees_the_states_every_declared_guard_reads(monkeypatch):
+    import torch
+
     from peft_musclelora import unlearning
     from peft_musclelora.row_filter import UNLEARN_GUARDS
 
-    assert set(unlearning.GUARDS) == set(UNLEARN_GUARDS)
-    assert all(callable(guard.read) and hasattr(guard, "_replace") for guard in unlearning.GUARDS.values())
+    monkeypatch.setattr(unlearning, "GUARDS", dict(unlearning.GUARDS))  # the test's own copy
+    for name, guard in unlearning.GUARDS.items():
+        unlearning.GUARDS[name] = guard._replace(read=lambda trainer, model, dataset: unlearning.GuardReading(0.5))
+    recorder = phase_trajectory.PathRecorder(clean=None, poison=None, target_label=1)
+    recorder._score = lambda trainer, model, dataset: {}
+    recorder.install()
+
+    model = torch.nn.Linear(1, 1)
+    for name in UNLEARN_GUARDS:  # as the phase does: the guard looked up by its name when the phase starts
+        assert unlearning.GUARDS[name].read(None, model, None).accuracy == 0.5
+    assert recorder.points == [{"accuracy": 0.5}] * len(UNLEARN_GUARDS)
