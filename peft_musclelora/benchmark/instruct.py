@@ -72,6 +72,8 @@ __all__ = ["InstructSettings", "InstructTemplate", "instruct_settings", "load_in
 #: `fit-gap-inserted`: `fit-gap-evidence` whose unlearning phase also inserts the trigger it reads off the isolated
 #: prompts into the kept prompts, as the encoder preset (the encoder's `recommended`; its guard's loss test reads
 #: class log-probabilities and is left out here: the phase keeps the accuracy guard);
+#: `fit-gap-either`: `fit-gap-inserted` whose unlearning phase runs only where the kept rows trained plainly, as the
+#: encoder preset (experimental): one remedy for the rows the filter missed, never both;
 #: `recommended`: the best measured instruction-tuning defense, `musclelora` (docs/llm.md).
 INSTRUCT_METHODS = (
     "lora",
@@ -82,6 +84,7 @@ INSTRUCT_METHODS = (
     "fit-gap-gated",
     "fit-gap-evidence",
     "fit-gap-inserted",
+    "fit-gap-either",
     "recommended",
 )
 INSTRUCT_ALIASES = {"recommended": "musclelora"}
@@ -95,6 +98,7 @@ def _preset_fields(preset: str, *names: str) -> dict[str, Any]:
 
 _SHALLOW_EXPERT = ("row_filter_shallow_probe", "row_filter_shallow_expert", "row_filter_shallow_expert_weight")
 _TEACHER = ("row_filter_teacher_mix", "row_filter_teacher_mix_gate", "row_filter_teacher_steps")
+_INSERTED = (*_SHALLOW_EXPERT, *_TEACHER, "row_filter_plain_significance", "row_filter_unlearn_target")
 #: The row-filter methods and what each sets on top of `settings.row_filter`.
 _ROW_FILTER_METHODS: dict[str, dict[str, Any]] = {
     "fit-gap": {},
@@ -105,15 +109,10 @@ _ROW_FILTER_METHODS: dict[str, dict[str, Any]] = {
         "row_filter_unlearn": True,
         **_preset_fields("fit-gap-evidence", *_SHALLOW_EXPERT, *_TEACHER, "row_filter_plain_significance"),
     },
-    "fit-gap-inserted": {
+    "fit-gap-inserted": {"row_filter_unlearn": True, **_preset_fields("fit-gap-inserted", *_INSERTED)},
+    "fit-gap-either": {
         "row_filter_unlearn": True,
-        **_preset_fields(
-            "fit-gap-inserted",
-            *_SHALLOW_EXPERT,
-            *_TEACHER,
-            "row_filter_plain_significance",
-            "row_filter_unlearn_target",
-        ),
+        **_preset_fields("fit-gap-either", *_INSERTED, "row_filter_unlearn_significance"),
     },
 }
 #: Gradient alignment of an instruction cell: 128 clean dev prompts as references, every gate open (the library's

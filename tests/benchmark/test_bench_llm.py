@@ -428,7 +428,16 @@ def test_instruct_fit_gap_unlearn_leaves_the_cap_to_the_library_chance_among_the
 
 
 @pytest.mark.parametrize(
-    "method", ["fit-gap", "fit-gap-unlearn", "fit-gap-poe", "fit-gap-gated", "fit-gap-evidence", "fit-gap-inserted"]
+    "method",
+    [
+        "fit-gap",
+        "fit-gap-unlearn",
+        "fit-gap-poe",
+        "fit-gap-gated",
+        "fit-gap-evidence",
+        "fit-gap-inserted",
+        "fit-gap-either",
+    ],
 )
 def test_instruct_settings_of_a_row_filter_method_are_the_method_s_row_filter(method: str) -> None:
     from peft_musclelora.benchmark.instruct import _with_method_row_filter
@@ -500,6 +509,20 @@ def test_instruct_fit_gap_inserted_is_fit_gap_evidence_with_the_trigger_inserted
     assert inserted["row_filter_unlearn_guard"] == "accuracy" == evidence["row_filter_unlearn_guard"]
     del inserted["row_filter_unlearn_target"], evidence["row_filter_unlearn_target"]
     assert inserted == evidence
+
+
+def test_instruct_fit_gap_either_is_fit_gap_inserted_unlearning_only_at_the_plain_level() -> None:
+    from peft_musclelora.benchmark.instruct import _sft_trainer
+
+    either, inserted = (
+        _sft_trainer(name, instruct_settings(name))[2] for name in ("fit-gap-either", "fit-gap-inserted")
+    )
+    encoder = get_typed_preset("fit-gap-either").training.row_filter
+    assert either["row_filter_unlearn_significance"] == encoder.row_filter_unlearn_significance
+    assert either["row_filter_unlearn_significance"] == either["row_filter_plain_significance"]
+    assert inserted["row_filter_unlearn_significance"] > inserted["row_filter_plain_significance"]
+    del either["row_filter_unlearn_significance"], inserted["row_filter_unlearn_significance"]
+    assert either == inserted
 
 
 def test_instruct_fit_gap_unlearn_runs_the_guarded_phase_on_the_completion_loss(
