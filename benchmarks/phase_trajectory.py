@@ -11,7 +11,7 @@ restores torch's random state, so the cell trains as it would alone: the state t
 the cell's published metrics (checked at the end).
 
     python benchmarks/phase_trajectory.py --attack synbkd --seed 1 --output-dir runs-v6/s32-path-synbkd-s1
-    python benchmarks/phase_trajectory.py --summarize runs-v6/s32-path-*   # every rule on every recorded cell
+    python benchmarks/phase_trajectory.py --summarize runs-v6/s32-path-*   # every rule and remedy on every cell
 
 The test labels are read for the report only: a rule is a function of the guard's columns (`step`, `accuracy`,
 `trusted_label_log_probs`), never of the test columns.
@@ -211,8 +211,20 @@ RULES: dict[str, Rule] = {
 }
 
 
+def evidence_z(directory: Path) -> float | None:
+    """The isolation evidence z the recorded cell's filter saved (None where it saved none)."""
+    decisions = directory / "cell" / "row_filter.json"
+    if not decisions.is_file():
+        return None
+    return ((json.loads(decisions.read_text()).get("plain_training") or {}).get("evidence") or {}).get("z")
+
+
 def summarize(directories: list[Path]) -> None:
-    reports = [json.loads((d / TRAJECTORY_FILE).read_text()) for d in directories if (d / TRAJECTORY_FILE).is_file()]
+    reports = [
+        json.loads((d / TRAJECTORY_FILE).read_text()) | {"evidence_z": evidence_z(d)}
+        for d in directories
+        if (d / TRAJECTORY_FILE).is_file()
+    ]
     reports = [report for report in reports if report["path"]]
     # The last column picks by the test set itself: a ceiling for any rule, for the report only.
     print("| cell | guard (trusted accuracy by step) | " + " | ".join(RULES) + " | test-picked |")
@@ -260,6 +272,28 @@ def summarize(directories: list[Path]) -> None:
             f"{100 * start['refit']['asr']:.1f} | {span(late, 'refit', 'cacc')}, {span(late, 'refit', 'asr')} | "
             f"{raw_asr} (step 0 {100 * start['raw']['asr']:.1f}), {raw_ftr} "
             f"(step 0 {100 * start['raw']['false_target_rate']:.1f}) | {min(rises):.1f} to {max(rises):.1f} |"
+        )
+    print_remedies(reports)
+
+
+def _scored(point: dict[str, Any], kind: str) -> str:
+    return " / ".join(f"{100 * point[kind][key]:.1f}" for key in METRICS)
+
+
+def print_remedies(reports: list[dict[str, Any]]) -> None:
+    """What each remedy for the missed rows scores on every cell (CACC / ASR / FTR): the cell as trained (the guard's
+    kept state, refit), no phase (the model the phase started from: where the evidence fell between the two levels,
+    `fit-gap-either`'s model), the kept state without the refit, and the refit alone on the model before the phase."""
+    print("\n| cell | evidence z | kept step | the cell (phase, refit) | no phase | phase, no refit | refit alone |")
+    print("|---|---|---|---|---|---|---|")
+    for report in reports:
+        by_step = {point["step"]: point for point in report["path"]}
+        start, kept = report["path"][0], by_step[report["chosen_step"]]
+        z = report.get("evidence_z")
+        print(
+            f"| {report['attack']} s{report['seed']} | {'-' if z is None else f'{z:.2f}'} | {report['chosen_step']} | "
+            f"{_scored(kept, 'refit')} | {_scored(start, 'raw')} | {_scored(kept, 'raw')} | "
+            f"{_scored(start, 'refit')} |"
         )
 
 

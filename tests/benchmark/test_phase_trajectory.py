@@ -66,12 +66,32 @@ def test_the_summary_scores_every_rule_on_the_state_it_keeps(tmp_path, capsys):
     for point, cacc in zip(path, (0.86, 0.80, 0.84)):
         point["refit"] = {"cacc": cacc, "asr": 0.2, "false_target_rate": 0.1}
         point["raw"] = {"cacc": cacc, "asr": 0.3, "false_target_rate": 0.05}
-    report = {"attack": "badnets", "seed": 0, "path": path}
+    report = {"attack": "badnets", "seed": 0, "chosen_step": 20, "path": path}
     (tmp_path / phase_trajectory.TRAJECTORY_FILE).write_text(json.dumps(report))
     phase_trajectory.summarize([tmp_path])
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| badnets s0"))
     assert "| 20: 84.0 / 20.0 |" in row  # the current rule keeps step 20
     assert row.endswith("| 0: 86.0 / 20.0 |")  # the test-picked ceiling
+
+
+def test_the_remedies_table_reads_the_cell_the_model_before_the_phase_and_the_evidence_the_filter_saved(
+    tmp_path, capsys
+):
+    path = _path([0.85, 0.80, 0.84])
+    scores = [((0.86, 0.05, 0.1), (0.87, 0.15, 0.2)), ((0.8, 0.0, 0.0), (0.8, 0.0, 0.0))]
+    scores.append(((0.84, 0.03, 0.1), (0.85, 0.09, 0.2)))
+    for point, (raw, refit) in zip(path, scores):
+        point["raw"] = dict(zip(phase_trajectory.METRICS, raw))
+        point["refit"] = dict(zip(phase_trajectory.METRICS, refit))
+    report = {"attack": "addsent-dirty", "seed": 1, "chosen_step": 20, "path": path}
+    (tmp_path / phase_trajectory.TRAJECTORY_FILE).write_text(json.dumps(report))
+    (tmp_path / "cell").mkdir()
+    (tmp_path / "cell" / "row_filter.json").write_text(json.dumps({"plain_training": {"evidence": {"z": 3.389}}}))
+    phase_trajectory.summarize([tmp_path])
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| addsent-dirty s1")][-1]
+    kept_refit, kept_raw = "85.0 / 9.0 / 20.0", "84.0 / 3.0 / 10.0"  # step 20, the state the guard kept
+    before_raw, before_refit = "86.0 / 5.0 / 10.0", "87.0 / 15.0 / 20.0"  # step 0, the model the phase started from
+    assert row == f"| addsent-dirty s1 | 3.39 | 20 | {kept_refit} | {before_raw} | {kept_raw} | {before_refit} |"
 
 
 def test_the_recorder_scores_each_state_a_guard_reads_and_gives_the_reading_back_with_the_random_state():
