@@ -1,7 +1,7 @@
 """The named, documented method presets: `full`, `lora`, `mslr`, `musclelora`, `ga-lora`, `ga-lora-tuned` (this
 project's gradient-alignment recipe), the row filters `fit-gap`, `fit-gap-unlearn`, `fit-gap-poe`,
 `fit-gap-teacher`, `fit-gap-gated`, `fit-gap-gated-refit`, `fit-gap-evidence`, `fit-gap-inserted` and
-`fit-gap-either`, `recommended` (currently `fit-gap-inserted`), and the decoder-LLM presets `lora-llama` /
+`fit-gap-either`, `recommended` (currently `fit-gap-either`), and the decoder-LLM presets `lora-llama` /
 `musclelora-llama` (the reference's Llama-2 hyper-parameters).
 
 A preset is a [`MethodPreset`] (see [`peft_musclelora.benchmark.settings`]). The reference recipe freezes the
@@ -181,14 +181,14 @@ _FIT_GAP_INSERTED = MethodPreset(
 
 _FIT_GAP_EITHER = MethodPreset(
     name="fit-gap-either",
-    description="Experimental (docs/results.md, session 35): fit-gap-inserted whose unlearning phase runs only "
-    "where the kept rows trained plainly (row_filter_unlearn_significance=1e-4, the plain level), so a run gets "
-    "one remedy for the rows its filter missed, never both: on strong isolation evidence plain training then the "
-    "phase, elsewhere the shallow expert and the gated teacher and no phase (and so no bias refit). On the three "
-    "full-size cells whose evidence fell between the two levels (SynBkd seed 1; BadNets at 5 % and AddSent at 4 % "
-    "with triggers the project had not used, seed 0), the phase on top of the expert and the teacher raised the "
-    "ASR by 5-10 points each, and cost or gave 0.4-1.1 points of clean accuracy. Elsewhere exactly "
-    "fit-gap-inserted. " + _COMMON,
+    description="fit-gap-inserted whose unlearning phase runs only where the kept rows trained plainly "
+    "(row_filter_unlearn_significance=1e-4, the plain level), so a run gets one remedy for the rows its filter "
+    "missed, never both: on strong isolation evidence plain training then the phase (and the bias refit), elsewhere "
+    "the shallow expert and the gated teacher and no phase. On the six full-size cells whose evidence fell between "
+    "the two levels (SynBkd seed 1; BadNets at 4 and 5 %, AddSent at 4 %, with triggers the project had not used, "
+    "seeds 0-1; docs/results.md, sessions 35-36), the phase on top of the expert and the teacher raised the ASR by "
+    "5.2-10.2 points (7.0 on average) and moved clean accuracy by -0.93 to +1.05 (-0.18 on average). Elsewhere "
+    "exactly fit-gap-inserted. " + _COMMON,
     adapter=AdapterSettings(kind="lora"),
     training=_row_filter_training(_FIT_GAP_INSERTED, row_filter_unlearn_significance=1e-4),
 )
@@ -250,21 +250,20 @@ PRESETS: dict[str, MethodPreset] = {
         _FIT_GAP_INSERTED,
         _FIT_GAP_EITHER,
         dataclasses.replace(
-            _FIT_GAP_INSERTED,
+            _FIT_GAP_EITHER,
             name="recommended",
             description="The project's recommended defense, the best measured so far (docs/results.md): "
-            "fit-gap-inserted. At full size (five seeds, against the mean of each seed's oracle, CACC 87.2) it "
+            "fit-gap-either. At full size (five seeds, against the mean of each seed's oracle, CACC 87.2) it "
             "removes the insertion backdoors (BadNets, AddSent: ASR 0.9 points below and 0.8 above the oracle's) at "
             "1.0 and 0.3 points of clean accuracy, without turning the trigger against the target class as the push "
             "to chance alone does (the target class's triggered rows keep their label 9-16 points less often than "
             "untriggered on BadNets and 0-2 on AddSent, a backdoor-free model 6-7 and 2-5; fit-gap-evidence 26-33 "
-            "and 5-14), and holds the paraphrase backdoors (StyleBkd, SynBkd) to +0.4 / -1.0 points of the oracle's "
-            "ASR at 1.2 / 0.7 points, on StyleBkd partly by leaning against the target class (false-target rate "
+            "and 5-14), and holds the paraphrase backdoors (StyleBkd, SynBkd) to +0.4 / -2.1 points of the oracle's "
+            "ASR at 1.2 / 0.9 points, on StyleBkd partly by leaning against the target class (false-target rate "
             "7-9 % against the oracle's 13-14 %). On unpoisoned data 0.29 under plain LoRA on average (0.0-0.8 by "
-            "seed). 1.91-2.06x undefended LoRA's time in the same run where every part runs (SynBkd seed 1, CPU, "
-            "four runs; 2.05x alone on the machine), 1.61x on StyleBkd (no phase). "
-            "It was fit-gap-poe until session 17, fit-gap-gated until session 20, fit-gap-gated-refit in "
-            "session 20 and fit-gap-evidence in sessions 21-25. " + _COMMON,
+            "seed). 1.50x undefended LoRA's time in the same run on SynBkd's seed 1, 1.61x on StyleBkd, 1.88x on "
+            "BadNets (CPU). It was fit-gap-poe until session 17, fit-gap-gated until session 20, fit-gap-gated-refit "
+            "in session 20, fit-gap-evidence in sessions 21-25 and fit-gap-inserted in sessions 26-35. " + _COMMON,
         ),
         MethodPreset(
             name="lora-llama",
