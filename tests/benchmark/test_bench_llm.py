@@ -34,6 +34,7 @@ from peft_musclelora.benchmark.builders import build_model, load_cell, load_inst
 from peft_musclelora.benchmark.cli import main
 from peft_musclelora.benchmark.data import load_records
 from peft_musclelora.benchmark.instruct import (
+    INSTRUCT_METHODS,
     InstructSettings,
     InstructTemplate,
     instruct_settings,
@@ -427,18 +428,7 @@ def test_instruct_fit_gap_unlearn_leaves_the_cap_to_the_library_chance_among_the
     assert not _sft_trainer("fit-gap", instruct_settings("fit-gap"))[2]["row_filter_unlearn"]
 
 
-@pytest.mark.parametrize(
-    "method",
-    [
-        "fit-gap",
-        "fit-gap-unlearn",
-        "fit-gap-poe",
-        "fit-gap-gated",
-        "fit-gap-evidence",
-        "fit-gap-inserted",
-        "fit-gap-either",
-    ],
-)
+@pytest.mark.parametrize("method", [name for name in INSTRUCT_METHODS if name.startswith("fit-gap")])
 def test_instruct_settings_of_a_row_filter_method_are_the_method_s_row_filter(method: str) -> None:
     from peft_musclelora.benchmark.instruct import _with_method_row_filter
 
