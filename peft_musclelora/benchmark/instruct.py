@@ -70,10 +70,10 @@ __all__ = ["InstructSettings", "InstructTemplate", "instruct_settings", "load_in
 #: `fit-gap-evidence`: `fit-gap-gated` whose kept rows train plainly on strong isolation evidence, as the encoder
 #: preset (its bias refit needs class labels and is left out here);
 #: `fit-gap-inserted`: `fit-gap-evidence` whose unlearning phase also inserts the trigger it reads off the isolated
-#: prompts into the kept prompts, as the encoder preset (the encoder's `recommended`; its guard's loss test reads
-#: class log-probabilities and is left out here: the phase keeps the accuracy guard);
+#: prompts into the kept prompts, as the encoder preset (the encoder's `recommended` in sessions 26-35; its guard's
+#: loss test reads class log-probabilities and is left out here: the phase keeps the accuracy guard);
 #: `fit-gap-either`: `fit-gap-inserted` whose unlearning phase runs only where the kept rows trained plainly, as the
-#: encoder preset (experimental): one remedy for the rows the filter missed, never both;
+#: encoder preset (the encoder's `recommended`; not measured here): one remedy for the missed rows, never both;
 #: `recommended`: the best measured instruction-tuning defense, `musclelora` (docs/llm.md).
 INSTRUCT_METHODS = (
     "lora",
